@@ -1,0 +1,1 @@
+//! Backends: one trait, a CPU implementation and a CUDA implementation.

@@ -1,0 +1,12 @@
+//! kvlab: a laboratory for the KV cache of LLM inference.
+//!
+//! - [`model`]: config, weights, tokenizer and the one forward pass (written against [`backend::Backend`]).
+//! - [`kv`]: the KV cache layouts (static = one contiguous buffer, dynamic = chunks + chunk table) and their accounting.
+//! - [`backend`]: the CPU backend and the CUDA backend (real GPU or the CPU emulator of CUDA semantics).
+//! - [`generate`]: prefill + greedy decode loop, timing, outside the model.
+//! - [`scenario`]: the study runner.
+pub mod backend;
+pub mod generate;
+pub mod kv;
+pub mod model;
+pub mod scenario;

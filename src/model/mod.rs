@@ -1,0 +1,1 @@
+//! Model: config, weights, tokenizer, forward pass.
