@@ -1,3 +1,123 @@
 //! Backends: one trait, a CPU implementation and a CUDA implementation.
+//!
+//! The forward pass (`model::forward`) is written once against [`Backend`]. A backend owns its
+//! activation buffers (`Tensor`), its copy of the weights (`Weight`) and the memory of KV chunks.
+//! Activations are row-major `[rows, cols]`; every op takes the number of rows it works on, so
+//! buffers are allocated once for the largest step and reused (which CUDA graphs need).
 pub mod cpu;
 pub mod cuda;
+
+use crate::kv::{KvCache, KvLayout};
+use crate::model::weights::HostTensor;
+use anyhow::Result;
+
+/// What a backend says about itself in reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BackendInfo {
+    /// "cpu", "cuda" or "emu".
+    pub name: String,
+    /// The device: CPU model and threads, or GPU name and compute capability.
+    pub device: String,
+    /// Element type of activations and of KV entries.
+    pub activation_dtype: String,
+    pub kv_dtype: String,
+}
+
+pub trait Backend: Sized {
+    /// An activation buffer, `[rows, cols]` row-major.
+    type Tensor;
+    /// A weight resident on the backend: matrix `[out, in]` or vector `[n]`.
+    type Weight;
+    /// The memory of one KV chunk (`KvLayout::chunk_elems()` elements).
+    type KvChunk;
+    /// The backend's copy of a cache's chunk table and step positions.
+    type KvTable;
+
+    fn info(&self) -> BackendInfo;
+
+    /// Copies (or maps) a checkpoint tensor into the backend.
+    fn upload_weight(&self, tensor: &HostTensor) -> Result<Self::Weight>;
+    /// A vector of f32 values (RoPE frequencies, a logit mask).
+    fn upload_vector(&self, values: &[f32]) -> Result<Self::Weight>;
+    fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+
+    fn kv_elem_bytes(&self) -> usize;
+    fn alloc_kv_chunk(&self, layout: &KvLayout) -> Result<Self::KvChunk>;
+    fn new_kv_table(&self, layout: &KvLayout, max_chunks: usize) -> Result<Self::KvTable>;
+    /// Called before each forward step: the chunks now held and the step's positions
+    /// `start_pos..start_pos + rows`.
+    fn update_kv_table(
+        &self,
+        table: &mut Self::KvTable,
+        chunks: &[Self::KvChunk],
+        start_pos: usize,
+        rows: usize,
+    ) -> Result<()>;
+
+    /// out[r, :] = table[ids[r], :]
+    fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor) -> Result<()>;
+    /// residual[r] += delta[r]; out[r] = rmsnorm(residual[r]) * weight. With `delta` None, only the norm.
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        delta: Option<&Self::Tensor>,
+        weight: &Self::Weight,
+        eps: f32,
+        rows: usize,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// out[rows, w.out] = x[rows, w.in] · wᵀ
+    fn matmul(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        rows: usize,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// Rotates q `[rows, num_heads * head_dim]` and k `[rows, num_kv_heads * head_dim]` in place
+    /// (half-split `rotate_half` layout) at the positions of the cache's current step.
+    fn rope(
+        &self,
+        q: &mut Self::Tensor,
+        k: &mut Self::Tensor,
+        inv_freq: &Self::Weight,
+        cache: &KvCache<Self>,
+    ) -> Result<()>;
+    /// Writes the step's k and v `[rows, num_kv_heads * head_dim]` into the cache for `layer`.
+    fn kv_append(
+        &self,
+        cache: &mut KvCache<Self>,
+        layer: usize,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+    ) -> Result<()>;
+    /// Causal GQA attention of the step's queries `[rows, num_heads * head_dim]` over every
+    /// position of the cache up to each query's own; out has q's shape.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        cache: &KvCache<Self>,
+        layer: usize,
+        num_heads: usize,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// gate = silu(gate) * up, in place, `[rows, intermediate]`.
+    fn swiglu(&self, gate: &mut Self::Tensor, up: &Self::Tensor, rows: usize) -> Result<()>;
+    /// dst[dst_row..dst_row + rows] = src[src_row..src_row + rows] (same column count).
+    fn copy_rows(
+        &self,
+        src: &Self::Tensor,
+        src_row: usize,
+        dst: &mut Self::Tensor,
+        dst_row: usize,
+        rows: usize,
+    ) -> Result<()>;
+    /// Rows `first..first + rows` of x as f32 on the host.
+    fn read_rows(&self, x: &Self::Tensor, first: usize, rows: usize) -> Result<Vec<f32>>;
+    /// Index of the largest value of row `row` of `logits` (plus `bias` when given: a mask of 0 /
+    /// -inf that restricts the choice). Only the id leaves the device.
+    fn argmax(&self, logits: &Self::Tensor, row: usize, bias: Option<&Self::Weight>)
+        -> Result<u32>;
+    /// Waits for queued work (a no-op on the CPU); timings are taken after it.
+    fn synchronize(&self) -> Result<()>;
+}

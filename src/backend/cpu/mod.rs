@@ -1,1 +1,372 @@
-//! CPU backend.
+//! CPU backend: f32 activations and KV entries, weights read in their stored dtype straight
+//! from the mmap'd checkpoint, multi-threaded with rayon.
+
+pub mod matmul;
+
+use super::{Backend, BackendInfo};
+use crate::kv::{KvCache, KvLayout, KvPart};
+use crate::model::weights::HostTensor;
+use anyhow::{bail, Result};
+use matmul::MatRef;
+use rayon::prelude::*;
+
+/// A weight on the CPU: matrices stay in the mapping, vectors become f32.
+pub enum CpuWeight {
+    Matrix(HostTensor),
+    Vector(Vec<f32>),
+}
+
+impl CpuWeight {
+    fn matrix(&self) -> Result<MatRef<'_>> {
+        match self {
+            CpuWeight::Matrix(t) => Ok(MatRef {
+                dtype: t.dtype,
+                rows: t.shape[0],
+                cols: t.shape[1],
+                data: t.bytes(),
+            }),
+            CpuWeight::Vector(_) => bail!("a vector was passed where a matrix is expected"),
+        }
+    }
+
+    fn vector(&self) -> Result<&[f32]> {
+        match self {
+            CpuWeight::Vector(v) => Ok(v),
+            CpuWeight::Matrix(t) => {
+                bail!("matrix {} was passed where a vector is expected", t.name)
+            }
+        }
+    }
+}
+
+/// An activation buffer `[rows, cols]`; ops use its first `rows` rows.
+pub struct CpuTensor {
+    pub data: Vec<f32>,
+    pub cols: usize,
+}
+
+pub struct CpuBackend {
+    threads: usize,
+}
+
+impl CpuBackend {
+    pub fn new() -> CpuBackend {
+        CpuBackend {
+            threads: rayon::current_num_threads(),
+        }
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|n| n.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+    type KvChunk = Vec<f32>;
+    type KvTable = ();
+
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            name: "cpu".into(),
+            device: format!("{}, {} threads", cpu_name(), self.threads),
+            activation_dtype: "f32".into(),
+            kv_dtype: "f32".into(),
+        }
+    }
+
+    fn upload_weight(&self, tensor: &HostTensor) -> Result<CpuWeight> {
+        Ok(match tensor.shape.len() {
+            1 => CpuWeight::Vector(tensor.to_f32()),
+            2 => CpuWeight::Matrix(tensor.clone()),
+            _ => bail!(
+                "tensor {} has rank {}; expected a vector or a matrix",
+                tensor.name,
+                tensor.shape.len()
+            ),
+        })
+    }
+
+    fn upload_vector(&self, values: &[f32]) -> Result<CpuWeight> {
+        Ok(CpuWeight::Vector(values.to_vec()))
+    }
+
+    fn alloc(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
+        Ok(CpuTensor {
+            data: vec![0.0; rows * cols],
+            cols,
+        })
+    }
+
+    fn kv_elem_bytes(&self) -> usize {
+        4
+    }
+
+    fn alloc_kv_chunk(&self, layout: &KvLayout) -> Result<Vec<f32>> {
+        let elems = layout.chunk_elems();
+        let mut chunk = Vec::new();
+        chunk.try_reserve_exact(elems).map_err(|_| {
+            anyhow::anyhow!(
+                "out of host memory for a KV chunk of {} MiB",
+                elems * 4 >> 20
+            )
+        })?;
+        chunk.resize(elems, 0.0);
+        Ok(chunk)
+    }
+
+    fn new_kv_table(&self, _layout: &KvLayout, _max_chunks: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn update_kv_table(
+        &self,
+        _table: &mut (),
+        _chunks: &[Vec<f32>],
+        _start: usize,
+        _rows: usize,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn embed(&self, table: &CpuWeight, ids: &[u32], out: &mut CpuTensor) -> Result<()> {
+        let w = table.matrix()?;
+        for (r, &id) in ids.iter().enumerate() {
+            if id as usize >= w.rows {
+                bail!(
+                    "token id {id} is outside the vocabulary of {} tokens",
+                    w.rows
+                );
+            }
+            matmul::row_to_f32(w, id as usize, &mut out.data[r * w.cols..(r + 1) * w.cols]);
+        }
+        Ok(())
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CpuTensor,
+        delta: Option<&CpuTensor>,
+        weight: &CpuWeight,
+        eps: f32,
+        rows: usize,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        let w = weight.vector()?;
+        let dim = w.len();
+        let res = &mut residual.data[..rows * dim];
+        if let Some(d) = delta {
+            res.iter_mut()
+                .zip(&d.data[..rows * dim])
+                .for_each(|(r, d)| *r += d);
+        }
+        out.data[..rows * dim]
+            .par_chunks_mut(dim)
+            .zip(res.par_chunks(dim))
+            .for_each(|(o, x)| {
+                let mean_square = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+                let scale = 1.0 / (mean_square + eps).sqrt();
+                for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                    *o = w * (x * scale);
+                }
+            });
+        Ok(())
+    }
+
+    fn matmul(&self, x: &CpuTensor, w: &CpuWeight, rows: usize, out: &mut CpuTensor) -> Result<()> {
+        let m = w.matrix()?;
+        if x.cols != m.cols || out.cols != m.rows {
+            bail!(
+                "matmul shape mismatch: x has {} columns, weight is [{}, {}], out has {} columns",
+                x.cols,
+                m.rows,
+                m.cols,
+                out.cols
+            );
+        }
+        matmul::matmul(
+            &x.data[..rows * m.cols],
+            rows,
+            m,
+            &mut out.data[..rows * m.rows],
+        );
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        q: &mut CpuTensor,
+        k: &mut CpuTensor,
+        inv_freq: &CpuWeight,
+        cache: &KvCache<Self>,
+    ) -> Result<()> {
+        let inv_freq = inv_freq.vector()?;
+        let half = inv_freq.len();
+        let (start, rows) = cache.step();
+        for r in 0..rows {
+            // transformers: angle = float32(position) * inv_freq in float32; cos/sin of that angle.
+            let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+                .iter()
+                .map(|f| {
+                    let angle = ((start + r) as f32 * f) as f64;
+                    (angle.cos() as f32, angle.sin() as f32)
+                })
+                .unzip();
+            for t in [&mut *q, &mut *k] {
+                let cols = t.cols;
+                for head in t.data[r * cols..(r + 1) * cols].chunks_mut(2 * half) {
+                    let (x1, x2) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (x1[i], x2[i]);
+                        x1[i] = a * cos[i] - b * sin[i];
+                        x2[i] = b * cos[i] + a * sin[i];
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn kv_append(
+        &self,
+        cache: &mut KvCache<Self>,
+        layer: usize,
+        k: &CpuTensor,
+        v: &CpuTensor,
+    ) -> Result<()> {
+        let layout = cache.layout;
+        let head_dim = layout.head_dim as usize;
+        let (start, rows) = cache.step();
+        let chunks = cache.chunks_mut();
+        for r in 0..rows {
+            let (chunk, slot) = layout.locate(start + r);
+            for (part, src) in [(KvPart::Key, k), (KvPart::Value, v)] {
+                for head in 0..layout.num_kv_heads as usize {
+                    let dst = layout.offset_in_chunk(layer, part, head, slot);
+                    let src = &src.data[r * src.cols + head * head_dim..][..head_dim];
+                    chunks[chunk][dst..dst + head_dim].copy_from_slice(src);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        cache: &KvCache<Self>,
+        layer: usize,
+        num_heads: usize,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        let layout = cache.layout;
+        let head_dim = layout.head_dim as usize;
+        let group = num_heads / layout.num_kv_heads as usize;
+        let (start, rows) = cache.step();
+        let chunks = cache.chunks();
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        // One work item per (row, head): out[r, h*head_dim..] is written by exactly one item.
+        out.data[..rows * num_heads * head_dim]
+            .par_chunks_mut(head_dim)
+            .enumerate()
+            .for_each(|(item, o)| {
+                let (r, h) = (item / num_heads, item % num_heads);
+                let kv_head = h / group;
+                let qv = &q.data[r * q.cols + h * head_dim..][..head_dim];
+                let visible = start + r + 1; // causal: positions 0..=start + r
+                let mut scores = Vec::with_capacity(visible);
+                for pos in 0..visible {
+                    let (c, slot) = layout.locate(pos);
+                    let kr = &chunks[c]
+                        [layout.offset_in_chunk(layer, KvPart::Key, kv_head, slot)..][..head_dim];
+                    scores.push(qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale);
+                }
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                o.fill(0.0);
+                for (pos, p) in scores.iter().enumerate() {
+                    let (c, slot) = layout.locate(pos);
+                    let vr = &chunks[c]
+                        [layout.offset_in_chunk(layer, KvPart::Value, kv_head, slot)..][..head_dim];
+                    let w = p / sum;
+                    o.iter_mut().zip(vr).for_each(|(o, v)| *o += w * v);
+                }
+            });
+        Ok(())
+    }
+
+    fn swiglu(&self, gate: &mut CpuTensor, up: &CpuTensor, rows: usize) -> Result<()> {
+        let n = rows * gate.cols;
+        gate.data[..n]
+            .par_chunks_mut(4096)
+            .zip(up.data[..n].par_chunks(4096))
+            .for_each(|(g, u)| {
+                for (g, u) in g.iter_mut().zip(u) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
+                }
+            });
+        Ok(())
+    }
+
+    fn copy_rows(
+        &self,
+        src: &CpuTensor,
+        src_row: usize,
+        dst: &mut CpuTensor,
+        dst_row: usize,
+        rows: usize,
+    ) -> Result<()> {
+        if src.cols != dst.cols {
+            bail!(
+                "copy_rows between tensors of {} and {} columns",
+                src.cols,
+                dst.cols
+            );
+        }
+        let c = src.cols;
+        dst.data[dst_row * c..(dst_row + rows) * c]
+            .copy_from_slice(&src.data[src_row * c..(src_row + rows) * c]);
+        Ok(())
+    }
+
+    fn read_rows(&self, x: &CpuTensor, first: usize, rows: usize) -> Result<Vec<f32>> {
+        Ok(x.data[first * x.cols..(first + rows) * x.cols].to_vec())
+    }
+
+    fn argmax(&self, logits: &CpuTensor, row: usize, bias: Option<&CpuWeight>) -> Result<u32> {
+        let l = &logits.data[row * logits.cols..(row + 1) * logits.cols];
+        let bias = bias.map(|b| b.vector()).transpose()?;
+        let mut best = (0usize, f32::NEG_INFINITY);
+        for (i, &v) in l.iter().enumerate() {
+            let v = v + bias.map_or(0.0, |b| b[i]);
+            // First index wins ties, as torch.argmax does.
+            if v > best.1 {
+                best = (i, v);
+            }
+        }
+        Ok(best.0 as u32)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}

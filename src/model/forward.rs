@@ -1,0 +1,181 @@
+//! The Llama forward pass, written once against [`Backend`].
+//!
+//! ```text
+//! x = embed(ids)                                   [rows, hidden]
+//! for each layer:
+//!     h = rmsnorm(x) · input_layernorm
+//!     q, k, v = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ                 [rows, heads·hd], [rows, kv_heads·hd] ×2
+//!     rope(q, k) at the step's positions; append k, v to the cache
+//!     x += attention(q, cache)·Woᵀ
+//!     h = rmsnorm(x) · post_attention_layernorm
+//!     x += (silu(h·Wgateᵀ) * h·Wupᵀ)·Wdownᵀ
+//! logits = (rmsnorm(x) · norm)·lm_headᵀ            [rows or 1, vocab]
+//! ```
+//! The residual add is fused into the next norm (`add_rms_norm`), so `x` is updated lazily.
+
+use super::config::Config;
+use super::weights::{HostTensor, ModelWeights};
+use crate::backend::Backend;
+use crate::kv::KvCache;
+use anyhow::{bail, Result};
+use std::path::Path;
+
+/// A model resident on a backend.
+pub struct Model<B: Backend> {
+    pub config: Config,
+    pub weights: ModelWeights<B::Weight>,
+    /// RoPE inverse frequencies `[head_dim / 2]`.
+    inv_freq: B::Weight,
+    /// Bytes of weights one decode step reads (for bandwidth figures).
+    pub weight_bytes_per_token: usize,
+}
+
+/// Which rows of the final hidden state become logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitRows {
+    /// Only the last row (generation).
+    Last,
+    /// Every row (prompt logits for comparisons).
+    All,
+}
+
+/// Activation buffers for steps of up to `capacity` rows, allocated once and reused.
+pub struct Activations<B: Backend> {
+    capacity: usize,
+    logit_rows: usize,
+    x: B::Tensor,          // residual stream [rows, hidden]
+    h: B::Tensor,          // normed input of a sublayer [rows, hidden]
+    q: B::Tensor,          // [rows, heads·hd]
+    k: B::Tensor,          // [rows, kv_heads·hd]
+    v: B::Tensor,          // [rows, kv_heads·hd]
+    attn: B::Tensor,       // attention output [rows, heads·hd]
+    delta: B::Tensor,      // sublayer output to add to x [rows, hidden]
+    gate: B::Tensor,       // [rows, intermediate], then silu(gate) * up
+    up: B::Tensor,         // [rows, intermediate]
+    last: B::Tensor,       // the last row of h [1, hidden]
+    pub logits: B::Tensor, // [logit_rows, vocab]
+}
+
+impl<B: Backend> Activations<B> {
+    pub fn new(b: &B, cfg: &Config, capacity: usize, logit_rows: usize) -> Result<Self> {
+        let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Activations {
+            capacity,
+            logit_rows,
+            x: b.alloc(capacity, h)?,
+            h: b.alloc(capacity, h)?,
+            q: b.alloc(capacity, cfg.q_dim())?,
+            k: b.alloc(capacity, cfg.kv_dim())?,
+            v: b.alloc(capacity, cfg.kv_dim())?,
+            attn: b.alloc(capacity, cfg.q_dim())?,
+            delta: b.alloc(capacity, h)?,
+            gate: b.alloc(capacity, ff)?,
+            up: b.alloc(capacity, ff)?,
+            last: b.alloc(1, h)?,
+            logits: b.alloc(logit_rows, cfg.vocab_size)?,
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn fits(&self, rows: usize, logits: LogitRows) -> bool {
+        rows <= self.capacity && (logits == LogitRows::Last || rows <= self.logit_rows)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads config and weights from a HF folder, checks every tensor, and uploads them.
+    pub fn load(b: &B, dir: &Path) -> Result<Self> {
+        let config = Config::from_dir(dir)?;
+        let host = ModelWeights::<HostTensor>::load(dir, &config)?;
+        Self::from_host(b, config, &host)
+    }
+
+    pub fn from_host(b: &B, config: Config, host: &ModelWeights<HostTensor>) -> Result<Self> {
+        let weights = host.upload(|t| b.upload_weight(t))?;
+        let inv_freq = b.upload_vector(&config.rope_inv_freq())?;
+        Ok(Model {
+            weight_bytes_per_token: host.bytes_read_per_token(),
+            config,
+            weights,
+            inv_freq,
+        })
+    }
+
+    /// Runs `ids` (positions `cache.len()..`) through the model, appending their K/V to `cache`.
+    /// Logits land in `act.logits`: one row per input row, or only the last.
+    pub fn forward(
+        &self,
+        b: &B,
+        cache: &mut KvCache<B>,
+        ids: &[u32],
+        act: &mut Activations<B>,
+        logit_rows: LogitRows,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let rows = ids.len();
+        if rows == 0 {
+            bail!("forward pass over zero tokens");
+        }
+        if !act.fits(rows, logit_rows) {
+            bail!(
+                "a step of {rows} rows does not fit activations sized for {}",
+                act.capacity
+            );
+        }
+        cache.begin_step(b, rows)?;
+        let w = &self.weights;
+        b.embed(&w.embed_tokens, ids, &mut act.x)?;
+        for (layer, lw) in w.layers.iter().enumerate() {
+            // The previous layer's MLP output joins the residual here.
+            let delta = (layer > 0).then_some(&act.delta);
+            b.add_rms_norm(
+                &mut act.x,
+                delta,
+                &lw.input_layernorm,
+                cfg.rms_norm_eps,
+                rows,
+                &mut act.h,
+            )?;
+            b.matmul(&act.h, &lw.q_proj, rows, &mut act.q)?;
+            b.matmul(&act.h, &lw.k_proj, rows, &mut act.k)?;
+            b.matmul(&act.h, &lw.v_proj, rows, &mut act.v)?;
+            b.rope(&mut act.q, &mut act.k, &self.inv_freq, cache)?;
+            b.kv_append(cache, layer, &act.k, &act.v)?;
+            b.attention(&act.q, cache, layer, cfg.num_heads, &mut act.attn)?;
+            b.matmul(&act.attn, &lw.o_proj, rows, &mut act.delta)?;
+
+            b.add_rms_norm(
+                &mut act.x,
+                Some(&act.delta),
+                &lw.post_attention_layernorm,
+                cfg.rms_norm_eps,
+                rows,
+                &mut act.h,
+            )?;
+            b.matmul(&act.h, &lw.gate_proj, rows, &mut act.gate)?;
+            b.matmul(&act.h, &lw.up_proj, rows, &mut act.up)?;
+            b.swiglu(&mut act.gate, &act.up, rows)?;
+            b.matmul(&act.gate, &lw.down_proj, rows, &mut act.delta)?;
+        }
+        cache.end_step();
+        b.add_rms_norm(
+            &mut act.x,
+            Some(&act.delta),
+            &w.norm,
+            cfg.rms_norm_eps,
+            rows,
+            &mut act.h,
+        )?;
+        let head = w.output_projection();
+        match logit_rows {
+            LogitRows::All => b.matmul(&act.h, head, rows, &mut act.logits),
+            LogitRows::Last => {
+                b.copy_rows(&act.h, rows - 1, &mut act.last, 0, 1)?;
+                b.matmul(&act.last, head, 1, &mut act.logits)
+            }
+        }
+    }
+}
