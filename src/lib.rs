@@ -9,4 +9,6 @@ pub mod backend;
 pub mod generate;
 pub mod kv;
 pub mod model;
+pub mod npy;
+pub mod runtime;
 pub mod scenario;

@@ -1,1 +1,31 @@
-fn main() {}
+//! The `kvlab` command line.
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kvlab", version, about = "A laboratory for the KV cache of LLM inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Greedy generation with one cache strategy.
+    Generate(cli::generate::GenerateArgs),
+    /// Write a synthetic checkpoint (random weights, real shape and tokenizer).
+    Synth(cli::synth::SynthArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => cli::generate::run(args),
+        Command::Synth(args) => cli::synth::run(args),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

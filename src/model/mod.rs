@@ -1,6 +1,7 @@
 //! Model: config, weights, tokenizer, forward pass.
 pub mod config;
 pub mod forward;
+pub mod hub;
 pub mod weights;
 
 /// Storage dtype of a checkpoint tensor (activations are computed in f32 on the CPU).
