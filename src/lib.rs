@@ -10,5 +10,6 @@ pub mod generate;
 pub mod kv;
 pub mod model;
 pub mod npy;
+pub mod roofline;
 pub mod runtime;
 pub mod scenario;
