@@ -1,5 +1,8 @@
 //! Model: config, weights, tokenizer, forward pass.
 
+pub mod chat_template;
+pub mod tokenizer;
+
 /// Storage dtype of a checkpoint tensor (activations are computed in f32 on the CPU).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DType {
