@@ -1,5 +1,7 @@
 //! Model: config, weights, tokenizer, forward pass.
 
+pub mod synth;
+
 /// Storage dtype of a checkpoint tensor (activations are computed in f32 on the CPU).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DType {
