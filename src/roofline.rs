@@ -26,7 +26,12 @@ impl Spread {
         } else {
             (v[n / 2 - 1] + v[n / 2]) / 2.0
         };
-        Spread { median, min: v.first().copied().unwrap_or(f64::NAN), max: v.last().copied().unwrap_or(f64::NAN), samples: n }
+        Spread {
+            median,
+            min: v.first().copied().unwrap_or(f64::NAN),
+            max: v.last().copied().unwrap_or(f64::NAN),
+            samples: n,
+        }
     }
 }
 
@@ -34,7 +39,10 @@ impl Spread {
 /// (far larger than the caches), `reps` times after one warm-up pass.
 pub fn host_read_bandwidth(bytes: usize, reps: usize) -> Spread {
     let words = bytes / 8;
-    let buffer: Vec<u64> = (0..words as u64).into_par_iter().map(|i| i.wrapping_mul(0x9e37_79b9)).collect();
+    let buffer: Vec<u64> = (0..words as u64)
+        .into_par_iter()
+        .map(|i| i.wrapping_mul(0x9e37_79b9))
+        .collect();
     let pass = || -> f64 {
         let start = Instant::now();
         let sum: u64 = buffer
