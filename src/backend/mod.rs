@@ -40,6 +40,11 @@ pub trait Backend: Sized {
     /// A vector of f32 values (RoPE frequencies, a logit mask).
     fn upload_vector(&self, values: &[f32]) -> Result<Self::Weight>;
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// A buffer for logits `[rows, vocab]`; a backend may keep them at a higher precision than
+    /// other activations (CUDA: f32 beside bf16 activations).
+    fn alloc_logits(&self, rows: usize, cols: usize) -> Result<Self::Tensor> {
+        self.alloc(rows, cols)
+    }
 
     fn kv_elem_bytes(&self) -> usize;
     fn alloc_kv_chunk(&self, layout: &KvLayout) -> Result<Self::KvChunk>;
@@ -120,4 +125,17 @@ pub trait Backend: Sized {
         -> Result<u32>;
     /// Waits for queued work (a no-op on the CPU); timings are taken after it.
     fn synchronize(&self) -> Result<()>;
+
+    /// Runs `forward`, one whole forward pass. A backend may record the work it queues and
+    /// replay an identical recording from an earlier step instead (CUDA graphs); the default
+    /// just runs it.
+    fn run_step(&self, forward: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        forward()
+    }
+
+    /// Device time of each `run_step` since the last call, in seconds, where the backend
+    /// measures it apart from the host clock (CUDA events); empty otherwise.
+    fn take_step_device_seconds(&self) -> Result<Vec<f64>> {
+        Ok(Vec::new())
+    }
 }

@@ -72,7 +72,7 @@ impl<B: Backend> Activations<B> {
             gate: b.alloc(capacity, ff)?,
             up: b.alloc(capacity, ff)?,
             last: b.alloc(1, h)?,
-            logits: b.alloc(logit_rows, cfg.vocab_size)?,
+            logits: b.alloc_logits(logit_rows, cfg.vocab_size)?,
         })
     }
 

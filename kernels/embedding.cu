@@ -1,0 +1,26 @@
+// Embedding gather and row copies: pure data movement in 16-byte vectors.
+#include "common.cuh"
+
+// out[r, :] = table[ids[r], :]. One block per row; hidden % 8 == 0 (checked by the caller), so
+// each thread moves whole 16-byte vectors of 8 bf16. Ids were range-checked on the host.
+extern "C" __global__ void embedding_gather_bf16(const bf16* table,       // [vocab, hidden]
+                                                 const unsigned* ids,     // [rows]
+                                                 bf16* out,               // [rows, hidden]
+                                                 int hidden) {
+    const int row = blockIdx.x;
+    const uint4* src = reinterpret_cast<const uint4*>(table + (uint64_t)ids[row] * hidden);
+    uint4* dst = reinterpret_cast<uint4*>(out + (uint64_t)row * hidden);
+    for (int v = threadIdx.x; v < hidden / 8; v += blockDim.x) {
+        dst[v] = src[v];
+    }
+}
+
+// dst[i] = src[i] for i < count: copies rows between activation buffers (count % 8 == 0).
+extern "C" __global__ void copy_bf16(const bf16* src,  // [count]
+                                     bf16* dst,        // [count]
+                                     int count) {
+    const int v = blockIdx.x * blockDim.x + threadIdx.x;
+    if (v < count / 8) {
+        reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(src)[v];
+    }
+}
