@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 /// One bf16 rounding of a value (relative 2^-8) plus f32 summation-order noise.
 const RTOL_BF16_OUTPUT: f32 = 1.0 / 128.0;
-/// Two roundings in sequence (e.g. the residual stored as bf16, then the normed output).
+/// Two roundings in sequence (attention: probabilities rounded to bf16 for p.v, then the output).
 const RTOL_TWO_ROUNDINGS: f32 = 1.0 / 64.0;
 
 fn emu(options: CudaOptions) -> CudaBackend {
@@ -95,8 +95,7 @@ impl TestCheckpoint {
                 (name.to_string(), view)
             })
             .collect();
-        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors"))
-            .unwrap();
+        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
         let checkpoint = Checkpoint::open(dir.path()).unwrap();
         TestCheckpoint {
             _dir: dir,
@@ -129,8 +128,8 @@ fn embedding_gather_copies_rows_exactly() {
         cuda.upload_weight(&host).unwrap(),
     );
     let ids = [0u32, 36, 5, 5, 17];
-    let mut co = cpu.alloc(ids.len(), hidden).unwrap();
-    let mut go = cuda.alloc(ids.len(), hidden).unwrap();
+    let mut co = cpu.alloc_precise(ids.len(), hidden).unwrap();
+    let mut go = cuda.alloc_precise(ids.len(), hidden).unwrap();
     cpu.embed(&cw, &ids, &mut co).unwrap();
     cuda.embed(&gw, &ids, &mut go).unwrap();
     assert_close(
@@ -164,34 +163,42 @@ fn rms_norm_with_and_without_residual_add() {
             let mut cx = cpu_tensor(dim, &x);
             let cd = cpu_tensor(dim, &delta);
             let mut co = cpu.alloc(rows, dim).unwrap();
-            let mut gx = cuda.upload_tensor(rows, dim, &x).unwrap();
-            let gd = cuda.upload_tensor(rows, dim, &delta).unwrap();
+            let mut gx = cuda.upload_precise(rows, dim, &x).unwrap();
+            let gd = cuda.upload_precise(rows, dim, &delta).unwrap();
             let mut go = cuda.alloc(rows, dim).unwrap();
             cpu.add_rms_norm(&mut cx, with_delta.then_some(&cd), &cw, 1e-5, rows, &mut co)
                 .unwrap();
             cuda.add_rms_norm(&mut gx, with_delta.then_some(&gd), &gw, 1e-5, rows, &mut go)
                 .unwrap();
             let what = format!("rms norm rows {rows} dim {dim} delta {with_delta}");
+            // The residual add is the same f32 addition on both sides.
             assert_close(
                 &format!("{what}: residual"),
                 &cuda.read_rows(&gx, 0, rows).unwrap(),
                 &cx.data,
                 0.0,
-                RTOL_BF16_OUTPUT,
+                0.0,
             );
             assert_close(
                 &format!("{what}: output"),
                 &cuda.read_rows(&go, 0, rows).unwrap(),
                 &co.data,
-                1e-3,
-                RTOL_TWO_ROUNDINGS,
+                1e-4,
+                RTOL_BF16_OUTPUT,
             );
         }
     }
 }
 
 /// One matmul on both backends: `rows` of x against a `[n, k]` weight.
-fn check_matmul(rng: &mut StdRng, cuda: &CudaBackend, rows: usize, n: usize, k: usize, f32_out: bool) {
+fn check_matmul(
+    rng: &mut StdRng,
+    cuda: &CudaBackend,
+    rows: usize,
+    n: usize,
+    k: usize,
+    f32_out: bool,
+) {
     let cpu = CpuBackend::new();
     let w = randn(rng, n * k, 0.05);
     let x = randn(rng, rows * k, 1.0);
@@ -206,7 +213,7 @@ fn check_matmul(rng: &mut StdRng, cuda: &CudaBackend, rows: usize, n: usize, k: 
     cpu.matmul(&cx, &cw, rows, &mut co).unwrap();
     let gx = cuda.upload_tensor(rows, k, &x).unwrap();
     let mut go = if f32_out {
-        cuda.alloc_logits(rows, n).unwrap()
+        cuda.alloc_precise(rows, n).unwrap()
     } else {
         cuda.alloc(rows, n).unwrap()
     };
@@ -225,9 +232,9 @@ fn check_matmul(rng: &mut StdRng, cuda: &CudaBackend, rows: usize, n: usize, k: 
 fn matvec_for_decode_rows() {
     let mut rng = StdRng::seed_from_u64(3);
     let cuda = emu(CudaOptions::default());
-    // k: the tiny models' widths (not multiples of 256 lanes x 8); n: odd and larger than the
-    // grid's rows per block.
-    for (n, k) in [(200, 96), (37, 144), (320, 128), (96, 320), (1000, 2056)] {
+    // k: the tiny models' widths and one past 2048 (not multiples of 32 lanes x 8 elements);
+    // n: fewer and more rows than a block's 8 warps; 777 logits (odd) in f32.
+    for (n, k) in [(200, 96), (24, 144), (320, 128), (96, 320), (1000, 2056)] {
         check_matmul(&mut rng, &cuda, 1, n, k, false);
     }
     check_matmul(&mut rng, &cuda, 1, 777, 128, true);
@@ -378,27 +385,31 @@ fn check_attention(
     }
 }
 
+// Every configuration has a prefill step that sees more positions than one K/V tile (64, or
+// 32 at head_dim 128) and a decode step whose split covers more positions than a block reads
+// at once (64 at head_dim 16, 32 at 32, 16 at 64): both online softmaxes rescale.
+
 #[test]
 fn attention_gqa1_head_dim_16() {
     check_attention(4, 4, 16, Strategy::Static, 0, &[45, 11, 1, 1], 4);
-    check_attention(4, 4, 16, Strategy::Dynamic, 7, &[45, 11, 1, 1], 4);
+    check_attention(4, 4, 16, Strategy::Dynamic, 7, &[130, 11, 1], 1);
 }
 
 #[test]
 fn attention_gqa3_head_dim_32() {
     check_attention(6, 2, 32, Strategy::Static, 0, &[1, 1, 30, 1], 2);
-    check_attention(6, 2, 32, Strategy::Dynamic, 7, &[1, 44, 12, 1, 1], 2);
+    check_attention(6, 2, 32, Strategy::Dynamic, 7, &[1, 44, 40, 1, 1], 1);
 }
 
 #[test]
 fn attention_gqa4_head_dim_64() {
-    check_attention(8, 2, 64, Strategy::Static, 0, &[45, 11, 1], 1);
+    check_attention(8, 2, 64, Strategy::Static, 0, &[45, 30, 1], 1);
     check_attention(8, 2, 64, Strategy::Dynamic, 16, &[45, 11, 1], 3);
 }
 
 #[test]
 fn attention_gqa9_head_dim_128() {
-    check_attention(9, 1, 128, Strategy::Static, 0, &[20, 1], 3);
+    check_attention(9, 1, 128, Strategy::Static, 0, &[20, 30, 1], 3);
     check_attention(9, 1, 128, Strategy::Dynamic, 7, &[20, 1, 1], 3);
 }
 
@@ -439,7 +450,7 @@ fn argmax_on_device_matches_the_cpu_scan() {
         logits[vocab + vocab / 3] = 9.0;
         logits[vocab + vocab - 2] = 9.0;
         let cl = cpu_tensor(vocab, &logits);
-        let gl = cuda.upload_logits(2, vocab, &logits).unwrap();
+        let gl = cuda.upload_precise(2, vocab, &logits).unwrap();
         let allowed: Vec<f32> = (0..vocab)
             .map(|i| if i % 5 == 3 { 0.0 } else { f32::NEG_INFINITY })
             .collect();

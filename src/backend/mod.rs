@@ -40,9 +40,10 @@ pub trait Backend: Sized {
     /// A vector of f32 values (RoPE frequencies, a logit mask).
     fn upload_vector(&self, values: &[f32]) -> Result<Self::Weight>;
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
-    /// A buffer for logits `[rows, vocab]`; a backend may keep them at a higher precision than
-    /// other activations (CUDA: f32 beside bf16 activations).
-    fn alloc_logits(&self, rows: usize, cols: usize) -> Result<Self::Tensor> {
+    /// A buffer that accumulates rather than feeds a matmul: the residual stream, the sublayer
+    /// outputs added to it, the logits. A backend may keep these at a higher precision than
+    /// other activations (CUDA: f32 beside bf16).
+    fn alloc_precise(&self, rows: usize, cols: usize) -> Result<Self::Tensor> {
         self.alloc(rows, cols)
     }
 
@@ -59,9 +60,10 @@ pub trait Backend: Sized {
         rows: usize,
     ) -> Result<()>;
 
-    /// out[r, :] = table[ids[r], :]
+    /// out[r, :] = table[ids[r], :] (out: the residual stream, from `alloc_precise`)
     fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor) -> Result<()>;
-    /// residual[r] += delta[r]; out[r] = rmsnorm(residual[r]) * weight. With `delta` None, only the norm.
+    /// residual[r] += delta[r]; out[r] = rmsnorm(residual[r]) * weight. With `delta` None, only
+    /// the norm. residual and delta come from `alloc_precise`, out from `alloc`.
     fn add_rms_norm(
         &self,
         residual: &mut Self::Tensor,

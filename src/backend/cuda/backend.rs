@@ -80,6 +80,14 @@ impl CudaTensor {
         Ok(())
     }
 
+    fn check_f32(&self, what: &str) -> Result<()> {
+        ensure!(
+            self.dtype == ActivationType::F32,
+            "{what} expects an f32 buffer (from alloc_precise)"
+        );
+        Ok(())
+    }
+
     fn check_bf16(&self, what: &str) -> Result<()> {
         ensure!(
             self.dtype == ActivationType::Bf16,
@@ -145,6 +153,9 @@ struct Scratch {
     argmax_values: Option<TrackedBuffer>,
     argmax_indices: Option<TrackedBuffer>,
     argmax_id: Option<TrackedBuffer>,
+    /// Buffers replaced while a step records: its recorded launches may use them, so they live
+    /// until the step's work is issued.
+    retired: Vec<TrackedBuffer>,
 }
 
 pub struct CudaBackend {
@@ -246,19 +257,22 @@ impl CudaBackend {
             values.len()
         );
         let tensor = self.alloc(rows, cols)?;
-        let bits: Vec<u16> = values.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let bits: Vec<u16> = values
+            .iter()
+            .map(|&v| bf16::from_f32(v).to_bits())
+            .collect();
         self.copy_htod(&tensor.buffer, 0, bytemuck::cast_slice(&bits))?;
         Ok(tensor)
     }
 
-    /// An f32 logits buffer holding `values` `[rows, cols]` (tests, benches).
-    pub fn upload_logits(&self, rows: usize, cols: usize, values: &[f32]) -> Result<CudaTensor> {
+    /// An f32 buffer (as from `alloc_precise`) holding `values` `[rows, cols]` (tests, benches).
+    pub fn upload_precise(&self, rows: usize, cols: usize, values: &[f32]) -> Result<CudaTensor> {
         ensure!(
             values.len() == rows * cols,
-            "upload_logits: {} values for [{rows}, {cols}]",
+            "upload_precise: {} values for [{rows}, {cols}]",
             values.len()
         );
-        let tensor = self.alloc_logits(rows, cols)?;
+        let tensor = self.alloc_precise(rows, cols)?;
         self.copy_htod(&tensor.buffer, 0, bytemuck::cast_slice(values))?;
         Ok(tensor)
     }
@@ -300,27 +314,25 @@ impl CudaBackend {
         self.device.copy_dtoh(src.buffer(), offset, bytes)
     }
 
-    /// The scratch buffer in `slot`, grown to at least `bytes`. Launches recorded before a
-    /// replacement are issued first: they may use the buffer being freed.
+    /// The scratch buffer in `slot`, grown to at least `bytes`.
     fn scratch_buffer(
         &self,
         slot: impl Fn(&mut Scratch) -> &mut Option<TrackedBuffer>,
         bytes: usize,
     ) -> Result<u64> {
         let mut scratch = self.scratch.borrow_mut();
-        let entry = slot(&mut scratch);
-        if let Some(buffer) = entry.as_ref() {
+        if let Some(buffer) = slot(&mut scratch).as_ref() {
             if buffer.len() >= bytes {
                 return Ok(buffer.ptr());
             }
         }
-        self.recorder
-            .borrow_mut()
-            .flush_recording(self.device.as_ref())?;
-        *entry = None;
         let buffer = self.tracked(MemoryUse::Scratch, bytes)?;
         let ptr = buffer.ptr();
-        *entry = Some(buffer);
+        if let Some(old) = slot(&mut scratch).replace(buffer) {
+            if self.recorder.borrow().is_recording() {
+                scratch.retired.push(old);
+            }
+        }
         Ok(ptr)
     }
 
@@ -422,7 +434,7 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn alloc_logits(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+    fn alloc_precise(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
         Ok(CudaTensor {
             buffer: self.tracked(MemoryUse::Activations, rows * cols * 4)?,
             rows,
@@ -494,7 +506,7 @@ impl Backend for CudaBackend {
 
     fn embed(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaTensor) -> Result<()> {
         let (vocab, hidden) = table.matrix()?;
-        out.check_bf16("embed")?;
+        out.check_f32("embed output")?;
         out.check_rows(ids.len(), "embed")?;
         ensure!(
             out.cols == hidden,
@@ -523,15 +535,21 @@ impl Backend for CudaBackend {
         out: &mut CudaTensor,
     ) -> Result<()> {
         let dim = weight.vector()?;
-        for (t, what) in [(&*residual, "residual"), (&*out, "norm output")] {
-            t.check_bf16(what)?;
-            t.check_rows(rows, what)?;
-            ensure!(t.cols == dim, "{what} has {} columns, norm weight {dim}", t.cols);
-        }
+        residual.check_f32("residual")?;
+        out.check_bf16("norm output")?;
         if let Some(d) = delta {
-            d.check_bf16("residual delta")?;
-            d.check_rows(rows, "residual delta")?;
-            ensure!(d.cols == dim, "delta has {} columns, norm weight {dim}", d.cols);
+            d.check_f32("residual delta")?;
+        }
+        for (t, what) in [(&*residual, "residual"), (&*out, "norm output")]
+            .into_iter()
+            .chain(delta.map(|d| (d, "residual delta")))
+        {
+            t.check_rows(rows, what)?;
+            ensure!(
+                t.cols == dim,
+                "{what} has {} columns, norm weight {dim}",
+                t.cols
+            );
         }
         self.launch_add_rms_norm(
             residual.ptr(),
@@ -677,10 +695,7 @@ impl Backend for CudaBackend {
             );
         }
         let splits = self.options.borrow().decode_splits;
-        let acc = self.scratch_buffer(
-            |s| &mut s.decode_acc,
-            num_heads * splits * head_dim * 4,
-        )?;
+        let acc = self.scratch_buffer(|s| &mut s.decode_acc, num_heads * splits * head_dim * 4)?;
         let max_sum = self.scratch_buffer(|s| &mut s.decode_max_sum, num_heads * splits * 2 * 4)?;
         // A table of one chunk is the static layout: read the chunk directly.
         let (kv, chunked) = if table.capacity == 1 {
@@ -761,10 +776,7 @@ impl Backend for CudaBackend {
     }
 
     fn argmax(&self, logits: &CudaTensor, row: usize, bias: Option<&CudaWeight>) -> Result<u32> {
-        ensure!(
-            logits.dtype == ActivationType::F32,
-            "argmax expects f32 logits (allocated with alloc_logits)"
-        );
+        logits.check_f32("argmax")?;
         logits.check_rows(row + 1, "argmax")?;
         if let Some(b) = bias {
             let len = b.vector()?;
@@ -800,11 +812,17 @@ impl Backend for CudaBackend {
         let start = self.device.record_event()?;
         if self.options.borrow().graphs {
             self.recorder.borrow_mut().begin();
-            if let Err(e) = forward() {
-                self.recorder.borrow_mut().abandon();
-                return Err(e);
-            }
-            self.recorder.borrow_mut().finish(self.device.as_ref())?;
+            let ran = forward();
+            let mut recorder = self.recorder.borrow_mut();
+            let finished = match ran {
+                Ok(()) => recorder.finish(self.device.as_ref()),
+                Err(e) => {
+                    recorder.abandon();
+                    Err(e)
+                }
+            };
+            self.scratch.borrow_mut().retired.clear();
+            finished?;
         } else {
             forward()?;
             self.recorder.borrow_mut().note_launched();

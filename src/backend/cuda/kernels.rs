@@ -75,7 +75,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let threads = (hidden / 8).clamp(32, 256) as u32;
         self.launch(
-            "embedding_gather_bf16",
+            "embedding_gather_bf16_to_f32",
             LaunchConfig::linear(blocks(rows, "embedding")?, threads, 0),
             vec![
                 KernelArg::Ptr(table),
@@ -111,7 +111,7 @@ impl CudaBackend {
         eps: f32,
     ) -> Result<()> {
         self.launch(
-            "add_rms_norm_bf16",
+            "add_rms_norm_f32_to_bf16",
             LaunchConfig::linear(blocks(rows, "rms norm")?, NORM_THREADS, 0),
             vec![
                 KernelArg::Ptr(residual),
@@ -286,7 +286,10 @@ impl CudaBackend {
         let group = num_heads / layout.num_kv_heads as usize;
         let config = LaunchConfig {
             grid: [
-                blocks((rows * group).div_ceil(PREFILL_QUERY_ROWS), "prefill attention")?,
+                blocks(
+                    (rows * group).div_ceil(PREFILL_QUERY_ROWS),
+                    "prefill attention",
+                )?,
                 layout.num_kv_heads,
                 1,
             ],
@@ -333,7 +336,10 @@ impl CudaBackend {
         let config = LaunchConfig {
             grid: [
                 blocks(num_splits, "decode attention splits")?,
-                blocks(layout.num_kv_heads as usize * head_tiles, "decode attention heads")?,
+                blocks(
+                    layout.num_kv_heads as usize * head_tiles,
+                    "decode attention heads",
+                )?,
                 1,
             ],
             block: [DECODE_THREADS, 1, 1],
@@ -361,11 +367,7 @@ impl CudaBackend {
         )?;
         self.launch(
             "attention_decode_merge_bf16",
-            LaunchConfig::linear(
-                blocks(num_heads, "decode merge")?,
-                layout.head_dim,
-                0,
-            ),
+            LaunchConfig::linear(blocks(num_heads, "decode merge")?, layout.head_dim, 0),
             vec![
                 KernelArg::Ptr(partial_acc),
                 KernelArg::Ptr(partial_max_sum),
