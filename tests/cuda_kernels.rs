@@ -18,6 +18,7 @@ use kvlab::model::weights::{Checkpoint, HostTensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
+use safetensors::Dtype::{BF16, F16, F32};
 use std::sync::Arc;
 
 /// One bf16 rounding of a value (relative 2^-8) plus f32 summation-order noise.
@@ -63,22 +64,26 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     }
 }
 
-/// A checkpoint of bf16 tensors in a temporary folder, read back through kvlab's loader so
-/// that both backends upload the same `HostTensor`s.
+/// A checkpoint in a temporary folder, read back through kvlab's loader so that both backends
+/// upload the same `HostTensor`s.
 struct TestCheckpoint {
     _dir: tempfile::TempDir,
     checkpoint: Checkpoint,
 }
 
 impl TestCheckpoint {
-    fn new(tensors: &[(&str, Vec<usize>, &[f32])]) -> TestCheckpoint {
+    fn new(dtype: safetensors::Dtype, tensors: &[(&str, Vec<usize>, &[f32])]) -> TestCheckpoint {
         let dir = tempfile::tempdir().unwrap();
         let bytes: Vec<Vec<u8>> = tensors
             .iter()
             .map(|(_, _, values)| {
                 values
                     .iter()
-                    .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                    .flat_map(|&v| match dtype {
+                        safetensors::Dtype::BF16 => bf16::from_f32(v).to_le_bytes().to_vec(),
+                        safetensors::Dtype::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+                        _ => v.to_le_bytes().to_vec(),
+                    })
                     .collect()
             })
             .collect();
@@ -86,12 +91,8 @@ impl TestCheckpoint {
             .iter()
             .zip(&bytes)
             .map(|((name, shape, _), data)| {
-                let view = safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::BF16,
-                    shape.clone(),
-                    data,
-                )
-                .unwrap();
+                let view =
+                    safetensors::tensor::TensorView::new(dtype, shape.clone(), data).unwrap();
                 (name.to_string(), view)
             })
             .collect();
@@ -116,31 +117,36 @@ fn cpu_tensor(cols: usize, values: &[f32]) -> CpuTensor {
 }
 
 #[test]
-fn embedding_gather_copies_rows_exactly() {
+fn embedding_gather_copies_rows() {
     let mut rng = StdRng::seed_from_u64(1);
     let (vocab, hidden) = (37, 96);
-    let table = randn(&mut rng, vocab * hidden, 1.0);
-    let ckpt = TestCheckpoint::new(&[("embed", vec![vocab, hidden], &table)]);
-    let (cpu, cuda) = (CpuBackend::new(), emu(CudaOptions::default()));
-    let host = ckpt.tensor("embed", &[vocab, hidden]);
-    let (cw, gw) = (
-        cpu.upload_weight(&host).unwrap(),
-        cuda.upload_weight(&host).unwrap(),
-    );
-    let ids = [0u32, 36, 5, 5, 17];
-    let mut co = cpu.alloc_precise(ids.len(), hidden).unwrap();
-    let mut go = cuda.alloc_precise(ids.len(), hidden).unwrap();
-    cpu.embed(&cw, &ids, &mut co).unwrap();
-    cuda.embed(&gw, &ids, &mut go).unwrap();
-    assert_close(
-        "embedding",
-        &cuda.read_rows(&go, 0, ids.len()).unwrap(),
-        &co.data,
-        0.0,
-        0.0,
-    );
-    let err = cuda.embed(&gw, &[3, 37], &mut go).unwrap_err();
-    assert!(err.to_string().contains("37"), "{err}");
+    // Unrounded values: an f32 table is stored as bf16 pairs and must come back to 2^-17.
+    let table: Vec<f32> = (0..vocab * hidden)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect();
+    for (dtype, rtol) in [(BF16, 0.0), (F32, 1e-5)] {
+        let ckpt = TestCheckpoint::new(dtype, &[("embed", vec![vocab, hidden], &table)]);
+        let (cpu, cuda) = (CpuBackend::new(), emu(CudaOptions::default()));
+        let host = ckpt.tensor("embed", &[vocab, hidden]);
+        let (cw, gw) = (
+            cpu.upload_weight(&host).unwrap(),
+            cuda.upload_weight(&host).unwrap(),
+        );
+        let ids = [0u32, 36, 5, 5, 17];
+        let mut co = cpu.alloc_precise(ids.len(), hidden).unwrap();
+        let mut go = cuda.alloc_precise(ids.len(), hidden).unwrap();
+        cpu.embed(&cw, &ids, &mut co).unwrap();
+        cuda.embed(&gw, &ids, &mut go).unwrap();
+        assert_close(
+            &format!("embedding {dtype:?}"),
+            &cuda.read_rows(&go, 0, ids.len()).unwrap(),
+            &co.data,
+            0.0,
+            rtol,
+        );
+        let err = cuda.embed(&gw, &[3, 37], &mut go).unwrap_err();
+        assert!(err.to_string().contains("37"), "{err}");
+    }
 }
 
 #[test]
@@ -150,7 +156,7 @@ fn rms_norm_with_and_without_residual_add() {
         let weight: Vec<f32> = (0..dim)
             .map(|_| 1.0 + 0.1 * rng.sample::<f32, _>(StandardNormal))
             .collect();
-        let ckpt = TestCheckpoint::new(&[("norm", vec![dim], &weight)]);
+        let ckpt = TestCheckpoint::new(BF16, &[("norm", vec![dim], &weight)]);
         let (cpu, cuda) = (CpuBackend::new(), emu(CudaOptions::default()));
         let host = ckpt.tensor("norm", &[dim]);
         let (cw, gw) = (
@@ -190,7 +196,8 @@ fn rms_norm_with_and_without_residual_add() {
     }
 }
 
-/// One matmul on both backends: `rows` of x against a `[n, k]` weight.
+/// One matmul on both backends: `rows` of x against a `[n, k]` weight stored as `dtype`.
+#[allow(clippy::too_many_arguments)]
 fn check_matmul(
     rng: &mut StdRng,
     cuda: &CudaBackend,
@@ -198,11 +205,15 @@ fn check_matmul(
     n: usize,
     k: usize,
     f32_out: bool,
+    dtype: safetensors::Dtype,
 ) {
     let cpu = CpuBackend::new();
-    let w = randn(rng, n * k, 0.05);
+    // Unrounded: an f16 / f32 checkpoint keeps digits that plain bf16 would lose.
+    let w: Vec<f32> = (0..n * k)
+        .map(|_| rng.sample::<f32, _>(StandardNormal) * 0.05)
+        .collect();
     let x = randn(rng, rows * k, 1.0);
-    let ckpt = TestCheckpoint::new(&[("w", vec![n, k], &w)]);
+    let ckpt = TestCheckpoint::new(dtype, &[("w", vec![n, k], &w)]);
     let host = ckpt.tensor("w", &[n, k]);
     let (cw, gw) = (
         cpu.upload_weight(&host).unwrap(),
@@ -218,9 +229,11 @@ fn check_matmul(
         cuda.alloc(rows, n).unwrap()
     };
     cuda.matmul(&gx, &gw, rows, &mut go).unwrap();
+    // f32 outputs differ by summation order only (and, for f16 / f32 weights, by the 2^-17
+    // relative error of the bf16 pairs): far below what rounding weights to bf16 would cause.
     let rtol = if f32_out { 1e-4 } else { RTOL_BF16_OUTPUT };
     assert_close(
-        &format!("matmul rows {rows} n {n} k {k} f32 out {f32_out}"),
+        &format!("matmul rows {rows} n {n} k {k} f32 out {f32_out} weights {dtype:?}"),
         &cuda.read_rows(&go, 0, rows).unwrap(),
         &co.data,
         1e-4,
@@ -235,16 +248,26 @@ fn matvec_for_decode_rows() {
     // k: the tiny models' widths and one past 2048 (not multiples of 32 lanes x 8 elements);
     // n: fewer and more rows than a block's 8 warps; 777 logits (odd) in f32.
     for (n, k) in [(200, 96), (24, 144), (320, 128), (96, 320), (1000, 2056)] {
-        check_matmul(&mut rng, &cuda, 1, n, k, false);
+        check_matmul(&mut rng, &cuda, 1, n, k, false, BF16);
     }
-    check_matmul(&mut rng, &cuda, 1, 777, 128, true);
+    check_matmul(&mut rng, &cuda, 1, 777, 128, true, BF16);
+    check_matmul(&mut rng, &cuda, 1, 200, 96, true, F32);
+    check_matmul(&mut rng, &cuda, 1, 200, 96, true, F16);
 }
 
 #[test]
 fn matvec_covers_more_rows_than_its_grid() {
     // 9000 rows > 1056 blocks x 8 warps: warps stride over several rows each.
     let mut rng = StdRng::seed_from_u64(4);
-    check_matmul(&mut rng, &emu(CudaOptions::default()), 1, 9000, 64, true);
+    check_matmul(
+        &mut rng,
+        &emu(CudaOptions::default()),
+        1,
+        9000,
+        64,
+        true,
+        BF16,
+    );
 }
 
 #[test]
@@ -253,9 +276,11 @@ fn tensor_core_matmul_with_ragged_tiles() {
     let cuda = emu(CudaOptions::default());
     // m, n, k around the 128 x 128 x 32 tiles: below, just above, and not multiples.
     for (m, n, k) in [(2, 200, 96), (45, 128, 144), (130, 136, 200), (45, 96, 328)] {
-        check_matmul(&mut rng, &cuda, m, n, k, false);
+        check_matmul(&mut rng, &cuda, m, n, k, false, BF16);
     }
-    check_matmul(&mut rng, &cuda, 45, 777, 128, true);
+    check_matmul(&mut rng, &cuda, 45, 777, 128, true, BF16);
+    check_matmul(&mut rng, &cuda, 45, 200, 136, true, F32);
+    check_matmul(&mut rng, &cuda, 45, 200, 136, true, F16);
 }
 
 /// A config with the attention shape under test (the rest from a tiny fixture).

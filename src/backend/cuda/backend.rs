@@ -98,6 +98,12 @@ impl CudaTensor {
 }
 
 /// A weight on the device: a bf16 matrix `[rows, cols]` (HF's `[out, in]`) or an f32 vector.
+///
+/// Matrices of f16 and f32 checkpoints are stored as bf16 pairs `[rows, 2 * cols]`: each row
+/// holds the bf16 values, then the bf16 rounding errors (`w - bf16(w)`), about 16 significant
+/// bits; a matmul reads its input twice (`duplicate_columns_bf16`) so that the bf16 kernels sum
+/// both halves. Rounding such weights to plain bf16 alone moves the tiny fixtures' logits by up
+/// to 0.019, nearly the whole 2e-2 budget against transformers.
 pub struct CudaWeight {
     buffer: TrackedBuffer,
     pub name: String,
@@ -106,14 +112,22 @@ pub struct CudaWeight {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightShape {
-    Matrix { rows: usize, cols: usize },
-    Vector { len: usize },
+    /// `pair`: stored as bf16 pairs `[rows, 2 * cols]`.
+    Matrix {
+        rows: usize,
+        cols: usize,
+        pair: bool,
+    },
+    Vector {
+        len: usize,
+    },
 }
 
 impl CudaWeight {
-    fn matrix(&self) -> Result<(usize, usize)> {
+    /// (rows, cols, stored as pairs).
+    fn matrix(&self) -> Result<(usize, usize, bool)> {
         match self.shape {
-            WeightShape::Matrix { rows, cols } => Ok((rows, cols)),
+            WeightShape::Matrix { rows, cols, pair } => Ok((rows, cols, pair)),
             WeightShape::Vector { .. } => {
                 bail!("vector {} was passed where a matrix is expected", self.name)
             }
@@ -149,6 +163,8 @@ struct Scratch {
     /// Decode attention partials: `[heads, splits, head_dim]` f32 and `[heads, splits, 2]` f32.
     decode_acc: Option<TrackedBuffer>,
     decode_max_sum: Option<TrackedBuffer>,
+    /// A matmul input read twice `[rows, 2 * k]`, for weights stored as bf16 pairs.
+    pair_input: Option<TrackedBuffer>,
     /// Argmax partials `[ARGMAX_PARTIALS]` f32 + u32, and the chosen id.
     argmax_values: Option<TrackedBuffer>,
     argmax_indices: Option<TrackedBuffer>,
@@ -344,26 +360,39 @@ impl CudaBackend {
     }
 }
 
-/// bf16 bits of a checkpoint matrix (f16 and f32 are rounded to nearest even).
-fn matrix_to_bf16(tensor: &HostTensor) -> Vec<u16> {
+/// bf16 bits of a checkpoint matrix `[rows, cols]`: the stored bits of a bf16 checkpoint, or
+/// bf16 pairs `[rows, 2 * cols]` (values, then rounding errors) of an f16 or f32 one.
+fn matrix_to_bf16(tensor: &HostTensor, cols: usize) -> Vec<u16> {
     let bytes = tensor.bytes();
-    match tensor.dtype {
-        DType::BF16 => bytes
-            .par_chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect(),
+    let values: Vec<f32> = match tensor.dtype {
+        DType::BF16 => {
+            return bytes
+                .par_chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect()
+        }
         DType::F16 => bytes
             .par_chunks_exact(2)
-            .map(|c| {
-                bf16::from_f32(half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                    .to_bits()
-            })
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
             .collect(),
         DType::F32 => bytes
             .par_chunks_exact(4)
-            .map(|c| bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_bits())
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
-    }
+    };
+    let mut pairs = vec![0u16; 2 * values.len()];
+    pairs
+        .par_chunks_mut(2 * cols)
+        .zip(values.par_chunks(cols))
+        .for_each(|(out, row)| {
+            let (high, low) = out.split_at_mut(cols);
+            for ((h, l), &v) in high.iter_mut().zip(low).zip(row) {
+                let rounded = bf16::from_f32(v);
+                *h = rounded.to_bits();
+                *l = bf16::from_f32(v - rounded.to_f32()).to_bits();
+            }
+        });
+    pairs
 }
 
 impl Backend for CudaBackend {
@@ -395,14 +424,18 @@ impl Backend for CudaBackend {
                      and need a multiple of 8",
                     tensor.name
                 );
-                let bits = matrix_to_bf16(tensor);
+                let bits = matrix_to_bf16(tensor, cols);
                 let buffer = self.tracked(MemoryUse::Weights, bits.len() * 2)?;
                 self.copy_htod(&buffer, 0, bytemuck::cast_slice(&bits))
                     .with_context(|| format!("uploading {}", tensor.name))?;
                 Ok(CudaWeight {
                     buffer,
                     name: tensor.name.clone(),
-                    shape: WeightShape::Matrix { rows, cols },
+                    shape: WeightShape::Matrix {
+                        rows,
+                        cols,
+                        pair: tensor.dtype != DType::BF16,
+                    },
                 })
             }
             _ => bail!(
@@ -505,7 +538,7 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaTensor) -> Result<()> {
-        let (vocab, hidden) = table.matrix()?;
+        let (vocab, hidden, pair) = table.matrix()?;
         out.check_f32("embed output")?;
         out.check_rows(ids.len(), "embed")?;
         ensure!(
@@ -522,7 +555,15 @@ impl Backend for CudaBackend {
             let buffer = scratch.ids.as_ref().expect("allocated above");
             self.copy_htod(buffer, 0, bytemuck::cast_slice(ids))?;
         }
-        self.launch_embedding_gather(table.buffer.ptr(), ids_ptr, out.ptr(), ids.len(), hidden)
+        let table_cols = if pair { 2 * hidden } else { hidden };
+        self.launch_embedding_gather(
+            table.buffer.ptr(),
+            ids_ptr,
+            out.ptr(),
+            ids.len(),
+            hidden,
+            table_cols,
+        )
     }
 
     fn add_rms_norm(
@@ -569,7 +610,7 @@ impl Backend for CudaBackend {
         rows: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        let (n, k) = w.matrix()?;
+        let (n, k, pair) = w.matrix()?;
         x.check_bf16("matmul input")?;
         x.check_rows(rows, "matmul input")?;
         out.check_rows(rows, "matmul output")?;
@@ -581,10 +622,17 @@ impl Backend for CudaBackend {
             out.cols
         );
         let f32_out = out.dtype == ActivationType::F32;
-        if rows == 1 {
-            self.launch_matvec(x.ptr(), w.buffer.ptr(), out.ptr(), n, k, f32_out)
+        let (input, k) = if pair {
+            let doubled = self.scratch_buffer(|s| &mut s.pair_input, rows * 2 * k * 2)?;
+            self.launch_duplicate_columns(x.ptr(), doubled, rows, k)?;
+            (doubled, 2 * k)
         } else {
-            self.launch_matmul_mma(x.ptr(), w.buffer.ptr(), out.ptr(), rows, n, k, f32_out)
+            (x.ptr(), k)
+        };
+        if rows == 1 {
+            self.launch_matvec(input, w.buffer.ptr(), out.ptr(), n, k, f32_out)
+        } else {
+            self.launch_matmul_mma(input, w.buffer.ptr(), out.ptr(), rows, n, k, f32_out)
         }
     }
 

@@ -65,6 +65,8 @@ const ARGMAX_THREADS: u32 = 256;
 pub const ARGMAX_PARTIALS: usize = 64;
 
 impl CudaBackend {
+    /// `table_cols`: `hidden`, or `2 * hidden` for a table of bf16 pairs.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_embedding_gather(
         &self,
         table: u64,
@@ -72,6 +74,7 @@ impl CudaBackend {
         out: u64,
         rows: usize,
         hidden: usize,
+        table_cols: usize,
     ) -> Result<()> {
         let threads = (hidden / 8).clamp(32, 256) as u32;
         self.launch(
@@ -82,6 +85,31 @@ impl CudaBackend {
                 KernelArg::Ptr(ids),
                 KernelArg::Ptr(out),
                 int(hidden, "hidden")?,
+                int(table_cols, "table columns")?,
+            ],
+        )
+    }
+
+    /// dst `[rows, 2 * cols]` = src `[rows, cols]` twice side by side.
+    pub(super) fn launch_duplicate_columns(
+        &self,
+        src: u64,
+        dst: u64,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let grid = blocks(
+            (rows * cols / 8).div_ceil(COPY_THREADS),
+            "duplicate columns",
+        )?;
+        self.launch(
+            "duplicate_columns_bf16",
+            LaunchConfig::linear(grid, COPY_THREADS as u32, 0),
+            vec![
+                KernelArg::Ptr(src),
+                KernelArg::Ptr(dst),
+                int(rows, "rows")?,
+                int(cols, "cols")?,
             ],
         )
     }
