@@ -93,8 +93,33 @@ fn run() -> Result<(), String> {
             .flag("-fsanitize=address")
             .flag("-fsanitize-recover=address")
             .flag("-fno-omit-frame-pointer");
-        println!("cargo:rustc-link-arg=-fsanitize=address");
-        println!("cargo:rustc-link-arg=-static-libasan");
+        // rustc links with -nodefaultlibs, so the compiler driver does not add the runtime:
+        // link gcc's static one whole (interceptors such as malloc must be in the executable).
+        let compiler = build.get_compiler();
+        let runtime_file = |name: &str| -> Result<String, String> {
+            let output = compiler
+                .to_command()
+                .arg(format!("-print-file-name={name}"))
+                .output()
+                .map_err(|e| format!("asking the C++ compiler for {name}: {e}"))?;
+            let path = String::from_utf8_lossy(&output.stdout).trim().to_string();
+            if !Path::new(&path).is_absolute() {
+                return Err(format!(
+                    "the C++ compiler has no {name} (needed by feature emu-asan)"
+                ));
+            }
+            Ok(path)
+        };
+        println!(
+            "cargo:rustc-link-arg={}",
+            runtime_file("libasan_preinit.o")?
+        );
+        println!("cargo:rustc-link-arg=-Wl,--whole-archive");
+        println!("cargo:rustc-link-arg={}", runtime_file("libasan.a")?);
+        println!("cargo:rustc-link-arg=-Wl,--no-whole-archive");
+        for library in ["-lpthread", "-ldl", "-lrt", "-lm"] {
+            println!("cargo:rustc-link-arg={library}");
+        }
     }
 
     let mut table_cpp = String::from(
@@ -157,7 +182,10 @@ fn run() -> Result<(), String> {
 
     let objects = build.compile_intermediates();
     let static_shared = static_shared_bytes(&objects, &sources)?;
-    cc::Build::new().objects(&objects).compile("kvlab_cuda_emu");
+    cc::Build::new()
+        .cpp(true)
+        .objects(&objects)
+        .compile("kvlab_cuda_emu");
 
     write_if_changed(
         &out_dir.join("kernels.rs"),

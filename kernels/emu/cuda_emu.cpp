@@ -106,7 +106,7 @@ namespace {
 constexpr unsigned kMaxThreads = 1024;
 constexpr unsigned kFibersPerStackChunk = 128;
 #ifdef KVLAB_EMU_ASAN
-constexpr size_t kStackBytes = 512 * 1024;
+constexpr size_t kStackBytes = 256 * 1024;
 #else
 constexpr size_t kStackBytes = 128 * 1024;
 #endif
@@ -387,6 +387,11 @@ void fiber_entry(Fiber* self) {
 }
 
 void init_fiber_stack(Fiber& fiber) {
+#ifdef KVLAB_EMU_ASAN
+    // Frames left by the previous user of this stack (an exited or abandoned fiber) are still
+    // poisoned in the shadow memory.
+    ASAN_UNPOISON_MEMORY_REGION(fiber.stack_bottom, kStackBytes);
+#endif
     // Frame popped by kvlab_fiber_switch: r15 r14 r13 r12 rbx rbp, then the return address
     // kvlab_fiber_start, which must find rsp 16-byte aligned before its call.
     uint64_t* top = reinterpret_cast<uint64_t*>(fiber.stack_bottom + kStackBytes);
@@ -718,14 +723,16 @@ int run_block(Worker& w, const KvlabEmuLaunch& launch, uint64_t linear_block) {
 void asan_report(const char* report) {
     Worker* w = tls_worker;
     if (w && w->block.running) {
-        const char* summary = std::strstr(report, "ERROR: AddressSanitizer:");
-        std::string first_line(summary ? summary : report);
-        first_line = first_line.substr(0, first_line.find('\n'));
-        std::string message = "AddressSanitizer: " + first_line;
+        const char* summary = std::strstr(report, "AddressSanitizer:");
+        std::string message(summary ? summary : report);
+        message = message.substr(0, message.find('\n'));
+        if (message.find("use-after-poison") != std::string::npos) {
+            message += " (guard bytes around a device buffer or past the dynamic shared memory: out of bounds)";
+        }
         if (current_thread) {
             message = thread_name(self_fiber()) + ": " + message;
         }
-        record_failure(w->block, message + " (full report on stderr)");
+        record_failure(w->block, message + "; full report on stderr");
     }
 }
 

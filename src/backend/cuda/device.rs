@@ -347,7 +347,7 @@ pub trait Device: Send + Sync {
     fn launch_graph(&self, graph: &Graph) -> Result<()>;
 }
 
-impl dyn Device {
+impl<'a> dyn Device + 'a {
     /// Allocates a buffer holding `data`.
     pub fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<DeviceBuffer> {
         let bytes: &[u8] = bytemuck::cast_slice(data);

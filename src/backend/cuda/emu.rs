@@ -223,7 +223,7 @@ impl EmuDevice {
     }
 
     /// Verifies the guard bytes around each buffer and restores them.
-    fn check_guards(&self, kernel: &str, buffers: &[(u64, usize)]) -> Result<()> {
+    fn check_guards(&self, buffers: &[(u64, usize)]) -> Result<()> {
         if sanitizer_active() {
             return Ok(());
         }
@@ -239,14 +239,14 @@ impl EmuDevice {
             after.fill(GUARD_PATTERN);
             if let Some(position) = first_bad_before {
                 bail!(
-                    "kernel `{kernel}` wrote out of bounds: {} bytes before the device buffer at {start:#x} \
+                    "wrote out of bounds: {} bytes before the device buffer at {start:#x} \
                      ({len} bytes)",
                     GUARD_BEFORE - position
                 );
             }
             if let Some(position) = last_bad_after {
                 bail!(
-                    "kernel `{kernel}` wrote out of bounds: up to {} bytes past the end of the device buffer at \
+                    "wrote out of bounds: up to {} bytes past the end of the device buffer at \
                      {start:#x} ({len} bytes)",
                     position + 1
                 );
@@ -255,7 +255,7 @@ impl EmuDevice {
         Ok(())
     }
 
-    /// Runs every block of a launch, on the pool unless `sequential`.
+    /// Runs every block of a launch: on the pool, or on one fresh thread when `sequential`.
     fn run_grid(&self, launch: &RecordedLaunch, reverse: bool, sequential: bool) -> Result<()> {
         let emu_launch = EmuLaunch {
             kernel: launch.kernel as u32,
@@ -277,8 +277,18 @@ impl EmuDevice {
             let end = error.iter().position(|&b| b == 0).unwrap_or(error.len());
             Err(anyhow!("{}", String::from_utf8_lossy(&error[..end])))
         };
+        if sequential {
+            // A fresh OS thread starts with zeroed `__shared__` statics (they are thread-locals),
+            // so leftovers of earlier launches cannot mask a race between the two orders.
+            return std::thread::scope(|scope| {
+                scope
+                    .spawn(|| run_range(0, blocks))
+                    .join()
+                    .unwrap_or_else(|_| bail!("emulator thread panicked"))
+            });
+        }
         let threads = self.pool.current_num_threads() as u64;
-        if sequential || blocks == 1 || threads == 1 {
+        if blocks == 1 || threads == 1 {
             return run_range(0, blocks);
         }
         // A few ranges per thread balance uneven blocks without much scheduling overhead.
@@ -303,14 +313,14 @@ impl EmuDevice {
         };
         if !self.race_check {
             self.run_grid(launch, false, false).with_context(context)?;
-            return self.check_guards(kernel, buffers).with_context(context);
+            return self.check_guards(buffers).with_context(context);
         }
         let snapshot: Vec<Vec<u8>> = buffers
             .iter()
             .map(|&(start, len)| read_bytes(start, len).to_vec())
             .collect();
         self.run_grid(launch, false, true).with_context(context)?;
-        self.check_guards(kernel, buffers).with_context(context)?;
+        self.check_guards(buffers).with_context(context)?;
         let forward: Vec<Vec<u8>> = buffers
             .iter()
             .map(|&(start, len)| read_bytes(start, len).to_vec())
