@@ -7,7 +7,8 @@
 //! usual CUDA install directories, then the dynamic loader's path by name, newest major first.
 //!
 //! The PTX cache key is (source, header, options, arch, NVRTC version); the cache lives in
-//! `$KVLAB_CACHE/ptx` or `<user cache dir>/kvlab/ptx`.
+//! `$KVLAB_CACHE/ptx` or `<user cache dir>/kvlab/ptx`. Nothing ever reads a stale entry: any
+//! change of the key changes the file name.
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,7 +17,7 @@ use std::sync::OnceLock;
 use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
 
-use super::device::{KernelSource, COMMON_HEADER, KERNEL_SOURCES};
+use super::device::{KernelSource, COMMON_HEADER, KERNELS, KERNEL_SOURCES};
 
 /// Architectures the kernels must compile for.
 pub const TARGET_ARCHES: [&str; 2] = ["sm_80", "sm_90"];
@@ -189,8 +190,19 @@ impl Nvrtc {
         ])
     }
 
-    /// PTX of one kernel source for `arch`, from the disk cache when present.
+    /// PTX of one kernel source for `arch`, through the PTX cache in [`cache_dir`].
     pub fn compile(&self, source: &KernelSource, arch: &str) -> Result<String> {
+        self.compile_cached_in(source, arch, &cache_dir().join("ptx"))
+    }
+
+    /// PTX of one kernel source for `arch`, from `ptx_dir` when compiled before. The cache is an
+    /// optimisation: an unwritable directory only costs a recompile next time.
+    pub fn compile_cached_in(
+        &self,
+        source: &KernelSource,
+        arch: &str,
+        ptx_dir: &Path,
+    ) -> Result<String> {
         let options = Self::options(arch)?;
         let mut hasher = Sha256::new();
         for part in [
@@ -209,13 +221,12 @@ impl Nvrtc {
             .map(|b| format!("{b:02x}"))
             .collect();
         let stem = source.file.trim_end_matches(".cu");
-        let cached = ptx_cache_dir().join(format!("{stem}-{arch}-{digest}.ptx"));
+        let cached = ptx_dir.join(format!("{stem}-{arch}-{digest}.ptx"));
         if let Ok(ptx) = std::fs::read_to_string(&cached) {
             return Ok(ptx);
         }
         let ptx = self.compile_uncached(source, &options)?;
-        // The cache is an optimisation: a read-only or missing cache directory is not an error.
-        if std::fs::create_dir_all(ptx_cache_dir()).is_ok() {
+        if std::fs::create_dir_all(ptx_dir).is_ok() {
             let temporary = cached.with_extension(format!("tmp{}", std::process::id()));
             if std::fs::write(&temporary, &ptx).is_ok() {
                 let _ = std::fs::rename(&temporary, &cached);
@@ -320,10 +331,6 @@ pub fn cache_dir() -> PathBuf {
     }
 }
 
-fn ptx_cache_dir() -> PathBuf {
-    cache_dir().join("ptx")
-}
-
 /// The embedded source that defines `kernel`'s file.
 pub fn kernel_source(file: &str) -> Result<&'static KernelSource> {
     KERNEL_SOURCES
@@ -396,6 +403,19 @@ pub fn kernel_resources(
         }
     }
     let _ = std::fs::remove_dir_all(&work_dir);
+    // ptxas lists entries in reverse; keep kvlab's table order within each arch.
+    let position = |name: &str| {
+        KERNELS
+            .iter()
+            .position(|k| k.name == name)
+            .unwrap_or(usize::MAX)
+    };
+    rows.sort_by_key(|row| {
+        (
+            arches.iter().position(|a| *a == row.arch),
+            position(&row.kernel),
+        )
+    });
     Ok(rows)
 }
 
