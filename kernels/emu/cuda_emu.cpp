@@ -114,7 +114,9 @@ constexpr size_t kDynamicSharedCapacity = 227 * 1024;
 // Fresh dynamic shared memory reads as 0xff bytes (NaN as f32/bf16), as garbage would on a GPU.
 constexpr unsigned char kSharedPoison = 0xff;
 
-enum class FiberState : uint8_t { Runnable, AtBarrier, InWarpOp, Exited };
+// NotStarted fibers have no stack yet: a fiber that exits runs the next not-started one on its
+// own stack, so kernels without synchronisation run every thread on one stack, switch-free.
+enum class FiberState : uint8_t { NotStarted, Runnable, AtBarrier, InWarpOp, Exited };
 enum class WarpOp : uint8_t { Shuffle, Ballot, Sync, Reduce, Mma, Ldmatrix };
 
 const char* warp_op_name(WarpOp op, uint32_t variant) {
@@ -175,6 +177,8 @@ struct Block {
     unsigned warp_exited[kMaxThreads / 32] = {};
     bool reverse = false;
     bool running = false;
+    // The previous block failed: its abandoned fibers still hold stacks.
+    bool abandoned_stacks = false;
     bool failed = false;
     std::string error;
 };
@@ -187,6 +191,8 @@ struct StackChunk {
 struct Worker {
     std::vector<Fiber> fibers;
     std::vector<StackChunk> stack_chunks;
+    std::vector<unsigned char*> all_stacks;
+    std::vector<unsigned char*> free_stacks;
     unsigned char* dynamic_shared = nullptr;
     void* scheduler_sp = nullptr;
     const void* scheduler_stack_bottom = nullptr;
@@ -218,26 +224,29 @@ struct Worker {
     Worker(const Worker&) = delete;
     Worker& operator=(const Worker&) = delete;
 
-    // Stacks for fibers [0, threads): mmap'd in chunks, each stack above a PROT_NONE guard page.
-    bool ensure_stacks(unsigned threads) {
-        const size_t page = (size_t)sysconf(_SC_PAGESIZE);
-        while (stack_chunks.size() * kFibersPerStackChunk < threads) {
+    // A free fiber stack (its lowest usable byte); stacks are mmap'd in chunks, each stack above
+    // a PROT_NONE guard page. Null when the address space is exhausted.
+    unsigned char* take_stack() {
+        if (free_stacks.empty()) {
+            const size_t page = (size_t)sysconf(_SC_PAGESIZE);
             const size_t slot = kStackBytes + page;
             const size_t bytes = slot * kFibersPerStackChunk;
             void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                               -1, 0);
             if (base == MAP_FAILED) {
-                return false;
+                return nullptr;
             }
             unsigned char* bytes_base = static_cast<unsigned char*>(base);
-            const unsigned first = (unsigned)stack_chunks.size() * kFibersPerStackChunk;
             for (unsigned i = 0; i < kFibersPerStackChunk; ++i) {
                 mprotect(bytes_base + i * slot, page, PROT_NONE);
-                fibers[first + i].stack_bottom = bytes_base + i * slot + page;
+                all_stacks.push_back(bytes_base + i * slot + page);
+                free_stacks.push_back(bytes_base + i * slot + page);
             }
             stack_chunks.push_back(StackChunk{bytes_base, bytes});
         }
-        return true;
+        unsigned char* stack = free_stacks.back();
+        free_stacks.pop_back();
+        return stack;
     }
 
     void push(unsigned fiber) {
@@ -283,20 +292,38 @@ void context_switch(void** save_sp, void* load_sp, const void* target_bottom, si
 #endif
 }
 
-// Leaves the current fiber for the next runnable one, or for the scheduler when none is left or
-// the block failed. Returns when another fiber switches back to this one.
-void run_next(Worker& w, Fiber& self, bool leaving_for_good) {
+void init_fiber_stack(Fiber& fiber, unsigned char* stack);
+void record_failure(Block& block, const std::string& message);
+
+// Switches from `save_sp`'s context to `next` (giving it a stack if it has not started), or to
+// the scheduler when `next` is null.
+void switch_to(Worker& w, void** save_sp, Fiber* next, bool leaving_for_good) {
+    if (!next) {
+        context_switch(save_sp, w.scheduler_sp, w.scheduler_stack_bottom, w.scheduler_stack_bytes, leaving_for_good);
+        return;
+    }
+    if (next->state == FiberState::NotStarted) {
+        unsigned char* stack = w.take_stack();
+        if (!stack) {
+            record_failure(w.block, "cannot map a fiber stack");
+            context_switch(save_sp, w.scheduler_sp, w.scheduler_stack_bottom, w.scheduler_stack_bytes,
+                           leaving_for_good);
+            return;
+        }
+        init_fiber_stack(*next, stack);
+    }
+    current_thread = next;
+    context_switch(save_sp, next->saved_sp, next->stack_bottom, kStackBytes, leaving_for_good);
+}
+
+// Leaves the current (blocked) fiber for the next runnable one, or for the scheduler when none
+// is left or the block failed. Returns when another fiber switches back to this one.
+void run_next(Worker& w, Fiber& self) {
     Fiber* next = w.block.failed ? nullptr : w.pop();
     if (next == &self) {
         return;
     }
-    if (next) {
-        current_thread = next;
-        context_switch(&self.saved_sp, next->saved_sp, next->stack_bottom, kStackBytes, leaving_for_good);
-    } else {
-        context_switch(&self.saved_sp, w.scheduler_sp, w.scheduler_stack_bottom, w.scheduler_stack_bytes,
-                       leaving_for_good);
-    }
+    switch_to(w, &self.saved_sp, next, false);
 }
 
 std::string thread_name(const Fiber& fiber) {
@@ -329,7 +356,7 @@ std::string format(const char* pattern, ...) {
     Worker& w = *tls_worker;
     Fiber& self = self_fiber();
     record_failure(w.block, thread_name(self) + ": " + message);
-    run_next(w, self, true);
+    switch_to(w, &self.saved_sp, nullptr, true);
     __builtin_trap();
 }
 
@@ -349,9 +376,12 @@ bool same_site(const char* file_a, int line_a, const char* file_b, int line_b) {
     return line_a == line_b && (file_a == file_b || std::strcmp(file_a, file_b) == 0);
 }
 
-[[noreturn]] void thread_exit(Worker& w, Fiber& self) {
+// Bookkeeping of a thread whose kernel function returned.
+void thread_exit(Worker& w, Fiber& self) {
     Block& block = w.block;
-    complete_async_copies(self, UINT32_MAX);
+    if (!self.async_copies.empty()) {
+        complete_async_copies(self, UINT32_MAX);
+    }
     self.state = FiberState::Exited;
     --block.live;
     ++block.exited;
@@ -363,44 +393,62 @@ bool same_site(const char* file_a, int line_a, const char* file_b, int line_b) {
                     "of a block must reach every barrier",
                     block.barrier_file, block.barrier_line, block.barrier_arrived));
     }
-    for (unsigned lane = 0; lane < 32; ++lane) {
-        if (block.warp_waiting[warp] & (1u << lane)) {
-            const Fiber& waiting = w.fibers[warp * 32 + lane];
-            if (waiting.op_mask & lane_bit) {
-                fail(format("lane %u exited while lane %u waits for it in %s at %s:%d (member mask 0x%08x)",
-                            self.linear % 32, lane, warp_op_name(waiting.op, waiting.op_variant), waiting.file,
-                            waiting.line, waiting.op_mask));
-            }
+    for (unsigned waiting_lanes = block.warp_waiting[warp]; waiting_lanes != 0; waiting_lanes &= waiting_lanes - 1) {
+        const unsigned lane = (unsigned)__builtin_ctz(waiting_lanes);
+        const Fiber& waiting = w.fibers[warp * 32 + lane];
+        if (waiting.op_mask & lane_bit) {
+            fail(format("lane %u exited while lane %u waits for it in %s at %s:%d (member mask 0x%08x)",
+                        self.linear % 32, lane, warp_op_name(waiting.op, waiting.op_variant), waiting.file,
+                        waiting.line, waiting.op_mask));
         }
     }
-    run_next(w, self, true);
-    __builtin_trap();
 }
 
-void fiber_entry(Fiber* self) {
+// Body of every fiber stack: runs threads until the next one to run has already started.
+void fiber_main(Fiber* first) {
 #ifdef KVLAB_EMU_ASAN
     __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
 #endif
     Worker& w = *tls_worker;
-    w.block.kernel->trampoline(w.block.argument_slots);
-    thread_exit(w, *self);
+    Fiber* self = first;
+    for (;;) {
+        w.block.kernel->trampoline(w.block.argument_slots);
+        thread_exit(w, *self);
+        Fiber* next = w.block.failed ? nullptr : w.pop();
+        if (next && next->state == FiberState::NotStarted) {
+            next->state = FiberState::Runnable;
+            next->stack_bottom = self->stack_bottom;
+            self = next;
+            current_thread = next;
+            continue;
+        }
+        // Nothing runs on this stack any more (the switch below is its last use).
+        w.free_stacks.push_back(self->stack_bottom);
+        switch_to(w, &self->saved_sp, next, true);
+        __builtin_trap();
+    }
 }
 
-void init_fiber_stack(Fiber& fiber) {
+void init_fiber_stack(Fiber& fiber, unsigned char* stack) {
 #ifdef KVLAB_EMU_ASAN
     // Frames left by the previous user of this stack (an exited or abandoned fiber) are still
     // poisoned in the shadow memory.
-    ASAN_UNPOISON_MEMORY_REGION(fiber.stack_bottom, kStackBytes);
+    ASAN_UNPOISON_MEMORY_REGION(stack, kStackBytes);
 #endif
+    fiber.stack_bottom = stack;
+    fiber.state = FiberState::Runnable;
     // Frame popped by kvlab_fiber_switch: r15 r14 r13 r12 rbx rbp, then the return address
     // kvlab_fiber_start, which must find rsp 16-byte aligned before its call.
-    uint64_t* top = reinterpret_cast<uint64_t*>(fiber.stack_bottom + kStackBytes);
+    // Stacks lie a multiple of 4 KiB apart, so their tops would all share one L1 set; start each
+    // at a different 128-byte offset (its "colour") instead.
+    const size_t colour = (reinterpret_cast<uintptr_t>(stack) / (kStackBytes + 4096)) % 32 * 128;
+    uint64_t* top = reinterpret_cast<uint64_t*>(stack + kStackBytes - colour);
     top -= 2;
     *--top = reinterpret_cast<uint64_t>(&kvlab_fiber_start);
     *--top = 0;
     *--top = 0;
     *--top = reinterpret_cast<uint64_t>(&fiber);
-    *--top = reinterpret_cast<uint64_t>(&fiber_entry);
+    *--top = reinterpret_cast<uint64_t>(&fiber_main);
     *--top = 0;
     *--top = 0;
     fiber.saved_sp = top;
@@ -613,7 +661,7 @@ const uint64_t* warp_collective(WarpOp op, uint32_t variant, unsigned mask, cons
     self.line = line;
     block.warp_waiting[warp] |= 1u << lane;
     if ((block.warp_waiting[warp] & mask) != mask) {
-        run_next(w, self, false);
+        run_next(w, self);
         return self.op_out;
     }
     Fiber* lanes = &w.fibers[warp * 32];
@@ -690,30 +738,41 @@ int run_block(Worker& w, const KvlabEmuLaunch& launch, uint64_t linear_block) {
                               kDynamicSharedCapacity - launch.dynamic_shared_bytes);
 #endif
     std::memset(w.dynamic_shared, kSharedPoison, launch.dynamic_shared_bytes);
+    if (block.abandoned_stacks) {
+        w.free_stacks = w.all_stacks;
+        block.abandoned_stacks = false;
+    }
+    const unsigned block_x = launch.block[0];
+    const unsigned block_y = launch.block[1];
+    uint3 index{0, 0, 0};
     for (unsigned i = 0; i < threads; ++i) {
         Fiber& fiber = w.fibers[i];
-        fiber.thread_idx = uint3{i % launch.block[0], (i / launch.block[0]) % launch.block[1],
-                                 i / (launch.block[0] * launch.block[1])};
+        fiber.thread_idx = index;
         fiber.linear = i;
-        fiber.state = FiberState::Runnable;
+        fiber.state = FiberState::NotStarted;
         fiber.async_copies.clear();
         fiber.async_open_group = 0;
-        init_fiber_stack(fiber);
+        if (++index.x == block_x) {
+            index.x = 0;
+            if (++index.y == block_y) {
+                index.y = 0;
+                ++index.z;
+            }
+        }
     }
     w.queue_head = 0;
     w.queue_size = 0;
     for (unsigned step = 0; step < threads; ++step) {
         w.push(block.reverse ? threads - 1 - step : step);
     }
-    Fiber* first = w.pop();
-    current_thread = first;
     block.running = true;
-    context_switch(&w.scheduler_sp, first->saved_sp, first->stack_bottom, kStackBytes, false);
+    switch_to(w, &w.scheduler_sp, w.pop(), false);
     block.running = false;
     current_thread = nullptr;
     if (!block.failed && block.exited != threads) {
         record_failure(block, describe_deadlock(w));
     }
+    block.abandoned_stacks = block.failed;
     return block.failed ? 1 : 0;
 }
 
@@ -781,7 +840,7 @@ int sync_block(int predicate, const char* file, int line) {
             w.push(i);
         }
     }
-    run_next(w, self, false);
+    run_next(w, self);
     return (int)self.op_out[0];
 }
 
@@ -878,10 +937,6 @@ int kvlab_emu_run_blocks(const KvlabEmuLaunch* launch, uint64_t first_block, uin
         launch->dynamic_shared_bytes > kDynamicSharedCapacity) {
         std::snprintf(error, error_capacity, "launch rejected by the emulator runtime (kernel %u, %u threads)",
                       launch->kernel, threads);
-        return 1;
-    }
-    if (!w.ensure_stacks(threads)) {
-        std::snprintf(error, error_capacity, "cannot map fiber stacks for %u threads", threads);
         return 1;
     }
     block_dim = uint3{launch->block[0], launch->block[1], launch->block[2]};
