@@ -9,6 +9,7 @@
 // masks, misaligned async copies) end the launch with an error naming the place.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
