@@ -24,6 +24,10 @@ typedef int int32_t;
 typedef unsigned int uint32_t;
 typedef long long int64_t;
 typedef unsigned long long uint64_t;
+// NVRTC has no <math.h> / <float.h>; the emulator build gets these from the C++ headers.
+#define INFINITY __int_as_float(0x7f800000)
+#define NAN __int_as_float(0x7fffffff)
+#define FLT_MAX 3.402823466e+38f
 #endif
 
 #define WARP_SIZE 32
