@@ -4,9 +4,16 @@
 //! - [`gpu`]: [`Device`] on a real GPU (cudarc driver API, NVRTC-compiled PTX).
 //! - [`emu`]: [`Device`] on the CPU: kernels/*.cu compiled for the host, run with CUDA's semantics.
 //! - [`nvrtc`]: NVRTC loading, compilation, PTX cache, the ptxas resource report.
+//! - [`backend`]: [`CudaBackend`], kvlab's kernels behind the `Backend` trait, over a [`Device`];
+//!   [`kernels`] its typed launches, [`graph`] CUDA graphs for repeated steps, [`memory`] the
+//!   accounting of device memory and the KV chunk pool.
+pub mod backend;
 pub mod device;
 pub mod emu;
 pub mod gpu;
+pub mod graph;
+pub mod kernels;
+pub mod memory;
 pub mod nvrtc;
 
 use std::str::FromStr;
@@ -14,6 +21,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
+pub use backend::{CudaBackend, CudaOptions};
 pub use device::{Device, DeviceBuffer, DeviceMemory, Event, Graph, KernelArg, LaunchConfig};
 pub use gpu::cuda_device_present;
 
