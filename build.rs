@@ -482,12 +482,22 @@ fn rust_table(
         )
         .unwrap();
     }
-    writeln!(
-        out,
-        "];\n\n/// kernels/common.cuh, embedded for NVRTC.\npub const COMMON_HEADER: &str = include_str!({:?});",
-        kernels_dir.join("common.cuh").display().to_string()
-    )
-    .unwrap();
+    out.push_str("];\n\n/// Every kernels/*.cuh, embedded for NVRTC as named headers.\npub const KERNEL_HEADERS: &[KernelSource] = &[\n");
+    let mut headers: Vec<PathBuf> = fs::read_dir(kernels_dir)
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    headers.retain(|path| path.extension().is_some_and(|ext| ext == "cuh"));
+    headers.sort();
+    for header in headers {
+        writeln!(
+            out,
+            "    KernelSource {{ file: \"{}\", text: include_str!({:?}) }},",
+            header.file_name().unwrap().to_string_lossy(),
+            header.display().to_string()
+        )
+        .unwrap();
+    }
+    out.push_str("];\n");
     out
 }
 

@@ -1,4 +1,4 @@
-//! NVRTC: compiles the embedded kernels/*.cu to PTX, with kernels/common.cuh passed as a named
+//! NVRTC: compiles the embedded kernels/*.cu to PTX, with every kernels/*.cuh passed as a named
 //! header (NVRTC sees no file system), and caches the PTX on disk.
 //!
 //! kvlab loads NVRTC itself instead of through cudarc, whose library search knows
@@ -6,7 +6,7 @@
 //! `$KVLAB_NVRTC` (a path), the repository's `.cuda-tools/` (scripts/setup-cuda-tools.sh), the
 //! usual CUDA install directories, then the dynamic loader's path by name, newest major first.
 //!
-//! The PTX cache key is (source, header, options, arch, NVRTC version); the cache lives in
+//! The PTX cache key is (source, headers, options, arch, NVRTC version); the cache lives in
 //! `$KVLAB_CACHE/ptx` or `<user cache dir>/kvlab/ptx`. Nothing ever reads a stale entry: any
 //! change of the key changes the file name.
 use std::ffi::{c_char, c_int, CStr, CString};
@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
 
-use super::device::{KernelSource, COMMON_HEADER, KERNELS, KERNEL_SOURCES};
+use super::device::{KernelSource, KERNELS, KERNEL_HEADERS, KERNEL_SOURCES};
 
 /// Architectures the kernels must compile for.
 pub const TARGET_ARCHES: [&str; 2] = ["sm_80", "sm_90"];
@@ -205,12 +205,12 @@ impl Nvrtc {
     ) -> Result<String> {
         let options = Self::options(arch)?;
         let mut hasher = Sha256::new();
-        for part in [
-            source.text,
-            COMMON_HEADER,
-            &options.join(" "),
-            &format!("{:?}", self.version),
-        ] {
+        let headers = KERNEL_HEADERS.iter().map(|h| h.text);
+        for part in [source.text]
+            .into_iter()
+            .chain(headers)
+            .chain([options.join(" ").as_str(), &format!("{:?}", self.version)])
+        {
             hasher.update(part.as_bytes());
             hasher.update([0u8]);
         }
@@ -240,10 +240,16 @@ impl Nvrtc {
         let text = CString::new(source.text)
             .with_context(|| format!("kernels/{} contains a NUL byte", source.file))?;
         let name = CString::new(source.file)?;
-        let header_text = CString::new(COMMON_HEADER)?;
-        let header_name = CString::new("common.cuh")?;
-        let header_texts = [header_text.as_ptr()];
-        let header_names = [header_name.as_ptr()];
+        let header_texts: Vec<CString> = KERNEL_HEADERS
+            .iter()
+            .map(|h| CString::new(h.text))
+            .collect::<Result<_, _>>()?;
+        let header_names: Vec<CString> = KERNEL_HEADERS
+            .iter()
+            .map(|h| CString::new(h.file))
+            .collect::<Result<_, _>>()?;
+        let header_texts: Vec<*const c_char> = header_texts.iter().map(|h| h.as_ptr()).collect();
+        let header_names: Vec<*const c_char> = header_names.iter().map(|h| h.as_ptr()).collect();
         let options: Vec<CString> = options
             .iter()
             .map(|o| CString::new(o.as_str()))
@@ -256,7 +262,7 @@ impl Nvrtc {
                 &mut program,
                 text.as_ptr(),
                 name.as_ptr(),
-                1,
+                header_texts.len() as c_int,
                 header_texts.as_ptr(),
                 header_names.as_ptr(),
             );
