@@ -4,6 +4,7 @@
 //! `cargo bench --bench model` runs the synthetic Llama-3.2-1B (written once into kvlab's cache);
 //! `KVLAB_BENCH_QUICK=1` runs a tiny synthetic model instead, as a smoke test.
 
+use kvlab::backend::cuda::BackendKind;
 use kvlab::generate::GenerateOptions;
 use kvlab::kv::Strategy;
 use kvlab::model::synth::{write_synthetic, Preset, SynthOptions};
@@ -27,7 +28,7 @@ fn main() -> anyhow::Result<()> {
         None
     };
     let (prompt_len, new_tokens, reps) = if quick { (16, 8, 2) } else { (128, 64, 3) };
-    let mut loaded = kvlab::runtime::load(model.as_deref(), "cpu")?;
+    let mut loaded = kvlab::runtime::load(model.as_deref(), BackendKind::Cpu, Default::default())?;
     let gen = &mut loaded.generator;
     let info = gen.backend_info();
     let cfg = gen.config().clone();

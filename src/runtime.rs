@@ -2,6 +2,7 @@
 //! default), its tokenizer, and a [`Generator`] on the chosen backend.
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{BackendKind, CudaBackend, CudaOptions};
 use crate::generate::{Engine, Generator};
 use crate::model::forward::Model;
 use crate::model::hub::resolve_model_dir;
@@ -18,6 +19,8 @@ pub struct LoadedModel {
     /// `None` for folders without tokenizer.json (then prompts are given as ids).
     pub tokenizer: Option<Tokenizer>,
     pub generator: Box<dyn Generator>,
+    /// Which backend runs it and why (`auto` explains its pick).
+    pub backend_choice: String,
 }
 
 /// Sets the CPU thread count once per process (rayon's global pool).
@@ -32,26 +35,32 @@ pub fn set_threads(threads: Option<usize>) -> Result<()> {
 }
 
 /// Loads `model` (a folder or hub id; `None` = the synthetic Llama-3.2-1B) on `backend`.
-pub fn load(model: Option<&str>, backend: &str) -> Result<LoadedModel> {
+pub fn load(model: Option<&str>, backend: BackendKind, cuda: CudaOptions) -> Result<LoadedModel> {
     let dir = match model {
         Some(spec) => resolve_model_dir(spec)?,
         None => synth::default_model_dir()?,
     };
     let synthetic = synth::is_synthetic(&dir);
     let tokenizer = Tokenizer::load(&dir)?;
-    let generator: Box<dyn Generator> = match backend {
-        "auto" | "cpu" => {
-            let backend = CpuBackend::new();
-            let model = Model::load(&backend, &dir)
-                .with_context(|| format!("loading {}", dir.display()))?;
+    let (kind, backend_choice) = backend.resolve();
+    let loading = || format!("loading {}", dir.display());
+    let generator: Box<dyn Generator> = match kind {
+        BackendKind::Cuda | BackendKind::Emu => {
+            let backend = CudaBackend::open(kind, cuda)?;
+            let model = Model::load(&backend, &dir).with_context(loading)?;
             Box::new(Engine::new(backend, model))
         }
-        other => anyhow::bail!("unknown backend {other:?} (expected auto, cpu, cuda or emu)"),
+        BackendKind::Cpu | BackendKind::Auto => {
+            let backend = CpuBackend::new();
+            let model = Model::load(&backend, &dir).with_context(loading)?;
+            Box::new(Engine::new(backend, model))
+        }
     };
     Ok(LoadedModel {
         dir,
         synthetic,
         tokenizer,
         generator,
+        backend_choice,
     })
 }

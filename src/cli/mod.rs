@@ -13,8 +13,11 @@ pub struct ModelArgs {
     pub model: Option<String>,
     /// auto picks cuda when a GPU and driver are present, else cpu; emu runs the CUDA kernels
     /// on the CPU emulator (slow, for tests and kernel debugging).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda", "emu"])]
-    pub backend: String,
+    #[arg(long, default_value = "auto")]
+    pub backend: kvlab::backend::cuda::BackendKind,
+    /// CUDA backend: run decode steps without CUDA graphs (to measure what graphs buy).
+    #[arg(long)]
+    pub no_graphs: bool,
     /// CPU threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -23,6 +26,10 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<kvlab::runtime::LoadedModel> {
         kvlab::runtime::set_threads(self.threads)?;
-        kvlab::runtime::load(self.model.as_deref(), &self.backend)
+        let cuda = kvlab::backend::cuda::CudaOptions {
+            graphs: !self.no_graphs,
+            ..Default::default()
+        };
+        kvlab::runtime::load(self.model.as_deref(), self.backend, cuda)
     }
 }
