@@ -173,8 +173,20 @@ mod tests {
     #[test]
     fn layers_and_chunks_add_up_to_the_cache_accounting() {
         for (strategy, opts) in [
-            (Strategy::Static, CacheOptions { max_context: 40, chunk_tokens: 0 }),
-            (Strategy::Dynamic, CacheOptions { max_context: 0, chunk_tokens: 5 }),
+            (
+                Strategy::Static,
+                CacheOptions {
+                    max_context: 40,
+                    chunk_tokens: 0,
+                },
+            ),
+            (
+                Strategy::Dynamic,
+                CacheOptions {
+                    max_context: 0,
+                    chunk_tokens: 5,
+                },
+            ),
         ] {
             for tokens in [1, 5, 6, 23] {
                 let map = filled(strategy, tokens, opts);
@@ -184,7 +196,10 @@ mod tests {
                 assert_eq!(reserved, map.stats.reserved_bytes, "{strategy} {tokens}");
                 assert_eq!(written, map.stats.live_bytes, "{strategy} {tokens}");
                 let chunks = map.chunks();
-                assert_eq!(chunks.iter().map(|c| c.written_slots).sum::<usize>(), tokens);
+                assert_eq!(
+                    chunks.iter().map(|c| c.written_slots).sum::<usize>(),
+                    tokens
+                );
                 for chunk in &chunks {
                     let blocks = map.blocks(chunk);
                     // The blocks tile the chunk: each starts where the previous one ends.
@@ -197,12 +212,29 @@ mod tests {
                 }
             }
         }
-        let dynamic = filled(Strategy::Dynamic, 23, CacheOptions { max_context: 0, chunk_tokens: 5 });
+        let dynamic = filled(
+            Strategy::Dynamic,
+            23,
+            CacheOptions {
+                max_context: 0,
+                chunk_tokens: 5,
+            },
+        );
         assert_eq!(dynamic.stats.allocations, 5);
         assert_eq!(dynamic.chunks()[4].written_slots, 3);
-        let stat = filled(Strategy::Static, 23, CacheOptions { max_context: 40, chunk_tokens: 0 });
+        let stat = filled(
+            Strategy::Static,
+            23,
+            CacheOptions {
+                max_context: 40,
+                chunk_tokens: 0,
+            },
+        );
         // 3 layers x K,V x 2 heads x 8 dims x 4 bytes = 384 bytes per position.
         assert_eq!(stat.unwritten_bytes(), (40 - 23) * 384);
-        assert_eq!(stat.layers()[1].value_offset_bytes, (3 * 2 * 40 * 8 * 4) as u64);
+        assert_eq!(
+            stat.layers()[1].value_offset_bytes,
+            (3 * 2 * 40 * 8 * 4) as u64
+        );
     }
 }
