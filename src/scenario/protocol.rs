@@ -168,7 +168,15 @@ fn measure_turn(
     observer: &mut dyn Observer,
     mut record: TurnRecord,
 ) -> TurnResult {
-    match generate_measured(generator, tokenizer, messages, chat, opts, observer, &mut record) {
+    match generate_measured(
+        generator,
+        tokenizer,
+        messages,
+        chat,
+        opts,
+        observer,
+        &mut record,
+    ) {
         Ok((new_ids, answer)) => {
             record.success = true;
             TurnResult {

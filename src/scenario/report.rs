@@ -26,27 +26,90 @@ fn optional<T: ToString>(value: Option<T>) -> String {
 
 /// The columns of `turns.csv`, in order.
 pub const TURN_COLUMNS: &[Column] = &[
-    Column { name: "scenario", value: |r| r.scenario.clone() },
-    Column { name: "strategy", value: |r| r.strategy.to_string() },
-    Column { name: "turn", value: |r| r.turn.to_string() },
-    Column { name: "success", value: |r| r.success.to_string() },
-    Column { name: "error", value: |r| r.error.clone() },
-    Column { name: "input_tokens", value: |r| r.input_tokens.to_string() },
-    Column { name: "output_tokens", value: |r| r.output_tokens.to_string() },
-    Column { name: "answer_reencoded_tokens", value: |r| r.answer_reencoded_tokens.to_string() },
-    Column { name: "total_seconds", value: |r| format!("{:.6}", r.total_seconds) },
-    Column { name: "prefill_seconds", value: |r| format!("{:.6}", r.prefill_seconds) },
-    Column { name: "decode_seconds", value: |r| format!("{:.6}", r.decode_seconds) },
-    Column { name: "decode_tokens_per_second", value: |r| format!("{:.4}", r.decode_tokens_per_second) },
-    Column { name: "tokens_per_second", value: |r| format!("{:.4}", r.tokens_per_second) },
-    Column { name: "kv_reserved_bytes", value: |r| r.kv_reserved_bytes.to_string() },
-    Column { name: "kv_live_bytes", value: |r| r.kv_live_bytes.to_string() },
-    Column { name: "kv_allocations", value: |r| r.kv_allocations.to_string() },
-    Column { name: "process_peak_bytes", value: |r| optional(r.process_peak_bytes) },
-    Column { name: "device_peak_bytes", value: |r| optional(r.device_peak_bytes) },
-    Column { name: "study_memory_delta_bytes", value: |r| optional(r.study_memory_delta_bytes) },
-    Column { name: "stopped_on_eos", value: |r| r.stopped_on_eos.to_string() },
-    Column { name: "agrees_with_first_strategy", value: |r| optional(r.agrees_with_first_strategy) },
+    Column {
+        name: "scenario",
+        value: |r| r.scenario.clone(),
+    },
+    Column {
+        name: "strategy",
+        value: |r| r.strategy.to_string(),
+    },
+    Column {
+        name: "turn",
+        value: |r| r.turn.to_string(),
+    },
+    Column {
+        name: "success",
+        value: |r| r.success.to_string(),
+    },
+    Column {
+        name: "error",
+        value: |r| r.error.clone(),
+    },
+    Column {
+        name: "input_tokens",
+        value: |r| r.input_tokens.to_string(),
+    },
+    Column {
+        name: "output_tokens",
+        value: |r| r.output_tokens.to_string(),
+    },
+    Column {
+        name: "answer_reencoded_tokens",
+        value: |r| r.answer_reencoded_tokens.to_string(),
+    },
+    Column {
+        name: "total_seconds",
+        value: |r| format!("{:.6}", r.total_seconds),
+    },
+    Column {
+        name: "prefill_seconds",
+        value: |r| format!("{:.6}", r.prefill_seconds),
+    },
+    Column {
+        name: "decode_seconds",
+        value: |r| format!("{:.6}", r.decode_seconds),
+    },
+    Column {
+        name: "decode_tokens_per_second",
+        value: |r| format!("{:.4}", r.decode_tokens_per_second),
+    },
+    Column {
+        name: "tokens_per_second",
+        value: |r| format!("{:.4}", r.tokens_per_second),
+    },
+    Column {
+        name: "kv_reserved_bytes",
+        value: |r| r.kv_reserved_bytes.to_string(),
+    },
+    Column {
+        name: "kv_live_bytes",
+        value: |r| r.kv_live_bytes.to_string(),
+    },
+    Column {
+        name: "kv_allocations",
+        value: |r| r.kv_allocations.to_string(),
+    },
+    Column {
+        name: "process_peak_bytes",
+        value: |r| optional(r.process_peak_bytes),
+    },
+    Column {
+        name: "device_peak_bytes",
+        value: |r| optional(r.device_peak_bytes),
+    },
+    Column {
+        name: "study_memory_delta_bytes",
+        value: |r| optional(r.study_memory_delta_bytes),
+    },
+    Column {
+        name: "stopped_on_eos",
+        value: |r| r.stopped_on_eos.to_string(),
+    },
+    Column {
+        name: "agrees_with_first_strategy",
+        value: |r| optional(r.agrees_with_first_strategy),
+    },
 ];
 
 /// A CSV field, quoted when it holds a comma, a quote or a line break (RFC 4180).
@@ -174,8 +237,12 @@ impl StrategySummary {
     pub fn of(strategy: Strategy, records: &[TurnRecord]) -> StrategySummary {
         let mine: Vec<&TurnRecord> = records.iter().filter(|r| r.strategy == strategy).collect();
         let ok: Vec<&TurnRecord> = mine.iter().copied().filter(|r| r.success).collect();
-        let column = |f: fn(&TurnRecord) -> Option<f64>| Distribution::of(ok.iter().filter_map(|r| f(r)));
-        let compared: Vec<bool> = mine.iter().filter_map(|r| r.agrees_with_first_strategy).collect();
+        let column =
+            |f: fn(&TurnRecord) -> Option<f64>| Distribution::of(ok.iter().filter_map(|r| f(r)));
+        let compared: Vec<bool> = mine
+            .iter()
+            .filter_map(|r| r.agrees_with_first_strategy)
+            .collect();
         StrategySummary {
             strategy,
             turns: mine.len(),
@@ -355,7 +422,9 @@ impl Summary {
              call (weights mapped from disk included).\n\n",
         );
         if !self.disagreements.is_empty() {
-            md.push_str("## Disagreements\n\nThese turns generated other ids than the first strategy:\n\n");
+            md.push_str(
+                "## Disagreements\n\nThese turns generated other ids than the first strategy:\n\n",
+            );
             for (scenario, strategy, turn) in &self.disagreements {
                 md.push_str(&format!("- {scenario}, {strategy}, turn {turn}\n"));
             }
@@ -462,6 +531,9 @@ mod tests {
             t.to_text(),
             "a          long header\n---------  -----------\nwide cell  x\n"
         );
-        assert_eq!(t.to_markdown(), "| a | long header |\n| --- | --- |\n| wide cell | x |\n");
+        assert_eq!(
+            t.to_markdown(),
+            "| a | long header |\n| --- | --- |\n| wide cell | x |\n"
+        );
     }
 }

@@ -92,10 +92,7 @@ impl Format {
         match path.extension().and_then(|e| e.to_str()) {
             Some(e) if e.eq_ignore_ascii_case("json") => Ok(Format::Json),
             Some(e) if e.eq_ignore_ascii_case("toml") => Ok(Format::Toml),
-            _ => bail!(
-                "{}: a scenario file ends in .json or .toml",
-                path.display()
-            ),
+            _ => bail!("{}: a scenario file ends in .json or .toml", path.display()),
         }
     }
 }
@@ -115,9 +112,19 @@ pub fn parse(text: &str, format: Format, origin: &str) -> Result<Vec<Scenario>> 
         Format::Json => serde_json::from_str(text).map_err(|e| anyhow!("{origin}: {e}"))?,
         Format::Toml => toml::from_str(text).map_err(|e| anyhow!("{origin}: {e}"))?,
     };
-    let at = |needle: &str| match line_of(text, needle) {
-        Some(line) => format!("{origin}, line {line}"),
-        None => origin.to_string(),
+    // Where a name or value first appears: quoted (a JSON key, a string), or a TOML table header.
+    let at = |name: &str| {
+        let found = [
+            format!("\"{name}\""),
+            format!("scenarios.{name}"),
+            name.to_string(),
+        ]
+        .iter()
+        .find_map(|needle| line_of(text, needle));
+        match found {
+            Some(line) => format!("{origin}, line {line}"),
+            None => origin.to_string(),
+        }
     };
     if file.scenarios.0.is_empty() {
         bail!("{}: `scenarios` holds no scenario", at("scenarios"));
@@ -130,7 +137,12 @@ pub fn parse(text: &str, format: Format, origin: &str) -> Result<Vec<Scenario>> 
             .iter()
             .find(|(prompt_name, _)| *prompt_name == entry.system);
         let Some((_, system_prompt)) = prompt else {
-            let known: Vec<&str> = file.system_prompts.0.iter().map(|(n, _)| n.as_str()).collect();
+            let known: Vec<&str> = file
+                .system_prompts
+                .0
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect();
             bail!(
                 "{}: scenario {name:?}: field `system` names {:?}, which `system_prompts` lacks (it has: {})",
                 at(&entry.system),
@@ -229,7 +241,9 @@ mod tests {
             ]
         );
         assert!(all.iter().all(|s| s.turns.len() == 15));
-        assert!(all[0].system_prompt.starts_with("# Identity\nYou are a professional"));
+        assert!(all[0]
+            .system_prompt
+            .starts_with("# Identity\nYou are a professional"));
         assert!(all[3].system_prompt.contains("Banco Digital Plus"));
         assert_eq!(
             all[0].turns[0],
@@ -265,29 +279,52 @@ turns = ["Hi", "Bye"]
     #[test]
     fn errors_name_the_line_and_the_field() {
         let missing_turns = "{\n  \"system_prompts\": {\"h\": \"x\"},\n  \"scenarios\": {\n    \"s\": {\"system\": \"h\"}\n  }\n}";
-        let err = parse(missing_turns, Format::Json, "m.json").unwrap_err().to_string();
-        assert!(err.contains("m.json") && err.contains("`turns`") && err.contains("line 4"), "{err}");
+        let err = parse(missing_turns, Format::Json, "m.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m.json") && err.contains("`turns`") && err.contains("line 4"),
+            "{err}"
+        );
 
         let typo = "{\"system_prompts\": {\"h\": \"x\"},\n\"scenarios\": {\"s\": {\"system\": \"h\",\n \"turn\": [\"a\"]}}}";
         let err = parse(typo, Format::Json, "t.json").unwrap_err().to_string();
-        assert!(err.contains("unknown field `turn`") && err.contains("line 3"), "{err}");
+        assert!(
+            err.contains("unknown field `turn`") && err.contains("line 3"),
+            "{err}"
+        );
 
-        let bad_system = "[system_prompts]\nh = \"x\"\n\n[scenarios.s]\nsystem = \"helpr\"\nturns = [\"a\"]\n";
-        let err = parse(bad_system, Format::Toml, "b.toml").unwrap_err().to_string();
-        assert!(err.contains("b.toml, line 5") && err.contains("`system`") && err.contains("\"helpr\""), "{err}");
+        let bad_system =
+            "[system_prompts]\nh = \"x\"\n\n[scenarios.s]\nsystem = \"helpr\"\nturns = [\"a\"]\n";
+        let err = parse(bad_system, Format::Toml, "b.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("b.toml, line 5") && err.contains("`system`") && err.contains("\"helpr\""),
+            "{err}"
+        );
 
-        let wrong_type = "[system_prompts]\nh = \"x\"\n\n[scenarios.s]\nsystem = \"h\"\nturns = \"a\"\n";
-        let err = parse(wrong_type, Format::Toml, "w.toml").unwrap_err().to_string();
+        let wrong_type =
+            "[system_prompts]\nh = \"x\"\n\n[scenarios.s]\nsystem = \"h\"\nturns = \"a\"\n";
+        let err = parse(wrong_type, Format::Toml, "w.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 6") && err.contains("turns"), "{err}");
 
         let empty = "{\"system_prompts\": {\"h\": \"x\"},\n\"scenarios\": {\"s\": {\"system\": \"h\", \"turns\": []}}}";
-        let err = parse(empty, Format::Json, "e.json").unwrap_err().to_string();
-        assert!(err.contains("e.json, line 2") && err.contains("`turns` is empty"), "{err}");
+        let err = parse(empty, Format::Json, "e.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("e.json, line 2") && err.contains("`turns` is empty"),
+            "{err}"
+        );
     }
 
     #[test]
     fn selection_keeps_the_order_given_and_refuses_duplicates() {
-        let picked = select(&["banking_open_account".into(), "insurance_claim_auto".into()]).unwrap();
+        let picked =
+            select(&["banking_open_account".into(), "insurance_claim_auto".into()]).unwrap();
         assert_eq!(picked[0].name, "banking_open_account");
         assert_eq!(picked[1].name, "insurance_claim_auto");
         assert_eq!(select(&["all".into()]).unwrap().len(), 5);
