@@ -301,6 +301,13 @@ pub fn cached_synthetic_dir(root: &Path, opts: &SynthOptions) -> Result<PathBuf>
     }
 }
 
+/// Whether `dir` was written by [`write_synthetic`]: its README.md is the one `readme_text` writes.
+pub fn is_synthetic(dir: &Path) -> bool {
+    fs::read_to_string(dir.join("README.md")).is_ok_and(|text| {
+        text.starts_with("# Synthetic ") && text.contains("Written by `kvlab synth")
+    })
+}
+
 fn write_files(opts: &SynthOptions, dir: &Path) -> Result<()> {
     write_json(&dir.join("config.json"), &config_json(opts.preset))?;
     write_json(
@@ -757,4 +764,23 @@ fn write_tokenizer_json(path: &Path) -> Result<()> {
         .map_err(std::io::Error::from)
         .and_then(|()| file.flush())
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_folders_with_the_synth_readme_are_synthetic() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_synthetic(dir.path()), "no README.md");
+        fs::write(dir.path().join("README.md"), "# A real model\n").unwrap();
+        assert!(!is_synthetic(dir.path()), "a foreign README.md");
+        let opts = SynthOptions {
+            preset: Preset::Tiny,
+            seed: 3,
+        };
+        fs::write(dir.path().join("README.md"), readme_text(&opts)).unwrap();
+        assert!(is_synthetic(dir.path()));
+    }
 }
