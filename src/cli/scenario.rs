@@ -182,9 +182,11 @@ fn results_dir(out: Option<&Path>) -> Result<PathBuf> {
 }
 
 pub fn run(args: ScenarioArgs) -> Result<()> {
-    kvlab::runtime::set_threads(args.model.threads)?;
-    let spec = model_spec(&args)?;
-    let mut loaded = kvlab::runtime::load(spec.as_deref(), &args.model.backend)?;
+    let model_args = super::ModelArgs {
+        model: model_spec(&args)?,
+        ..args.model.clone()
+    };
+    let mut loaded = model_args.load()?;
     let tokenizer = loaded.tokenizer.take().with_context(|| {
         format!(
             "{} has no tokenizer.json: the scenarios are text conversations",

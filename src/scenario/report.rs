@@ -20,96 +20,47 @@ pub struct Column {
     value: fn(&TurnRecord) -> String,
 }
 
+const fn column(name: &'static str, value: fn(&TurnRecord) -> String) -> Column {
+    Column { name, value }
+}
+
 fn optional<T: ToString>(value: Option<T>) -> String {
     value.map(|v| v.to_string()).unwrap_or_default()
 }
 
 /// The columns of `turns.csv`, in order.
 pub const TURN_COLUMNS: &[Column] = &[
-    Column {
-        name: "scenario",
-        value: |r| r.scenario.clone(),
-    },
-    Column {
-        name: "strategy",
-        value: |r| r.strategy.to_string(),
-    },
-    Column {
-        name: "turn",
-        value: |r| r.turn.to_string(),
-    },
-    Column {
-        name: "success",
-        value: |r| r.success.to_string(),
-    },
-    Column {
-        name: "error",
-        value: |r| r.error.clone(),
-    },
-    Column {
-        name: "input_tokens",
-        value: |r| r.input_tokens.to_string(),
-    },
-    Column {
-        name: "output_tokens",
-        value: |r| r.output_tokens.to_string(),
-    },
-    Column {
-        name: "answer_reencoded_tokens",
-        value: |r| r.answer_reencoded_tokens.to_string(),
-    },
-    Column {
-        name: "total_seconds",
-        value: |r| format!("{:.6}", r.total_seconds),
-    },
-    Column {
-        name: "prefill_seconds",
-        value: |r| format!("{:.6}", r.prefill_seconds),
-    },
-    Column {
-        name: "decode_seconds",
-        value: |r| format!("{:.6}", r.decode_seconds),
-    },
-    Column {
-        name: "decode_tokens_per_second",
-        value: |r| format!("{:.4}", r.decode_tokens_per_second),
-    },
-    Column {
-        name: "tokens_per_second",
-        value: |r| format!("{:.4}", r.tokens_per_second),
-    },
-    Column {
-        name: "kv_reserved_bytes",
-        value: |r| r.kv_reserved_bytes.to_string(),
-    },
-    Column {
-        name: "kv_live_bytes",
-        value: |r| r.kv_live_bytes.to_string(),
-    },
-    Column {
-        name: "kv_allocations",
-        value: |r| r.kv_allocations.to_string(),
-    },
-    Column {
-        name: "process_peak_bytes",
-        value: |r| optional(r.process_peak_bytes),
-    },
-    Column {
-        name: "device_peak_bytes",
-        value: |r| optional(r.device_peak_bytes),
-    },
-    Column {
-        name: "study_memory_delta_bytes",
-        value: |r| optional(r.study_memory_delta_bytes),
-    },
-    Column {
-        name: "stopped_on_eos",
-        value: |r| r.stopped_on_eos.to_string(),
-    },
-    Column {
-        name: "agrees_with_first_strategy",
-        value: |r| optional(r.agrees_with_first_strategy),
-    },
+    column("scenario", |r| r.scenario.clone()),
+    column("strategy", |r| r.strategy.to_string()),
+    column("turn", |r| r.turn.to_string()),
+    column("success", |r| r.success.to_string()),
+    column("error", |r| r.error.clone()),
+    column("input_tokens", |r| r.input_tokens.to_string()),
+    column("output_tokens", |r| r.output_tokens.to_string()),
+    column("answer_reencoded_tokens", |r| {
+        r.answer_reencoded_tokens.to_string()
+    }),
+    column("total_seconds", |r| format!("{:.6}", r.total_seconds)),
+    column("prefill_seconds", |r| format!("{:.6}", r.prefill_seconds)),
+    column("decode_seconds", |r| format!("{:.6}", r.decode_seconds)),
+    column("decode_tokens_per_second", |r| {
+        format!("{:.4}", r.decode_tokens_per_second)
+    }),
+    column("tokens_per_second", |r| {
+        format!("{:.4}", r.tokens_per_second)
+    }),
+    column("kv_reserved_bytes", |r| r.kv_reserved_bytes.to_string()),
+    column("kv_live_bytes", |r| r.kv_live_bytes.to_string()),
+    column("kv_allocations", |r| r.kv_allocations.to_string()),
+    column("process_peak_bytes", |r| optional(r.process_peak_bytes)),
+    column("device_peak_bytes", |r| optional(r.device_peak_bytes)),
+    column("study_memory_delta_bytes", |r| {
+        optional(r.study_memory_delta_bytes)
+    }),
+    column("stopped_on_eos", |r| r.stopped_on_eos.to_string()),
+    column("agrees_with_first_strategy", |r| {
+        optional(r.agrees_with_first_strategy)
+    }),
 ];
 
 /// A CSV field, quoted when it holds a comma, a quote or a line break (RFC 4180).
