@@ -20,6 +20,10 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Write a synthetic checkpoint (random weights, real shape and tokenizer).
     Synth(cli::synth::SynthArgs),
+    /// Run the study: its conversations with each cache strategy, measured per turn.
+    Scenario(cli::scenario::ScenarioArgs),
+    /// Show how a static or dynamic KV cache sits in memory after N tokens.
+    CacheMap(cli::cache_map::CacheMapArgs),
 }
 
 fn main() {
@@ -27,6 +31,8 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => cli::generate::run(args),
         Command::Synth(args) => cli::synth::run(args),
+        Command::Scenario(args) => cli::scenario::run(args),
+        Command::CacheMap(args) => cli::cache_map::run(args),
     };
     if let Err(err) = result {
         // `kvlab ... | head` closing the pipe early is not a failure.

@@ -1,5 +1,7 @@
 //! Subcommands. Each module holds its clap arguments and its `run`.
+pub mod cache_map;
 pub mod generate;
+pub mod scenario;
 pub mod synth;
 
 use clap::Args;

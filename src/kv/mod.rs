@@ -8,6 +8,7 @@
 //! CUDA kernels, so the CPU code and the kernels compute the same offsets.
 
 mod cache;
+pub mod map;
 pub use cache::{CacheOptions, KvCache, KvStats};
 
 use serde::{Deserialize, Serialize};

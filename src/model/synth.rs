@@ -264,20 +264,21 @@ fn remove_stale_partials(parent: &Path, name: &str) {
     }
 }
 
-/// The default model: `$KVLAB_CACHE` (or the platform cache dir joined with "kvlab") joined
-/// with "synthetic-llama-3.2-1b-seed0". Built once, saying so in one line on stderr; reused after.
+/// The default model: the synthetic Llama-3.2-1B of seed 0 (see [`synthetic_model_dir`]).
 pub fn default_model_dir() -> Result<PathBuf> {
+    synthetic_model_dir(Preset::Llama32_1B, 0)
+}
+
+/// `$KVLAB_CACHE` (or the platform cache dir joined with "kvlab") joined with
+/// "synthetic-{preset}-seed{seed}". Built once, saying so in one line on stderr; reused after.
+pub fn synthetic_model_dir(preset: Preset, seed: u64) -> Result<PathBuf> {
     let root = match std::env::var_os(CACHE_ENV) {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
         _ => dirs::cache_dir()
             .with_context(|| format!("no platform cache directory; set {CACHE_ENV}"))?
             .join("kvlab"),
     };
-    let opts = SynthOptions {
-        preset: Preset::Llama32_1B,
-        seed: 0,
-    };
-    cached_synthetic_dir(&root, &opts)
+    cached_synthetic_dir(&root, &SynthOptions { preset, seed })
 }
 
 /// `root/synthetic-{preset}-seed{seed}`, built on first use (one line on stderr) and reused after.
@@ -769,4 +770,23 @@ fn write_tokenizer_json(path: &Path) -> Result<()> {
         .map_err(std::io::Error::from)
         .and_then(|()| file.flush())
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_folders_with_the_synth_readme_are_synthetic() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_synthetic(dir.path()), "no README.md");
+        fs::write(dir.path().join("README.md"), "# A real model\n").unwrap();
+        assert!(!is_synthetic(dir.path()), "a foreign README.md");
+        let opts = SynthOptions {
+            preset: Preset::Tiny,
+            seed: 3,
+        };
+        fs::write(dir.path().join("README.md"), readme_text(&opts)).unwrap();
+        assert!(is_synthetic(dir.path()));
+    }
 }

@@ -1,0 +1,177 @@
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kvlab::backend::cpu::CpuBackend;
+use kvlab::backend::Backend;
+use kvlab::kv::map::CacheMap;
+use kvlab::kv::{CacheOptions, KvCache, Strategy};
+use kvlab::model::config::{Config, HfConfig};
+use kvlab::model::hub::resolve_model_dir;
+use kvlab::model::synth::{config_json, Preset};
+use kvlab::scenario::plots::draw_cache_map;
+use kvlab::scenario::report::Table;
+use std::path::PathBuf;
+
+const MIB: f64 = (1u64 << 20) as f64;
+/// Chunks listed one per line; longer tables show the first ones and the last.
+const MAX_LISTED_CHUNKS: usize = 12;
+
+#[derive(Args, Debug)]
+pub struct CacheMapArgs {
+    /// Model folder or hub id; only its config.json is read. Default: the Llama-3.2-1B shape.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The layout to show: static (one preallocated buffer) or dynamic (chunks on demand).
+    #[arg(long, value_enum)]
+    pub cache: Strategy,
+    /// Positions written into the cache.
+    #[arg(long)]
+    pub tokens: usize,
+    /// Positions per chunk of the dynamic cache.
+    #[arg(long, default_value_t = 256)]
+    pub chunk_tokens: usize,
+    /// Capacity of the static cache in positions (default: --tokens).
+    #[arg(long)]
+    pub max_context: Option<usize>,
+    /// The picture (PNG; an SVG is written beside it). Default: cache-map-<cache>-<tokens>.png.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run(args: CacheMapArgs) -> Result<()> {
+    if args.cache == Strategy::None {
+        bail!("--cache none keeps no cache between tokens; choose static or dynamic");
+    }
+    if args.tokens == 0 {
+        bail!("--tokens must be at least 1");
+    }
+    let (model_name, config) = match &args.model {
+        Some(spec) => {
+            let dir = resolve_model_dir(spec)?;
+            (dir.display().to_string(), Config::from_dir(&dir)?)
+        }
+        None => {
+            let hf: HfConfig = serde_json::from_value(config_json(Preset::Llama32_1B))
+                .context("the Llama-3.2-1B config")?;
+            ("the Llama-3.2-1B shape".to_string(), Config::from_hf(&hf)?)
+        }
+    };
+    // The CPU backend holds the chunks (f32 entries); the cache's own code sizes and counts them.
+    let backend = CpuBackend::new();
+    let opts = CacheOptions {
+        max_context: args.max_context.unwrap_or(args.tokens),
+        chunk_tokens: args.chunk_tokens,
+    };
+    let mut cache = KvCache::new(&backend, args.cache, &config, opts)?;
+    cache.begin_step(&backend, args.tokens)?;
+    cache.end_step();
+    let map = CacheMap::of(&cache);
+    drop(cache);
+
+    let stats = map.stats;
+    let layout = map.layout;
+    let unwritten = map.unwritten_bytes();
+    println!(
+        "{} KV cache of {model_name} ({} layers, {} KV heads x head_dim {}, {} entries on the {} backend) after {} tokens",
+        args.cache,
+        layout.num_layers,
+        layout.num_kv_heads,
+        layout.head_dim,
+        backend.info().kv_dtype,
+        backend.info().name,
+        args.tokens
+    );
+    println!(
+        "{} chunk(s) of {} positions = {:.2} MiB each; capacity {} positions; allocations: {}",
+        stats.chunks,
+        layout.chunk_tokens,
+        map.chunk_bytes() as f64 / MIB,
+        map.capacity,
+        stats.allocations
+    );
+    println!(
+        "reserved {:.2} MiB | live {:.2} MiB | reserved but unwritten {:.2} MiB ({:.1}%)",
+        stats.reserved_bytes as f64 / MIB,
+        stats.live_bytes as f64 / MIB,
+        unwritten as f64 / MIB,
+        100.0 * unwritten as f64 / stats.reserved_bytes.max(1) as f64
+    );
+    println!(
+        "\nPer layer. Each chunk holds every layer, ordered [layer][K, V][KV head][slot][head_dim], \
+         so a block's unwritten tail sits inside the chunk, before the next block:"
+    );
+    let mut layers = Table::new(&[
+        "layer",
+        "K at (MiB into chunk)",
+        "V at",
+        "reserved MiB",
+        "live MiB",
+        "unwritten MiB",
+    ]);
+    for l in map.layers() {
+        layers.rows.push(vec![
+            l.layer.to_string(),
+            format!("{:.3}", l.key_offset_bytes as f64 / MIB),
+            format!("{:.3}", l.value_offset_bytes as f64 / MIB),
+            format!("{:.3}", l.reserved_bytes as f64 / MIB),
+            format!("{:.3}", l.written_bytes as f64 / MIB),
+            format!("{:.3}", (l.reserved_bytes - l.written_bytes) as f64 / MIB),
+        ]);
+    }
+    print!("{}", layers.to_text());
+
+    println!("\nChunks (allocation order = table order):");
+    let mut chunks = Table::new(&[
+        "chunk",
+        "positions",
+        "written slots",
+        "reserved MiB",
+        "live MiB",
+        "unwritten MiB",
+    ]);
+    let all = map.chunks();
+    let listed: Vec<_> = if all.len() > MAX_LISTED_CHUNKS {
+        all[..MAX_LISTED_CHUNKS - 1]
+            .iter()
+            .chain(all.last())
+            .collect()
+    } else {
+        all.iter().collect()
+    };
+    for (i, c) in listed.iter().enumerate() {
+        if i == MAX_LISTED_CHUNKS - 1 && all.len() > MAX_LISTED_CHUNKS {
+            let hidden = all.len() - MAX_LISTED_CHUNKS;
+            chunks
+                .rows
+                .push(vec![format!("... {hidden} more full chunks")]);
+        }
+        let live: u64 = map.blocks(c).iter().map(|b| b.written_bytes).sum();
+        chunks.rows.push(vec![
+            c.index.to_string(),
+            format!(
+                "{}-{}",
+                c.first_position,
+                c.first_position + layout.chunk_tokens as usize - 1
+            ),
+            c.written_slots.to_string(),
+            format!("{:.3}", map.chunk_bytes() as f64 / MIB),
+            format!("{:.3}", live as f64 / MIB),
+            format!("{:.3}", (map.chunk_bytes() - live) as f64 / MIB),
+        ]);
+    }
+    print!("{}", chunks.to_text());
+
+    let png = args
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("cache-map-{}-{}.png", args.cache, args.tokens)));
+    let title = format!(
+        "{} cache after {} tokens: {:.2} MiB live of {:.2} MiB reserved, {} allocation(s)",
+        args.cache,
+        args.tokens,
+        stats.live_bytes as f64 / MIB,
+        stats.reserved_bytes as f64 / MIB,
+        stats.allocations
+    );
+    let [png, svg] = draw_cache_map(&map, &title, &png.with_extension(""))?;
+    println!("\nWrote {} and {}", png.display(), svg.display());
+    Ok(())
+}

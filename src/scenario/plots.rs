@@ -1,0 +1,518 @@
+//! The study's plots, and the cache-map picture, as PNG and SVG (plotters, with the embedded
+//! DejaVu Sans so that text renders the same everywhere).
+
+use super::metrics::TurnRecord;
+use crate::kv::map::CacheMap;
+use crate::kv::{KvPart, Strategy};
+use anyhow::{anyhow, Context, Result};
+use plotters::coord::combinators::BindKeyPoints;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::FontStyle;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+const FONT: &str = "sans-serif";
+const MIB: f64 = (1u64 << 20) as f64;
+const CHART_SIZE: (u32, u32) = (1100, 680);
+/// Linear y axes reach this multiple of the largest value, leaving the top for the legend.
+const LEGEND_HEADROOM: f64 = 1.5;
+
+type Drawn<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+
+/// A picture that can be drawn on any plotters backend.
+trait Figure {
+    fn size(&self) -> (u32, u32) {
+        CHART_SIZE
+    }
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB>;
+}
+
+/// Registers the embedded font as "sans-serif", plotters' default family (once per process).
+fn register_font() -> Result<()> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font(
+            FONT,
+            FontStyle::Normal,
+            include_bytes!("../../assets/DejaVuSans.ttf"),
+        )
+        .is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(anyhow!("the embedded DejaVu Sans font did not load"))
+    }
+}
+
+/// Writes `stem.png` and `stem.svg`; returns their paths.
+fn save(figure: &impl Figure, stem: &Path) -> Result<[PathBuf; 2]> {
+    register_font()?;
+    if let Some(parent) = stem.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let size = figure.size();
+    let png = stem.with_extension("png");
+    let svg = stem.with_extension("svg");
+    let failed = |path: &Path| {
+        let path = path.display().to_string();
+        move |e: String| anyhow!("drawing {path}: {e}")
+    };
+    {
+        let root = BitMapBackend::new(&png, size).into_drawing_area();
+        root.fill(&WHITE)
+            .and_then(|()| figure.draw(&root))
+            .and_then(|()| root.present())
+            .map_err(|e| e.to_string())
+            .map_err(failed(&png))?;
+    }
+    {
+        let root = SVGBackend::new(&svg, size).into_drawing_area();
+        root.fill(&WHITE)
+            .and_then(|()| figure.draw(&root))
+            .and_then(|()| root.present())
+            .map_err(|e| e.to_string())
+            .map_err(failed(&svg))?;
+    }
+    Ok([png, svg])
+}
+
+fn strategy_color(strategy: Strategy) -> RGBColor {
+    match strategy {
+        Strategy::None => RGBColor(214, 39, 40),
+        Strategy::Dynamic => RGBColor(31, 119, 180),
+        Strategy::Static => RGBColor(44, 160, 44),
+    }
+}
+
+/// `(lo, hi)` padded by `pad` of the span (or of `hi` when the span is 0).
+fn padded(lo: f64, hi: f64, pad: f64) -> (f64, f64) {
+    let span = if hi > lo { hi - lo } else { hi.abs().max(1.0) };
+    (lo - span * pad, hi + span * pad)
+}
+
+/// The three plots of a run; returns the files written (PNG and SVG of each) with captions.
+pub fn draw_run_plots(
+    dir: &Path,
+    records: &[TurnRecord],
+    strategies: &[Strategy],
+) -> Result<Vec<(PathBuf, &'static str)>> {
+    let ok: Vec<&TurnRecord> = records.iter().filter(|r| r.success).collect();
+    if ok.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut files = Vec::new();
+    let mut add = |paths: [PathBuf; 2], caption: &'static str| {
+        files.extend(paths.map(|path| (path, caption)));
+    };
+    let records = &ok;
+    add(
+        save(
+            &TimePerTurn {
+                records,
+                strategies,
+            },
+            &dir.join("time_per_turn"),
+        )?,
+        "Generation time per turn (mean over scenarios), total and time to first token",
+    );
+    add(
+        save(
+            &TokensPerSecond {
+                records,
+                strategies,
+            },
+            &dir.join("tokens_per_second"),
+        )?,
+        "Tokens/s against context length",
+    );
+    add(
+        save(
+            &KvMemory {
+                records,
+                strategies,
+            },
+            &dir.join("kv_memory"),
+        )?,
+        "KV cache bytes reserved and live against context length",
+    );
+    Ok(files)
+}
+
+/// Mean of `value` over scenarios, per turn, for one strategy: `(turn, mean)` in turn order.
+fn mean_per_turn(
+    records: &[&TurnRecord],
+    strategy: Strategy,
+    value: fn(&TurnRecord) -> f64,
+) -> Vec<(f64, f64)> {
+    let mut sums: Vec<(f64, usize)> = Vec::new();
+    for r in records.iter().filter(|r| r.strategy == strategy) {
+        if sums.len() < r.turn {
+            sums.resize(r.turn, (0.0, 0));
+        }
+        sums[r.turn - 1].0 += value(r);
+        sums[r.turn - 1].1 += 1;
+    }
+    sums.iter()
+        .enumerate()
+        .filter(|(_, (_, n))| *n > 0)
+        .map(|(i, (sum, n))| ((i + 1) as f64, sum / *n as f64))
+        .collect()
+}
+
+/// The 1-2-5 sequence (.., 0.1, 0.2, 0.5, 1, 2, 5, 10, ..) inside `lo..=hi`: log-axis ticks.
+fn one_two_five(lo: f64, hi: f64) -> Vec<f64> {
+    let mut ticks = Vec::new();
+    let mut exponent = lo.log10().floor() as i32;
+    while 10f64.powi(exponent) <= hi {
+        for mantissa in [1.0, 2.0, 5.0] {
+            let tick = mantissa * 10f64.powi(exponent);
+            if (lo..=hi).contains(&tick) {
+                ticks.push(tick);
+            }
+        }
+        exponent += 1;
+    }
+    ticks
+}
+
+struct TimePerTurn<'a> {
+    records: &'a [&'a TurnRecord],
+    strategies: &'a [Strategy],
+}
+
+impl Figure for TimePerTurn<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
+        let last_turn = self.records.iter().map(|r| r.turn).max().unwrap_or(1) as f64;
+        let times = self
+            .records
+            .iter()
+            .flat_map(|r| [r.total_seconds, r.prefill_seconds])
+            .filter(|&t| t > 0.0);
+        let (lo, hi) = times.fold((f64::MAX, f64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
+        let mut chart = ChartBuilder::on(root)
+            .caption("Generation time per turn (log scale)", (FONT, 26))
+            .margin(20)
+            .x_label_area_size(50)
+            .y_label_area_size(80)
+            // Headroom above the data for the legend.
+            .build_cartesian_2d(
+                0.5..last_turn + 0.5,
+                (lo / 1.5..hi * 8.0)
+                    .log_scale()
+                    .with_key_points(one_two_five(lo / 1.5, hi * 8.0)),
+            )?;
+        chart
+            .configure_mesh()
+            .x_desc("turn (the history grows every turn)")
+            .y_desc("seconds per generate call")
+            .x_labels(last_turn as usize + 1)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{}", (y * 1000.0).round() / 1000.0))
+            .label_style((FONT, 15))
+            .axis_desc_style((FONT, 17))
+            .draw()?;
+        for &strategy in self.strategies {
+            let color = strategy_color(strategy);
+            let total = mean_per_turn(self.records, strategy, |r| r.total_seconds);
+            let prefill = mean_per_turn(self.records, strategy, |r| r.prefill_seconds);
+            chart
+                .draw_series(LineSeries::new(total.clone(), color.stroke_width(3)))?
+                .label(format!("{strategy}: total"))
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3))
+                });
+            chart.draw_series(total.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+            chart
+                .draw_series(DashedLineSeries::new(prefill, 8, 5, color.stroke_width(2)))?
+                .label(format!("{strategy}: time to first token (prefill)"))
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 8, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FONT, 15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+    }
+}
+
+struct TokensPerSecond<'a> {
+    records: &'a [&'a TurnRecord],
+    strategies: &'a [Strategy],
+}
+
+impl Figure for TokensPerSecond<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
+        let contexts = self.records.iter().map(|r| r.input_tokens as f64);
+        let (x_lo, x_hi) =
+            contexts.fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
+        let (x_lo, x_hi) = padded(x_lo, x_hi, 0.05);
+        let y_hi = self
+            .records
+            .iter()
+            .flat_map(|r| [r.tokens_per_second, r.decode_tokens_per_second])
+            .fold(0.0, f64::max);
+        let mut chart = ChartBuilder::on(root)
+            .caption("Tokens per second against context length", (FONT, 26))
+            .margin(20)
+            .x_label_area_size(50)
+            .y_label_area_size(80)
+            .build_cartesian_2d(x_lo..x_hi, 0.0..(y_hi * LEGEND_HEADROOM).max(1e-3))?;
+        chart
+            .configure_mesh()
+            .x_desc("context length: prompt tokens (history re-prefilled each turn)")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_desc("tokens per second")
+            .label_style((FONT, 15))
+            .axis_desc_style((FONT, 17))
+            .draw()?;
+        for &strategy in self.strategies {
+            let color = strategy_color(strategy);
+            let mine: Vec<&&TurnRecord> = self
+                .records
+                .iter()
+                .filter(|r| r.strategy == strategy)
+                .collect();
+            chart
+                .draw_series(mine.iter().map(|r| {
+                    Circle::new(
+                        (r.input_tokens as f64, r.tokens_per_second),
+                        5,
+                        color.filled(),
+                    )
+                }))?
+                .label(format!(
+                    "{strategy}: overall (new tokens / total time, the study's)"
+                ))
+                .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
+            chart
+                .draw_series(mine.iter().filter(|r| r.output_tokens > 1).map(|r| {
+                    TriangleMarker::new(
+                        (r.input_tokens as f64, r.decode_tokens_per_second),
+                        6,
+                        color.stroke_width(2),
+                    )
+                }))?
+                .label(format!("{strategy}: decode only (after the first token)"))
+                .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 6, color.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FONT, 15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+    }
+}
+
+struct KvMemory<'a> {
+    records: &'a [&'a TurnRecord],
+    strategies: &'a [Strategy],
+}
+
+impl Figure for KvMemory<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
+        let context = |r: &TurnRecord| (r.input_tokens + r.output_tokens) as f64;
+        let (x_lo, x_hi) = self
+            .records
+            .iter()
+            .map(|r| context(r))
+            .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
+        let (x_lo, x_hi) = padded(x_lo, x_hi, 0.05);
+        let y_hi = self
+            .records
+            .iter()
+            .map(|r| r.kv_reserved_bytes.max(r.kv_live_bytes) as f64 / MIB)
+            .fold(0.0, f64::max);
+        let mut chart = ChartBuilder::on(root)
+            .caption("KV cache memory: reserved vs live", (FONT, 26))
+            .margin(20)
+            .x_label_area_size(50)
+            .y_label_area_size(80)
+            .build_cartesian_2d(x_lo..x_hi, 0.0..(y_hi * LEGEND_HEADROOM).max(1e-3))?;
+        chart
+            .configure_mesh()
+            .x_desc("context length at the end of the call: prompt + generated tokens")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_desc("MiB (2^20 bytes)")
+            .label_style((FONT, 15))
+            .axis_desc_style((FONT, 17))
+            .draw()?;
+        for &strategy in self.strategies {
+            let color = strategy_color(strategy);
+            let mut mine: Vec<&&TurnRecord> = self
+                .records
+                .iter()
+                .filter(|r| r.strategy == strategy)
+                .collect();
+            mine.sort_by(|a, b| context(a).total_cmp(&context(b)));
+            let reserved: Vec<(f64, f64)> = mine
+                .iter()
+                .map(|r| (context(r), r.kv_reserved_bytes as f64 / MIB))
+                .collect();
+            let live: Vec<(f64, f64)> = mine
+                .iter()
+                .map(|r| (context(r), r.kv_live_bytes as f64 / MIB))
+                .collect();
+            let reserved_label = match strategy {
+                Strategy::None => "none: reserved (largest per-token transient buffer)".to_string(),
+                s => format!("{s}: reserved"),
+            };
+            let live_label = match strategy {
+                Strategy::None => "none: live (0: keeps nothing between tokens)".to_string(),
+                s => format!("{s}: live (written positions)"),
+            };
+            chart
+                .draw_series(LineSeries::new(reserved.clone(), color.stroke_width(3)))?
+                .label(reserved_label)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3))
+                });
+            chart.draw_series(reserved.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+            chart
+                .draw_series(DashedLineSeries::new(live, 8, 5, color.stroke_width(2)))?
+                .label(live_label)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 8, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font((FONT, 15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+    }
+}
+
+/// The most chunks drawn as rows; beyond it the first ones and the last one are drawn.
+const MAX_DRAWN_CHUNKS: usize = 24;
+
+/// Draws `map` as `stem.png` / `stem.svg`: one row per chunk, each (layer, K/V, head) block as
+/// a bar along the chunk's bytes, its written slots colored and its unwritten tail in grey.
+pub fn draw_cache_map(map: &CacheMap, title: &str, stem: &Path) -> Result<[PathBuf; 2]> {
+    save(&CacheMapFigure { map, title }, stem)
+}
+
+struct CacheMapFigure<'a> {
+    map: &'a CacheMap,
+    title: &'a str,
+}
+
+impl CacheMapFigure<'_> {
+    /// Chunks drawn, top to bottom.
+    fn drawn_chunks(&self) -> Vec<crate::kv::map::ChunkUse> {
+        let chunks = self.map.chunks();
+        if chunks.len() <= MAX_DRAWN_CHUNKS {
+            return chunks;
+        }
+        let mut drawn = chunks[..MAX_DRAWN_CHUNKS - 1].to_vec();
+        drawn.push(chunks[chunks.len() - 1]);
+        drawn
+    }
+}
+
+impl Figure for CacheMapFigure<'_> {
+    fn size(&self) -> (u32, u32) {
+        let rows = self.drawn_chunks().len() as u32;
+        (CHART_SIZE.0, 280 + rows * 34)
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
+        let map = self.map;
+        let chunks = self.drawn_chunks();
+        let rows = chunks.len() as f64;
+        let layers = map.layout.num_layers as f64;
+        let chunk_mib = map.chunk_bytes() as f64 / MIB;
+        let (chart_area, legend_area) = root.split_vertically(self.size().1 - 80);
+        let mut chart = ChartBuilder::on(&chart_area)
+            .caption(self.title, (FONT, 22))
+            .margin(15)
+            .x_label_area_size(50)
+            .y_label_area_size(150)
+            .build_cartesian_2d(0.0..chunk_mib, 0.0..rows)?;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_labels(0)
+            .x_desc(
+                "byte offset inside the chunk (MiB); order: [layer][K, V][KV head][slot][head_dim]",
+            )
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 16))
+            .draw()?;
+        let label_style =
+            TextStyle::from((FONT, 14).into_font()).pos(Pos::new(HPos::Right, VPos::Center));
+        let unwritten = RGBColor(215, 215, 215);
+        for (row, chunk) in chunks.iter().enumerate() {
+            // y grows upwards: the first chunk is the top row.
+            let (bottom, top) = (rows - row as f64 - 0.88, rows - row as f64 - 0.12);
+            let (x, y) = chart.backend_coord(&(0.0, (bottom + top) / 2.0));
+            root.draw(&Text::new(
+                format!(
+                    "chunk {} ({}-{})",
+                    chunk.index,
+                    chunk.first_position,
+                    chunk.first_position + map.layout.chunk_tokens as usize - 1
+                ),
+                (x - 8, y),
+                label_style.clone(),
+            ))?;
+            for block in map.blocks(chunk) {
+                // K rows darker than V rows; the hue walks through the layers.
+                let lightness = if block.part == KvPart::Key {
+                    0.38
+                } else {
+                    0.58
+                };
+                let color = HSLColor(block.layer as f64 / layers * 0.8, 0.65, lightness);
+                let start = block.offset_bytes as f64 / MIB;
+                let written_end = (block.offset_bytes + block.written_bytes) as f64 / MIB;
+                let end = (block.offset_bytes + block.reserved_bytes) as f64 / MIB;
+                chart.draw_series([
+                    Rectangle::new([(start, top), (written_end, bottom)], color.filled()),
+                    Rectangle::new([(written_end, top), (end, bottom)], unwritten.filled()),
+                ])?;
+            }
+        }
+        let legend = [
+            (
+                "K rows written (hue = layer)",
+                HSLColor(0.0, 0.65, 0.38).to_rgba(),
+            ),
+            ("V rows written", HSLColor(0.0, 0.65, 0.58).to_rgba()),
+            (
+                "reserved, not written (each block's tail)",
+                unwritten.to_rgba(),
+            ),
+        ];
+        let all_chunks = map.stats.chunks as usize;
+        if all_chunks > chunks.len() {
+            legend_area.draw(&Text::new(
+                format!(
+                    "Not drawn: chunks {}-{} (full, like the ones above).",
+                    MAX_DRAWN_CHUNKS - 1,
+                    all_chunks - 2
+                ),
+                (160, 46),
+                (FONT, 15),
+            ))?;
+        }
+        let mut x = 160;
+        for (text, color) in legend {
+            legend_area.draw(&Rectangle::new([(x, 20), (x + 22, 38)], color.filled()))?;
+            legend_area.draw(&Text::new(text, (x + 30, 20), (FONT, 15)))?;
+            x += 40 + 8 * text.len() as i32;
+        }
+        Ok(())
+    }
+}
