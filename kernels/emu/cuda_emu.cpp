@@ -13,7 +13,6 @@
 // runnable and some have not exited, the scheduler reports who waits for whom.
 #include "cuda_emu.h"
 
-#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -195,8 +194,11 @@ struct Worker {
     std::vector<unsigned char*> free_stacks;
     unsigned char* dynamic_shared = nullptr;
     void* scheduler_sp = nullptr;
+    // The OS thread's own stack as AddressSanitizer knows it, learned by the first fiber of
+    // each block (unused without AddressSanitizer).
     const void* scheduler_stack_bottom = nullptr;
     size_t scheduler_stack_bytes = 0;
+    bool learn_scheduler_stack = false;
     uint16_t queue[kMaxThreads] = {};
     unsigned queue_head = 0;
     unsigned queue_size = 0;
@@ -205,18 +207,14 @@ struct Worker {
     Worker() {
         fibers.resize(kMaxThreads);
         dynamic_shared = static_cast<unsigned char*>(std::aligned_alloc(128, kDynamicSharedCapacity));
-        pthread_attr_t attributes;
-        if (pthread_getattr_np(pthread_self(), &attributes) == 0) {
-            void* address = nullptr;
-            size_t bytes = 0;
-            pthread_attr_getstack(&attributes, &address, &bytes);
-            scheduler_stack_bottom = address;
-            scheduler_stack_bytes = bytes;
-            pthread_attr_destroy(&attributes);
-        }
     }
     ~Worker() {
         for (const StackChunk& chunk : stack_chunks) {
+#ifdef KVLAB_EMU_ASAN
+            // Frames that never returned leave poisoned shadow behind; the address range may
+            // come back as another thread's stack or TLS.
+            ASAN_UNPOISON_MEMORY_REGION(chunk.base, chunk.bytes);
+#endif
             munmap(chunk.base, chunk.bytes);
         }
         std::free(dynamic_shared);
@@ -406,10 +404,17 @@ void thread_exit(Worker& w, Fiber& self) {
 
 // Body of every fiber stack: runs threads until the next one to run has already started.
 void fiber_main(Fiber* first) {
-#ifdef KVLAB_EMU_ASAN
-    __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
-#endif
     Worker& w = *tls_worker;
+#ifdef KVLAB_EMU_ASAN
+    const void* previous_bottom = nullptr;
+    size_t previous_bytes = 0;
+    __sanitizer_finish_switch_fiber(nullptr, &previous_bottom, &previous_bytes);
+    if (w.learn_scheduler_stack) {
+        w.scheduler_stack_bottom = previous_bottom;
+        w.scheduler_stack_bytes = previous_bytes;
+        w.learn_scheduler_stack = false;
+    }
+#endif
     Fiber* self = first;
     for (;;) {
         w.block.kernel->trampoline(w.block.argument_slots);
@@ -766,6 +771,7 @@ int run_block(Worker& w, const KvlabEmuLaunch& launch, uint64_t linear_block) {
         w.push(block.reverse ? threads - 1 - step : step);
     }
     block.running = true;
+    w.learn_scheduler_stack = true;
     switch_to(w, &w.scheduler_sp, w.pop(), false);
     block.running = false;
     current_thread = nullptr;

@@ -360,7 +360,7 @@ impl<'a> dyn Device + 'a {
     pub fn download<T: bytemuck::Pod>(&self, buffer: &DeviceBuffer) -> Result<Vec<T>> {
         let size = std::mem::size_of::<T>();
         ensure!(
-            buffer.len() % size == 0,
+            buffer.len().is_multiple_of(size),
             "device buffer of {} bytes is not a whole number of {size}-byte elements",
             buffer.len()
         );
