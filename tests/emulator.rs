@@ -944,7 +944,9 @@ fn graph_capture_replays_launches_with_current_memory() {
         )
         .unwrap();
     let error = format!("{:#}", device.copy_htod(&x, 0, &[0u8; 4]).unwrap_err());
-    assert_contains(&error, &["during graph capture"]);
+    assert_contains(&error, &["copy_htod during graph capture"]);
+    let error = format!("{:#}", device.alloc(4).unwrap_err());
+    assert_contains(&error, &["alloc during graph capture"]);
     let graph = device.end_capture().unwrap();
     // Nothing ran during capture: out still holds fresh memory.
     assert!(device

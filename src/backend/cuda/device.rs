@@ -337,8 +337,8 @@ pub trait Device: Send + Sync {
     /// Milliseconds between two recorded events (waits for `end`).
     fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32>;
 
-    /// Starts recording launches and memsets into a graph instead of running them. Copies to
-    /// or from the host are errors until [`Device::end_capture`].
+    /// Starts recording launches and memsets into a graph instead of running them. Anything
+    /// else (allocations, copies, events, synchronize) is an error until [`Device::end_capture`].
     fn begin_capture(&self) -> Result<()>;
 
     fn end_capture(&self) -> Result<Graph>;

@@ -189,7 +189,7 @@ impl EmuDevice {
     fn ensure_not_capturing(&self, what: &str) -> Result<()> {
         ensure!(
             self.state().capture.is_none(),
-            "{what} during graph capture: only launches and memsets are captured"
+            "{what} during graph capture: only launches and memsets may be issued while capturing"
         );
         Ok(())
     }
@@ -378,6 +378,7 @@ impl Device for EmuDevice {
     }
 
     fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
+        self.ensure_not_capturing("alloc")?;
         let size = GUARD_BEFORE
             .checked_add(bytes)
             .and_then(|n| n.checked_add(GUARD_AFTER))
@@ -492,7 +493,7 @@ impl Device for EmuDevice {
     }
 
     fn synchronize(&self) -> Result<()> {
-        Ok(())
+        self.ensure_not_capturing("synchronize")
     }
 
     fn memory(&self) -> Result<DeviceMemory> {
