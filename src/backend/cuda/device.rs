@@ -7,6 +7,8 @@
 //! signature (parsed from kernels/*.cu by build.rs) and against the hardware limits, with the
 //! same errors on both implementations.
 use std::any::Any;
+use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -54,11 +56,18 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 /// The kernel's position in [`KERNELS`] and its signature.
 pub fn kernel_signature(name: &str) -> Result<(usize, &'static KernelSignature)> {
-    KERNELS
-        .iter()
-        .enumerate()
-        .find(|(_, kernel)| kernel.name == name)
-        .with_context(|| format!("no kernel named `{name}` in kernels/*.cu"))
+    static INDEX: OnceLock<HashMap<&'static str, usize>> = OnceLock::new();
+    let index = INDEX.get_or_init(|| {
+        KERNELS
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.name, i))
+            .collect()
+    });
+    let position = *index
+        .get(name)
+        .with_context(|| format!("no kernel named `{name}` in kernels/*.cu"))?;
+    Ok((position, &KERNELS[position]))
 }
 
 /// One kernel argument. A pointer is a raw device address, so `buf.ptr() + offset` works.
