@@ -193,6 +193,18 @@ fn run() -> Result<(), String> {
     )
 }
 
+/// kernels/*.cuh, common.cuh first.
+fn kernel_headers(kernels_dir: &Path) -> Vec<PathBuf> {
+    let mut headers: Vec<PathBuf> = fs::read_dir(kernels_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "cuh"))
+        .collect();
+    headers.sort_by_key(|path| (!path.ends_with("common.cuh"), path.clone()));
+    headers
+}
+
 fn discover_sources(kernels_dir: &Path) -> Result<Vec<SourceFile>, String> {
     let mut paths: Vec<PathBuf> = fs::read_dir(kernels_dir)
         .map_err(|e| format!("{}: {e}", kernels_dir.display()))?
@@ -482,12 +494,20 @@ fn rust_table(
         )
         .unwrap();
     }
-    writeln!(
-        out,
-        "];\n\n/// kernels/common.cuh, embedded for NVRTC.\npub const COMMON_HEADER: &str = include_str!({:?});",
-        kernels_dir.join("common.cuh").display().to_string()
-    )
-    .unwrap();
+    out.push_str(
+        "];\n\n/// Every kernels/*.cuh (common.cuh first), embedded for NVRTC as named headers.\n\
+         pub const KERNEL_HEADERS: &[KernelSource] = &[\n",
+    );
+    for header in kernel_headers(kernels_dir) {
+        let file_name = header.file_name().unwrap().to_string_lossy().into_owned();
+        writeln!(
+            out,
+            "    KernelSource {{ file: \"{file_name}\", text: include_str!({:?}) }},",
+            header.display().to_string()
+        )
+        .unwrap();
+    }
+    out.push_str("];\n");
     out
 }
 

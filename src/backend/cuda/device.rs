@@ -45,7 +45,7 @@ pub struct KernelSignature {
     pub static_shared_bytes: u32,
 }
 
-/// One kernels/*.cu, embedded for NVRTC.
+/// One kernels/*.cu or kernels/*.cuh, embedded for NVRTC.
 #[derive(Debug)]
 pub struct KernelSource {
     pub file: &'static str,

@@ -1,4 +1,4 @@
-//! NVRTC: compiles the embedded kernels/*.cu to PTX, with kernels/common.cuh passed as a named
+//! NVRTC: compiles the embedded kernels/*.cu to PTX, with every kernels/*.cuh passed as a named
 //! header (NVRTC sees no file system), and caches the PTX on disk.
 //!
 //! kvlab loads NVRTC itself instead of through cudarc, whose library search knows
@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
 
-use super::device::{KernelSource, COMMON_HEADER, KERNELS, KERNEL_SOURCES};
+use super::device::{KernelSource, KERNELS, KERNEL_HEADERS, KERNEL_SOURCES};
 
 /// Architectures the kernels must compile for.
 pub const TARGET_ARCHES: [&str; 2] = ["sm_80", "sm_90"];
@@ -204,13 +204,12 @@ impl Nvrtc {
         ptx_dir: &Path,
     ) -> Result<String> {
         let options = Self::options(arch)?;
+        let mut parts: Vec<&str> = vec![source.text];
+        parts.extend(KERNEL_HEADERS.iter().flat_map(|h| [h.file, h.text]));
+        let settings = [options.join(" "), format!("{:?}", self.version)];
+        parts.extend(settings.iter().map(String::as_str));
         let mut hasher = Sha256::new();
-        for part in [
-            source.text,
-            COMMON_HEADER,
-            &options.join(" "),
-            &format!("{:?}", self.version),
-        ] {
+        for part in parts {
             hasher.update(part.as_bytes());
             hasher.update([0u8]);
         }
@@ -240,10 +239,18 @@ impl Nvrtc {
         let text = CString::new(source.text)
             .with_context(|| format!("kernels/{} contains a NUL byte", source.file))?;
         let name = CString::new(source.file)?;
-        let header_text = CString::new(COMMON_HEADER)?;
-        let header_name = CString::new("common.cuh")?;
-        let header_texts = [header_text.as_ptr()];
-        let header_names = [header_name.as_ptr()];
+        let header_texts: Vec<CString> = KERNEL_HEADERS
+            .iter()
+            .map(|h| CString::new(h.text))
+            .collect::<Result<_, _>>()?;
+        let header_names: Vec<CString> = KERNEL_HEADERS
+            .iter()
+            .map(|h| CString::new(h.file))
+            .collect::<Result<_, _>>()?;
+        let header_text_pointers: Vec<*const c_char> =
+            header_texts.iter().map(|h| h.as_ptr()).collect();
+        let header_name_pointers: Vec<*const c_char> =
+            header_names.iter().map(|h| h.as_ptr()).collect();
         let options: Vec<CString> = options
             .iter()
             .map(|o| CString::new(o.as_str()))
@@ -256,9 +263,9 @@ impl Nvrtc {
                 &mut program,
                 text.as_ptr(),
                 name.as_ptr(),
-                1,
-                header_texts.as_ptr(),
-                header_names.as_ptr(),
+                header_text_pointers.len() as c_int,
+                header_text_pointers.as_ptr(),
+                header_name_pointers.as_ptr(),
             );
             ensure!(
                 code == NVRTC_SUCCESS,
