@@ -193,18 +193,6 @@ fn run() -> Result<(), String> {
     )
 }
 
-/// kernels/*.cuh, common.cuh first.
-fn kernel_headers(kernels_dir: &Path) -> Vec<PathBuf> {
-    let mut headers: Vec<PathBuf> = fs::read_dir(kernels_dir)
-        .into_iter()
-        .flatten()
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| path.extension().is_some_and(|ext| ext == "cuh"))
-        .collect();
-    headers.sort_by_key(|path| (!path.ends_with("common.cuh"), path.clone()));
-    headers
-}
-
 fn discover_sources(kernels_dir: &Path) -> Result<Vec<SourceFile>, String> {
     let mut paths: Vec<PathBuf> = fs::read_dir(kernels_dir)
         .map_err(|e| format!("{}: {e}", kernels_dir.display()))?
@@ -494,15 +482,17 @@ fn rust_table(
         )
         .unwrap();
     }
-    out.push_str(
-        "];\n\n/// Every kernels/*.cuh (common.cuh first), embedded for NVRTC as named headers.\n\
-         pub const KERNEL_HEADERS: &[KernelSource] = &[\n",
-    );
-    for header in kernel_headers(kernels_dir) {
-        let file_name = header.file_name().unwrap().to_string_lossy().into_owned();
+    out.push_str("];\n\n/// Every kernels/*.cuh, embedded for NVRTC as named headers.\npub const KERNEL_HEADERS: &[KernelSource] = &[\n");
+    let mut headers: Vec<PathBuf> = fs::read_dir(kernels_dir)
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    headers.retain(|path| path.extension().is_some_and(|ext| ext == "cuh"));
+    headers.sort();
+    for header in headers {
         writeln!(
             out,
-            "    KernelSource {{ file: \"{file_name}\", text: include_str!({:?}) }},",
+            "    KernelSource {{ file: \"{}\", text: include_str!({:?}) }},",
+            header.file_name().unwrap().to_string_lossy(),
             header.display().to_string()
         )
         .unwrap();

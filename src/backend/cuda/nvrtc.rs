@@ -6,7 +6,7 @@
 //! `$KVLAB_NVRTC` (a path), the repository's `.cuda-tools/` (scripts/setup-cuda-tools.sh), the
 //! usual CUDA install directories, then the dynamic loader's path by name, newest major first.
 //!
-//! The PTX cache key is (source, header, options, arch, NVRTC version); the cache lives in
+//! The PTX cache key is (source, headers, options, arch, NVRTC version); the cache lives in
 //! `$KVLAB_CACHE/ptx` or `<user cache dir>/kvlab/ptx`. Nothing ever reads a stale entry: any
 //! change of the key changes the file name.
 use std::ffi::{c_char, c_int, CStr, CString};
@@ -204,12 +204,13 @@ impl Nvrtc {
         ptx_dir: &Path,
     ) -> Result<String> {
         let options = Self::options(arch)?;
-        let mut parts: Vec<&str> = vec![source.text];
-        parts.extend(KERNEL_HEADERS.iter().flat_map(|h| [h.file, h.text]));
-        let settings = [options.join(" "), format!("{:?}", self.version)];
-        parts.extend(settings.iter().map(String::as_str));
         let mut hasher = Sha256::new();
-        for part in parts {
+        let headers = KERNEL_HEADERS.iter().map(|h| h.text);
+        for part in [source.text]
+            .into_iter()
+            .chain(headers)
+            .chain([options.join(" ").as_str(), &format!("{:?}", self.version)])
+        {
             hasher.update(part.as_bytes());
             hasher.update([0u8]);
         }
@@ -247,10 +248,8 @@ impl Nvrtc {
             .iter()
             .map(|h| CString::new(h.file))
             .collect::<Result<_, _>>()?;
-        let header_text_pointers: Vec<*const c_char> =
-            header_texts.iter().map(|h| h.as_ptr()).collect();
-        let header_name_pointers: Vec<*const c_char> =
-            header_names.iter().map(|h| h.as_ptr()).collect();
+        let header_texts: Vec<*const c_char> = header_texts.iter().map(|h| h.as_ptr()).collect();
+        let header_names: Vec<*const c_char> = header_names.iter().map(|h| h.as_ptr()).collect();
         let options: Vec<CString> = options
             .iter()
             .map(|o| CString::new(o.as_str()))
@@ -263,9 +262,9 @@ impl Nvrtc {
                 &mut program,
                 text.as_ptr(),
                 name.as_ptr(),
-                header_text_pointers.len() as c_int,
-                header_text_pointers.as_ptr(),
-                header_name_pointers.as_ptr(),
+                header_texts.len() as c_int,
+                header_texts.as_ptr(),
+                header_names.as_ptr(),
             );
             ensure!(
                 code == NVRTC_SUCCESS,
