@@ -24,6 +24,8 @@ enum Command {
     Scenario(cli::scenario::ScenarioArgs),
     /// Show how a static or dynamic KV cache sits in memory after N tokens.
     CacheMap(cli::cache_map::CacheMapArgs),
+    /// Registers, spills and shared memory of every CUDA kernel for sm_80 and sm_90.
+    KernelReport(cli::kernel_report::KernelReportArgs),
 }
 
 fn main() {
@@ -33,6 +35,7 @@ fn main() {
         Command::Synth(args) => cli::synth::run(args),
         Command::Scenario(args) => cli::scenario::run(args),
         Command::CacheMap(args) => cli::cache_map::run(args),
+        Command::KernelReport(args) => cli::kernel_report::run(args),
     };
     if let Err(err) = result {
         // `kvlab ... | head` closing the pipe early is not a failure.

@@ -1,6 +1,7 @@
 //! Subcommands. Each module holds its clap arguments and its `run`.
 pub mod cache_map;
 pub mod generate;
+pub mod kernel_report;
 pub mod scenario;
 pub mod synth;
 
