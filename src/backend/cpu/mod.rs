@@ -1,1 +1,2 @@
 //! CPU backend.
+pub mod matmul;
