@@ -180,7 +180,7 @@ fn main() {
     let (warm_up, measurement) = if quick() {
         (Duration::from_millis(50), Duration::from_millis(150))
     } else {
-        (Duration::from_millis(500), Duration::from_secs(2))
+        (Duration::from_millis(300), Duration::from_millis(1500))
     };
     let mut c = Criterion::default()
         .sample_size(10)

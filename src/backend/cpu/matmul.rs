@@ -4,13 +4,16 @@
 //! Two shapes of work, split across the global rayon pool:
 //! - decode (m == 1): a matrix-vector product bound by memory bandwidth. Each task streams a
 //!   contiguous range of weight rows, several rows at once so every x load feeds several FMAs.
-//! - prefill (m > 1): a blocked product. Each task owns a contiguous range of output columns
-//!   (= weight rows) in panels of [`NR`]; a panel of W is converted to f32 once per [`KC`] columns
-//!   into a packed, cache-resident buffer and then reused by every group of [`MR`] rows of x.
+//! - prefill (m > 1): a blocked product in the manner of BLIS. x is packed once per call into
+//!   tiles of [`MR`] rows. Each task owns a contiguous range of output columns (= weight rows) in
+//!   panels of [`NR`]; every panel is converted to f32 once per [`KC`] columns into a packed buffer
+//!   and reused from L1 by every tile of an x block of [`MC`] rows (resident in L2), through a
+//!   register-blocked FMA kernel of MR x NR.
 //!
 //! The instruction set is picked at run time ([`Isa::detect`]); the portable scalar kernels are
 //! the fallback on every target and are tested beside the SIMD ones.
 
+use std::cell::Cell;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -214,9 +217,10 @@ fn matmul_scalar<E: WeightElem>(x: &[f32], m: usize, w: MatRef, out: &mut [f32])
             matvec_rows_scalar::<E>(x, w, row0, out_rows)
         });
     } else {
-        // SAFETY: split_panels hands each task a disjoint panel range of an [m, rows] `out`.
-        split_panels(w, out, |panels, shared| unsafe {
-            matmul_panels_scalar::<E>(x, m, w, panels, shared)
+        // SAFETY: split_panels packs x and hands each task a disjoint panel range of an
+        // [m, rows] `out`.
+        split_panels(x, m, w, out, |x_packed, panels, shared| unsafe {
+            matmul_panels_scalar::<E>(x_packed, m, w, panels, shared)
         });
     }
 }
@@ -225,72 +229,48 @@ fn matmul_scalar<E: WeightElem>(x: &[f32], m: usize, w: MatRef, out: &mut [f32])
 #[cfg(target_arch = "x86_64")]
 fn matmul_avx2<E: avx2::Avx2Elem>(x: &[f32], m: usize, w: MatRef, out: &mut [f32]) {
     // SAFETY (both arms): the CPU features are present (above); shapes are checked, and
-    // split_panels hands each task a disjoint panel range of an [m, rows] `out`.
+    // split_panels packs x and hands each task a disjoint panel range of an [m, rows] `out`.
     if m == 1 {
         split_rows(w, out, |row0, out_rows| unsafe {
             avx2::matvec_rows::<E>(x, w, row0, out_rows)
         });
     } else {
-        split_panels(w, out, |panels, shared| unsafe {
-            avx2::matmul_panels::<E>(x, m, w, panels, shared)
+        split_panels(x, m, w, out, |x_packed, panels, shared| unsafe {
+            avx2::matmul_panels::<E>(x_packed, m, w, panels, shared)
         });
     }
 }
 
-/// Below this many bytes of weights a product runs on the calling thread: a rayon dispatch costs
-/// a few microseconds, the time to stream this much.
-const PARALLEL_MIN_WEIGHT_BYTES: usize = 128 << 10;
+/// Below this many bytes of input (weights of a product, x to pack) a step runs on the calling
+/// thread: a rayon dispatch costs a few microseconds, the time to stream this much.
+const PARALLEL_MIN_BYTES: usize = 128 << 10;
 
 /// Tasks per pool thread: a little slack so a thread slowed by other work does not hold up the
 /// call, while each task still streams a large contiguous range.
 const TASKS_PER_THREAD: usize = 4;
 
-/// Splits `units` into contiguous ranges for at most `max_tasks` tasks, each a multiple of
-/// `granule` long (except the last).
-fn task_ranges(units: usize, max_tasks: usize, granule: usize) -> Vec<Range<usize>> {
-    let per_task = units.div_ceil(max_tasks).next_multiple_of(granule).max(1);
-    (0..units)
-        .step_by(per_task)
-        .map(|start| start..(start + per_task).min(units))
-        .collect()
-}
-
-fn max_tasks(w: MatRef) -> usize {
-    if w.data.len() < PARALLEL_MIN_WEIGHT_BYTES {
+/// Length of each task's contiguous range when `units` (rows or panels) of `w` are split: a
+/// multiple of `granule`, and all of `units` when the product is too small to share out.
+fn units_per_task(w: MatRef, units: usize, granule: usize) -> usize {
+    let tasks = if w.data.len() < PARALLEL_MIN_BYTES {
         1
     } else {
         rayon::current_num_threads() * TASKS_PER_THREAD
-    }
+    };
+    units.div_ceil(tasks).next_multiple_of(granule).max(1)
 }
 
 /// Decode split: `run(row0, out_rows)` computes out_rows[r] = W[row0 + r, ..] · x, for
 /// contiguous row ranges in parallel.
 fn split_rows(w: MatRef, out: &mut [f32], run: impl Fn(usize, &mut [f32]) + Sync) {
     // Granule of 4 rows: the SIMD kernel's row block.
-    let ranges = task_ranges(w.rows, max_tasks(w), 4);
-    if ranges.len() <= 1 {
+    let rows_per_task = units_per_task(w, w.rows, 4);
+    if rows_per_task >= w.rows {
         run(0, out);
-        return;
-    }
-    out.par_chunks_mut(ranges[0].len())
-        .zip(ranges)
-        .for_each(|(out_rows, rows)| run(rows.start, out_rows));
-}
-
-/// Prefill split: `run(panels, out)` computes the output columns of the NR-wide panels in
-/// `panels`, for disjoint panel ranges in parallel.
-fn split_panels(w: MatRef, out: &mut [f32], run: impl Fn(Range<usize>, SharedOut) + Sync) {
-    let shared = SharedOut {
-        ptr: out.as_mut_ptr(),
-    };
-    let panels = w.rows.div_ceil(NR);
-    let ranges = task_ranges(panels, max_tasks(w), 1);
-    if ranges.len() <= 1 {
-        run(0..panels, shared);
     } else {
-        ranges
-            .into_par_iter()
-            .for_each(|panels| run(panels, shared));
+        out.par_chunks_mut(rows_per_task)
+            .enumerate()
+            .for_each(|(t, out_rows)| run(t * rows_per_task, out_rows));
     }
 }
 
@@ -321,9 +301,17 @@ fn matvec_rows_scalar<E: WeightElem>(x: &[f32], w: MatRef, row0: usize, out: &mu
 const MR: usize = 6;
 /// Output columns (= weight rows) per packed panel: 16 f32, one cache line per panel row.
 const NR: usize = 16;
-/// Reduction depth of a packed panel: NR x KC f32 = 16 KiB, resident in L1 while every tile of
-/// x rows sweeps over it.
+/// Reduction depth of a packed block: a panel of NR x KC f32 = 16 KiB stays in L1 while the
+/// tiles of an x block sweep over it.
 const KC: usize = 256;
+/// Rows of x per block (a multiple of MR): MC x KC f32 of packed x = 144 KiB stays in L2 while
+/// the panels of a W block sweep over it.
+const MC: usize = 144;
+/// Panels per W block when x spans several x blocks: NC_PANELS x NR x KC f32 = 64 KiB, converted
+/// once per KC columns and read back from L2 once per x block, so that each x block is loaded
+/// into L2 once per NC_PANELS panels. With a single x block (m <= MC) x stays in L2 anyway, and a
+/// block of one panel is used straight from L1 after its conversion.
+const NC_PANELS: usize = 4;
 
 /// One k-step of a packed panel: `[NR]` f32 = W[n0 + j, k] for j in 0..NR, zero past the last
 /// weight row; 64-byte aligned so the SIMD kernels load it without cache-line splits.
@@ -331,8 +319,12 @@ const KC: usize = 256;
 #[derive(Clone, Copy)]
 struct PanelRow([f32; NR]);
 
-/// The packed panel buffer of one task: [KC] rows of [NR], on the stack (no allocation per call).
-type Panel = [PanelRow; KC];
+thread_local! {
+    /// Packed x of the prefill calls made from this thread, grown to the largest call.
+    static X_PACKED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// Packed W block of the prefill tasks run on this thread: [NC_PANELS][KC] panel rows.
+    static W_BLOCK: Cell<Vec<PanelRow>> = const { Cell::new(Vec::new()) };
+}
 
 /// `out` shared by prefill tasks. Each task writes only columns of its own panel range, so no two
 /// tasks ever write the same element.
@@ -346,13 +338,74 @@ struct SharedOut {
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
-/// Geometry of one register tile: rows i0..i0 + mr of x, one panel, one KC block.
+/// Prefill split: packs x once ([`pack_x`]), then `run(x_packed, panels, out)` computes the
+/// output columns of the NR-wide panels in `panels`, for disjoint panel ranges in parallel.
+fn split_panels(
+    x: &[f32],
+    m: usize,
+    w: MatRef,
+    out: &mut [f32],
+    run: impl Fn(&[f32], Range<usize>, SharedOut) + Sync,
+) {
+    // Taken out of the thread-local (not borrowed) so a nested call on this thread, e.g. from a
+    // rayon job run while this one waits, simply packs into a buffer of its own.
+    let mut x_packed = X_PACKED.take();
+    if x_packed.len() < m * w.cols {
+        x_packed.resize(m * w.cols, 0.0);
+    }
+    pack_x(x, m, w.cols, &mut x_packed[..m * w.cols]);
+    let x_packed_view = &x_packed[..m * w.cols];
+    let shared = SharedOut {
+        ptr: out.as_mut_ptr(),
+    };
+    let panels = w.rows.div_ceil(NR);
+    let panels_per_task = units_per_task(w, panels, 1);
+    if panels_per_task >= panels {
+        run(x_packed_view, 0..panels, shared);
+    } else {
+        (0..panels.div_ceil(panels_per_task))
+            .into_par_iter()
+            .for_each(|t| {
+                let start = t * panels_per_task;
+                run(
+                    x_packed_view,
+                    start..panels.min(start + panels_per_task),
+                    shared,
+                )
+            });
+    }
+    X_PACKED.set(x_packed);
+}
+
+/// x [m, cols] row-major -> tiles of MR rows, tile t = [cols][mr] at t * MR * cols (mr = MR but
+/// for the last tile): a tile kernel then reads one contiguous stream instead of mr rows `cols`
+/// apart (which, at multiples of 4 KiB, would all fall into the same L1 set).
+fn pack_x(x: &[f32], m: usize, cols: usize, packed: &mut [f32]) {
+    let pack_tile = |(t, tile): (usize, &mut [f32])| {
+        let mr = MR.min(m - t * MR);
+        for r in 0..mr {
+            let row = &x[(t * MR + r) * cols..(t * MR + r + 1) * cols];
+            for (dst, &v) in tile[r..].iter_mut().step_by(mr).zip(row) {
+                *dst = v;
+            }
+        }
+    };
+    if std::mem::size_of_val(packed) < PARALLEL_MIN_BYTES {
+        packed.chunks_mut(MR * cols).enumerate().for_each(pack_tile);
+    } else {
+        packed
+            .par_chunks_mut(MR * cols)
+            .enumerate()
+            .for_each(pack_tile);
+    }
+}
+
+/// Geometry of one register tile: x rows i0..i0 + mr, one panel, one KC block.
 struct Tile<'a> {
-    /// [mr, ldx] row-major, starting at x[i0, k0]; `kc` columns are read from each row.
+    /// Packed x[i0.., k0..k0 + kc]: [kc][mr].
     x: &'a [f32],
-    ldx: usize,
     mr: usize,
-    /// Packed W[n0.., k0..k0 + kc].
+    /// Packed W[n0.., k0..k0 + kc]: [kc] panel rows.
     panel: &'a [PanelRow],
     /// Valid columns of the panel (the last panel of a matrix may be partial).
     nvalid: usize,
@@ -360,43 +413,61 @@ struct Tile<'a> {
     first: bool,
 }
 
-/// The blocking loops shared by every ISA: for each panel and KC block, `pack` it once, then run
-/// `tile` for every group of MR rows of x. `tile` receives the tile and `out` at [i0, n0].
+/// The blocking loops shared by every ISA. For each W block of panels and each KC
+/// block of columns, `pack_w` converts every panel once; then for each x block of MC rows, every
+/// panel runs `tile` on each of the block's tiles of MR rows. `tile` receives the tile and `out`
+/// at [i0, n0].
 ///
 /// # Safety
-/// `out` must be [m, w.rows], and no other thread may write the columns of `panels`.
+/// `x_packed` is x packed by [`pack_x`], `out` is [m, w.rows], and no other thread writes the
+/// columns of `panels`.
 #[inline(always)]
-unsafe fn for_each_tile<E: WeightElem>(
-    x: &[f32],
+unsafe fn for_each_tile(
+    x_packed: &[f32],
     m: usize,
     w: MatRef,
     panels: Range<usize>,
     out: SharedOut,
-    mut pack: impl FnMut(usize, usize, usize, &mut [PanelRow]),
+    mut pack_w: impl FnMut(usize, usize, usize, &mut [PanelRow]),
     mut tile: impl FnMut(&Tile, *mut f32),
 ) {
-    let mut panel: Panel = [PanelRow([0.0; NR]); KC];
-    for p in panels {
-        let n0 = p * NR;
-        let nvalid = NR.min(w.rows - n0);
-        for k0 in (0..w.cols).step_by(KC) {
-            let kc = KC.min(w.cols - k0);
-            pack(n0, nvalid, k0, &mut panel[..kc]);
-            for i0 in (0..m).step_by(MR) {
-                let mr = MR.min(m - i0);
-                let tile_x = &x[i0 * w.cols + k0..(i0 + mr - 1) * w.cols + k0 + kc];
-                let t = Tile {
-                    x: tile_x,
-                    ldx: w.cols,
-                    mr,
-                    panel: &panel[..kc],
-                    nvalid,
-                    first: k0 == 0,
-                };
-                tile(&t, out.ptr.add(i0 * w.rows + n0));
+    let cols = w.cols;
+    let block_panels = if m <= MC { 1 } else { NC_PANELS };
+    let mut w_block = W_BLOCK.take();
+    w_block.resize(NC_PANELS * KC, PanelRow([0.0; NR]));
+    for block_start in panels.clone().step_by(block_panels) {
+        let block = block_start..(block_start + block_panels).min(panels.end);
+        for k0 in (0..cols).step_by(KC) {
+            let kc = KC.min(cols - k0);
+            for (b, p) in block.clone().enumerate() {
+                let n0 = p * NR;
+                pack_w(
+                    n0,
+                    NR.min(w.rows - n0),
+                    k0,
+                    &mut w_block[b * KC..b * KC + kc],
+                );
+            }
+            for i0 in (0..m).step_by(MC) {
+                for (b, p) in block.clone().enumerate() {
+                    let n0 = p * NR;
+                    let panel = &w_block[b * KC..b * KC + kc];
+                    for t0 in (i0..m.min(i0 + MC)).step_by(MR) {
+                        let mr = MR.min(m - t0);
+                        let t = Tile {
+                            x: &x_packed[t0 * cols + k0 * mr..][..kc * mr],
+                            mr,
+                            panel,
+                            nvalid: NR.min(w.rows - n0),
+                            first: k0 == 0,
+                        };
+                        tile(&t, out.ptr.add(t0 * w.rows + n0));
+                    }
+                }
             }
         }
     }
+    W_BLOCK.set(w_block);
 }
 
 /// panel[k][j] = W[n0 + j, k0 + k] for j < nvalid, 0 beyond; `panel.len()` is kc.
@@ -438,14 +509,14 @@ unsafe fn store_tile(acc: &[[f32; NR]], out: *mut f32, ldc: usize, nvalid: usize
 /// # Safety
 /// As [`for_each_tile`].
 unsafe fn matmul_panels_scalar<E: WeightElem>(
-    x: &[f32],
+    x_packed: &[f32],
     m: usize,
     w: MatRef,
     panels: Range<usize>,
     out: SharedOut,
 ) {
-    for_each_tile::<E>(
-        x,
+    for_each_tile(
+        x_packed,
         m,
         w,
         panels,
@@ -455,7 +526,7 @@ unsafe fn matmul_panels_scalar<E: WeightElem>(
             let mut acc = [[0.0f32; NR]; MR];
             for (k, prow) in t.panel.iter().enumerate() {
                 for (r, acc_row) in acc[..t.mr].iter_mut().enumerate() {
-                    let xv = t.x[r * t.ldx + k];
+                    let xv = t.x[k * t.mr + r];
                     for (a, &wv) in acc_row.iter_mut().zip(&prow.0) {
                         *a += xv * wv;
                     }

@@ -127,14 +127,14 @@ unsafe fn dot_rows<E: Avx2Elem, const R: usize>(
 /// AVX2, FMA and F16C are present; as [`super::for_each_tile`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn matmul_panels<E: Avx2Elem>(
-    x: &[f32],
+    x_packed: &[f32],
     m: usize,
     w: MatRef,
     panels: Range<usize>,
     out: SharedOut,
 ) {
-    for_each_tile::<E>(
-        x,
+    for_each_tile(
+        x_packed,
         m,
         w,
         panels,
@@ -246,8 +246,8 @@ unsafe fn tile<const R: usize>(t: &Tile, out: *mut f32, ldc: usize) {
         let w_lo = _mm256_load_ps(prow.0.as_ptr());
         let w_hi = _mm256_load_ps(prow.0.as_ptr().add(8));
         for (r, acc_r) in acc.iter_mut().enumerate() {
-            // x[i0 + r, k0 + k]: inside t.x because r < mr and k < kc.
-            let xb = _mm256_broadcast_ss(&*xp.add(r * t.ldx + k));
+            // x[i0 + r, k0 + k]: inside t.x ([kc][R]) because r < R and k < kc.
+            let xb = _mm256_broadcast_ss(&*xp.add(k * R + r));
             acc_r[0] = _mm256_fmadd_ps(xb, w_lo, acc_r[0]);
             acc_r[1] = _mm256_fmadd_ps(xb, w_hi, acc_r[1]);
         }

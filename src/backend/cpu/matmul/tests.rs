@@ -10,7 +10,9 @@ use super::*;
 /// what bounds f32 rounding in a sum; |result| alone can be tiny through cancellation).
 const REL_TOL: f64 = 1e-5;
 
-const M_VALUES: [usize; 6] = [1, 2, 3, 7, 33, 130];
+/// Decode, tiles of every height 1..=6, one x block (MC = 144) and two (151: 25 tiles, the last
+/// one of a single row).
+const M_VALUES: [usize; 7] = [1, 2, 3, 7, 33, 130, 151];
 /// Partial panels (1, 5, 17, 777), a single full panel (16), several parallel tasks (777).
 const ROW_VALUES: [usize; 5] = [1, 5, 16, 17, 777];
 /// Shorter than a vector, odd, multiples of 8 and 16 but not of 64, and past KC = 256 (513 = two
@@ -87,16 +89,15 @@ fn small_integers(rng: &mut StdRng, len: usize) -> Vec<f32> {
 
 /// Checks `got` against the reference within REL_TOL of the size of the terms.
 fn assert_close(got: &[f32], expected: &[f32], x: &[f32], m: usize, w: MatRef, what: &str) {
-    let elem_bytes = w.dtype.size_bytes();
-    for i in 0..m {
-        for n in 0..w.rows {
-            let terms: f64 = (0..w.cols)
-                .map(|k| {
-                    let at = (n * w.cols + k) * elem_bytes;
-                    (x[i * w.cols + k] as f64
-                        * weight_to_f32(w.dtype, &w.data[at..at + elem_bytes]) as f64)
-                        .abs()
-                })
+    let mut w_row = vec![0.0f32; w.cols];
+    for n in 0..w.rows {
+        row_to_f32(w, n, &mut w_row);
+        for i in 0..m {
+            let x_row = &x[i * w.cols..(i + 1) * w.cols];
+            let terms: f64 = x_row
+                .iter()
+                .zip(&w_row)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
                 .sum();
             let (g, e) = (got[i * w.rows + n], expected[i * w.rows + n]);
             assert!(
@@ -159,7 +160,7 @@ fn results_do_not_depend_on_the_thread_count() {
     // 600 KiB of bf16 weights: parallel in both pools.
     let (rows, cols) = (1003, 300);
     let w = Weights::new(DType::BF16, rows, cols, &uniform(&mut rng, rows * cols));
-    for m in [1, 9] {
+    for m in [1, 9, 151] {
         let x = uniform(&mut rng, m * cols);
         for isa in isas() {
             let run_with_threads = |threads: usize| {
