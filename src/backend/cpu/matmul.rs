@@ -230,7 +230,17 @@ fn matmul_scalar<E: WeightElem>(x: &[f32], m: usize, w: MatRef, out: &mut [f32])
 fn matmul_avx2<E: avx2::Avx2Elem>(x: &[f32], m: usize, w: MatRef, out: &mut [f32]) {
     // SAFETY (both arms): the CPU features are present (above); shapes are checked, and
     // split_panels packs x and hands each task a disjoint panel range of an [m, rows] `out`.
-    if m == 1 {
+    if m == 1 && E::LOAD16_EVEN_ODD {
+        with_x_buffer(
+            w.cols,
+            |arranged| avx2::arrange_x_for_load16(x, arranged),
+            |arranged| {
+                split_rows(w, out, |row0, out_rows| unsafe {
+                    avx2::matvec_rows::<E>(arranged, w, row0, out_rows)
+                })
+            },
+        );
+    } else if m == 1 {
         split_rows(w, out, |row0, out_rows| unsafe {
             avx2::matvec_rows::<E>(x, w, row0, out_rows)
         });
@@ -320,8 +330,8 @@ const NC_PANELS: usize = 4;
 struct PanelRow([f32; NR]);
 
 thread_local! {
-    /// Packed x of the prefill calls made from this thread, grown to the largest call.
-    static X_PACKED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// x rearranged for the kernels by the calls made from this thread, grown to the largest.
+    static X_BUFFER: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// Packed W block of the prefill tasks run on this thread: [NC_PANELS][KC] panel rows.
     static W_BLOCK: Cell<Vec<PanelRow>> = const { Cell::new(Vec::new()) };
 }
@@ -347,34 +357,40 @@ fn split_panels(
     out: &mut [f32],
     run: impl Fn(&[f32], Range<usize>, SharedOut) + Sync,
 ) {
-    // Taken out of the thread-local (not borrowed) so a nested call on this thread, e.g. from a
-    // rayon job run while this one waits, simply packs into a buffer of its own.
-    let mut x_packed = X_PACKED.take();
-    if x_packed.len() < m * w.cols {
-        x_packed.resize(m * w.cols, 0.0);
-    }
-    pack_x(x, m, w.cols, &mut x_packed[..m * w.cols]);
-    let x_packed_view = &x_packed[..m * w.cols];
     let shared = SharedOut {
         ptr: out.as_mut_ptr(),
     };
     let panels = w.rows.div_ceil(NR);
     let panels_per_task = units_per_task(w, panels, 1);
-    if panels_per_task >= panels {
-        run(x_packed_view, 0..panels, shared);
-    } else {
-        (0..panels.div_ceil(panels_per_task))
-            .into_par_iter()
-            .for_each(|t| {
-                let start = t * panels_per_task;
-                run(
-                    x_packed_view,
-                    start..panels.min(start + panels_per_task),
-                    shared,
-                )
-            });
+    with_x_buffer(
+        m * w.cols,
+        |x_packed| pack_x(x, m, w.cols, x_packed),
+        |x_packed| {
+            if panels_per_task >= panels {
+                run(x_packed, 0..panels, shared);
+            } else {
+                (0..panels.div_ceil(panels_per_task))
+                    .into_par_iter()
+                    .for_each(|t| {
+                        let start = t * panels_per_task;
+                        run(x_packed, start..panels.min(start + panels_per_task), shared)
+                    });
+            }
+        },
+    );
+}
+
+/// Runs `use_x` on `len` floats of this thread's [`X_BUFFER`] after `fill` has written them.
+fn with_x_buffer(len: usize, fill: impl FnOnce(&mut [f32]), use_x: impl FnOnce(&[f32])) {
+    // Taken out of the thread-local (not borrowed) so that a nested call on this thread, e.g.
+    // from a rayon job run while this one waits, simply gets a buffer of its own.
+    let mut buffer = X_BUFFER.take();
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
     }
-    X_PACKED.set(x_packed);
+    fill(&mut buffer[..len]);
+    use_x(&buffer[..len]);
+    X_BUFFER.set(buffer);
 }
 
 /// x [m, cols] row-major -> tiles of MR rows, tile t = [cols][mr] at t * MR * cols (mr = MR but
