@@ -34,7 +34,7 @@ pub struct MatRef<'a> {
     pub data: &'a [u8],
 }
 
-impl MatRef<'_> {
+impl<'a> MatRef<'a> {
     fn assert_consistent(&self) {
         assert_eq!(
             self.data.len(),
@@ -46,11 +46,18 @@ impl MatRef<'_> {
             self.cols
         );
     }
+
+    /// The bytes of W[row, ..].
+    fn row(&self, row: usize) -> &'a [u8] {
+        let row_bytes = self.cols * self.dtype.size_bytes();
+        &self.data[row * row_bytes..(row + 1) * row_bytes]
+    }
 }
 
 /// out[m, rows] = x[m, cols] · Wᵀ   (x: [m, cols] row-major; out: [m, rows] row-major).
 /// m == 1 is decode (matrix-vector), m > 1 is prefill (blocked matrix-matrix). Runs on the
-/// global rayon pool, so the caller sets the thread count.
+/// current rayon pool (the global one unless called inside `ThreadPool::install`), so the caller
+/// sets the thread count.
 pub fn matmul(x: &[f32], m: usize, w: MatRef, out: &mut [f32]) {
     matmul_with(Isa::detect(), x, m, w, out);
 }
@@ -69,8 +76,7 @@ pub fn row_to_f32(w: MatRef, row: usize, out: &mut [f32]) {
         out.len(),
         w.cols
     );
-    let row_bytes = w.cols * w.dtype.size_bytes();
-    let bytes = &w.data[row * row_bytes..(row + 1) * row_bytes];
+    let bytes = w.row(row);
     let out = &mut out[..w.cols];
     match w.dtype {
         DType::BF16 => convert_to_f32::<Bf16>(bytes, out),
@@ -87,7 +93,7 @@ pub fn matmul_reference(x: &[f32], m: usize, w: MatRef, out: &mut [f32]) {
     for i in 0..m {
         let x_row = &x[i * w.cols..(i + 1) * w.cols];
         for n in 0..w.rows {
-            let w_row = &w.data[n * w.cols * elem_bytes..(n + 1) * w.cols * elem_bytes];
+            let w_row = w.row(n);
             let sum: f64 = x_row
                 .iter()
                 .zip(w_row.chunks_exact(elem_bytes))
@@ -286,9 +292,8 @@ fn split_rows(w: MatRef, out: &mut [f32], run: impl Fn(usize, &mut [f32]) + Sync
 
 /// out[r] = W[row0 + r, ..] · x for every r in 0..out.len().
 fn matvec_rows_scalar<E: WeightElem>(x: &[f32], w: MatRef, row0: usize, out: &mut [f32]) {
-    let row_bytes = w.cols * E::BYTES;
     for (r, o) in out.iter_mut().enumerate() {
-        let row = &w.data[(row0 + r) * row_bytes..(row0 + r + 1) * row_bytes];
+        let row = w.row(row0 + r);
         // Eight independent partial sums so the compiler can keep them in vector lanes.
         let mut lanes = [0.0f32; 8];
         let x_chunks = x.chunks_exact(8);

@@ -157,7 +157,7 @@ unsafe fn dot_rows<E: Avx2Elem, const R: usize>(
     }
     for (r, (acc_r, o)) in acc.iter().zip(out.iter_mut()).enumerate() {
         let mut sum = horizontal_sum(_mm256_add_ps(acc_r[0], acc_r[1]));
-        let row = &w.data[(row0 + r) * row_bytes..(row0 + r + 1) * row_bytes];
+        let row = w.row(row0 + r);
         for (&xv, wb) in x[c..]
             .iter()
             .zip(row[c * E::BYTES..].chunks_exact(E::BYTES))
@@ -234,12 +234,7 @@ unsafe fn pack_panel<E: Avx2Elem>(
             }
         }
     }
-    for (k, prow) in panel.iter_mut().enumerate().skip(kc8) {
-        for (j, dst) in prow.0.iter_mut().enumerate() {
-            let at = ((n0 + j) * w.cols + k0 + k) * E::BYTES;
-            *dst = E::to_f32(&w.data[at..at + E::BYTES]);
-        }
-    }
+    pack_panel_scalar::<E>(w, n0, NR, k0 + kc8, &mut panel[kc8..]);
 }
 
 /// Rows of 8 in, columns of 8 out: result[c][r] = v[r][c].

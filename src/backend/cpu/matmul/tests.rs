@@ -178,6 +178,35 @@ fn results_do_not_depend_on_the_thread_count() {
 }
 
 #[test]
+fn concurrent_calls_from_pool_threads_agree() {
+    // Calls nested in rayon jobs share the pool, and a thread waiting in one call may run
+    // another: each call must still get its own x buffer.
+    let mut rng = StdRng::seed_from_u64(19);
+    let (rows, cols) = (700, 200);
+    let w = Weights::new(DType::BF16, rows, cols, &uniform(&mut rng, rows * cols));
+    for m in [1, 20] {
+        let xs: Vec<Vec<f32>> = (0..6).map(|_| uniform(&mut rng, m * cols)).collect();
+        let serial: Vec<Vec<f32>> = xs
+            .iter()
+            .map(|x| {
+                let mut out = vec![0.0; m * rows];
+                matmul(x, m, w.mat(), &mut out);
+                out
+            })
+            .collect();
+        let concurrent: Vec<Vec<f32>> = xs
+            .par_iter()
+            .map(|x| {
+                let mut out = vec![0.0; m * rows];
+                matmul(x, m, w.mat(), &mut out);
+                out
+            })
+            .collect();
+        assert_eq!(serial, concurrent, "m {m}");
+    }
+}
+
+#[test]
 fn matmul_uses_the_detected_isa() {
     let mut rng = StdRng::seed_from_u64(17);
     let (m, rows, cols) = (3, 33, 70);
@@ -237,12 +266,13 @@ fn row_to_f32_decodes_every_dtype_exactly() {
     }
 }
 
-/// The SIMD widening of every 16-bit pattern (subnormals, infinities, NaNs included) agrees
-/// with the scalar decoding.
+/// The SIMD widenings (load8, and load16 in its element order) of every 16-bit pattern
+/// (subnormals, infinities, NaNs included) agree with the scalar decoding.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn avx2_widening_matches_scalar_for_every_16_bit_pattern() {
     use avx2::Avx2Elem;
+    use std::arch::x86_64::_mm256_storeu_ps;
     if Isa::detect() != Isa::Avx2Fma {
         println!("skipped: this CPU lacks AVX2/FMA/F16C");
         return;
@@ -252,18 +282,35 @@ fn avx2_widening_matches_scalar_for_every_16_bit_pattern() {
         let bytes: Vec<u8> = std::iter::once(0)
             .chain((0..=u16::MAX).flat_map(u16::to_le_bytes))
             .collect();
-        for chunk in 0..(1 << 16) / 8 {
-            let p = &bytes[1 + chunk * 16..1 + chunk * 16 + 16];
-            let mut wide = [0.0f32; 8];
-            // SAFETY: the CPU has the features (checked above); p holds 8 elements.
-            unsafe { std::arch::x86_64::_mm256_storeu_ps(wide.as_mut_ptr(), E::load8(p.as_ptr())) };
-            for (l, &v) in wide.iter().enumerate() {
-                let expected = E::to_f32(&p[2 * l..2 * l + 2]);
-                assert!(
-                    v.to_bits() == expected.to_bits() || (v.is_nan() && expected.is_nan()),
-                    "{name} pattern {:#06x}: {v} vs {expected}",
-                    chunk * 8 + l
-                );
+        for block in 0..(1 << 16) / 16 {
+            let p = &bytes[1 + block * 32..1 + block * 32 + 32];
+            // [16] f32: load8 of both halves, then load16's pair.
+            let (mut by_load8, mut by_load16) = ([0.0f32; 16], [0.0f32; 16]);
+            // SAFETY: the CPU has the features (checked above); p holds 16 elements.
+            unsafe {
+                _mm256_storeu_ps(by_load8.as_mut_ptr(), E::load8(p.as_ptr()));
+                _mm256_storeu_ps(by_load8.as_mut_ptr().add(8), E::load8(p.as_ptr().add(16)));
+                let (a, b) = E::load16(p.as_ptr());
+                _mm256_storeu_ps(by_load16.as_mut_ptr(), a);
+                _mm256_storeu_ps(by_load16.as_mut_ptr().add(8), b);
+            }
+            for l in 0..16 {
+                let element_of_load16 = match (E::LOAD16_EVEN_ODD, l < 8) {
+                    (false, _) => l,
+                    (true, true) => 2 * l,
+                    (true, false) => 2 * (l - 8) + 1,
+                };
+                for (v, element, how) in [
+                    (by_load8[l], l, "load8"),
+                    (by_load16[l], element_of_load16, "load16"),
+                ] {
+                    let expected = E::to_f32(&p[2 * element..2 * element + 2]);
+                    assert!(
+                        v.to_bits() == expected.to_bits() || (v.is_nan() && expected.is_nan()),
+                        "{name} {how} pattern {:#06x}: {v} vs {expected}",
+                        block * 16 + element
+                    );
+                }
             }
         }
     }
