@@ -234,7 +234,7 @@ fn matmul_scalar<E: WeightElem>(x: &[f32], m: usize, w: MatRef, out: &mut [f32])
 /// Only called when the CPU has AVX2, FMA and F16C ([`Isa::detect`]).
 #[cfg(target_arch = "x86_64")]
 fn matmul_avx2<E: avx2::Avx2Elem>(x: &[f32], m: usize, w: MatRef, out: &mut [f32]) {
-    // SAFETY (both arms): the CPU features are present (above); shapes are checked, and
+    // SAFETY (every arm): the CPU features are present (above); shapes are checked, and
     // split_panels packs x and hands each task a disjoint panel range of an [m, rows] `out`.
     if m == 1 && E::LOAD16_EVEN_ODD {
         with_x_buffer(
