@@ -257,8 +257,8 @@ fn matmul_avx2<E: avx2::Avx2Elem>(x: &[f32], m: usize, w: MatRef, out: &mut [f32
     }
 }
 
-/// Below this many bytes of input (weights of a product, x to pack) a step runs on the calling
-/// thread: a rayon dispatch costs a few microseconds, the time to stream this much.
+/// Bytes of input (weights of a product, x to pack) below which a step is not split further: a
+/// rayon dispatch costs a few microseconds, the time to stream this much.
 const PARALLEL_MIN_BYTES: usize = 128 << 10;
 
 /// Tasks per pool thread: a little slack so a thread slowed by other work does not hold up the
@@ -268,11 +268,10 @@ const TASKS_PER_THREAD: usize = 4;
 /// Length of each task's contiguous range when `units` (rows or panels) of `w` are split: a
 /// multiple of `granule`, and all of `units` when the product is too small to share out.
 fn units_per_task(w: MatRef, units: usize, granule: usize) -> usize {
-    let tasks = if w.data.len() < PARALLEL_MIN_BYTES {
-        1
-    } else {
-        rayon::current_num_threads() * TASKS_PER_THREAD
-    };
+    // At least PARALLEL_MIN_BYTES of weights per task, so that wide pools do not cut small
+    // matrices into slivers whose dispatch costs more than their streaming.
+    let tasks = (w.data.len() / PARALLEL_MIN_BYTES)
+        .clamp(1, rayon::current_num_threads() * TASKS_PER_THREAD);
     units.div_ceil(tasks).next_multiple_of(granule).max(1)
 }
 
