@@ -23,7 +23,10 @@ const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
 fn isas() -> Vec<Isa> {
     let detected = Isa::detect();
     if detected == Isa::Scalar {
-        println!("note: no SIMD kernels on this CPU, testing the scalar kernels only");
+        static NOTE: std::sync::Once = std::sync::Once::new();
+        NOTE.call_once(|| {
+            println!("note: no SIMD kernels on this CPU, testing the scalar ones only")
+        });
         vec![Isa::Scalar]
     } else {
         vec![Isa::Scalar, detected]
