@@ -302,11 +302,12 @@ pub fn cached_synthetic_dir(root: &Path, opts: &SynthOptions) -> Result<PathBuf>
     }
 }
 
-/// Whether `dir` was written by [`write_synthetic`]: its README.md is the one `readme_text` writes.
+/// Written beside the weights so that reports can say the weights are random.
+const MARKER_FILE: &str = "kvlab-synthetic.json";
+
+/// True for a folder written by [`write_synthetic`].
 pub fn is_synthetic(dir: &Path) -> bool {
-    fs::read_to_string(dir.join("README.md")).is_ok_and(|text| {
-        text.starts_with("# Synthetic ") && text.contains("Written by `kvlab synth")
-    })
+    dir.join(MARKER_FILE).is_file()
 }
 
 fn write_files(opts: &SynthOptions, dir: &Path) -> Result<()> {
@@ -316,6 +317,10 @@ fn write_files(opts: &SynthOptions, dir: &Path) -> Result<()> {
         &generation_config_json(),
     )?;
     write_json(&dir.join("tokenizer_config.json"), &tokenizer_config_json())?;
+    write_json(
+        &dir.join(MARKER_FILE),
+        &serde_json::json!({ "preset": opts.preset.name(), "seed": opts.seed }),
+    )?;
     let readme = dir.join("README.md");
     fs::write(&readme, readme_text(opts))
         .with_context(|| format!("writing {}", readme.display()))?;
@@ -765,23 +770,4 @@ fn write_tokenizer_json(path: &Path) -> Result<()> {
         .map_err(std::io::Error::from)
         .and_then(|()| file.flush())
         .with_context(|| format!("writing {}", path.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_folders_with_the_synth_readme_are_synthetic() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(!is_synthetic(dir.path()), "no README.md");
-        fs::write(dir.path().join("README.md"), "# A real model\n").unwrap();
-        assert!(!is_synthetic(dir.path()), "a foreign README.md");
-        let opts = SynthOptions {
-            preset: Preset::Tiny,
-            seed: 3,
-        };
-        fs::write(dir.path().join("README.md"), readme_text(&opts)).unwrap();
-        assert!(is_synthetic(dir.path()));
-    }
 }
