@@ -771,22 +771,3 @@ fn write_tokenizer_json(path: &Path) -> Result<()> {
         .and_then(|()| file.flush())
         .with_context(|| format!("writing {}", path.display()))
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_folders_with_the_synth_readme_are_synthetic() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(!is_synthetic(dir.path()), "no README.md");
-        fs::write(dir.path().join("README.md"), "# A real model\n").unwrap();
-        assert!(!is_synthetic(dir.path()), "a foreign README.md");
-        let opts = SynthOptions {
-            preset: Preset::Tiny,
-            seed: 3,
-        };
-        fs::write(dir.path().join("README.md"), readme_text(&opts)).unwrap();
-        assert!(is_synthetic(dir.path()));
-    }
-}
