@@ -7,7 +7,7 @@
 //! step's launches, which is what lets a decode step run as a CUDA graph (see [`super::graph`]).
 
 use super::device::{Device, KernelArg, LaunchConfig};
-use super::graph::{GraphStats, Launch, StepExecution, StepRecorder};
+use super::graph::{GraphStats, Launch, StepRecorder};
 use super::kernels::{
     decode_attention_groups, DecodePartials, ARGMAX_PARTIALS, DECODE_MAX_SPLITS, PREFILL_HEAD_DIMS,
 };
@@ -242,11 +242,6 @@ impl CudaBackend {
         self.recorder.borrow().stats
     }
 
-    /// How the last forward pass ran.
-    pub fn last_step_execution(&self) -> Option<StepExecution> {
-        self.recorder.borrow().last
-    }
-
     /// Device memory by use, and as the device reports it.
     pub fn memory_report(&self) -> Result<MemoryReport> {
         let device = self.device.memory()?;
@@ -293,7 +288,7 @@ impl CudaBackend {
         bits: &[u16],
     ) -> Result<CudaWeight> {
         ensure!(
-            bits.len() == rows * cols && cols % 8 == 0,
+            bits.len() == rows * cols && cols.is_multiple_of(8),
             "{name}: {} values for [{rows}, {cols}] (columns a multiple of 8)",
             bits.len()
         );
@@ -506,7 +501,7 @@ impl Backend for CudaBackend {
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
         ensure!(
-            cols % 8 == 0,
+            cols.is_multiple_of(8),
             "CUDA activations are moved in 16-byte vectors: {cols} columns is not a multiple of 8"
         );
         Ok(CudaTensor {
@@ -741,7 +736,7 @@ impl Backend for CudaBackend {
         q.check_rows(rows, "rope q")?;
         k.check_rows(rows, "rope k")?;
         ensure!(
-            q.cols % head_dim == 0 && k.cols % head_dim == 0,
+            q.cols.is_multiple_of(head_dim) && k.cols.is_multiple_of(head_dim),
             "rope: q ({}) or k ({}) columns are not whole heads of {head_dim}",
             q.cols,
             k.cols
@@ -807,7 +802,7 @@ impl Backend for CudaBackend {
         let head_dim = layout.head_dim as usize;
         let kv_heads = layout.num_kv_heads as usize;
         ensure!(
-            num_heads % kv_heads == 0,
+            num_heads.is_multiple_of(kv_heads),
             "{num_heads} query heads do not share {kv_heads} KV heads evenly"
         );
         for (t, what) in [(q, "attention q"), (&*out, "attention output")] {
