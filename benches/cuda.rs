@@ -1,6 +1,8 @@
 //! The CUDA backend on a GPU, each number beside its bound. One command on a GPU machine:
 //! `scripts/bench-cuda.sh` (NVRTC from .cuda-tools/ if the machine has none, then
-//! `cargo bench --bench cuda`). Without a CUDA device it says so and exits.
+//! `cargo bench --bench cuda`). Without a CUDA device, or with `KVLAB_BENCH_QUICK`, it runs a
+//! smoke test instead: the same code on the emulator with tiny shapes and the tiny fixture
+//! model, so that the bench cannot rot; its numbers say nothing about a GPU.
 //!
 //! Napkin math for Llama-3.2-1B in bf16: a decode step streams every weight once,
 //! 1.236e9 parameters x 2 bytes = 2.47 GB (the tied embedding doubles as lm_head: 0.53 GB of it).
@@ -31,26 +33,80 @@ use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Repetitions per timed kernel shape.
-const REPS: usize = 20;
-/// Llama-3.2-1B: hidden 2048, intermediate 8192, 32 / 8 heads of 64, vocabulary 128256.
-const DECODE_SHAPES: [(&str, usize, usize); 5] = [
-    ("q_proj, o_proj", 2048, 2048),
-    ("k_proj, v_proj", 512, 2048),
-    ("gate_proj, up_proj", 8192, 2048),
-    ("down_proj", 2048, 8192),
-    ("lm_head (f32 out)", 128_256, 2048),
-];
-const PREFILL_ROWS: [usize; 4] = [128, 512, 2048, 4096];
+/// What one run measures: the real plan on a GPU, or the smoke plan on the emulator.
+struct Plan {
+    /// Repetitions per timed kernel shape.
+    reps: usize,
+    /// (what, n, k, f32 output) of the decode matvec and the prefill matmul.
+    shapes: Vec<(&'static str, usize, usize, bool)>,
+    /// The matvec launches that share one input: (what, widths, k).
+    fused: Vec<(&'static str, Vec<usize>, usize)>,
+    prefill_rows: Vec<usize>,
+    copy_bytes: usize,
+    new_tokens: usize,
+    prompt_lens: Vec<usize>,
+    /// A checkpoint folder; None: Llama-3.2-1B's shapes with random weights.
+    model: Option<PathBuf>,
+}
+
+impl Plan {
+    /// Llama-3.2-1B: hidden 2048, intermediate 8192, 32 / 8 heads of 64, vocabulary 128256.
+    fn gpu() -> Plan {
+        Plan {
+            reps: 20,
+            shapes: vec![
+                ("q_proj, o_proj", 2048, 2048, false),
+                ("k_proj, v_proj", 512, 2048, false),
+                ("gate_proj, up_proj", 8192, 2048, false),
+                ("down_proj", 2048, 8192, false),
+                ("lm_head (f32 out)", 128_256, 2048, true),
+            ],
+            fused: vec![
+                ("q + k + v (one launch)", vec![2048, 512, 512], 2048),
+                ("gate + up (one launch)", vec![8192, 8192], 2048),
+            ],
+            prefill_rows: vec![128, 512, 2048, 4096],
+            copy_bytes: 1 << 30,
+            new_tokens: 256,
+            prompt_lens: vec![512, 2048],
+            model: std::env::var_os("KVLAB_BENCH_MODEL").map(PathBuf::from),
+        }
+    }
+
+    fn smoke() -> Plan {
+        Plan {
+            reps: 2,
+            shapes: vec![
+                ("q_proj-like", 256, 256, false),
+                ("k_proj-like", 64, 256, false),
+                ("down_proj-like", 256, 512, false),
+                ("lm_head-like (f32 out)", 1000, 256, true),
+            ],
+            fused: vec![("q + k + v-like (one launch)", vec![256, 64, 64], 256)],
+            prefill_rows: vec![16, 130],
+            copy_bytes: 1 << 20,
+            new_tokens: 8,
+            prompt_lens: vec![40],
+            model: Some(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama3-gqa4-bf16"),
+            ),
+        }
+    }
+}
 
 fn main() -> Result<()> {
-    if !cuda_device_present() {
-        println!("cuda bench: no CUDA driver or device on this machine; run it on a GPU machine");
-        return Ok(());
-    }
-    let device = open_device(BackendKind::Cuda)?;
+    let quick = std::env::var_os("KVLAB_BENCH_QUICK").is_some();
+    let (device, plan) = if cuda_device_present() && !quick {
+        (open_device(BackendKind::Cuda)?, Plan::gpu())
+    } else {
+        println!(
+            "cuda bench: smoke run on the emulator (no CUDA device, or KVLAB_BENCH_QUICK): tiny \
+             shapes, numbers meaningless; run scripts/bench-cuda.sh on a GPU machine"
+        );
+        (open_device(BackendKind::Emu)?, Plan::smoke())
+    };
     println!("device: {}", device.describe());
-    let copy_gbps = copy_bandwidth_gbps(device.as_ref())?;
+    let copy_gbps = copy_bandwidth_gbps(device.as_ref(), &plan)?;
     let (bound_gbps, source) = match (
         std::env::var("KVLAB_PEAK_GBPS")
             .ok()
@@ -64,9 +120,9 @@ fn main() -> Result<()> {
     println!(
         "bandwidth bound: {bound_gbps:.0} GB/s ({source}); device-to-device copy reaches {copy_gbps:.0} GB/s\n"
     );
-    decode_matvec(&device, bound_gbps)?;
-    prefill_matmul(&device)?;
-    generation(&device, bound_gbps)?;
+    decode_matvec(&device, &plan, bound_gbps)?;
+    prefill_matmul(&device, &plan)?;
+    generation(&device, &plan, bound_gbps)?;
     Ok(())
 }
 
@@ -88,23 +144,25 @@ fn published_bandwidth_gbps(name: &str) -> Option<f64> {
         .map(|&(_, gbps)| gbps)
 }
 
-/// Event-timed milliseconds of one call of `work`, averaged over REPS after a warm-up.
-fn time_ms(device: &dyn Device, mut work: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Event-timed milliseconds of one call of `work`, averaged over `reps` after a warm-up.
+fn time_ms(device: &dyn Device, reps: usize, mut work: impl FnMut() -> Result<()>) -> Result<f64> {
     work()?;
     device.synchronize()?;
     let start = device.record_event()?;
-    for _ in 0..REPS {
+    for _ in 0..reps {
         work()?;
     }
     let end = device.record_event()?;
-    Ok(device.elapsed_ms(&start, &end)? as f64 / REPS as f64)
+    Ok(device.elapsed_ms(&start, &end)? as f64 / reps as f64)
 }
 
-fn copy_bandwidth_gbps(device: &dyn Device) -> Result<f64> {
-    let bytes = 1 << 30;
+fn copy_bandwidth_gbps(device: &dyn Device, plan: &Plan) -> Result<f64> {
+    let bytes = plan.copy_bytes;
     let (src, dst) = (device.alloc(bytes)?, device.alloc(bytes)?);
     device.memset_zero(&src, 0, bytes)?;
-    let ms = time_ms(device, || device.copy_dtod(&src, 0, &dst, 0, bytes))?;
+    let ms = time_ms(device, plan.reps, || {
+        device.copy_dtod(&src, 0, &dst, 0, bytes)
+    })?;
     // A copy reads and writes every byte.
     Ok(2.0 * bytes as f64 / (ms * 1e-3) / 1e9)
 }
@@ -122,8 +180,8 @@ fn random_bf16_bits(count: usize, scale: f32, seed: u64) -> Vec<u16> {
     bits
 }
 
-fn decode_matvec(device: &Arc<dyn Device>, bound_gbps: f64) -> Result<()> {
-    println!("1. decode matvec (one row), {REPS} launches each");
+fn decode_matvec(device: &Arc<dyn Device>, plan: &Plan, bound_gbps: f64) -> Result<()> {
+    println!("1. decode matvec (one row), {} launches each", plan.reps);
     println!(
         "{:<24} {:>8} {:>6} {:>10} {:>9} {:>8}",
         "shape", "n", "k", "us", "GB/s", "bound"
@@ -136,23 +194,22 @@ fn decode_matvec(device: &Arc<dyn Device>, bound_gbps: f64) -> Result<()> {
             100.0 * gbps / bound_gbps
         );
     };
-    for (i, &(name, n, k)) in DECODE_SHAPES.iter().enumerate() {
+    for (i, &(name, n, k, f32_out)) in plan.shapes.iter().enumerate() {
         let w = backend.upload_matrix_bf16(name, n, k, &random_bf16_bits(n * k, 0.05, i as u64))?;
         let x = backend.upload_tensor(1, k, &vec![0.5; k])?;
-        let mut out = if n == 128_256 {
+        let mut out = if f32_out {
             backend.alloc_precise(1, n)?
         } else {
             backend.alloc(1, n)?
         };
-        let ms = time_ms(device.as_ref(), || backend.matmul(&x, &w, 1, &mut out))?;
+        let ms = time_ms(device.as_ref(), plan.reps, || {
+            backend.matmul(&x, &w, 1, &mut out)
+        })?;
         report(name, n, k, ms * 1e3);
     }
     // The fused launches the forward pass issues: q, k, v together and gate, up together.
-    for (name, widths) in [
-        ("q + k + v (one launch)", vec![2048, 512, 512]),
-        ("gate + up (one launch)", vec![8192, 8192]),
-    ] {
-        let k = 2048;
+    for (name, widths, k) in &plan.fused {
+        let k = *k;
         let weights: Vec<_> = widths
             .iter()
             .enumerate()
@@ -170,7 +227,7 @@ fn decode_matvec(device: &Arc<dyn Device>, bound_gbps: f64) -> Result<()> {
             .map(|&n| backend.alloc(1, n))
             .collect::<Result<_>>()?;
         let x = backend.upload_tensor(1, k, &vec![0.5; k])?;
-        let ms = time_ms(device.as_ref(), || {
+        let ms = time_ms(device.as_ref(), plan.reps, || {
             let mut targets: Vec<_> = weights.iter().zip(outs.iter_mut()).collect();
             backend.matmul_many(&x, &mut targets, 1)
         })?;
@@ -180,28 +237,27 @@ fn decode_matvec(device: &Arc<dyn Device>, bound_gbps: f64) -> Result<()> {
     Ok(())
 }
 
-fn prefill_matmul(device: &Arc<dyn Device>) -> Result<()> {
+fn prefill_matmul(device: &Arc<dyn Device>, plan: &Plan) -> Result<()> {
     println!("2. prefill matmul out[m, n] = a[m, k] . w[n, k]^T (bf16 in, f32 accumulate)");
     println!(
-        "{:<20} {:>6} {:>8} {:>6} {:>10} {:>10} {:>8}",
+        "{:<24} {:>6} {:>8} {:>6} {:>10} {:>10} {:>8}",
         "shape", "m", "n", "k", "kvlab TF/s", "cuBLAS TF/s", "ratio"
     );
     let backend = CudaBackend::new(device.clone(), "cuda", CudaOptions::default())?;
-    // cudarc panics when it cannot load libcublas: catch it quietly, report it below.
+    // cudarc panics when it cannot load libcuda or libcublas: catch it quietly, say so below.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let blas = std::panic::catch_unwind(CublasBench::new)
-        .map_err(|_| anyhow::anyhow!("libcublas could not be loaded"))
+    let blas = std::panic::catch_unwind(|| CublasBench::new(plan.reps))
+        .map_err(|_| anyhow::anyhow!("libcuda or libcublas could not be loaded"))
         .and_then(|b| b);
     std::panic::set_hook(hook);
     if let Err(e) = &blas {
         println!("(cuBLAS unavailable: {e:#}; kvlab numbers only)");
     }
-    for (i, &(name, n, k)) in DECODE_SHAPES.iter().enumerate() {
-        let f32_out = n == 128_256;
+    for (i, &(name, n, k, f32_out)) in plan.shapes.iter().enumerate() {
         let w_bits = random_bf16_bits(n * k, 0.05, 100 + i as u64);
         let w = backend.upload_matrix_bf16(name, n, k, &w_bits)?;
-        for m in PREFILL_ROWS {
+        for &m in &plan.prefill_rows {
             let a_bits = random_bf16_bits(m * k, 1.0, 200 + m as u64);
             let a_values: Vec<f32> = a_bits
                 .iter()
@@ -213,7 +269,9 @@ fn prefill_matmul(device: &Arc<dyn Device>) -> Result<()> {
             } else {
                 backend.alloc(m, n)?
             };
-            let ms = time_ms(device.as_ref(), || backend.matmul(&a, &w, m, &mut out))?;
+            let ms = time_ms(device.as_ref(), plan.reps, || {
+                backend.matmul(&a, &w, m, &mut out)
+            })?;
             let flops = 2.0 * (m * n * k) as f64;
             let ours = flops / (ms * 1e-3) / 1e12;
             let theirs = match &blas {
@@ -221,8 +279,8 @@ fn prefill_matmul(device: &Arc<dyn Device>) -> Result<()> {
                 Err(_) => None,
             };
             println!(
-                "{name:<20} {m:>6} {n:>8} {k:>6} {ours:>10.1} {:>10} {:>8}",
-                theirs.map_or("-".into(), |t| format!("{t:.1}")),
+                "{name:<24} {m:>6} {n:>8} {k:>6} {ours:>10.2} {:>10} {:>8}",
+                theirs.map_or("-".into(), |t| format!("{t:.2}")),
                 theirs.map_or("-".into(), |t| format!("{:.2}", ours / t)),
             );
         }
@@ -235,14 +293,15 @@ fn prefill_matmul(device: &Arc<dyn Device>) -> Result<()> {
 struct CublasBench {
     stream: Arc<cudarc::driver::CudaStream>,
     blas: cudarc::cublas::CudaBlas,
+    reps: usize,
 }
 
 impl CublasBench {
-    fn new() -> Result<Self> {
+    fn new(reps: usize) -> Result<Self> {
         let ctx = cudarc::driver::CudaContext::new(0)?;
         let stream = ctx.default_stream();
         let blas = cudarc::cublas::CudaBlas::new(stream.clone())?;
-        Ok(CublasBench { stream, blas })
+        Ok(CublasBench { stream, blas, reps })
     }
 
     /// TFLOP/s of out[m, n] = a[m, k] . w[n, k]^T. Column-major, that is
@@ -303,11 +362,11 @@ impl CublasBench {
         self.stream.synchronize()?;
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let start = self.stream.record_event(timing)?;
-        for _ in 0..REPS {
+        for _ in 0..self.reps {
             gemm()?;
         }
         let end = self.stream.record_event(timing)?;
-        let ms = start.elapsed_ms(&end)? as f64 / REPS as f64;
+        let ms = start.elapsed_ms(&end)? as f64 / self.reps as f64;
         Ok(2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12)
     }
 }
@@ -385,22 +444,22 @@ fn median(values: &[f64]) -> f64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn generation(device: &Arc<dyn Device>, bound_gbps: f64) -> Result<()> {
-    println!("3. generation, Llama-3.2-1B shapes");
+fn generation(device: &Arc<dyn Device>, plan: &Plan, bound_gbps: f64) -> Result<()> {
     let synthetic;
-    let dir: PathBuf = match std::env::var_os("KVLAB_BENCH_MODEL") {
-        Some(dir) => PathBuf::from(dir),
+    let dir: PathBuf = match &plan.model {
+        Some(dir) => dir.clone(),
         None => {
             synthetic = tempfile::tempdir()?;
             if let Err(e) = synthetic_llama_1b(synthetic.path()) {
                 println!(
-                    "(skipped: no model: {e:#}; set KVLAB_BENCH_MODEL to a checkpoint folder)"
+                    "3. generation skipped: {e:#}; set KVLAB_BENCH_MODEL to a checkpoint folder"
                 );
                 return Ok(());
             }
             synthetic.path().to_path_buf()
         }
     };
+    println!("3. generation, {}", dir.display());
     let backend = CudaBackend::new(device.clone(), "cuda", CudaOptions::default())?;
     let model = Model::load(&backend, &dir)?;
     let bytes_per_token = model.weight_bytes_per_token as f64;
@@ -420,7 +479,7 @@ fn generation(device: &Arc<dyn Device>, bound_gbps: f64) -> Result<()> {
         for graphs in [true, false] {
             engine.backend.set_graphs(graphs);
             let opts = GenerateOptions {
-                max_new_tokens: 256,
+                max_new_tokens: plan.new_tokens,
                 strategy,
                 ignore_eos: true,
                 ..Default::default()
@@ -441,7 +500,7 @@ fn generation(device: &Arc<dyn Device>, bound_gbps: f64) -> Result<()> {
         }
     }
     engine.backend.set_graphs(true);
-    for prompt_len in [512, 2048] {
+    for &prompt_len in &plan.prompt_lens {
         let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| (1000 + i) % vocab).collect();
         let opts = GenerateOptions {
             max_new_tokens: 1,
