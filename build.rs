@@ -235,8 +235,8 @@ fn strip_comments(text: &str) -> String {
             let end = rest.find('\n').map_or(bytes.len(), |n| i + n);
             out.push_str(&" ".repeat(end - i));
             i = end;
-        } else if rest.starts_with("/*") {
-            let end = rest[2..].find("*/").map_or(bytes.len(), |n| i + 2 + n + 2);
+        } else if let Some(comment) = rest.strip_prefix("/*") {
+            let end = comment.find("*/").map_or(bytes.len(), |n| i + 2 + n + 2);
             out.extend(
                 text[i..end]
                     .chars()

@@ -7,6 +7,11 @@
 //   KVLAB_EMU and supplies CUDA's vocabulary; the wrappers below call its warp-collective
 //   implementations of the documented PTX fragment layouts.
 //
+// Adding a kernel: write it in a kernels/*.cu (one file per op family); build.rs finds it, the
+// emulator build and NVRTC compile it, and the Rust side launches it by name through
+// `Device::launch(name, LaunchConfig, &[KernelArg])`, which checks the arguments. Headers shared
+// by several files go in kernels/*.cuh (NVRTC receives every one of them as a named header).
+//
 // Kernel conventions (build.rs parses them; the launch path checks arguments against them):
 // - `extern "C" __global__ void name(...)`, no templates at the __global__ level.
 // - Arguments only: pointers (`T*`, `const T*`), `int`, `unsigned`, `float`, `unsigned long long`.

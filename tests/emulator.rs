@@ -7,7 +7,9 @@
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use kvlab::backend::cuda::device::{kernel_signature, KERNELS};
+use kvlab::backend::cuda::device::{
+    check_launch_limits, kernel_signature, KernelSignature, KERNELS,
+};
 use kvlab::backend::cuda::emu::{sanitizer_active, EmuDevice};
 use kvlab::backend::cuda::{
     open_device, BackendKind, Device, DeviceBuffer, KernelArg, LaunchConfig,
@@ -614,6 +616,17 @@ fn dynamic_shared_memory_and_the_opt_in() {
 
 #[test]
 fn static_shared_memory_counts_against_the_limit() {
+    let oversized = KernelSignature {
+        name: "oversized",
+        source_file: "none.cu",
+        params: &[],
+        static_shared_bytes: 48 * 1024 + 4,
+    };
+    let error = check_launch_limits(&oversized, &LaunchConfig::linear(1, 32, 0), None).unwrap_err();
+    assert_contains(
+        &format!("{error:#}"),
+        &["oversized", "49156 bytes of static shared memory"],
+    );
     let (_, signature) = kernel_signature("selftest_static_shared_40k").unwrap();
     assert_eq!(signature.static_shared_bytes, 40 * 1024);
     let (_, reduce) = kernel_signature("selftest_reduce_rows").unwrap();
@@ -787,6 +800,22 @@ fn planted_out_of_bounds_read_is_caught_under_asan() {
             "out of bounds",
         ],
     );
+    // Dynamic shared memory one float too small: the last thread writes past its end.
+    let args = [ptr(&x), ptr(&out), KernelArg::I32(n as i32)];
+    let config = LaunchConfig::linear(1, 64, (n * 4 - 4) as u32);
+    let error = launch_error(
+        device.as_ref(),
+        "selftest_dynamic_shared_reverse",
+        config,
+        &args,
+    );
+    assert_contains(
+        &error,
+        &[
+            "selftest_dynamic_shared_reverse",
+            "AddressSanitizer: use-after-poison",
+        ],
+    );
 }
 
 #[test]
@@ -915,7 +944,9 @@ fn graph_capture_replays_launches_with_current_memory() {
         )
         .unwrap();
     let error = format!("{:#}", device.copy_htod(&x, 0, &[0u8; 4]).unwrap_err());
-    assert_contains(&error, &["during graph capture"]);
+    assert_contains(&error, &["copy_htod during graph capture"]);
+    let error = format!("{:#}", device.alloc(4).unwrap_err());
+    assert_contains(&error, &["alloc during graph capture"]);
     let graph = device.end_capture().unwrap();
     // Nothing ran during capture: out still holds fresh memory.
     assert!(device

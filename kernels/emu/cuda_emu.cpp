@@ -13,7 +13,6 @@
 // runnable and some have not exited, the scheduler reports who waits for whom.
 #include "cuda_emu.h"
 
-#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -195,8 +194,11 @@ struct Worker {
     std::vector<unsigned char*> free_stacks;
     unsigned char* dynamic_shared = nullptr;
     void* scheduler_sp = nullptr;
+    // The OS thread's own stack as AddressSanitizer knows it, learned by the first fiber of
+    // each block (unused without AddressSanitizer).
     const void* scheduler_stack_bottom = nullptr;
     size_t scheduler_stack_bytes = 0;
+    bool learn_scheduler_stack = false;
     uint16_t queue[kMaxThreads] = {};
     unsigned queue_head = 0;
     unsigned queue_size = 0;
@@ -205,18 +207,14 @@ struct Worker {
     Worker() {
         fibers.resize(kMaxThreads);
         dynamic_shared = static_cast<unsigned char*>(std::aligned_alloc(128, kDynamicSharedCapacity));
-        pthread_attr_t attributes;
-        if (pthread_getattr_np(pthread_self(), &attributes) == 0) {
-            void* address = nullptr;
-            size_t bytes = 0;
-            pthread_attr_getstack(&attributes, &address, &bytes);
-            scheduler_stack_bottom = address;
-            scheduler_stack_bytes = bytes;
-            pthread_attr_destroy(&attributes);
-        }
     }
     ~Worker() {
         for (const StackChunk& chunk : stack_chunks) {
+#ifdef KVLAB_EMU_ASAN
+            // Frames that never returned leave poisoned shadow behind; the address range may
+            // come back as another thread's stack or TLS.
+            ASAN_UNPOISON_MEMORY_REGION(chunk.base, chunk.bytes);
+#endif
             munmap(chunk.base, chunk.bytes);
         }
         std::free(dynamic_shared);
@@ -277,8 +275,10 @@ Worker& worker() {
 
 Fiber& self_fiber() { return *static_cast<Fiber*>(current_thread); }
 
-void context_switch(void** save_sp, void* load_sp, const void* target_bottom, size_t target_bytes,
-                    bool leaving_for_good) {
+// Inlined (with switch_to and run_next): every frame between a kernel and the switch is stack
+// that a resumed fiber pulls back into the cache.
+__attribute__((always_inline)) inline void context_switch(void** save_sp, void* load_sp, const void* target_bottom,
+                                                          size_t target_bytes, bool leaving_for_good) {
 #ifdef KVLAB_EMU_ASAN
     void* fake_stack = nullptr;
     __sanitizer_start_switch_fiber(leaving_for_good ? nullptr : &fake_stack, target_bottom, target_bytes);
@@ -297,7 +297,8 @@ void record_failure(Block& block, const std::string& message);
 
 // Switches from `save_sp`'s context to `next` (giving it a stack if it has not started), or to
 // the scheduler when `next` is null.
-void switch_to(Worker& w, void** save_sp, Fiber* next, bool leaving_for_good) {
+__attribute__((always_inline)) inline void switch_to(Worker& w, void** save_sp, Fiber* next,
+                                                     bool leaving_for_good) {
     if (!next) {
         context_switch(save_sp, w.scheduler_sp, w.scheduler_stack_bottom, w.scheduler_stack_bytes, leaving_for_good);
         return;
@@ -318,7 +319,7 @@ void switch_to(Worker& w, void** save_sp, Fiber* next, bool leaving_for_good) {
 
 // Leaves the current (blocked) fiber for the next runnable one, or for the scheduler when none
 // is left or the block failed. Returns when another fiber switches back to this one.
-void run_next(Worker& w, Fiber& self) {
+__attribute__((always_inline)) inline void run_next(Worker& w, Fiber& self) {
     Fiber* next = w.block.failed ? nullptr : w.pop();
     if (next == &self) {
         return;
@@ -406,10 +407,17 @@ void thread_exit(Worker& w, Fiber& self) {
 
 // Body of every fiber stack: runs threads until the next one to run has already started.
 void fiber_main(Fiber* first) {
-#ifdef KVLAB_EMU_ASAN
-    __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
-#endif
     Worker& w = *tls_worker;
+#ifdef KVLAB_EMU_ASAN
+    const void* previous_bottom = nullptr;
+    size_t previous_bytes = 0;
+    __sanitizer_finish_switch_fiber(nullptr, &previous_bottom, &previous_bytes);
+    if (w.learn_scheduler_stack) {
+        w.scheduler_stack_bottom = previous_bottom;
+        w.scheduler_stack_bytes = previous_bytes;
+        w.learn_scheduler_stack = false;
+    }
+#endif
     Fiber* self = first;
     for (;;) {
         w.block.kernel->trampoline(w.block.argument_slots);
@@ -516,21 +524,22 @@ void perform_mma(Fiber* lanes) {
             c[g + (reg >= 2 ? 8 : 0)][2 * t + (reg & 1)] = from_bits<float>(c_regs[reg]);
         }
     }
+    // d starts as c; each element accumulates its 16 products in k order (f32, as one
+    // sequential sum); the innermost loop runs across columns so that it vectorises.
+    float (&d)[16][8] = c;
+    for (unsigned row = 0; row < 16; ++row) {
+        for (unsigned k = 0; k < 16; ++k) {
+            for (unsigned col = 0; col < 8; ++col) {
+                d[row][col] += a[row][k] * b[k][col];
+            }
+        }
+    }
     for (unsigned lane = 0; lane < 32; ++lane) {
         const unsigned g = lane >> 2;
         const unsigned t = lane & 3;
-        uint32_t d_regs[4];
-        for (unsigned reg = 0; reg < 4; ++reg) {
-            const unsigned row = g + (reg >= 2 ? 8 : 0);
-            const unsigned col = 2 * t + (reg & 1);
-            float sum = c[row][col];
-            for (unsigned k = 0; k < 16; ++k) {
-                sum += a[row][k] * b[k][col];
-            }
-            d_regs[reg] = (uint32_t)to_bits(sum);
-        }
-        lanes[lane].op_out[0] = pack_words(d_regs[0], d_regs[1]);
-        lanes[lane].op_out[1] = pack_words(d_regs[2], d_regs[3]);
+        lanes[lane].op_out[0] = pack_words((uint32_t)to_bits(d[g][2 * t]), (uint32_t)to_bits(d[g][2 * t + 1]));
+        lanes[lane].op_out[1] =
+            pack_words((uint32_t)to_bits(d[g + 8][2 * t]), (uint32_t)to_bits(d[g + 8][2 * t + 1]));
     }
 }
 
@@ -766,6 +775,7 @@ int run_block(Worker& w, const KvlabEmuLaunch& launch, uint64_t linear_block) {
         w.push(block.reverse ? threads - 1 - step : step);
     }
     block.running = true;
+    w.learn_scheduler_stack = true;
     switch_to(w, &w.scheduler_sp, w.pop(), false);
     block.running = false;
     current_thread = nullptr;

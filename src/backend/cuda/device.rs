@@ -7,6 +7,8 @@
 //! signature (parsed from kernels/*.cu by build.rs) and against the hardware limits, with the
 //! same errors on both implementations.
 use std::any::Any;
+use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -43,7 +45,7 @@ pub struct KernelSignature {
     pub static_shared_bytes: u32,
 }
 
-/// One kernels/*.cu, embedded for NVRTC.
+/// One kernels/*.cu or kernels/*.cuh, embedded for NVRTC.
 #[derive(Debug)]
 pub struct KernelSource {
     pub file: &'static str,
@@ -54,11 +56,18 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 /// The kernel's position in [`KERNELS`] and its signature.
 pub fn kernel_signature(name: &str) -> Result<(usize, &'static KernelSignature)> {
-    KERNELS
-        .iter()
-        .enumerate()
-        .find(|(_, kernel)| kernel.name == name)
-        .with_context(|| format!("no kernel named `{name}` in kernels/*.cu"))
+    static INDEX: OnceLock<HashMap<&'static str, usize>> = OnceLock::new();
+    let index = INDEX.get_or_init(|| {
+        KERNELS
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.name, i))
+            .collect()
+    });
+    let position = *index
+        .get(name)
+        .with_context(|| format!("no kernel named `{name}` in kernels/*.cu"))?;
+    Ok((position, &KERNELS[position]))
 }
 
 /// One kernel argument. A pointer is a raw device address, so `buf.ptr() + offset` works.
@@ -337,8 +346,8 @@ pub trait Device: Send + Sync {
     /// Milliseconds between two recorded events (waits for `end`).
     fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32>;
 
-    /// Starts recording launches and memsets into a graph instead of running them. Copies to
-    /// or from the host are errors until [`Device::end_capture`].
+    /// Starts recording launches and memsets into a graph instead of running them. Anything
+    /// else (allocations, copies, events, synchronize) is an error until [`Device::end_capture`].
     fn begin_capture(&self) -> Result<()>;
 
     fn end_capture(&self) -> Result<Graph>;
@@ -360,7 +369,7 @@ impl<'a> dyn Device + 'a {
     pub fn download<T: bytemuck::Pod>(&self, buffer: &DeviceBuffer) -> Result<Vec<T>> {
         let size = std::mem::size_of::<T>();
         ensure!(
-            buffer.len() % size == 0,
+            buffer.len().is_multiple_of(size),
             "device buffer of {} bytes is not a whole number of {size}-byte elements",
             buffer.len()
         );

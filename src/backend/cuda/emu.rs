@@ -1,8 +1,13 @@
 //! The CUDA emulator as a [`Device`]: kernels/*.cu compiled for the host (build.rs), run by
 //! the fiber runtime of kernels/emu/cuda_emu.cpp; device memory is host memory.
 //!
-//! Launches are synchronous. Blocks of a grid run on the emulator's own thread pool (blocks
-//! never share an OS thread mid-run, so results do not depend on the split).
+//! Launches are synchronous and, like copies and memsets, serialised as on one CUDA stream.
+//! Blocks of a grid run on the emulator's own thread pool (`KVLAB_EMU_THREADS`); a block never
+//! leaves its OS thread, so results do not depend on the split. Fresh allocations and dynamic
+//! shared memory read as 0xff bytes (NaN), so reads of never-written memory show.
+//!
+//! Tests under AddressSanitizer: `cargo test --release --features emu-asan --test emulator`
+//! (the kvlab crate and its kernels are rebuilt instrumented; dependencies are shared).
 //!
 //! Checks beyond CUDA's own errors:
 //! - every pointer argument must lie inside a live device buffer;
@@ -100,9 +105,10 @@ struct EmuAllocation {
     layout: Layout,
     len: usize,
     state: Arc<Mutex<EmuState>>,
+    stream: Arc<Mutex<()>>,
 }
 
-// The allocation owns its memory; the device serialises access through launches and copies.
+// The allocation owns its memory; the device serialises access through its stream lock.
 unsafe impl Send for EmuAllocation {}
 unsafe impl Sync for EmuAllocation {}
 
@@ -114,10 +120,9 @@ impl EmuAllocation {
 
 impl Drop for EmuAllocation {
     fn drop(&mut self) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // As cudaFree, wait for the work in flight.
+        let _stream = lock(&self.stream);
+        let mut state = lock(&self.state);
         state.buffers.remove(&(self.data() as u64));
         state.allocated_bytes -= self.len as u64;
         drop(state);
@@ -130,8 +135,17 @@ impl Drop for EmuAllocation {
 
 pub struct EmuDevice {
     state: Arc<Mutex<EmuState>>,
+    /// The one stream: launches, copies and memsets run one at a time, in issue order, even
+    /// when issued from several threads.
+    stream: Arc<Mutex<()>>,
     pool: rayon::ThreadPool,
     race_check: bool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl EmuDevice {
@@ -168,15 +182,14 @@ impl EmuDevice {
             .context("starting the emulator's thread pool")?;
         Ok(EmuDevice {
             state: Arc::new(Mutex::new(EmuState::default())),
+            stream: Arc::new(Mutex::new(())),
             pool,
             race_check,
         })
     }
 
     fn state(&self) -> MutexGuard<'_, EmuState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     fn allocation<'a>(&self, buffer: &'a DeviceBuffer) -> Result<&'a EmuAllocation> {
@@ -189,7 +202,7 @@ impl EmuDevice {
     fn ensure_not_capturing(&self, what: &str) -> Result<()> {
         ensure!(
             self.state().capture.is_none(),
-            "{what} during graph capture: only launches and memsets are captured"
+            "{what} during graph capture: only launches and memsets may be issued while capturing"
         );
         Ok(())
     }
@@ -267,7 +280,7 @@ impl EmuDevice {
         };
         let blocks = launch.config.block_count();
         let run_range = |first: u64, count: u64| -> Result<()> {
-            let mut error = vec![0u8; ERROR_CAPACITY];
+            let mut error = [0u8; ERROR_CAPACITY];
             let status = unsafe {
                 kvlab_emu_run_blocks(&emu_launch, first, count, error.as_mut_ptr(), error.len())
             };
@@ -378,6 +391,7 @@ impl Device for EmuDevice {
     }
 
     fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
+        self.ensure_not_capturing("alloc")?;
         let size = GUARD_BEFORE
             .checked_add(bytes)
             .and_then(|n| n.checked_add(GUARD_AFTER))
@@ -394,6 +408,7 @@ impl Device for EmuDevice {
             layout,
             len: bytes,
             state: self.state.clone(),
+            stream: self.stream.clone(),
         };
         let data = allocation.data();
         unsafe {
@@ -414,6 +429,7 @@ impl Device for EmuDevice {
         self.ensure_not_capturing("copy_htod")?;
         dst.check_range(offset_bytes, src.len(), "copy_htod")?;
         let allocation = self.allocation(dst)?;
+        let _stream = lock(&self.stream);
         unsafe {
             std::ptr::copy_nonoverlapping(
                 src.as_ptr(),
@@ -428,6 +444,7 @@ impl Device for EmuDevice {
         self.ensure_not_capturing("copy_dtoh")?;
         src.check_range(offset_bytes, dst.len(), "copy_dtoh")?;
         let allocation = self.allocation(src)?;
+        let _stream = lock(&self.stream);
         unsafe {
             std::ptr::copy_nonoverlapping(
                 allocation.data().add(offset_bytes),
@@ -451,6 +468,7 @@ impl Device for EmuDevice {
         dst.check_range(dst_offset, bytes, "copy_dtod destination")?;
         let from = unsafe { self.allocation(src)?.data().add(src_offset) };
         let to = unsafe { self.allocation(dst)?.data().add(dst_offset) };
+        let _stream = lock(&self.stream);
         unsafe { std::ptr::copy(from, to, bytes) };
         Ok(())
     }
@@ -462,6 +480,7 @@ impl Device for EmuDevice {
             capture.push(RecordedOp::Memset { address, bytes });
             return Ok(());
         }
+        let _stream = lock(&self.stream);
         write_bytes(address, bytes).fill(0);
         Ok(())
     }
@@ -481,6 +500,7 @@ impl Device for EmuDevice {
             capture.push(RecordedOp::Launch(launch));
             return Ok(());
         }
+        let _stream = lock(&self.stream);
         self.execute(&launch, &buffers)
     }
 
@@ -492,7 +512,7 @@ impl Device for EmuDevice {
     }
 
     fn synchronize(&self) -> Result<()> {
-        Ok(())
+        self.ensure_not_capturing("synchronize")
     }
 
     fn memory(&self) -> Result<DeviceMemory> {
@@ -545,6 +565,7 @@ impl Device for EmuDevice {
             .0
             .downcast_ref::<EmuGraph>()
             .context("graph does not belong to the emulator")?;
+        let _stream = lock(&self.stream);
         for (position, op) in graph.0.iter().enumerate() {
             match op {
                 RecordedOp::Launch(launch) => {

@@ -146,7 +146,7 @@ impl GpuDevice {
     fn ensure_not_capturing(&self, what: &str) -> Result<()> {
         ensure!(
             !self.capturing.load(Ordering::Relaxed),
-            "{what} during graph capture: only launches and memsets are captured"
+            "{what} during graph capture: only launches and memsets may be issued while capturing"
         );
         Ok(())
     }
@@ -162,6 +162,7 @@ impl Device for GpuDevice {
     }
 
     fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
+        self.ensure_not_capturing("alloc")?;
         self.ctx.bind_to_thread()?;
         // cuMemAlloc rejects 0 bytes; an empty buffer still gets its own address.
         // SAFETY: plain allocation; freed by GpuAllocation's drop.
@@ -283,7 +284,9 @@ impl Device for GpuDevice {
     fn set_max_dynamic_shared(&self, kernel: &str, bytes: u32) -> Result<()> {
         let (index, signature) = kernel_signature(kernel)?;
         check_max_dynamic_shared(signature, bytes)?;
-        self.function(index)?
+        let function = self.function(index)?;
+        self.ctx.bind_to_thread()?;
+        function
             .set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 bytes as i32,
@@ -296,6 +299,7 @@ impl Device for GpuDevice {
     }
 
     fn synchronize(&self) -> Result<()> {
+        self.ensure_not_capturing("synchronize")?;
         self.stream
             .synchronize()
             .context("synchronizing the CUDA stream")?;
