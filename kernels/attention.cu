@@ -5,12 +5,12 @@
 //   shared memory (cp.async, double-buffered) with an online softmax in registers; the score
 //   matrix never exists in memory. Query rows interleave the heads of the GQA group
 //   (row = token * group + head in group) so that the group shares every K/V tile.
-// - attention_decode_{contiguous,chunked}_bf16 + attention_decode_merge_bf16: one query row
-//   (decode). Flash-decoding: the sequence is cut into `num_splits` ranges, each block reduces
-//   one range for up to DECODE_HEADS_PER_BLOCK query heads of one KV head (the heads share each
-//   K/V load), and the merge kernel combines the ranges. Lengths and positions are read from
-//   device memory and the grid depends only on `num_splits`, so a recorded decode step replays
-//   unchanged as the sequence grows.
+// - attention_decode_{contiguous,chunked}_bf16: one query row (decode). Flash-decoding: the
+//   sequence is cut into `num_splits` ranges, each block reduces one range for up to
+//   DECODE_HEADS_PER_BLOCK query heads of one KV head (the heads share each K/V load), and the
+//   last block of a head group to finish merges the ranges (no second launch). Lengths and
+//   positions are read from device memory and the grid depends only on `num_splits`, so a
+//   recorded decode step replays unchanged as the sequence grows.
 // Softmax runs in base 2: scores are scaled by log2(e) / sqrt(head_dim) once, then exp2.
 #include "common.cuh"
 #include "kv_layout.cuh"
@@ -301,6 +301,7 @@ extern "C" __global__ void attention_prefill_hd128_bf16(const bf16* q,          
 #define DECODE_WARPS (DECODE_THREADS / WARP_SIZE)
 #define DECODE_HEADS_PER_BLOCK 4
 #define DECODE_MAX_HEAD_DIM 256
+#define DECODE_MAX_SPLITS 64
 // Positions per split are a multiple of this, so short sequences use few splits.
 #define DECODE_SPLIT_QUANTUM 32
 
@@ -344,7 +345,8 @@ __device__ __forceinline__ void decode_merge_state(float& max, float& sum, float
 // [16, 256].
 template <bool CHUNKED>
 __device__ __forceinline__ void attention_decode_split(const bf16* q, const void* kv, const int* step,
-                                                       float* partial_acc, float* partial_max_sum, int num_heads,
+                                                       float* partial_acc, float* partial_max_sum,
+                                                       unsigned* split_counters, bf16* out, int num_heads,
                                                        unsigned layer, unsigned num_layers, unsigned num_kv_heads,
                                                        unsigned head_dim, unsigned chunk_tokens, int num_splits) {
     __shared__ float warp_acc[DECODE_WARPS][DECODE_HEADS_PER_BLOCK][DECODE_MAX_HEAD_DIM];
@@ -358,7 +360,7 @@ __device__ __forceinline__ void attention_decode_split(const bf16* q, const void
     const int begin = split * split_len;
     const int end = min(kv_len, begin + split_len);
     if (begin >= end) {
-        return;  // the whole block: this split is past the sequence; the merge skips it
+        return;  // the whole block: this split is past the sequence; the merge counts active splits only
     }
     const int group = num_heads / (int)num_kv_heads;
     const int head_tiles = (group + DECODE_HEADS_PER_BLOCK - 1) / DECODE_HEADS_PER_BLOCK;
@@ -492,56 +494,86 @@ __device__ __forceinline__ void attention_decode_split(const bf16* q, const void
             partial_max_sum[2 * slot + 1] = block_sum;
         }
     }
+
+    // The last block of this head group to finish merges every active split (the classic
+    // threadfence reduction): each block makes its partials visible, then takes a ticket.
+    __shared__ bool is_last_block;
+    __threadfence();
+    __syncthreads();
+    const int active_splits = (kv_len + split_len - 1) / split_len;
+    if (threadIdx.x == 0) {
+        is_last_block = atomicAdd(&split_counters[blockIdx.y], 1u) == (unsigned)(active_splits - 1);
+    }
+    __syncthreads();
+    if (!is_last_block) {
+        return;
+    }
+    // Other blocks' partials are read past L1 (volatile): they were written on other SMs.
+    const volatile float* all_acc = partial_acc;
+    const volatile float* all_max_sum = partial_max_sum;
+    __shared__ float split_weight[DECODE_HEADS_PER_BLOCK][DECODE_MAX_SPLITS];
+    if ((int)threadIdx.x < heads_here) {
+        const int h = threadIdx.x;
+        const uint64_t first_slot = (uint64_t)(first_head + h) * num_splits;
+        float overall_max = negative_infinity();
+        for (int s = 0; s < active_splits; ++s) {
+            overall_max = fmaxf(overall_max, all_max_sum[2 * (first_slot + s)]);
+        }
+        float total_sum = 0.0f;
+        for (int s = 0; s < active_splits; ++s) {
+            const float weight = exp2f(all_max_sum[2 * (first_slot + s)] - overall_max);
+            split_weight[h][s] = weight;
+            total_sum += all_max_sum[2 * (first_slot + s) + 1] * weight;
+        }
+        for (int s = 0; s < active_splits; ++s) {
+            split_weight[h][s] /= total_sum;
+        }
+    }
+    __syncthreads();
+    for (int item = threadIdx.x; item < heads_here * (int)head_dim; item += DECODE_THREADS) {
+        const int h = item / (int)head_dim;
+        const int d = item % (int)head_dim;
+        const uint64_t first_slot = (uint64_t)(first_head + h) * num_splits;
+        float value = 0.0f;
+        for (int s = 0; s < active_splits; ++s) {
+            value += all_acc[(first_slot + s) * head_dim + d] * split_weight[h][s];
+        }
+        out[(uint64_t)(first_head + h) * head_dim + d] = f32_to_bf16(value);
+    }
+    if (threadIdx.x == 0) {
+        split_counters[blockIdx.y] = 0u;  // ready for the next step
+    }
 }
 
-// One split of decode attention over the static cache (one contiguous chunk). Grid
-// (num_splits, num_kv_heads * ceil(group / DECODE_HEADS_PER_BLOCK)), block DECODE_THREADS.
+// Decode attention over the static cache (one contiguous chunk): one block per (split, KV head
+// and head tile). Grid (num_splits, num_kv_heads * ceil(group / DECODE_HEADS_PER_BLOCK)),
+// block DECODE_THREADS, num_splits <= DECODE_MAX_SPLITS. split_counters start at zero and are
+// left at zero.
 extern "C" __global__ void attention_decode_contiguous_bf16(const bf16* q,                // [num_heads, head_dim]
                                                             const bf16* cache,            // [chunk elements]
                                                             const int* step,              // [2]: position, rows
                                                             float* partial_acc,           // [num_heads, num_splits, head_dim]
                                                             float* partial_max_sum,       // [num_heads, num_splits, 2]
+                                                            unsigned* split_counters,     // [gridDim.y]
+                                                            bf16* out,                    // [num_heads, head_dim]
                                                             int num_heads, unsigned layer, unsigned num_layers,
                                                             unsigned num_kv_heads, unsigned head_dim,
                                                             unsigned chunk_tokens, int num_splits) {
-    attention_decode_split<false>(q, cache, step, partial_acc, partial_max_sum, num_heads, layer, num_layers,
-                                  num_kv_heads, head_dim, chunk_tokens, num_splits);
+    attention_decode_split<false>(q, cache, step, partial_acc, partial_max_sum, split_counters, out, num_heads,
+                                  layer, num_layers, num_kv_heads, head_dim, chunk_tokens, num_splits);
 }
 
 // attention_decode_contiguous_bf16 over the dynamic cache's chunk table.
 extern "C" __global__ void attention_decode_chunked_bf16(const bf16* q,                          // [num_heads, head_dim]
                                                          const unsigned long long* chunk_table,  // [chunks]
                                                          const int* step,                        // [2]: position, rows
-                                                         float* partial_acc,      // [num_heads, num_splits, head_dim]
-                                                         float* partial_max_sum,  // [num_heads, num_splits, 2]
+                                                         float* partial_acc,       // [num_heads, num_splits, head_dim]
+                                                         float* partial_max_sum,   // [num_heads, num_splits, 2]
+                                                         unsigned* split_counters,  // [gridDim.y]
+                                                         bf16* out,                 // [num_heads, head_dim]
                                                          int num_heads, unsigned layer, unsigned num_layers,
                                                          unsigned num_kv_heads, unsigned head_dim,
                                                          unsigned chunk_tokens, int num_splits) {
-    attention_decode_split<true>(q, chunk_table, step, partial_acc, partial_max_sum, num_heads, layer, num_layers,
-                                 num_kv_heads, head_dim, chunk_tokens, num_splits);
-}
-
-// out[h] = the splits' states of head h combined and normalised. Grid num_heads, block head_dim.
-extern "C" __global__ void attention_decode_merge_bf16(const float* partial_acc,      // [num_heads, num_splits, head_dim]
-                                                       const float* partial_max_sum,  // [num_heads, num_splits, 2]
-                                                       const int* step,               // [2]: position, rows
-                                                       bf16* out,                     // [num_heads, head_dim]
-                                                       int head_dim, int num_splits) {
-    const int head = blockIdx.x;
-    const int d = threadIdx.x;
-    const int kv_len = step[0] + 1;
-    const int split_len = decode_split_len(kv_len, num_splits);
-    const int active = (kv_len + split_len - 1) / split_len;
-    const float* max_sum = partial_max_sum + (uint64_t)head * num_splits * 2;
-    float overall_max = negative_infinity();
-    for (int s = 0; s < active; ++s) {
-        overall_max = fmaxf(overall_max, max_sum[2 * s]);
-    }
-    float total_sum = 0.0f, total_acc = 0.0f;
-    for (int s = 0; s < active; ++s) {
-        const float weight = exp2f(max_sum[2 * s] - overall_max);
-        total_sum += max_sum[2 * s + 1] * weight;
-        total_acc += partial_acc[((uint64_t)head * num_splits + s) * head_dim + d] * weight;
-    }
-    out[(uint64_t)head * head_dim + d] = f32_to_bf16(total_acc / total_sum);
+    attention_decode_split<true>(q, chunk_table, step, partial_acc, partial_max_sum, split_counters, out, num_heads,
+                                 layer, num_layers, num_kv_heads, head_dim, chunk_tokens, num_splits);
 }

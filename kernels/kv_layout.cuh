@@ -1,8 +1,9 @@
 // The C mirror of `kvlab::kv::KvLayout` (src/kv/mod.rs): the geometry of KV memory that the
 // CPU code and the kernels both read, so the contiguous and the chunked layout differ in one
 // place only. THE TWO MUST CHANGE TOGETHER: same fields in the same order, same formulas for
-// `offset_in_chunk` and `locate`; the static_assert below and a Rust test on
-// `size_of::<KvLayout>()` catch a field added on one side only.
+// `offset_in_chunk` and `locate`; the static_assert below and its twin in
+// src/backend/cuda/backend.rs (`size_of::<KvLayout>() == 16`) catch a field added on one side
+// only, and tests/cuda_kernels.rs checks the offsets against the CPU backend's.
 //
 // A chunk is `[num_layers][2 (K, V)][num_kv_heads][chunk_tokens][head_dim]` bf16: for one layer
 // and head, a chunk's positions are contiguous rows of `head_dim`. The static cache is one chunk

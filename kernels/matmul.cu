@@ -37,11 +37,15 @@ __device__ __forceinline__ float dot_bf16x8(uint4 a, uint4 b, float acc) {
     return acc;
 }
 
-// x is staged once per block in dynamic shared memory (k * 2 bytes); warps then stride over the
-// output rows, so a grid smaller than n / MATVEC_WARPS still covers every row.
+// Up to three weights that share the input x (q, k, v; gate, up) run as one sequence of rows:
+// those of w0, then w1, then w2, so one launch covers them and small matrices (k, v at 512
+// rows) do not leave SMs idle. x is staged once per block in dynamic shared memory (k * 2
+// bytes); warps then stride over the rows, so a grid smaller than rows / MATVEC_WARPS still
+// covers every row.
 template <typename OutT>
-__device__ __forceinline__ void matvec(const bf16* __restrict__ x, const bf16* __restrict__ w, OutT* out, int n,
-                                       int k) {
+__device__ __forceinline__ void matvec(const bf16* __restrict__ x, const bf16* __restrict__ w0, OutT* out0, int n0,
+                                       const bf16* __restrict__ w1, OutT* out1, int n1,
+                                       const bf16* __restrict__ w2, OutT* out2, int n2, int k) {
     DYNAMIC_SHARED(uint4, x_shared);  // [k / 8]
     const int vectors = k / 8;
     for (int v = threadIdx.x; v < vectors; v += MATVEC_THREADS) {
@@ -50,8 +54,13 @@ __device__ __forceinline__ void matvec(const bf16* __restrict__ x, const bf16* _
     __syncthreads();
     const int lane = threadIdx.x % WARP_SIZE;
     const int warps_in_grid = gridDim.x * MATVEC_WARPS;
-    for (int row = blockIdx.x * MATVEC_WARPS + threadIdx.x / WARP_SIZE; row < n; row += warps_in_grid) {
-        const uint4* w_row = reinterpret_cast<const uint4*>(w + (uint64_t)row * k);
+    const int total_rows = n0 + n1 + n2;
+    for (int row = blockIdx.x * MATVEC_WARPS + threadIdx.x / WARP_SIZE; row < total_rows; row += warps_in_grid) {
+        // Warp-uniform choice of the weight this row belongs to.
+        const bf16* w = row < n0 ? w0 : (row < n0 + n1 ? w1 : w2);
+        OutT* out = row < n0 ? out0 : (row < n0 + n1 ? out1 : out2);
+        const int r = row < n0 ? row : (row < n0 + n1 ? row - n0 : row - n0 - n1);
+        const uint4* w_row = reinterpret_cast<const uint4*>(w + (uint64_t)r * k);
         float acc = 0.0f;
         for (int base = lane; base < vectors; base += WARP_SIZE * MATVEC_UNROLL) {
             uint4 w_vec[MATVEC_UNROLL];
@@ -70,25 +79,32 @@ __device__ __forceinline__ void matvec(const bf16* __restrict__ x, const bf16* _
         }
         acc = warp_reduce_sum(acc);
         if (lane == 0) {
-            store_output(out, row, acc);
+            store_output(out, r, acc);
         }
     }
 }
 
-// out[n] = w[n, :] . x. Block MATVEC_THREADS, dynamic shared k * 2 bytes.
-extern "C" __global__ void matvec_bf16(const bf16* x,  // [k]
-                                       const bf16* w,  // [n, k]
-                                       bf16* out,      // [n]
-                                       int n, int k) {
-    matvec(x, w, out, n, k);
+// out_i[n_i] = w_i[n_i, :] . x for i < 3; unused slots have n_i = 0 and null pointers.
+// Block MATVEC_THREADS, dynamic shared k * 2 bytes.
+extern "C" __global__ void matvec_bf16(const bf16* x,   // [k]
+                                       const bf16* w0,  // [n0, k]
+                                       bf16* out0,      // [n0]
+                                       int n0,
+                                       const bf16* w1,  // [n1, k] or null
+                                       bf16* out1,      // [n1] or null
+                                       int n1,
+                                       const bf16* w2,  // [n2, k] or null
+                                       bf16* out2,      // [n2] or null
+                                       int n2, int k) {
+    matvec(x, w0, out0, n0, w1, out1, n1, w2, out2, n2, k);
 }
 
-// matvec_bf16 with f32 output (logits).
+// out[n] = w[n, :] . x in f32 (logits).
 extern "C" __global__ void matvec_bf16_out_f32(const bf16* x,  // [k]
                                                const bf16* w,  // [n, k]
                                                float* out,     // [n]
                                                int n, int k) {
-    matvec(x, w, out, n, k);
+    matvec<float>(x, w, out, n, nullptr, nullptr, 0, nullptr, nullptr, 0, k);
 }
 
 // ---------------------------------------------------------------------------------------------

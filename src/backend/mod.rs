@@ -81,6 +81,19 @@ pub trait Backend: Sized {
         rows: usize,
         out: &mut Self::Tensor,
     ) -> Result<()>;
+    /// outputs[i] = x · w_iᵀ for every (w_i, output_i): projections of one input (q, k, v; gate,
+    /// up), which a backend may compute in one pass over x.
+    fn matmul_many(
+        &self,
+        x: &Self::Tensor,
+        outputs: &mut [(&Self::Weight, &mut Self::Tensor)],
+        rows: usize,
+    ) -> Result<()> {
+        for (w, out) in outputs.iter_mut() {
+            self.matmul(x, w, rows, out)?;
+        }
+        Ok(())
+    }
     /// Rotates q `[rows, num_heads * head_dim]` and k `[rows, num_kv_heads * head_dim]` in place
     /// (half-split `rotate_half` layout) at the positions of the cache's current step.
     fn rope(

@@ -139,9 +139,12 @@ impl<B: Backend> Model<B> {
                 rows,
                 &mut act.h,
             )?;
-            b.matmul(&act.h, &lw.q_proj, rows, &mut act.q)?;
-            b.matmul(&act.h, &lw.k_proj, rows, &mut act.k)?;
-            b.matmul(&act.h, &lw.v_proj, rows, &mut act.v)?;
+            let qkv = &mut [
+                (&lw.q_proj, &mut act.q),
+                (&lw.k_proj, &mut act.k),
+                (&lw.v_proj, &mut act.v),
+            ];
+            b.matmul_many(&act.h, qkv, rows)?;
             b.rope(&mut act.q, &mut act.k, &self.inv_freq, cache)?;
             b.kv_append(cache, layer, &act.k, &act.v)?;
             b.attention(&act.q, cache, layer, cfg.num_heads, &mut act.attn)?;
@@ -155,8 +158,8 @@ impl<B: Backend> Model<B> {
                 rows,
                 &mut act.h,
             )?;
-            b.matmul(&act.h, &lw.gate_proj, rows, &mut act.gate)?;
-            b.matmul(&act.h, &lw.up_proj, rows, &mut act.up)?;
+            let gate_up = &mut [(&lw.gate_proj, &mut act.gate), (&lw.up_proj, &mut act.up)];
+            b.matmul_many(&act.h, gate_up, rows)?;
             b.swiglu(&mut act.gate, &act.up, rows)?;
             b.matmul(&act.gate, &lw.down_proj, rows, &mut act.delta)?;
         }

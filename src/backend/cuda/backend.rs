@@ -1,14 +1,16 @@
 //! The CUDA backend: kvlab's kernels (kernels/*.cu) behind the [`Backend`] trait, over a
 //! [`Device`] (a real GPU, or the CPU emulator running exactly the same kernels).
 //!
-//! Storage is bf16 (weights, activations, KV); norms, RoPE frequencies and logits are f32; every
-//! kernel accumulates in f32. Positions, lengths and chunk tables live in device memory and are
-//! written by copies before a step's launches, which is what lets a decode step run as a CUDA
-//! graph (see [`super::graph`]).
+//! Storage is bf16 (weights, matmul inputs, KV); the residual stream, the sublayer outputs added
+//! to it, the logits, norm weights and RoPE frequencies are f32; every kernel accumulates in f32.
+//! Positions, lengths and chunk tables live in device memory and are written by copies before a
+//! step's launches, which is what lets a decode step run as a CUDA graph (see [`super::graph`]).
 
 use super::device::{Device, KernelArg, LaunchConfig};
-use super::graph::{GraphStats, Launch, StepExecution, StepRecorder};
-use super::kernels::{ARGMAX_PARTIALS, PREFILL_HEAD_DIMS};
+use super::graph::{GraphStats, Launch, StepRecorder};
+use super::kernels::{
+    decode_attention_groups, DecodePartials, ARGMAX_PARTIALS, DECODE_MAX_SPLITS, PREFILL_HEAD_DIMS,
+};
 use super::memory::{ChunkPool, MemoryLedger, MemoryReport, MemoryUse, PooledChunk, TrackedBuffer};
 use crate::backend::{Backend, BackendInfo};
 use crate::kv::{KvCache, KvLayout};
@@ -19,6 +21,9 @@ use half::bf16;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Arc;
+
+// kernels/kv_layout.cuh mirrors KvLayout field for field and asserts the same size.
+const _: () = assert!(std::mem::size_of::<KvLayout>() == 16);
 
 /// Knobs of the CUDA backend.
 #[derive(Clone, Copy, Debug)]
@@ -160,9 +165,10 @@ pub struct CudaKvTable {
 struct Scratch {
     /// `[rows]` u32 token ids of the step.
     ids: Option<TrackedBuffer>,
-    /// Decode attention partials: `[heads, splits, head_dim]` f32 and `[heads, splits, 2]` f32.
+    /// Decode attention partials (see `DecodePartials`).
     decode_acc: Option<TrackedBuffer>,
     decode_max_sum: Option<TrackedBuffer>,
+    decode_counters: Option<TrackedBuffer>,
     /// A matmul input read twice `[rows, 2 * k]`, for weights stored as bf16 pairs.
     pair_input: Option<TrackedBuffer>,
     /// Argmax partials `[ARGMAX_PARTIALS]` f32 + u32, and the chosen id.
@@ -189,10 +195,7 @@ pub struct CudaBackend {
 impl CudaBackend {
     /// A backend over `device`; `name` is what reports call it ("cuda" or "emu").
     pub fn new(device: Arc<dyn Device>, name: &str, options: CudaOptions) -> Result<Self> {
-        ensure!(
-            options.decode_splits >= 1,
-            "decode attention needs at least one split"
-        );
+        check_decode_splits(options.decode_splits)?;
         Ok(CudaBackend {
             device,
             name: name.to_string(),
@@ -229,7 +232,7 @@ impl CudaBackend {
     }
 
     pub fn set_decode_splits(&self, splits: usize) -> Result<()> {
-        ensure!(splits >= 1, "decode attention needs at least one split");
+        check_decode_splits(splits)?;
         self.options.borrow_mut().decode_splits = splits;
         Ok(())
     }
@@ -237,11 +240,6 @@ impl CudaBackend {
     /// How steps ran: launched kernel by kernel, captured, replayed.
     pub fn graph_stats(&self) -> GraphStats {
         self.recorder.borrow().stats
-    }
-
-    /// How the last forward pass ran.
-    pub fn last_step_execution(&self) -> Option<StepExecution> {
-        self.recorder.borrow().last
     }
 
     /// Device memory by use, and as the device reports it.
@@ -279,6 +277,32 @@ impl CudaBackend {
             .collect();
         self.copy_htod(&tensor.buffer, 0, bytemuck::cast_slice(&bits))?;
         Ok(tensor)
+    }
+
+    /// A bf16 weight matrix `[rows, cols]` from its bits (benches: weights without a checkpoint).
+    pub fn upload_matrix_bf16(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        bits: &[u16],
+    ) -> Result<CudaWeight> {
+        ensure!(
+            bits.len() == rows * cols && cols.is_multiple_of(8),
+            "{name}: {} values for [{rows}, {cols}] (columns a multiple of 8)",
+            bits.len()
+        );
+        let buffer = self.tracked(MemoryUse::Weights, bits.len() * 2)?;
+        self.copy_htod(&buffer, 0, bytemuck::cast_slice(bits))?;
+        Ok(CudaWeight {
+            buffer,
+            name: name.to_string(),
+            shape: WeightShape::Matrix {
+                rows,
+                cols,
+                pair: false,
+            },
+        })
     }
 
     /// An f32 buffer (as from `alloc_precise`) holding `values` `[rows, cols]` (tests, benches).
@@ -336,6 +360,16 @@ impl CudaBackend {
         slot: impl Fn(&mut Scratch) -> &mut Option<TrackedBuffer>,
         bytes: usize,
     ) -> Result<u64> {
+        self.scratch_buffer_init(slot, bytes, false)
+    }
+
+    /// `scratch_buffer`, zero-filled when (re)allocated with `zeroed`.
+    fn scratch_buffer_init(
+        &self,
+        slot: impl Fn(&mut Scratch) -> &mut Option<TrackedBuffer>,
+        bytes: usize,
+        zeroed: bool,
+    ) -> Result<u64> {
         let mut scratch = self.scratch.borrow_mut();
         if let Some(buffer) = slot(&mut scratch).as_ref() {
             if buffer.len() >= bytes {
@@ -343,6 +377,9 @@ impl CudaBackend {
             }
         }
         let buffer = self.tracked(MemoryUse::Scratch, bytes)?;
+        if zeroed {
+            self.device.memset_zero(buffer.buffer(), 0, buffer.len())?;
+        }
         let ptr = buffer.ptr();
         if let Some(old) = slot(&mut scratch).replace(buffer) {
             if self.recorder.borrow().is_recording() {
@@ -358,6 +395,14 @@ impl CudaBackend {
             .with_context(|| format!("uploading {name}"))?;
         Ok(buffer)
     }
+}
+
+fn check_decode_splits(splits: usize) -> Result<()> {
+    ensure!(
+        (1..=DECODE_MAX_SPLITS).contains(&splits),
+        "decode attention takes 1 to {DECODE_MAX_SPLITS} splits, not {splits}"
+    );
+    Ok(())
 }
 
 /// bf16 bits of a checkpoint matrix `[rows, cols]`: the stored bits of a bf16 checkpoint, or
@@ -456,7 +501,7 @@ impl Backend for CudaBackend {
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
         ensure!(
-            cols % 8 == 0,
+            cols.is_multiple_of(8),
             "CUDA activations are moved in 16-byte vectors: {cols} columns is not a multiple of 8"
         );
         Ok(CudaTensor {
@@ -610,30 +655,70 @@ impl Backend for CudaBackend {
         rows: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        let (n, k, pair) = w.matrix()?;
+        self.matmul_many(x, &mut [(w, out)], rows)
+    }
+
+    /// One row (decode): up to three weights of one input in a single matvec launch. Many
+    /// rows: one tensor-core launch per weight.
+    fn matmul_many(
+        &self,
+        x: &CudaTensor,
+        outputs: &mut [(&CudaWeight, &mut CudaTensor)],
+        rows: usize,
+    ) -> Result<()> {
         x.check_bf16("matmul input")?;
         x.check_rows(rows, "matmul input")?;
-        out.check_rows(rows, "matmul output")?;
-        ensure!(
-            x.cols == k && out.cols == n,
-            "matmul shape mismatch: x has {} columns, weight {} is [{n}, {k}], out has {} columns",
-            x.cols,
-            w.name,
-            out.cols
-        );
-        let f32_out = out.dtype == ActivationType::F32;
-        let (input, k) = if pair {
-            let doubled = self.scratch_buffer(|s| &mut s.pair_input, rows * 2 * k * 2)?;
-            self.launch_duplicate_columns(x.ptr(), doubled, rows, k)?;
-            (doubled, 2 * k)
-        } else {
-            (x.ptr(), k)
-        };
-        if rows == 1 {
-            self.launch_matvec(input, w.buffer.ptr(), out.ptr(), n, k, f32_out)
-        } else {
-            self.launch_matmul_mma(input, w.buffer.ptr(), out.ptr(), rows, n, k, f32_out)
+        let mut pairs = Vec::with_capacity(outputs.len());
+        for (w, out) in outputs.iter() {
+            let (n, k, pair) = w.matrix()?;
+            out.check_rows(rows, "matmul output")?;
+            ensure!(
+                x.cols == k && out.cols == n,
+                "matmul shape mismatch: x has {} columns, weight {} is [{n}, {k}], out has {} \
+                 columns",
+                x.cols,
+                w.name,
+                out.cols
+            );
+            pairs.push(pair);
         }
+        let Some(&pair) = pairs.first() else {
+            return Ok(());
+        };
+        if pairs.iter().any(|&p| p != pair) {
+            // Weights stored differently do not share one input: one at a time.
+            for (w, out) in outputs.iter_mut() {
+                self.matmul_many(x, &mut [(*w, &mut **out)], rows)?;
+            }
+            return Ok(());
+        }
+        let (input, k) = if pair {
+            let doubled = self.scratch_buffer(|s| &mut s.pair_input, rows * 2 * x.cols * 2)?;
+            self.launch_duplicate_columns(x.ptr(), doubled, rows, x.cols)?;
+            (doubled, 2 * x.cols)
+        } else {
+            (x.ptr(), x.cols)
+        };
+        let all_bf16 = outputs.iter().all(|(_, o)| o.dtype == ActivationType::Bf16);
+        if rows == 1 && all_bf16 {
+            for group in outputs.chunks(3) {
+                let targets: Vec<(u64, u64, usize)> = group
+                    .iter()
+                    .map(|(w, o)| (w.buffer.ptr(), o.ptr(), o.cols))
+                    .collect();
+                self.launch_matvec(input, &targets, k, false)?;
+            }
+            return Ok(());
+        }
+        for (w, out) in outputs.iter() {
+            let (n, f32_out) = (out.cols, out.dtype == ActivationType::F32);
+            if rows == 1 {
+                self.launch_matvec(input, &[(w.buffer.ptr(), out.ptr(), n)], k, f32_out)?;
+            } else {
+                self.launch_matmul_mma(input, w.buffer.ptr(), out.ptr(), rows, n, k, f32_out)?;
+            }
+        }
+        Ok(())
     }
 
     fn rope(
@@ -651,7 +736,7 @@ impl Backend for CudaBackend {
         q.check_rows(rows, "rope q")?;
         k.check_rows(rows, "rope k")?;
         ensure!(
-            q.cols % head_dim == 0 && k.cols % head_dim == 0,
+            q.cols.is_multiple_of(head_dim) && k.cols.is_multiple_of(head_dim),
             "rope: q ({}) or k ({}) columns are not whole heads of {head_dim}",
             q.cols,
             k.cols
@@ -717,7 +802,7 @@ impl Backend for CudaBackend {
         let head_dim = layout.head_dim as usize;
         let kv_heads = layout.num_kv_heads as usize;
         ensure!(
-            num_heads % kv_heads == 0,
+            num_heads.is_multiple_of(kv_heads),
             "{num_heads} query heads do not share {kv_heads} KV heads evenly"
         );
         for (t, what) in [(q, "attention q"), (&*out, "attention output")] {
@@ -743,8 +828,15 @@ impl Backend for CudaBackend {
             );
         }
         let splits = self.options.borrow().decode_splits;
-        let acc = self.scratch_buffer(|s| &mut s.decode_acc, num_heads * splits * head_dim * 4)?;
-        let max_sum = self.scratch_buffer(|s| &mut s.decode_max_sum, num_heads * splits * 2 * 4)?;
+        let partials = DecodePartials {
+            acc: self.scratch_buffer(|s| &mut s.decode_acc, num_heads * splits * head_dim * 4)?,
+            max_sum: self.scratch_buffer(|s| &mut s.decode_max_sum, num_heads * splits * 2 * 4)?,
+            split_counters: self.scratch_buffer_init(
+                |s| &mut s.decode_counters,
+                decode_attention_groups(num_heads, &layout) * 4,
+                true,
+            )?,
+        };
         // A table of one chunk is the static layout: read the chunk directly.
         let (kv, chunked) = if table.capacity == 1 {
             let chunk = cache
@@ -760,8 +852,7 @@ impl Backend for CudaBackend {
             kv,
             chunked,
             table.step.ptr(),
-            acc,
-            max_sum,
+            partials,
             out.ptr(),
             num_heads,
             layer,

@@ -32,22 +32,15 @@ impl Launch {
     }
 }
 
-/// How the last step ran (for tests and reports).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StepExecution {
-    /// Kernel by kernel (graphs off, a first sighting, or a step that had to give up recording).
-    Launches,
-    /// Captured into a new graph, then replayed.
-    Captured,
-    /// An existing graph replayed.
-    Replayed,
-}
-
 /// Counts of how steps ran since the backend started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GraphStats {
+    /// Steps run kernel by kernel: graphs off, a list seen for the first time, or a step that
+    /// gave up recording at a copy.
     pub steps_launched: u64,
+    /// Steps captured into a new graph (then replayed).
     pub graphs_captured: u64,
+    /// Steps that replayed the existing graph.
     pub graphs_replayed: u64,
 }
 
@@ -59,7 +52,6 @@ pub struct StepRecorder {
     previous: Vec<Launch>,
     captured: Option<(Vec<Launch>, Graph)>,
     pub stats: GraphStats,
-    pub last: Option<StepExecution>,
 }
 
 impl StepRecorder {
@@ -102,14 +94,12 @@ impl StepRecorder {
         let Some(list) = self.recording.take() else {
             // Recording stopped at a copy; the launches already ran.
             self.stats.steps_launched += 1;
-            self.last = Some(StepExecution::Launches);
             return Ok(());
         };
         if let Some((launches, graph)) = &self.captured {
             if *launches == list {
                 device.launch_graph(graph)?;
                 self.stats.graphs_replayed += 1;
-                self.last = Some(StepExecution::Replayed);
                 return Ok(());
             }
         }
@@ -123,7 +113,6 @@ impl StepRecorder {
             device.launch_graph(&graph)?;
             self.captured = Some((list, graph));
             self.stats.graphs_captured += 1;
-            self.last = Some(StepExecution::Captured);
             return Ok(());
         }
         for launch in &list {
@@ -131,14 +120,12 @@ impl StepRecorder {
         }
         self.previous = list;
         self.stats.steps_launched += 1;
-        self.last = Some(StepExecution::Launches);
         Ok(())
     }
 
     /// Counts a step that ran with graphs off.
     pub fn note_launched(&mut self) {
         self.stats.steps_launched += 1;
-        self.last = Some(StepExecution::Launches);
     }
 
     /// Drops the recording of a step whose forward pass failed.

@@ -5,7 +5,7 @@
 use super::backend::CudaBackend;
 use super::device::{KernelArg, LaunchConfig};
 use crate::kv::KvLayout;
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 
 /// A size as a kernel's `int` argument.
 fn int(value: usize, what: &str) -> Result<KernelArg> {
@@ -56,6 +56,23 @@ const PREFILL_THREADS: u32 = 128;
 const PREFILL_QUERY_ROWS: usize = 64;
 const DECODE_THREADS: u32 = 128;
 const DECODE_HEADS_PER_BLOCK: usize = 4;
+/// Most splits of decode attention (`DECODE_MAX_SPLITS`).
+pub const DECODE_MAX_SPLITS: usize = 64;
+
+/// Device scratch of decode attention: `acc` `[num_heads, splits, head_dim]` f32, `max_sum`
+/// `[num_heads, splits, 2]` f32, `split_counters` one zeroed u32 per block row of the grid.
+#[derive(Clone, Copy)]
+pub(super) struct DecodePartials {
+    pub acc: u64,
+    pub max_sum: u64,
+    pub split_counters: u64,
+}
+
+/// Block rows of decode attention: a KV head's query heads in tiles of DECODE_HEADS_PER_BLOCK.
+pub(super) fn decode_attention_groups(num_heads: usize, layout: &KvLayout) -> usize {
+    let kv_heads = layout.num_kv_heads as usize;
+    kv_heads * (num_heads / kv_heads).div_ceil(DECODE_HEADS_PER_BLOCK)
+}
 /// head_dim values with a prefill attention entry point.
 pub const PREFILL_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
@@ -152,33 +169,37 @@ impl CudaBackend {
         )
     }
 
-    /// out[n] = w[n, :] . x (one row). `f32_out` picks the f32-output kernel (logits).
+    /// out_i[n_i] = w_i[n_i, :] . x (one row) for up to three (w_i, out_i, n_i) sharing x, in
+    /// one launch; `f32_out` (logits) takes one target.
     pub(super) fn launch_matvec(
         &self,
         x: u64,
-        w: u64,
-        out: u64,
-        n: usize,
+        targets: &[(u64, u64, usize)],
         k: usize,
         f32_out: bool,
     ) -> Result<()> {
-        let grid = n.div_ceil(MATVEC_WARPS).min(MATVEC_MAX_BLOCKS);
+        ensure!(
+            (1..=if f32_out { 1 } else { 3 }).contains(&targets.len()),
+            "matvec: {} weights in one launch",
+            targets.len()
+        );
+        let rows: usize = targets.iter().map(|t| t.2).sum();
+        let grid = rows.div_ceil(MATVEC_WARPS).min(MATVEC_MAX_BLOCKS);
         let shared = u32::try_from(k * 2).context("matvec: input row too long")?;
-        self.launch(
-            if f32_out {
-                "matvec_bf16_out_f32"
-            } else {
-                "matvec_bf16"
-            },
-            LaunchConfig::linear(blocks(grid, "matvec")?, MATVEC_THREADS, shared),
-            vec![
-                KernelArg::Ptr(x),
-                KernelArg::Ptr(w),
-                KernelArg::Ptr(out),
-                int(n, "matvec n")?,
-                int(k, "matvec k")?,
-            ],
-        )
+        let config = LaunchConfig::linear(blocks(grid, "matvec")?, MATVEC_THREADS, shared);
+        let mut args = vec![KernelArg::Ptr(x)];
+        if f32_out {
+            let (w, out, n) = targets[0];
+            args.extend([KernelArg::Ptr(w), KernelArg::Ptr(out), int(n, "matvec n")?]);
+            args.push(int(k, "matvec k")?);
+            return self.launch("matvec_bf16_out_f32", config, args);
+        }
+        for slot in 0..3 {
+            let (w, out, n) = targets.get(slot).copied().unwrap_or((0, 0, 0));
+            args.extend([KernelArg::Ptr(w), KernelArg::Ptr(out), int(n, "matvec n")?]);
+        }
+        args.push(int(k, "matvec k")?);
+        self.launch("matvec_bf16", config, args)
     }
 
     /// out[m, n] = a[m, :] . w[n, :] on tensor cores.
@@ -342,8 +363,9 @@ impl CudaBackend {
         )
     }
 
-    /// Split-sequence decode attention (one query row) and its merge. `kv` is the static cache's
-    /// chunk (`chunked` false) or the chunk table.
+    /// Split-sequence decode attention (one query row), merged in the kernel. `kv` is the
+    /// static cache's chunk (`chunked` false) or the chunk table; `split_counters` holds
+    /// [`decode_attention_groups`] zeros.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_attention_decode(
         &self,
@@ -351,21 +373,22 @@ impl CudaBackend {
         kv: u64,
         chunked: bool,
         step: u64,
-        partial_acc: u64,
-        partial_max_sum: u64,
+        partials: DecodePartials,
         out: u64,
         num_heads: usize,
         layer: usize,
         layout: &KvLayout,
         num_splits: usize,
     ) -> Result<()> {
-        let group = num_heads / layout.num_kv_heads as usize;
-        let head_tiles = group.div_ceil(DECODE_HEADS_PER_BLOCK);
+        ensure!(
+            (1..=DECODE_MAX_SPLITS).contains(&num_splits),
+            "decode attention takes 1 to {DECODE_MAX_SPLITS} splits, not {num_splits}"
+        );
         let config = LaunchConfig {
             grid: [
                 blocks(num_splits, "decode attention splits")?,
                 blocks(
-                    layout.num_kv_heads as usize * head_tiles,
+                    decode_attention_groups(num_heads, layout),
                     "decode attention heads",
                 )?,
                 1,
@@ -377,8 +400,10 @@ impl CudaBackend {
             KernelArg::Ptr(q),
             KernelArg::Ptr(kv),
             KernelArg::Ptr(step),
-            KernelArg::Ptr(partial_acc),
-            KernelArg::Ptr(partial_max_sum),
+            KernelArg::Ptr(partials.acc),
+            KernelArg::Ptr(partials.max_sum),
+            KernelArg::Ptr(partials.split_counters),
+            KernelArg::Ptr(out),
             int(num_heads, "num_heads")?,
             KernelArg::U32(layer as u32),
         ];
@@ -392,18 +417,6 @@ impl CudaBackend {
             },
             config,
             args,
-        )?;
-        self.launch(
-            "attention_decode_merge_bf16",
-            LaunchConfig::linear(blocks(num_heads, "decode merge")?, layout.head_dim, 0),
-            vec![
-                KernelArg::Ptr(partial_acc),
-                KernelArg::Ptr(partial_max_sum),
-                KernelArg::Ptr(step),
-                KernelArg::Ptr(out),
-                int(layout.head_dim as usize, "head_dim")?,
-                int(num_splits, "decode splits")?,
-            ],
         )
     }
 
