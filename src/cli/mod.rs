@@ -1,5 +1,6 @@
 //! Subcommands. Each module holds its clap arguments and its `run`.
 pub mod generate;
+pub mod roofline;
 pub mod synth;
 
 use clap::Args;

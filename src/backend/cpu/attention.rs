@@ -12,6 +12,7 @@
 //! The inner loops are plain Rust that LLVM vectorises; on x86_64 with AVX2 + FMA the item
 //! kernel is compiled a second time with those features and picked at run time.
 
+use super::simd::{has_avx2_fma, Fused, MulAdd, Unfused};
 use crate::kv::{KvLayout, KvPart};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -203,28 +204,6 @@ impl Item<'_> {
     }
 }
 
-/// a·b + c, fused where the item kernel is compiled with FMA.
-trait MulAdd {
-    fn mul_add(a: f32, b: f32, c: f32) -> f32;
-}
-
-struct Fused;
-struct Unfused;
-
-impl MulAdd for Fused {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
-}
-
-impl MulAdd for Unfused {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a * b + c
-    }
-}
-
 /// Independent partial sums of the dot product: two vectors of 8 lanes (AVX2), enough to hide
 /// the latency of the adds.
 const DOT_LANES: usize = 16;
@@ -373,7 +352,7 @@ impl Isa {
         match self {
             Isa::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Isa::Avx2Fma => has_avx2_fma(),
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod matmul;
+pub mod simd;
 
 use super::{Backend, BackendInfo};
 use crate::kv::{KvCache, KvLayout, KvPart};
