@@ -4,6 +4,11 @@ pub mod forward;
 pub mod hub;
 pub mod weights;
 
+pub mod chat_template;
+pub mod tokenizer;
+
+pub mod synth;
+
 /// Storage dtype of a checkpoint tensor (activations are computed in f32 on the CPU).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DType {
