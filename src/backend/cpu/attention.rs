@@ -12,7 +12,7 @@
 //! The inner loops are plain Rust that LLVM vectorises; on x86_64 with AVX2 + FMA the item
 //! kernel is compiled a second time with those features and picked at run time.
 
-use super::simd::{has_avx2_fma, Fused, MulAdd, Unfused};
+use super::simd::{exp, has_avx2_fma, Fused, MulAdd, Unfused};
 use crate::kv::{KvLayout, KvPart};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -222,10 +222,29 @@ fn dot<M: MulAdd>(a: &[f32], b: &[f32]) -> f32 {
             lanes[i] = M::mul_add(x[i], y[i], lanes[i]);
         }
     }
-    let mut sum = 0.0;
+    let mut tail_sum = 0.0;
     for (x, y) in a_tail.iter().zip(b_tail) {
-        sum = M::mul_add(*x, *y, sum);
+        tail_sum = M::mul_add(*x, *y, tail_sum);
     }
+    tail_sum + reduce(lanes)
+}
+
+/// Σ values, in [`DOT_LANES`] independent partial sums.
+#[inline(always)]
+fn sum(values: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; DOT_LANES];
+    let (main, tail) = values.split_at(values.len() / DOT_LANES * DOT_LANES);
+    for x in main.chunks_exact(DOT_LANES) {
+        for i in 0..DOT_LANES {
+            lanes[i] += x[i];
+        }
+    }
+    reduce(lanes) + tail.iter().sum::<f32>()
+}
+
+/// The sum of the lanes, pairwise.
+#[inline(always)]
+fn reduce(mut lanes: [f32; DOT_LANES]) -> f32 {
     let mut width = DOT_LANES / 2;
     while width > 0 {
         for i in 0..width {
@@ -233,7 +252,7 @@ fn dot<M: MulAdd>(a: &[f32], b: &[f32]) -> f32 {
         }
         width /= 2;
     }
-    sum + lanes[0]
+    lanes[0]
 }
 
 /// y += a·x over equal-length slices.
@@ -295,18 +314,14 @@ fn attend_item<M: MulAdd>(item: &Item, partial: &mut [f32], scores: &mut [f32]) 
                 let r = &mut partial[query * record..][..record];
                 let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let max = r[0].max(tile_max);
-                let rescale = (r[0] - max).exp();
+                let rescale = exp::<M>(r[0] - max);
                 if rescale != 1.0 {
                     r[1] *= rescale;
                     r[2..].iter_mut().for_each(|a| *a *= rescale);
                 }
-                let mut sum = 0.0;
-                for x in s.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
+                s.iter_mut().for_each(|x| *x = exp::<M>(*x - max));
                 r[0] = max;
-                r[1] += sum;
+                r[1] += sum(s);
             }
         }
 
