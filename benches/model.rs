@@ -15,7 +15,13 @@ fn main() -> anyhow::Result<()> {
     let model = if quick {
         tiny_dir = tempfile::tempdir()?;
         let dir = tiny_dir.path().join("tiny");
-        write_synthetic(&SynthOptions { preset: Preset::Tiny, seed: 0 }, &dir)?;
+        write_synthetic(
+            &SynthOptions {
+                preset: Preset::Tiny,
+                seed: 0,
+            },
+            &dir,
+        )?;
         Some(dir.to_string_lossy().to_string())
     } else {
         None
@@ -25,19 +31,34 @@ fn main() -> anyhow::Result<()> {
     let gen = &mut loaded.generator;
     let info = gen.backend_info();
     let cfg = gen.config().clone();
-    let bandwidth = host_read_bandwidth(if quick { 64 << 20 } else { 1 << 30 }, if quick { 2 } else { 5 });
-    println!("model: {} ({} layers, hidden {})", loaded.dir.display(), cfg.num_layers, cfg.hidden_size);
+    let bandwidth = host_read_bandwidth(
+        if quick { 64 << 20 } else { 1 << 30 },
+        if quick { 2 } else { 5 },
+    );
+    println!(
+        "model: {} ({} layers, hidden {})",
+        loaded.dir.display(),
+        cfg.num_layers,
+        cfg.hidden_size
+    );
     println!("device: {}", info.device);
     println!(
         "measured read bandwidth: {:.1} GB/s median (min {:.1}, max {:.1}, {} passes)",
         bandwidth.median, bandwidth.min, bandwidth.max, bandwidth.samples
     );
     // A prompt of ordinary ids spread over the vocabulary; its content does not change the cost.
-    let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| 1000 + (i * 7919) % 20000 % cfg.vocab_size as u32).collect();
+    let prompt: Vec<u32> = (0..prompt_len as u32)
+        .map(|i| 1000 + (i * 7919) % 20000 % cfg.vocab_size as u32)
+        .collect();
     println!("\n| cache | prefill tok/s ({prompt_len} tokens) | decode tok/s | decode GB/s | share of bandwidth |");
     println!("|---|---|---|---|---|");
     for strategy in [Strategy::Dynamic, Strategy::Static] {
-        let opts = GenerateOptions { max_new_tokens: new_tokens, strategy, ignore_eos: true, ..Default::default() };
+        let opts = GenerateOptions {
+            max_new_tokens: new_tokens,
+            strategy,
+            ignore_eos: true,
+            ..Default::default()
+        };
         gen.generate(&prompt, &opts, &mut |_| {})?; // warm-up
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
@@ -56,7 +77,14 @@ fn main() -> anyhow::Result<()> {
         let (p, d, b) = (Spread::of(&prefill), Spread::of(&decode), Spread::of(&gbps));
         println!(
             "| {strategy} | {:.1} ({:.1}..{:.1}) | {:.2} ({:.2}..{:.2}) | {:.1} | {:.0}% |",
-            p.median, p.min, p.max, d.median, d.min, d.max, b.median, 100.0 * b.median / bandwidth.median
+            p.median,
+            p.min,
+            p.max,
+            d.median,
+            d.min,
+            d.max,
+            b.median,
+            100.0 * b.median / bandwidth.median
         );
     }
     Ok(())

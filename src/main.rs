@@ -4,7 +4,11 @@ mod cli;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kvlab", version, about = "A laboratory for the KV cache of LLM inference")]
+#[command(
+    name = "kvlab",
+    version,
+    about = "A laboratory for the KV cache of LLM inference"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -7,7 +7,8 @@ use std::path::Path;
 /// Writes `rows` (all of one length) as a float32 array `[rows.len(), rows[0].len()]`.
 pub fn write_f32_matrix(path: &Path, rows: &[Vec<f32>]) -> Result<()> {
     let cols = rows.first().map_or(0, |r| r.len());
-    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut writer = npyz::WriteOptions::new()
         .default_dtype()
         .shape(&[rows.len() as u64, cols as u64])
@@ -15,8 +16,12 @@ pub fn write_f32_matrix(path: &Path, rows: &[Vec<f32>]) -> Result<()> {
         .begin_nd()
         .with_context(|| format!("cannot write {}", path.display()))?;
     for row in rows {
-        writer.extend(row.iter().copied()).with_context(|| format!("cannot write {}", path.display()))?;
+        writer
+            .extend(row.iter().copied())
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    writer.finish().with_context(|| format!("cannot write {}", path.display()))?;
+    writer
+        .finish()
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }

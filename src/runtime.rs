@@ -42,10 +42,16 @@ pub fn load(model: Option<&str>, backend: &str) -> Result<LoadedModel> {
     let generator: Box<dyn Generator> = match backend {
         "auto" | "cpu" => {
             let backend = CpuBackend::new();
-            let model = Model::load(&backend, &dir).with_context(|| format!("loading {}", dir.display()))?;
+            let model = Model::load(&backend, &dir)
+                .with_context(|| format!("loading {}", dir.display()))?;
             Box::new(Engine::new(backend, model))
         }
         other => anyhow::bail!("unknown backend {other:?} (expected auto, cpu, cuda or emu)"),
     };
-    Ok(LoadedModel { dir, synthetic, tokenizer, generator })
+    Ok(LoadedModel {
+        dir,
+        synthetic,
+        tokenizer,
+        generator,
+    })
 }

@@ -48,23 +48,45 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut loaded = args.model.load()?;
     let prompt_ids = match (&args.prompt, &args.messages, &args.prompt_ids) {
         (_, _, Some(ids)) => ids.clone(),
-        (None, None, None) => bail!("give a prompt: --prompt TEXT, --messages FILE.json or --prompt-ids 1,2,3"),
+        (None, None, None) => {
+            bail!("give a prompt: --prompt TEXT, --messages FILE.json or --prompt-ids 1,2,3")
+        }
         (prompt, messages, None) => {
             let tokenizer = loaded.tokenizer.as_ref().with_context(|| {
-                format!("{} has no tokenizer.json: pass --prompt-ids", loaded.dir.display())
+                format!(
+                    "{} has no tokenizer.json: pass --prompt-ids",
+                    loaded.dir.display()
+                )
             })?;
             match (prompt, messages) {
                 (Some(text), _) if args.raw => tokenizer.encode_text(text, true)?,
                 (Some(text), _) => tokenizer.encode_messages(
-                    &[Message { role: "user".into(), content: text.clone() }],
-                    &ChatOptions { add_generation_prompt: true, date_string: None },
+                    &[Message {
+                        role: "user".into(),
+                        content: text.clone(),
+                    }],
+                    &ChatOptions {
+                        add_generation_prompt: true,
+                        date_string: None,
+                    },
                 )?,
                 (None, Some(path)) => {
-                    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-                    let messages: Vec<Message> = serde_json::from_str(&text).with_context(|| {
-                        format!("{}: expected a JSON list of {{\"role\", \"content\"}} messages", path.display())
-                    })?;
-                    tokenizer.encode_messages(&messages, &ChatOptions { add_generation_prompt: true, date_string: None })?
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    let messages: Vec<Message> =
+                        serde_json::from_str(&text).with_context(|| {
+                            format!(
+                                "{}: expected a JSON list of {{\"role\", \"content\"}} messages",
+                                path.display()
+                            )
+                        })?;
+                    tokenizer.encode_messages(
+                        &messages,
+                        &ChatOptions {
+                            add_generation_prompt: true,
+                            date_string: None,
+                        },
+                    )?
                 }
                 (None, None) => unreachable!("handled above"),
             }

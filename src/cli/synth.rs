@@ -16,7 +16,13 @@ pub struct SynthArgs {
 }
 
 pub fn run(args: SynthArgs) -> anyhow::Result<()> {
-    write_synthetic(&SynthOptions { preset: args.preset, seed: args.seed }, &args.out)?;
+    write_synthetic(
+        &SynthOptions {
+            preset: args.preset,
+            seed: args.seed,
+        },
+        &args.out,
+    )?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }

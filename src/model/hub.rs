@@ -30,7 +30,8 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
         Some((id, rev)) => (id, Some(rev)),
         None => (spec, None),
     };
-    let looks_like_hub_id = id.split('/').count() == 2 && !id.starts_with('.') && !id.starts_with('/');
+    let looks_like_hub_id =
+        id.split('/').count() == 2 && !id.starts_with('.') && !id.starts_with('/');
     if !looks_like_hub_id {
         bail!("model {spec:?}: no such folder (and not a hub id of the form org/name)");
     }
@@ -54,9 +55,15 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
         if snapshot.join("config.json").exists() {
             return Ok(snapshot);
         }
-        bail!("{} has no snapshot {rev} with a config.json", repo.display());
+        bail!(
+            "{} has no snapshot {rev} with a config.json",
+            repo.display()
+        );
     }
-    let looked: Vec<String> = roots.iter().map(|r| r.join(&repo_folder).display().to_string()).collect();
+    let looked: Vec<String> = roots
+        .iter()
+        .map(|r| r.join(&repo_folder).display().to_string())
+        .collect();
     bail!(
         "model {spec:?} is not a folder and is not in the local Hugging Face cache (looked in: {}). \
          kvlab never downloads: fetch it with `huggingface-cli download {id}` or pass a folder",
@@ -67,7 +74,10 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
 fn newest_snapshot(snapshots: &Path) -> Result<String> {
     let mut best: Option<(std::time::SystemTime, String)> = None;
     for entry in std::fs::read_dir(snapshots)?.flatten() {
-        let modified = entry.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+        let modified = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::UNIX_EPOCH);
         let name = entry.file_name().to_string_lossy().to_string();
         if best.as_ref().is_none_or(|(t, _)| modified > *t) {
             best = Some((modified, name));

@@ -301,6 +301,14 @@ pub fn cached_synthetic_dir(root: &Path, opts: &SynthOptions) -> Result<PathBuf>
     }
 }
 
+/// Written beside the weights so that reports can say the weights are random.
+const MARKER_FILE: &str = "kvlab-synthetic.json";
+
+/// True for a folder written by [`write_synthetic`].
+pub fn is_synthetic(dir: &Path) -> bool {
+    dir.join(MARKER_FILE).is_file()
+}
+
 fn write_files(opts: &SynthOptions, dir: &Path) -> Result<()> {
     write_json(&dir.join("config.json"), &config_json(opts.preset))?;
     write_json(
@@ -308,6 +316,10 @@ fn write_files(opts: &SynthOptions, dir: &Path) -> Result<()> {
         &generation_config_json(),
     )?;
     write_json(&dir.join("tokenizer_config.json"), &tokenizer_config_json())?;
+    write_json(
+        &dir.join(MARKER_FILE),
+        &serde_json::json!({ "preset": opts.preset.name(), "seed": opts.seed }),
+    )?;
     let readme = dir.join("README.md");
     fs::write(&readme, readme_text(opts))
         .with_context(|| format!("writing {}", readme.display()))?;
