@@ -131,3 +131,47 @@ pub fn decode_step(
         flops: 2.0 * matmul_params as f64 + attention.flops,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::roofline::fixture::llama_3_2_1b;
+
+    #[test]
+    fn attention_counts_every_visible_pair() {
+        let cfg = llama_3_2_1b().unwrap();
+        for (start, rows) in [(0, 1), (0, 7), (300, 1), (300, 37)] {
+            let pairs: usize = (0..rows).map(|r| start + r + 1).sum();
+            let c = attention(&cfg, start, rows, 2);
+            assert_eq!(c.flops, (4 * 32 * 64 * pairs) as f64);
+            // K and V of every visible position, 8 heads of 64 bf16 values; q and out in f32.
+            let kv = 2 * (start + rows) * 8 * 64 * 2;
+            assert_eq!(c.bytes, (kv + 2 * rows * 2048 * 4) as f64);
+        }
+    }
+
+    #[test]
+    fn decode_step_of_llama_3_2_1b_reads_its_weights_and_cache() {
+        let cfg = llama_3_2_1b().unwrap();
+        // 1.236 B parameters with the tied embedding counted once, as the lm_head.
+        let c = decode_step(&cfg, 2_471_000_000, 2048, 4);
+        let kv = 2048.0 * 16.0 * 2.0 * 512.0 * 4.0;
+        assert_eq!(c.bytes, 2_471_000_000.0 + kv + 16.0 * 2.0 * 2048.0 * 4.0);
+        let matmul_flops = c.flops - 16.0 * 4.0 * 32.0 * 64.0 * 2048.0;
+        assert!(
+            (matmul_flops / 2.0 - 1.2358e9).abs() < 1e6,
+            "{matmul_flops}"
+        );
+    }
+
+    #[test]
+    fn matmul_reads_the_weight_once() {
+        let c = matmul(16, 8192, 2048, 2);
+        assert_eq!(
+            c.bytes,
+            (8192 * 2048 * 2 + 16 * 2048 * 4 + 16 * 8192 * 4) as f64
+        );
+        assert_eq!(c.flops, 2.0 * 16.0 * 8192.0 * 2048.0);
+        assert!(matmul(1, 2048, 2048, 2).intensity() < 1.0);
+    }
+}

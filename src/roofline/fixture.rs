@@ -183,3 +183,43 @@ impl<'m, B: Backend> DecodeStep<'m, B> {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    fn tiny() -> Config {
+        let hf: HfConfig = serde_json::from_value(config_json(Preset::Tiny)).unwrap();
+        Config::from_hf(&hf).unwrap()
+    }
+
+    #[test]
+    fn filled_caches_hold_their_length_in_either_layout() {
+        let (b, cfg) = (CpuBackend::new(), tiny());
+        for shape in [KvShape::Contiguous, KvShape::Chunked(5)] {
+            for len in [0, 1, 7, 1100] {
+                let cache = filled_cache(&b, &cfg, shape, len, 3).unwrap();
+                assert_eq!((cache.len(), cache.strategy), (len, shape.strategy()));
+                assert!(cache.capacity() >= len + 3, "{shape} {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_rotation_visits_every_layer_of_every_cache_at_the_step() {
+        let (b, cfg) = (CpuBackend::new(), tiny());
+        // The tiny model's cache of 100 positions is 100 KiB: the rotation needs many.
+        let mut rotation = KvRotation::new(&b, &cfg, KvShape::Chunked(16), 100, 3).unwrap();
+        let visits = rotation.caches.len() * cfg.num_layers;
+        assert!(rotation.caches.len() > 1);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..visits {
+            let (cache, layer) = rotation.next();
+            assert_eq!(cache.step(), (97, 3));
+            seen.insert((cache as *const KvCache<CpuBackend>, layer));
+        }
+        assert_eq!(seen.len(), visits);
+        assert!(KvRotation::new(&b, &cfg, KvShape::Contiguous, 2, 3).is_err());
+    }
+}
