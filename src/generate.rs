@@ -50,6 +50,9 @@ pub struct Generation {
     pub decode_seconds: f64,
     /// Each decode step's time (tokens 2..).
     pub step_seconds: Vec<f64>,
+    /// Device time of each forward pass (prefill first) where the backend measures it (CUDA
+    /// events); empty on the CPU.
+    pub device_step_seconds: Vec<f64>,
     pub stopped_on_eos: bool,
     /// Accounting of the KV memory this call used (the no-cache strategy: its transient buffers).
     pub kv: KvStats,
@@ -153,8 +156,8 @@ impl<B: Backend> Engine<B> {
     ) -> Result<u32> {
         self.activations(ids.len(), logit_rows)?;
         let act = self.activations.as_mut().expect("allocated above");
-        self.model
-            .forward(&self.backend, cache, ids, act, logit_rows)?;
+        let (backend, model) = (&self.backend, &self.model);
+        backend.run_step(&mut || model.forward(backend, cache, ids, act, logit_rows))?;
         let last = if logit_rows == LogitRows::All {
             ids.len() - 1
         } else {
@@ -230,6 +233,8 @@ impl<B: Backend> Generator for Engine<B> {
                 cfg.max_position_embeddings
             );
         }
+        // Device times of earlier, unfinished calls are not this call's.
+        self.backend.take_step_device_seconds()?;
         let mut gen = Generation {
             prompt_ids: prompt.to_vec(),
             ..Default::default()
@@ -329,6 +334,7 @@ impl<B: Backend> Generator for Engine<B> {
             };
         }
         gen.kv = kv;
+        gen.device_step_seconds = self.backend.take_step_device_seconds()?;
         gen.step_logits = step_logits;
         Ok(gen)
     }

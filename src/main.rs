@@ -33,6 +33,13 @@ fn main() {
         Command::Synth(args) => cli::synth::run(args),
     };
     if let Err(err) = result {
+        // `kvlab ... | head` closing the pipe early is not a failure.
+        let broken_pipe = err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
+        if broken_pipe {
+            return;
+        }
         eprintln!("error: {err:#}");
         std::process::exit(1);
     }

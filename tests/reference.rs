@@ -2,52 +2,19 @@
 //! tests/fixtures (copied from ../shared/reference): every prompt position's logits, the 24
 //! greedy ids and the logits of each step, for every cache strategy.
 
+mod common;
+
+use common::{fixture, max_abs_diff, read_npy, RefGeneration, MODELS};
 use kvlab::backend::cpu::CpuBackend;
 use kvlab::generate::{Engine, GenerateOptions, Generator};
 use kvlab::kv::Strategy;
 use kvlab::model::forward::Model;
-use std::path::{Path, PathBuf};
 
-const MODELS: [&str; 3] = [
-    "tiny-llama3-gqa4-bf16",
-    "tiny-mha-f32-sharded",
-    "tiny-gqa3-headdim32-f16",
-];
 const TOLERANCE: f32 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn read_npy(path: &Path) -> (Vec<u64>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
-    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
-    let shape = npy.shape().to_vec();
-    (shape, npy.into_vec::<f32>().unwrap())
-}
-
-#[derive(serde::Deserialize)]
-struct RefGeneration {
-    prompt_ids: Vec<u32>,
-    max_new_tokens: usize,
-    strategies: std::collections::HashMap<String, Vec<u32>>,
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 fn check_model(name: &str, strategy: Strategy, chunk_tokens: usize) {
     let dir = fixture(name);
-    let reference: RefGeneration =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("ref_generation.json")).unwrap())
-            .unwrap();
+    let reference = RefGeneration::load(name);
     let backend = CpuBackend::new();
     let model = Model::load(&backend, &dir).unwrap();
     let vocab = model.config.vocab_size;

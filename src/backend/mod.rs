@@ -40,6 +40,12 @@ pub trait Backend: Sized {
     /// A vector of f32 values (RoPE frequencies, a logit mask).
     fn upload_vector(&self, values: &[f32]) -> Result<Self::Weight>;
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// A buffer that accumulates rather than feeds a matmul: the residual stream, the sublayer
+    /// outputs added to it, the logits. A backend may keep these at a higher precision than
+    /// other activations (CUDA: f32 beside bf16).
+    fn alloc_precise(&self, rows: usize, cols: usize) -> Result<Self::Tensor> {
+        self.alloc(rows, cols)
+    }
 
     fn kv_elem_bytes(&self) -> usize;
     fn alloc_kv_chunk(&self, layout: &KvLayout) -> Result<Self::KvChunk>;
@@ -54,9 +60,10 @@ pub trait Backend: Sized {
         rows: usize,
     ) -> Result<()>;
 
-    /// out[r, :] = table[ids[r], :]
+    /// out[r, :] = table[ids[r], :] (out: the residual stream, from `alloc_precise`)
     fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor) -> Result<()>;
-    /// residual[r] += delta[r]; out[r] = rmsnorm(residual[r]) * weight. With `delta` None, only the norm.
+    /// residual[r] += delta[r]; out[r] = rmsnorm(residual[r]) * weight. With `delta` None, only
+    /// the norm. residual and delta come from `alloc_precise`, out from `alloc`.
     fn add_rms_norm(
         &self,
         residual: &mut Self::Tensor,
@@ -120,4 +127,17 @@ pub trait Backend: Sized {
         -> Result<u32>;
     /// Waits for queued work (a no-op on the CPU); timings are taken after it.
     fn synchronize(&self) -> Result<()>;
+
+    /// Runs `forward`, one whole forward pass. A backend may record the work it queues and
+    /// replay an identical recording from an earlier step instead (CUDA graphs); the default
+    /// just runs it.
+    fn run_step(&self, forward: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        forward()
+    }
+
+    /// Device time of each `run_step` since the last call, in seconds, where the backend
+    /// measures it apart from the host clock (CUDA events); empty otherwise.
+    fn take_step_device_seconds(&self) -> Result<Vec<f64>> {
+        Ok(Vec::new())
+    }
 }

@@ -103,19 +103,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let tokenizer = loaded.tokenizer.as_ref();
     let stream = !args.json && tokenizer.is_some();
-    let mut shown = 0usize;
-    let mut so_far = Vec::new();
+    let mut streamer = tokenizer.filter(|_| stream).map(TextStreamer::new);
     let gen = loaded.generator.generate(&prompt_ids, &opts, &mut |id| {
-        // Print text as it arrives: decode everything so far and print what is new, so that
-        // multi-token characters come out whole.
-        if let (true, Some(tok)) = (stream, tokenizer) {
-            so_far.push(id);
-            let text = tok.decode(&so_far, true);
-            if text.len() > shown && text.is_char_boundary(shown) {
-                print!("{}", &text[shown..]);
-                let _ = std::io::stdout().flush();
-                shown = text.len();
-            }
+        if let Some(s) = streamer.as_mut() {
+            s.push(id);
         }
     })?;
     if let Some(path) = &args.logits_out {
@@ -138,12 +129,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "stopped_on_eos": gen.stopped_on_eos,
             "kv": gen.kv,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&out)?)?;
     } else {
-        if text.is_none() {
-            println!("{:?}", gen.new_ids);
-        } else {
-            println!();
+        match text {
+            None => writeln!(std::io::stdout(), "{:?}", gen.new_ids)?,
+            Some(_) => writeln!(std::io::stdout())?,
         }
         eprintln!(
             "{} prompt + {} new tokens | prefill {:.3} s ({:.1} tok/s) | decode {:.1} tok/s | {} cache: {:.2} MiB reserved, {:.2} MiB live",
@@ -158,4 +148,47 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Prints generated text as it arrives. Ids are decoded together since they may hold parts of one
+/// character; the pending ids are flushed at each whitespace, so the work stays linear.
+struct TextStreamer<'a> {
+    tokenizer: &'a kvlab::model::tokenizer::Tokenizer,
+    pending: Vec<u32>,
+    shown: usize,
+}
+
+impl<'a> TextStreamer<'a> {
+    fn new(tokenizer: &'a kvlab::model::tokenizer::Tokenizer) -> Self {
+        TextStreamer {
+            tokenizer,
+            pending: Vec::new(),
+            shown: 0,
+        }
+    }
+
+    fn push(&mut self, id: u32) {
+        self.pending.push(id);
+        let text = self.tokenizer.decode(&self.pending, true);
+        // A trailing U+FFFD is an incomplete character: wait for the rest of its bytes.
+        if text.ends_with('\u{fffd}')
+            || text.len() <= self.shown
+            || !text.is_char_boundary(self.shown)
+        {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        // A closed pipe only ends the streaming; the final write reports it.
+        if out
+            .write_all(text[self.shown..].as_bytes())
+            .and_then(|_| out.flush())
+            .is_ok()
+        {
+            self.shown = text.len();
+        }
+        if text.ends_with(char::is_whitespace) {
+            self.pending.clear();
+            self.shown = 0;
+        }
+    }
 }

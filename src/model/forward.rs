@@ -62,17 +62,17 @@ impl<B: Backend> Activations<B> {
         Ok(Activations {
             capacity,
             logit_rows,
-            x: b.alloc(capacity, h)?,
+            x: b.alloc_precise(capacity, h)?,
             h: b.alloc(capacity, h)?,
             q: b.alloc(capacity, cfg.q_dim())?,
             k: b.alloc(capacity, cfg.kv_dim())?,
             v: b.alloc(capacity, cfg.kv_dim())?,
             attn: b.alloc(capacity, cfg.q_dim())?,
-            delta: b.alloc(capacity, h)?,
+            delta: b.alloc_precise(capacity, h)?,
             gate: b.alloc(capacity, ff)?,
             up: b.alloc(capacity, ff)?,
             last: b.alloc(1, h)?,
-            logits: b.alloc(logit_rows, cfg.vocab_size)?,
+            logits: b.alloc_precise(logit_rows, cfg.vocab_size)?,
         })
     }
 

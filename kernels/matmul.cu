@@ -1,0 +1,241 @@
+// Matrix products against a weight stored as Hugging Face does, `w [n, k]` row-major (one row
+// per output feature): out[m, n] = sum_k x[m, k] * w[n, k], bf16 inputs, f32 accumulation.
+//
+// - matvec_*: decode (one row). Memory-bound: every weight byte is read once, in 16-byte loads,
+//   MATVEC_UNROLL loads in flight per lane; one warp per output row.
+// - matmul_mma_*: prefill and the no-cache recompute (many rows). Tensor cores (mma.sync
+//   m16n8k16), 128x128x32 block tiles staged in shared memory by cp.async in MATMUL_STAGES
+//   buffers, so the copies of tile k+1 and k+2 overlap the products of tile k.
+// k % 8 == 0 everywhere (16-byte rows); m, n and k need not be multiples of any tile.
+#include "common.cuh"
+#include "mma_tile.cuh"
+
+__device__ __forceinline__ void store_output(float* out, uint64_t index, float value) {
+    out[index] = value;
+}
+
+__device__ __forceinline__ void store_output(bf16* out, uint64_t index, float value) {
+    out[index] = f32_to_bf16(value);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: matrix-vector.
+
+#define MATVEC_THREADS 256
+#define MATVEC_WARPS (MATVEC_THREADS / WARP_SIZE)
+#define MATVEC_UNROLL 4
+
+__device__ __forceinline__ float dot_bf16x8(uint4 a, uint4 b, float acc) {
+    acc = fmaf(bf16x2_lo_to_f32(a.x), bf16x2_lo_to_f32(b.x), acc);
+    acc = fmaf(bf16x2_hi_to_f32(a.x), bf16x2_hi_to_f32(b.x), acc);
+    acc = fmaf(bf16x2_lo_to_f32(a.y), bf16x2_lo_to_f32(b.y), acc);
+    acc = fmaf(bf16x2_hi_to_f32(a.y), bf16x2_hi_to_f32(b.y), acc);
+    acc = fmaf(bf16x2_lo_to_f32(a.z), bf16x2_lo_to_f32(b.z), acc);
+    acc = fmaf(bf16x2_hi_to_f32(a.z), bf16x2_hi_to_f32(b.z), acc);
+    acc = fmaf(bf16x2_lo_to_f32(a.w), bf16x2_lo_to_f32(b.w), acc);
+    acc = fmaf(bf16x2_hi_to_f32(a.w), bf16x2_hi_to_f32(b.w), acc);
+    return acc;
+}
+
+// x is staged once per block in dynamic shared memory (k * 2 bytes); warps then stride over the
+// output rows, so a grid smaller than n / MATVEC_WARPS still covers every row.
+template <typename OutT>
+__device__ __forceinline__ void matvec(const bf16* __restrict__ x, const bf16* __restrict__ w, OutT* out, int n,
+                                       int k) {
+    DYNAMIC_SHARED(uint4, x_shared);  // [k / 8]
+    const int vectors = k / 8;
+    for (int v = threadIdx.x; v < vectors; v += MATVEC_THREADS) {
+        x_shared[v] = reinterpret_cast<const uint4*>(x)[v];
+    }
+    __syncthreads();
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warps_in_grid = gridDim.x * MATVEC_WARPS;
+    for (int row = blockIdx.x * MATVEC_WARPS + threadIdx.x / WARP_SIZE; row < n; row += warps_in_grid) {
+        const uint4* w_row = reinterpret_cast<const uint4*>(w + (uint64_t)row * k);
+        float acc = 0.0f;
+        for (int base = lane; base < vectors; base += WARP_SIZE * MATVEC_UNROLL) {
+            uint4 w_vec[MATVEC_UNROLL];
+#pragma unroll
+            for (int u = 0; u < MATVEC_UNROLL; ++u) {
+                const int v = base + u * WARP_SIZE;
+                w_vec[u] = v < vectors ? w_row[v] : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < MATVEC_UNROLL; ++u) {
+                const int v = base + u * WARP_SIZE;
+                if (v < vectors) {
+                    acc = dot_bf16x8(w_vec[u], x_shared[v], acc);
+                }
+            }
+        }
+        acc = warp_reduce_sum(acc);
+        if (lane == 0) {
+            store_output(out, row, acc);
+        }
+    }
+}
+
+// out[n] = w[n, :] . x. Block MATVEC_THREADS, dynamic shared k * 2 bytes.
+extern "C" __global__ void matvec_bf16(const bf16* x,  // [k]
+                                       const bf16* w,  // [n, k]
+                                       bf16* out,      // [n]
+                                       int n, int k) {
+    matvec(x, w, out, n, k);
+}
+
+// matvec_bf16 with f32 output (logits).
+extern "C" __global__ void matvec_bf16_out_f32(const bf16* x,  // [k]
+                                               const bf16* w,  // [n, k]
+                                               float* out,     // [n]
+                                               int n, int k) {
+    matvec(x, w, out, n, k);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill: tensor-core matrix-matrix.
+
+#define MATMUL_BM 128
+#define MATMUL_BN 128
+#define MATMUL_BK 32
+#define MATMUL_STAGES 3
+#define MATMUL_THREADS 256
+// 8 warps as 2 (m) x 4 (n); each warp owns a 64 x 32 tile of the output: 4 x 4 mma tiles.
+#define MATMUL_WARP_M 64
+#define MATMUL_WARP_N 32
+#define MATMUL_CHUNKS_PER_ROW (MATMUL_BK / 8)
+#define MATMUL_STAGE_ELEMS ((MATMUL_BM + MATMUL_BN) * MATMUL_BK)
+
+// Stage buffer: a tile [MATMUL_BM][MATMUL_BK] then a w tile [MATMUL_BN][MATMUL_BK], swizzled.
+__device__ __forceinline__ void matmul_load_stage(bf16* stage, const bf16* __restrict__ a,
+                                                  const bf16* __restrict__ w, int m, int n, int k, int m0, int n0,
+                                                  int k0) {
+    constexpr int chunks_per_tile = MATMUL_BM * MATMUL_CHUNKS_PER_ROW;
+    static_assert(MATMUL_BM == MATMUL_BN, "a and w tiles are loaded by the same index math");
+    static_assert(chunks_per_tile % MATMUL_THREADS == 0, "every thread copies whole chunks");
+#pragma unroll
+    for (int i = 0; i < chunks_per_tile / MATMUL_THREADS; ++i) {
+        const int index = threadIdx.x + i * MATMUL_THREADS;
+        const int row = index / MATMUL_CHUNKS_PER_ROW;
+        const int chunk = index % MATMUL_CHUNKS_PER_ROW;
+        const int col = k0 + chunk * 8;
+        const bool a_in = m0 + row < m && col < k;
+        const bool w_in = n0 + row < n && col < k;
+        cp_async_16_or_zero(tile_chunk<MATMUL_CHUNKS_PER_ROW>(stage, row, chunk),
+                            a + (uint64_t)(a_in ? m0 + row : 0) * k + (a_in ? col : 0), a_in);
+        cp_async_16_or_zero(tile_chunk<MATMUL_CHUNKS_PER_ROW>(stage + MATMUL_BM * MATMUL_BK, row, chunk),
+                            w + (uint64_t)(w_in ? n0 + row : 0) * k + (w_in ? col : 0), w_in);
+    }
+}
+
+template <typename OutT>
+__device__ __forceinline__ void matmul_mma(const bf16* __restrict__ a, const bf16* __restrict__ w, OutT* out,
+                                           int m, int n, int k) {
+    DYNAMIC_SHARED(bf16, stages);  // [MATMUL_STAGES][MATMUL_STAGE_ELEMS]
+    const int m0 = blockIdx.y * MATMUL_BM;
+    const int n0 = blockIdx.x * MATMUL_BN;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp_m0 = (warp / 4) * MATMUL_WARP_M;
+    const int warp_n0 = (warp % 4) * MATMUL_WARP_N;
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                acc[i][j][c] = 0.0f;
+            }
+        }
+    }
+
+    const int k_tiles = (k + MATMUL_BK - 1) / MATMUL_BK;
+#pragma unroll
+    for (int s = 0; s < MATMUL_STAGES - 1; ++s) {
+        if (s < k_tiles) {
+            matmul_load_stage(stages + s * MATMUL_STAGE_ELEMS, a, w, m, n, k, m0, n0, s * MATMUL_BK);
+        }
+        cp_async_commit();
+    }
+
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        // Tile kt has landed; every warp is done with the stage the next prefetch overwrites.
+        cp_async_wait_group<MATMUL_STAGES - 2>();
+        __syncthreads();
+        const int next = kt + MATMUL_STAGES - 1;
+        if (next < k_tiles) {
+            matmul_load_stage(stages + (next % MATMUL_STAGES) * MATMUL_STAGE_ELEMS, a, w, m, n, k, m0, n0,
+                              next * MATMUL_BK);
+        }
+        cp_async_commit();
+
+        bf16* a_tile = stages + (kt % MATMUL_STAGES) * MATMUL_STAGE_ELEMS;
+        bf16* w_tile = a_tile + MATMUL_BM * MATMUL_BK;
+#pragma unroll
+        for (int kk = 0; kk < MATMUL_BK / 16; ++kk) {
+            // A fragments: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (0-7, 8-15), (8-15, 8-15).
+            uint32_t a_frag[4][4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int row = warp_m0 + i * 16 + (lane & 15);
+                ldmatrix_x4(a_frag[i], tile_chunk<MATMUL_CHUNKS_PER_ROW>(a_tile, row, kk * 2 + (lane >> 4)));
+            }
+            // B fragments of two n8 tiles per ldmatrix: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, ...).
+            uint32_t b_frag[4][2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int row = warp_n0 + j * 16 + ((lane >> 4) << 3) + (lane & 7);
+                uint32_t r[4];
+                ldmatrix_x4(r, tile_chunk<MATMUL_CHUNKS_PER_ROW>(w_tile, row, kk * 2 + ((lane >> 3) & 1)));
+                b_frag[2 * j][0] = r[0];
+                b_frag[2 * j][1] = r[1];
+                b_frag[2 * j + 1][0] = r[2];
+                b_frag[2 * j + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    mma_m16n8k16_bf16(acc[i][j], a_frag[i], b_frag[j], acc[i][j]);
+                }
+            }
+        }
+    }
+    cp_async_wait_all();
+
+    // Accumulator c[i] holds row g + 8 * (i >= 2), column 2t + (i & 1) of its 16 x 8 tile.
+    const int g = lane >> 2;
+    const int t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int row = m0 + warp_m0 + i * 16 + g + (c >= 2 ? 8 : 0);
+                const int col = n0 + warp_n0 + j * 8 + 2 * t + (c & 1);
+                if (row < m && col < n) {
+                    store_output(out, (uint64_t)row * n + col, acc[i][j][c]);
+                }
+            }
+        }
+    }
+}
+
+// out = a . wT. Grid (ceil(n / 128), ceil(m / 128)), block MATMUL_THREADS, dynamic shared
+// MATMUL_STAGES * MATMUL_STAGE_ELEMS * 2 bytes (48 KiB).
+extern "C" __global__ void matmul_mma_bf16(const bf16* a,  // [m, k]
+                                           const bf16* w,  // [n, k]
+                                           bf16* out,      // [m, n]
+                                           int m, int n, int k) {
+    matmul_mma(a, w, out, m, n, k);
+}
+
+// matmul_mma_bf16 with f32 output (logits of every prompt position).
+extern "C" __global__ void matmul_mma_bf16_out_f32(const bf16* a,  // [m, k]
+                                                   const bf16* w,  // [n, k]
+                                                   float* out,     // [m, n]
+                                                   int m, int n, int k) {
+    matmul_mma(a, w, out, m, n, k);
+}

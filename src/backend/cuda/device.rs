@@ -1,0 +1,371 @@
+//! The device interface: everything the CUDA backend needs from a device, implemented by a
+//! real GPU ([`super::gpu::GpuDevice`], cudarc + NVRTC) and by the CPU emulator
+//! ([`super::emu::EmuDevice`]). The backend holds an `Arc<dyn Device>` and never knows which.
+//!
+//! Device memory is addressed by raw device addresses (`u64`): a kernel's pointer argument is
+//! `KernelArg::Ptr(buffer.ptr() + offset_bytes)`. Every launch is checked against the kernel's
+//! signature (parsed from kernels/*.cu by build.rs) and against the hardware limits, with the
+//! same errors on both implementations.
+use std::any::Any;
+
+use anyhow::{bail, ensure, Context, Result};
+
+/// What a kernel parameter is, as parsed from `extern "C" __global__ void name(...)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    /// `T*` or `const T*`: a device address.
+    Ptr,
+    /// `int`.
+    I32,
+    /// `unsigned`.
+    U32,
+    /// `float`.
+    F32,
+    /// `unsigned long long`.
+    U64,
+}
+
+#[derive(Debug)]
+pub struct KernelParam {
+    pub name: &'static str,
+    pub kind: ParamKind,
+}
+
+/// One kernel of kernels/*.cu.
+#[derive(Debug)]
+pub struct KernelSignature {
+    pub name: &'static str,
+    /// File name inside kernels/, e.g. `"rmsnorm.cu"`.
+    pub source_file: &'static str,
+    pub params: &'static [KernelParam],
+    /// `__shared__` bytes declared in the kernel's own body (the emulator's view; helpers'
+    /// `__shared__` are not counted, see build.rs). The GPU reports its own number.
+    pub static_shared_bytes: u32,
+}
+
+/// One kernels/*.cu, embedded for NVRTC.
+#[derive(Debug)]
+pub struct KernelSource {
+    pub file: &'static str,
+    pub text: &'static str,
+}
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// The kernel's position in [`KERNELS`] and its signature.
+pub fn kernel_signature(name: &str) -> Result<(usize, &'static KernelSignature)> {
+    KERNELS
+        .iter()
+        .enumerate()
+        .find(|(_, kernel)| kernel.name == name)
+        .with_context(|| format!("no kernel named `{name}` in kernels/*.cu"))
+}
+
+/// One kernel argument. A pointer is a raw device address, so `buf.ptr() + offset` works.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KernelArg {
+    Ptr(u64),
+    I32(i32),
+    U32(u32),
+    F32(f32),
+    U64(u64),
+}
+
+impl KernelArg {
+    pub fn kind(&self) -> ParamKind {
+        match self {
+            KernelArg::Ptr(_) => ParamKind::Ptr,
+            KernelArg::I32(_) => ParamKind::I32,
+            KernelArg::U32(_) => ParamKind::U32,
+            KernelArg::F32(_) => ParamKind::F32,
+            KernelArg::U64(_) => ParamKind::U64,
+        }
+    }
+
+    /// The argument in a 64-bit slot, value in the low bytes (little endian), as both the
+    /// emulator's trampolines and cuLaunchKernel's parameter pointers read it.
+    pub fn slot(&self) -> u64 {
+        match *self {
+            KernelArg::Ptr(address) | KernelArg::U64(address) => address,
+            KernelArg::I32(value) => value as u32 as u64,
+            KernelArg::U32(value) => value as u64,
+            KernelArg::F32(value) => value.to_bits() as u64,
+        }
+    }
+}
+
+/// Checks count and kinds of `args` against the kernel's parameters.
+pub fn check_kernel_args(kernel: &KernelSignature, args: &[KernelArg]) -> Result<()> {
+    ensure!(
+        args.len() == kernel.params.len(),
+        "kernel `{}` ({}) takes {} arguments, got {}",
+        kernel.name,
+        kernel.source_file,
+        kernel.params.len(),
+        args.len()
+    );
+    for (index, (param, arg)) in kernel.params.iter().zip(args).enumerate() {
+        ensure!(
+            param.kind == arg.kind(),
+            "kernel `{}` argument {index} (`{}`): expected {:?}, got {:?}",
+            kernel.name,
+            param.name,
+            param.kind,
+            arg
+        );
+    }
+    Ok(())
+}
+
+/// Grid and block dimensions and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchConfig {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_mem_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// A 1-D launch: `blocks` blocks of `threads` threads.
+    pub fn linear(blocks: u32, threads: u32, shared_mem_bytes: u32) -> Self {
+        LaunchConfig {
+            grid: [blocks, 1, 1],
+            block: [threads, 1, 1],
+            shared_mem_bytes,
+        }
+    }
+
+    pub fn block_count(&self) -> u64 {
+        self.grid.iter().map(|&d| d as u64).product()
+    }
+
+    pub fn threads_per_block(&self) -> u64 {
+        self.block.iter().map(|&d| d as u64).product()
+    }
+}
+
+/// Hardware limits of compute capability 8.0 / 9.0 (the H100's opt-in shared memory).
+pub mod limits {
+    pub const MAX_THREADS_PER_BLOCK: u64 = 1024;
+    pub const MAX_BLOCK: [u32; 3] = [1024, 1024, 64];
+    pub const MAX_GRID: [u32; 3] = [i32::MAX as u32, 65535, 65535];
+    /// Static + dynamic shared memory without the opt-in attribute.
+    pub const DEFAULT_SHARED_BYTES: u32 = 48 * 1024;
+    /// Static + dynamic shared memory with `set_max_dynamic_shared`.
+    pub const MAX_OPT_IN_SHARED_BYTES: u32 = 227 * 1024;
+}
+
+/// Checks a launch against the hardware limits. `max_dynamic_shared` is the kernel's opt-in
+/// (None: not set).
+pub fn check_launch_limits(
+    kernel: &KernelSignature,
+    config: &LaunchConfig,
+    max_dynamic_shared: Option<u32>,
+) -> Result<()> {
+    let name = kernel.name;
+    for axis in 0..3 {
+        ensure!(
+            (1..=limits::MAX_BLOCK[axis]).contains(&config.block[axis]),
+            "kernel `{name}`: block dimension {axis} is {}, allowed 1..={}",
+            config.block[axis],
+            limits::MAX_BLOCK[axis]
+        );
+        ensure!(
+            (1..=limits::MAX_GRID[axis]).contains(&config.grid[axis]),
+            "kernel `{name}`: grid dimension {axis} is {}, allowed 1..={}",
+            config.grid[axis],
+            limits::MAX_GRID[axis]
+        );
+    }
+    ensure!(
+        config.threads_per_block() <= limits::MAX_THREADS_PER_BLOCK,
+        "kernel `{name}`: block of {:?} = {} threads, at most {} allowed",
+        config.block,
+        config.threads_per_block(),
+        limits::MAX_THREADS_PER_BLOCK
+    );
+    let static_bytes = kernel.static_shared_bytes;
+    ensure!(
+        static_bytes <= limits::DEFAULT_SHARED_BYTES,
+        "kernel `{name}`: {static_bytes} bytes of static shared memory, at most {} allowed",
+        limits::DEFAULT_SHARED_BYTES
+    );
+    let dynamic = config.shared_mem_bytes;
+    match max_dynamic_shared {
+        None => ensure!(
+            static_bytes + dynamic <= limits::DEFAULT_SHARED_BYTES,
+            "kernel `{name}`: {dynamic} bytes of dynamic + {static_bytes} bytes of static shared memory exceed \
+             the default {} bytes; call set_max_dynamic_shared first",
+            limits::DEFAULT_SHARED_BYTES
+        ),
+        Some(max) => ensure!(
+            dynamic <= max,
+            "kernel `{name}`: {dynamic} bytes of dynamic shared memory exceed the {max} bytes set by \
+             set_max_dynamic_shared"
+        ),
+    }
+    Ok(())
+}
+
+/// Checks the opt-in amount of `set_max_dynamic_shared`.
+pub fn check_max_dynamic_shared(kernel: &KernelSignature, bytes: u32) -> Result<()> {
+    if kernel.static_shared_bytes as u64 + bytes as u64 > limits::MAX_OPT_IN_SHARED_BYTES as u64 {
+        bail!(
+            "kernel `{}`: {bytes} bytes of dynamic + {} bytes of static shared memory exceed the {} bytes a block \
+             can have",
+            kernel.name,
+            kernel.static_shared_bytes,
+            limits::MAX_OPT_IN_SHARED_BYTES
+        );
+    }
+    Ok(())
+}
+
+/// Device memory: what kvlab allocated, and what the device reports (None for the emulator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub allocated_by_kvlab: u64,
+    pub device_free: Option<u64>,
+    pub device_total: Option<u64>,
+}
+
+/// A device allocation, freed on drop.
+pub struct DeviceBuffer {
+    ptr: u64,
+    len: usize,
+    /// The implementation's owner of the memory; dropping it frees the memory.
+    allocation: Box<dyn Any + Send + Sync>,
+}
+
+impl DeviceBuffer {
+    pub fn new(ptr: u64, len: usize, allocation: Box<dyn Any + Send + Sync>) -> Self {
+        DeviceBuffer {
+            ptr,
+            len,
+            allocation,
+        }
+    }
+
+    /// Device address of the first byte.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The implementation's allocation object.
+    pub fn allocation(&self) -> &(dyn Any + Send + Sync) {
+        self.allocation.as_ref()
+    }
+
+    /// Checks that `[offset_bytes, offset_bytes + bytes)` lies inside the buffer.
+    pub fn check_range(&self, offset_bytes: usize, bytes: usize, what: &str) -> Result<()> {
+        ensure!(
+            offset_bytes
+                .checked_add(bytes)
+                .is_some_and(|end| end <= self.len),
+            "{what}: bytes {offset_bytes}..{} are outside the device buffer of {} bytes",
+            offset_bytes.saturating_add(bytes),
+            self.len
+        );
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DeviceBuffer {{ ptr: {:#x}, len: {} }}",
+            self.ptr, self.len
+        )
+    }
+}
+
+/// A point in the device's stream of work, for timing.
+pub struct Event(pub(crate) Box<dyn Any + Send + Sync>);
+
+/// A captured sequence of launches, replayed by [`Device::launch_graph`].
+pub struct Graph(pub(crate) Box<dyn Any + Send + Sync>);
+
+/// What the CUDA backend needs from a device. Work is ordered as issued (one stream);
+/// copies to the host return when the data is there.
+pub trait Device: Send + Sync {
+    /// Device name and compute capability, or "CUDA emulator on CPU, N threads".
+    fn describe(&self) -> String;
+
+    /// Allocates `bytes` of device memory (contents undefined).
+    fn alloc(&self, bytes: usize) -> Result<DeviceBuffer>;
+
+    fn copy_htod(&self, dst: &DeviceBuffer, offset_bytes: usize, src: &[u8]) -> Result<()>;
+
+    fn copy_dtoh(&self, src: &DeviceBuffer, offset_bytes: usize, dst: &mut [u8]) -> Result<()>;
+
+    /// Copies `bytes` from `src` at `src_offset` to `dst` at `dst_offset`, in stream order.
+    fn copy_dtod(
+        &self,
+        src: &DeviceBuffer,
+        src_offset: usize,
+        dst: &DeviceBuffer,
+        dst_offset: usize,
+        bytes: usize,
+    ) -> Result<()>;
+
+    fn memset_zero(&self, buf: &DeviceBuffer, offset_bytes: usize, bytes: usize) -> Result<()>;
+
+    /// Launches the kernel named `kernel` (an `extern "C" __global__` of kernels/*.cu).
+    fn launch(&self, kernel: &str, config: LaunchConfig, args: &[KernelArg]) -> Result<()>;
+
+    /// Opts the kernel into `bytes` of dynamic shared memory above the default 48 KiB.
+    fn set_max_dynamic_shared(&self, kernel: &str, bytes: u32) -> Result<()>;
+
+    /// Waits for all issued work; reports errors of asynchronous work.
+    fn synchronize(&self) -> Result<()>;
+
+    fn memory(&self) -> Result<DeviceMemory>;
+
+    /// Records an event after all work issued so far.
+    fn record_event(&self) -> Result<Event>;
+
+    /// Milliseconds between two recorded events (waits for `end`).
+    fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32>;
+
+    /// Starts recording launches and memsets into a graph instead of running them. Copies to
+    /// or from the host are errors until [`Device::end_capture`].
+    fn begin_capture(&self) -> Result<()>;
+
+    fn end_capture(&self) -> Result<Graph>;
+
+    /// Replays a captured graph: the same kernels with the same arguments, in order.
+    fn launch_graph(&self, graph: &Graph) -> Result<()>;
+}
+
+impl<'a> dyn Device + 'a {
+    /// Allocates a buffer holding `data`.
+    pub fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<DeviceBuffer> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let buffer = self.alloc(bytes.len())?;
+        self.copy_htod(&buffer, 0, bytes)?;
+        Ok(buffer)
+    }
+
+    /// Reads the whole buffer as `T`s.
+    pub fn download<T: bytemuck::Pod>(&self, buffer: &DeviceBuffer) -> Result<Vec<T>> {
+        let size = std::mem::size_of::<T>();
+        ensure!(
+            buffer.len() % size == 0,
+            "device buffer of {} bytes is not a whole number of {size}-byte elements",
+            buffer.len()
+        );
+        let mut out = vec![T::zeroed(); buffer.len() / size];
+        self.copy_dtoh(buffer, 0, bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,373 @@
+//! A real GPU as a [`Device`], through cudarc's driver API: one context, one stream, kernels
+//! compiled by NVRTC for the device's own architecture, one module per kernels/*.cu loaded on
+//! the first launch of one of its kernels.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{ensure, Context, Result};
+use cudarc::driver::sys::{
+    CUdeviceptr, CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
+use cudarc::driver::{
+    result, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream, PushKernelArg,
+};
+
+use super::device::{
+    check_kernel_args, check_launch_limits, check_max_dynamic_shared, kernel_signature, Device,
+    DeviceBuffer, DeviceMemory, Event, Graph, KernelArg, LaunchConfig, KERNELS,
+};
+use super::nvrtc::{kernel_source, Nvrtc};
+
+/// Whether a CUDA driver can be loaded and reports at least one device. Never panics: cudarc
+/// panics on first use when libcuda is missing, so its presence is checked first.
+pub fn cuda_device_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library by its usual names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return false;
+    }
+    result::init().is_ok() && result::device::get_count().is_ok_and(|count| count > 0)
+}
+
+struct GpuAllocation {
+    ptr: CUdeviceptr,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+    allocated: Arc<AtomicU64>,
+}
+
+impl Drop for GpuAllocation {
+    fn drop(&mut self) {
+        // Errors cannot propagate out of drop; cudarc records them on the context.
+        self.ctx.record_err(self.ctx.bind_to_thread());
+        // SAFETY: ptr came from cuMemAlloc and is freed once; cuMemFree waits for pending work.
+        self.ctx.record_err(unsafe { result::free_sync(self.ptr) });
+        self.allocated
+            .fetch_sub(self.bytes as u64, Ordering::Relaxed);
+    }
+}
+
+// cudarc's graph is not internally synchronised; the mutex serialises replays.
+struct GpuGraph(Mutex<CudaGraph>);
+// SAFETY: the graph is only used under its mutex, on the context it was captured in.
+unsafe impl Send for GpuGraph {}
+unsafe impl Sync for GpuGraph {}
+
+pub struct GpuDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    nvrtc: &'static Nvrtc,
+    /// NVRTC target: "sm_" + the device's compute capability.
+    arch: String,
+    name: String,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<usize, CudaFunction>>,
+    max_dynamic_shared: Mutex<HashMap<usize, u32>>,
+    allocated: Arc<AtomicU64>,
+    capturing: AtomicBool,
+}
+
+impl GpuDevice {
+    /// Opens device `ordinal`. Errors (no driver, no device, compute capability below 8.0, no
+    /// NVRTC) are reported, never panics.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        ensure!(
+            unsafe { cudarc::driver::sys::is_culib_present() },
+            "no CUDA driver: libcuda could not be loaded"
+        );
+        let ctx =
+            CudaContext::new(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .context("reading the compute capability")?;
+        let name = ctx.name().context("reading the device name")?;
+        ensure!(
+            major >= 8,
+            "{name} has compute capability {major}.{minor}; kvlab's kernels need 8.0 or newer (mma.sync bf16, cp.async)"
+        );
+        let nvrtc = Nvrtc::shared().context("the CUDA backend compiles its kernels with NVRTC")?;
+        // One stream, so cudarc's multi-stream event tracking is only overhead.
+        // SAFETY: no cudarc slices exist yet; kvlab allocates through raw device pointers.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        Ok(GpuDevice {
+            ctx,
+            stream,
+            nvrtc,
+            arch: format!("sm_{major}{minor}"),
+            name,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            max_dynamic_shared: Mutex::new(HashMap::new()),
+            allocated: Arc::new(AtomicU64::new(0)),
+            capturing: AtomicBool::new(false),
+        })
+    }
+
+    fn function(&self, index: usize) -> Result<CudaFunction> {
+        if let Some(function) = self.functions.lock().unwrap().get(&index) {
+            return Ok(function.clone());
+        }
+        let kernel = &KERNELS[index];
+        let module = {
+            let mut modules = self.modules.lock().unwrap();
+            match modules.get(kernel.source_file) {
+                Some(module) => module.clone(),
+                None => {
+                    let source = kernel_source(kernel.source_file)?;
+                    let ptx = self.nvrtc.compile(source, &self.arch)?;
+                    let module = self
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                        .with_context(|| {
+                            format!(
+                                "loading the PTX of kernels/{} for {}",
+                                kernel.source_file, self.arch
+                            )
+                        })?;
+                    modules.insert(kernel.source_file, module.clone());
+                    module
+                }
+            }
+        };
+        let function = module.load_function(kernel.name).with_context(|| {
+            format!(
+                "finding kernel `{}` in kernels/{}",
+                kernel.name, kernel.source_file
+            )
+        })?;
+        self.functions
+            .lock()
+            .unwrap()
+            .insert(index, function.clone());
+        Ok(function)
+    }
+
+    fn ensure_not_capturing(&self, what: &str) -> Result<()> {
+        ensure!(
+            !self.capturing.load(Ordering::Relaxed),
+            "{what} during graph capture: only launches and memsets are captured"
+        );
+        Ok(())
+    }
+
+    fn address(buffer: &DeviceBuffer, offset_bytes: usize) -> CUdeviceptr {
+        buffer.ptr() + offset_bytes as u64
+    }
+}
+
+impl Device for GpuDevice {
+    fn describe(&self) -> String {
+        format!("{} ({}), {}", self.name, self.arch, self.nvrtc.describe())
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
+        self.ctx.bind_to_thread()?;
+        // cuMemAlloc rejects 0 bytes; an empty buffer still gets its own address.
+        // SAFETY: plain allocation; freed by GpuAllocation's drop.
+        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }
+            .with_context(|| format!("cuMemAlloc of {bytes} bytes on {}", self.name))?;
+        self.allocated.fetch_add(bytes as u64, Ordering::Relaxed);
+        let allocation = GpuAllocation {
+            ptr,
+            bytes,
+            ctx: self.ctx.clone(),
+            allocated: self.allocated.clone(),
+        };
+        Ok(DeviceBuffer::new(ptr, bytes, Box::new(allocation)))
+    }
+
+    fn copy_htod(&self, dst: &DeviceBuffer, offset_bytes: usize, src: &[u8]) -> Result<()> {
+        self.ensure_not_capturing("copy_htod")?;
+        dst.check_range(offset_bytes, src.len(), "copy_htod")?;
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the range was checked; a pageable source is staged before the call returns.
+        unsafe {
+            result::memcpy_htod_async(
+                Self::address(dst, offset_bytes),
+                src,
+                self.stream.cu_stream(),
+            )
+        }
+        .context("copy_htod")?;
+        Ok(())
+    }
+
+    fn copy_dtoh(&self, src: &DeviceBuffer, offset_bytes: usize, dst: &mut [u8]) -> Result<()> {
+        self.ensure_not_capturing("copy_dtoh")?;
+        src.check_range(offset_bytes, dst.len(), "copy_dtoh")?;
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the range was checked; the stream is synchronised before dst is used.
+        unsafe {
+            result::memcpy_dtoh_async(
+                dst,
+                Self::address(src, offset_bytes),
+                self.stream.cu_stream(),
+            )
+        }
+        .context("copy_dtoh")?;
+        self.stream.synchronize().context("copy_dtoh")?;
+        Ok(())
+    }
+
+    fn copy_dtod(
+        &self,
+        src: &DeviceBuffer,
+        src_offset: usize,
+        dst: &DeviceBuffer,
+        dst_offset: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        self.ensure_not_capturing("copy_dtod")?;
+        src.check_range(src_offset, bytes, "copy_dtod source")?;
+        dst.check_range(dst_offset, bytes, "copy_dtod destination")?;
+        self.ctx.bind_to_thread()?;
+        // SAFETY: both ranges were checked.
+        unsafe {
+            result::memcpy_dtod_async(
+                Self::address(dst, dst_offset),
+                Self::address(src, src_offset),
+                bytes,
+                self.stream.cu_stream(),
+            )
+        }
+        .context("copy_dtod")?;
+        Ok(())
+    }
+
+    fn memset_zero(&self, buf: &DeviceBuffer, offset_bytes: usize, bytes: usize) -> Result<()> {
+        buf.check_range(offset_bytes, bytes, "memset_zero")?;
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the range was checked.
+        unsafe {
+            result::memset_d8_async(
+                Self::address(buf, offset_bytes),
+                0,
+                bytes,
+                self.stream.cu_stream(),
+            )
+        }
+        .context("memset_zero")?;
+        Ok(())
+    }
+
+    fn launch(&self, kernel: &str, config: LaunchConfig, args: &[KernelArg]) -> Result<()> {
+        let (index, signature) = kernel_signature(kernel)?;
+        check_kernel_args(signature, args)?;
+        let max_dynamic_shared = self.max_dynamic_shared.lock().unwrap().get(&index).copied();
+        check_launch_limits(signature, &config, max_dynamic_shared)?;
+        let function = self.function(index)?;
+        // cuLaunchKernel reads each parameter's size from the kernel; the value sits in the
+        // low bytes of its slot.
+        let slots: Vec<u64> = args.iter().map(KernelArg::slot).collect();
+        let mut builder = self.stream.launch_builder(&function);
+        for slot in &slots {
+            builder.arg(slot);
+        }
+        let launch_config = cudarc::driver::LaunchConfig {
+            grid_dim: (config.grid[0], config.grid[1], config.grid[2]),
+            block_dim: (config.block[0], config.block[1], config.block[2]),
+            shared_mem_bytes: config.shared_mem_bytes,
+        };
+        // SAFETY: arguments were checked against the kernel's parsed signature; pointer
+        // arguments are device addresses whose validity is the caller's contract, as in CUDA.
+        unsafe { builder.launch(launch_config) }.with_context(|| {
+            format!(
+                "launching `{kernel}` (grid {:?}, block {:?})",
+                config.grid, config.block
+            )
+        })?;
+        Ok(())
+    }
+
+    fn set_max_dynamic_shared(&self, kernel: &str, bytes: u32) -> Result<()> {
+        let (index, signature) = kernel_signature(kernel)?;
+        check_max_dynamic_shared(signature, bytes)?;
+        self.function(index)?
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .with_context(|| {
+                format!("kernel `{kernel}`: setting {bytes} bytes of dynamic shared memory")
+            })?;
+        self.max_dynamic_shared.lock().unwrap().insert(index, bytes);
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .context("synchronizing the CUDA stream")?;
+        self.ctx
+            .check_err()
+            .context("an earlier asynchronous CUDA call failed")?;
+        Ok(())
+    }
+
+    fn memory(&self) -> Result<DeviceMemory> {
+        let (free, total) = self.ctx.mem_get_info().context("cuMemGetInfo")?;
+        Ok(DeviceMemory {
+            allocated_by_kvlab: self.allocated.load(Ordering::Relaxed),
+            device_free: Some(free as u64),
+            device_total: Some(total as u64),
+        })
+    }
+
+    fn record_event(&self) -> Result<Event> {
+        self.ensure_not_capturing("record_event")?;
+        let event = self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        event.record(&self.stream)?;
+        Ok(Event(Box::new(event)))
+    }
+
+    fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32> {
+        let start = start
+            .0
+            .downcast_ref::<CudaEvent>()
+            .context("event does not belong to this GPU")?;
+        let end = end
+            .0
+            .downcast_ref::<CudaEvent>()
+            .context("event does not belong to this GPU")?;
+        Ok(start.elapsed_ms(end)?)
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        ensure!(
+            !self.capturing.swap(true, Ordering::Relaxed),
+            "begin_capture while a capture is already running"
+        );
+        if let Err(error) = self
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        {
+            self.capturing.store(false, Ordering::Relaxed);
+            return Err(error).context("cuStreamBeginCapture");
+        }
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Graph> {
+        ensure!(
+            self.capturing.load(Ordering::Relaxed),
+            "end_capture without begin_capture"
+        );
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        self.capturing.store(false, Ordering::Relaxed);
+        let graph = graph
+            .context("cuStreamEndCapture")?
+            .context("the captured graph is empty")?;
+        Ok(Graph(Box::new(GpuGraph(Mutex::new(graph)))))
+    }
+
+    fn launch_graph(&self, graph: &Graph) -> Result<()> {
+        self.ensure_not_capturing("launch_graph")?;
+        let graph = graph
+            .0
+            .downcast_ref::<GpuGraph>()
+            .context("graph does not belong to this GPU")?;
+        graph.0.lock().unwrap().launch().context("cuGraphLaunch")?;
+        Ok(())
+    }
+}

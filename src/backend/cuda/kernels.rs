@@ -1,0 +1,459 @@
+//! Typed launches of kernels/*.cu: each function knows its kernel's grid, block and shared
+//! memory (the constants mirror the `#define`s of the .cu file named above it) and takes device
+//! addresses (`buffer.ptr() + byte offset`) and sizes.
+
+use super::backend::CudaBackend;
+use super::device::{KernelArg, LaunchConfig};
+use crate::kv::KvLayout;
+use anyhow::{Context, Result};
+
+/// A size as a kernel's `int` argument.
+fn int(value: usize, what: &str) -> Result<KernelArg> {
+    i32::try_from(value)
+        .map(KernelArg::I32)
+        .ok()
+        .with_context(|| format!("{what} = {value} does not fit a kernel's int argument"))
+}
+
+fn blocks(count: usize, what: &str) -> Result<u32> {
+    u32::try_from(count.max(1))
+        .ok()
+        .with_context(|| format!("{what}: {count} blocks are more than a grid holds"))
+}
+
+fn layout_args(layout: &KvLayout) -> [KernelArg; 4] {
+    [
+        KernelArg::U32(layout.num_layers),
+        KernelArg::U32(layout.num_kv_heads),
+        KernelArg::U32(layout.head_dim),
+        KernelArg::U32(layout.chunk_tokens),
+    ]
+}
+
+// embedding.cu
+const COPY_THREADS: usize = 256;
+
+// norm.cu
+const NORM_THREADS: u32 = 256;
+
+// matmul.cu
+const MATVEC_THREADS: u32 = 256;
+const MATVEC_WARPS: usize = 8;
+/// Enough blocks to fill every SM of an H100 (132 SMs x 8 resident blocks); the warps of a
+/// smaller grid stride over the remaining rows.
+const MATVEC_MAX_BLOCKS: usize = 1056;
+const MATMUL_BM: usize = 128;
+const MATMUL_BN: usize = 128;
+const MATMUL_BK: usize = 32;
+const MATMUL_STAGES: usize = 3;
+const MATMUL_THREADS: u32 = 256;
+
+// rope.cu, kv_cache.cu, activation.cu
+const ELEMENTWISE_THREADS: usize = 256;
+
+// attention.cu
+const PREFILL_THREADS: u32 = 128;
+const PREFILL_QUERY_ROWS: usize = 64;
+const DECODE_THREADS: u32 = 128;
+const DECODE_HEADS_PER_BLOCK: usize = 4;
+/// head_dim values with a prefill attention entry point.
+pub const PREFILL_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
+
+// sampling.cu
+const ARGMAX_THREADS: u32 = 256;
+/// Stage-one blocks of argmax: 64 x 256 threads cover a 128k vocabulary in 8 strides.
+pub const ARGMAX_PARTIALS: usize = 64;
+
+impl CudaBackend {
+    /// `table_cols`: `hidden`, or `2 * hidden` for a table of bf16 pairs.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_embedding_gather(
+        &self,
+        table: u64,
+        ids: u64,
+        out: u64,
+        rows: usize,
+        hidden: usize,
+        table_cols: usize,
+    ) -> Result<()> {
+        let threads = (hidden / 8).clamp(32, 256) as u32;
+        self.launch(
+            "embedding_gather_bf16_to_f32",
+            LaunchConfig::linear(blocks(rows, "embedding")?, threads, 0),
+            vec![
+                KernelArg::Ptr(table),
+                KernelArg::Ptr(ids),
+                KernelArg::Ptr(out),
+                int(hidden, "hidden")?,
+                int(table_cols, "table columns")?,
+            ],
+        )
+    }
+
+    /// dst `[rows, 2 * cols]` = src `[rows, cols]` twice side by side.
+    pub(super) fn launch_duplicate_columns(
+        &self,
+        src: u64,
+        dst: u64,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let grid = blocks(
+            (rows * cols / 8).div_ceil(COPY_THREADS),
+            "duplicate columns",
+        )?;
+        self.launch(
+            "duplicate_columns_bf16",
+            LaunchConfig::linear(grid, COPY_THREADS as u32, 0),
+            vec![
+                KernelArg::Ptr(src),
+                KernelArg::Ptr(dst),
+                int(rows, "rows")?,
+                int(cols, "cols")?,
+            ],
+        )
+    }
+
+    pub(super) fn launch_copy(&self, src: u64, dst: u64, count: usize) -> Result<()> {
+        let grid = blocks((count / 8).div_ceil(COPY_THREADS), "copy")?;
+        self.launch(
+            "copy_bf16",
+            LaunchConfig::linear(grid, COPY_THREADS as u32, 0),
+            vec![
+                KernelArg::Ptr(src),
+                KernelArg::Ptr(dst),
+                int(count, "copy count")?,
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_add_rms_norm(
+        &self,
+        residual: u64,
+        delta: Option<u64>,
+        weight: u64,
+        out: u64,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.launch(
+            "add_rms_norm_f32_to_bf16",
+            LaunchConfig::linear(blocks(rows, "rms norm")?, NORM_THREADS, 0),
+            vec![
+                KernelArg::Ptr(residual),
+                KernelArg::Ptr(delta.unwrap_or(0)),
+                KernelArg::Ptr(weight),
+                KernelArg::Ptr(out),
+                int(dim, "norm dim")?,
+                KernelArg::F32(eps),
+            ],
+        )
+    }
+
+    /// out[n] = w[n, :] . x (one row). `f32_out` picks the f32-output kernel (logits).
+    pub(super) fn launch_matvec(
+        &self,
+        x: u64,
+        w: u64,
+        out: u64,
+        n: usize,
+        k: usize,
+        f32_out: bool,
+    ) -> Result<()> {
+        let grid = n.div_ceil(MATVEC_WARPS).min(MATVEC_MAX_BLOCKS);
+        let shared = u32::try_from(k * 2).context("matvec: input row too long")?;
+        self.launch(
+            if f32_out {
+                "matvec_bf16_out_f32"
+            } else {
+                "matvec_bf16"
+            },
+            LaunchConfig::linear(blocks(grid, "matvec")?, MATVEC_THREADS, shared),
+            vec![
+                KernelArg::Ptr(x),
+                KernelArg::Ptr(w),
+                KernelArg::Ptr(out),
+                int(n, "matvec n")?,
+                int(k, "matvec k")?,
+            ],
+        )
+    }
+
+    /// out[m, n] = a[m, :] . w[n, :] on tensor cores.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_matmul_mma(
+        &self,
+        a: u64,
+        w: u64,
+        out: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        f32_out: bool,
+    ) -> Result<()> {
+        let shared = (MATMUL_STAGES * (MATMUL_BM + MATMUL_BN) * MATMUL_BK * 2) as u32;
+        let config = LaunchConfig {
+            grid: [
+                blocks(n.div_ceil(MATMUL_BN), "matmul n")?,
+                blocks(m.div_ceil(MATMUL_BM), "matmul m")?,
+                1,
+            ],
+            block: [MATMUL_THREADS, 1, 1],
+            shared_mem_bytes: shared,
+        };
+        self.launch(
+            if f32_out {
+                "matmul_mma_bf16_out_f32"
+            } else {
+                "matmul_mma_bf16"
+            },
+            config,
+            vec![
+                KernelArg::Ptr(a),
+                KernelArg::Ptr(w),
+                KernelArg::Ptr(out),
+                int(m, "matmul m")?,
+                int(n, "matmul n")?,
+                int(k, "matmul k")?,
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_rope(
+        &self,
+        q: u64,
+        k: u64,
+        inv_freq: u64,
+        step: u64,
+        rows: usize,
+        num_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let pairs = rows * (num_heads + num_kv_heads) * (head_dim / 2);
+        self.launch(
+            "rope_half_split_bf16",
+            LaunchConfig::linear(
+                blocks(pairs.div_ceil(ELEMENTWISE_THREADS), "rope")?,
+                ELEMENTWISE_THREADS as u32,
+                0,
+            ),
+            vec![
+                KernelArg::Ptr(q),
+                KernelArg::Ptr(k),
+                KernelArg::Ptr(inv_freq),
+                KernelArg::Ptr(step),
+                int(rows, "rope rows")?,
+                int(num_heads, "num_heads")?,
+                int(num_kv_heads, "num_kv_heads")?,
+                int(head_dim, "head_dim")?,
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_kv_append(
+        &self,
+        k: u64,
+        v: u64,
+        chunk_table: u64,
+        step: u64,
+        rows: usize,
+        layer: usize,
+        layout: &KvLayout,
+    ) -> Result<()> {
+        let vectors = 2 * rows * layout.num_kv_heads as usize * layout.head_dim as usize / 8;
+        let mut args = vec![
+            KernelArg::Ptr(k),
+            KernelArg::Ptr(v),
+            KernelArg::Ptr(chunk_table),
+            KernelArg::Ptr(step),
+            int(rows, "kv append rows")?,
+            KernelArg::U32(layer as u32),
+        ];
+        args.extend(layout_args(layout));
+        self.launch(
+            "kv_append_bf16",
+            LaunchConfig::linear(
+                blocks(vectors.div_ceil(ELEMENTWISE_THREADS), "kv append")?,
+                ELEMENTWISE_THREADS as u32,
+                0,
+            ),
+            args,
+        )
+    }
+
+    /// Flash attention over the chunk table for a step of `rows` >= 2 query rows.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_attention_prefill(
+        &self,
+        q: u64,
+        chunk_table: u64,
+        step: u64,
+        out: u64,
+        rows: usize,
+        num_heads: usize,
+        layer: usize,
+        layout: &KvLayout,
+    ) -> Result<()> {
+        let head_dim = layout.head_dim as usize;
+        let kernel = match head_dim {
+            16 => "attention_prefill_hd16_bf16",
+            32 => "attention_prefill_hd32_bf16",
+            64 => "attention_prefill_hd64_bf16",
+            128 => "attention_prefill_hd128_bf16",
+            other => anyhow::bail!(
+                "prefill attention has no kernel for head_dim {other} (supported: {PREFILL_HEAD_DIMS:?})"
+            ),
+        };
+        let kv_rows = if head_dim >= 128 { 32 } else { 64 };
+        let shared = ((PREFILL_QUERY_ROWS + 4 * kv_rows) * head_dim * 2) as u32;
+        let group = num_heads / layout.num_kv_heads as usize;
+        let config = LaunchConfig {
+            grid: [
+                blocks(
+                    (rows * group).div_ceil(PREFILL_QUERY_ROWS),
+                    "prefill attention",
+                )?,
+                layout.num_kv_heads,
+                1,
+            ],
+            block: [PREFILL_THREADS, 1, 1],
+            shared_mem_bytes: shared,
+        };
+        self.launch(
+            kernel,
+            config,
+            vec![
+                KernelArg::Ptr(q),
+                KernelArg::Ptr(chunk_table),
+                KernelArg::Ptr(step),
+                KernelArg::Ptr(out),
+                int(rows, "attention rows")?,
+                int(num_heads, "num_heads")?,
+                KernelArg::U32(layer as u32),
+                KernelArg::U32(layout.num_layers),
+                KernelArg::U32(layout.num_kv_heads),
+                KernelArg::U32(layout.chunk_tokens),
+            ],
+        )
+    }
+
+    /// Split-sequence decode attention (one query row) and its merge. `kv` is the static cache's
+    /// chunk (`chunked` false) or the chunk table.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_attention_decode(
+        &self,
+        q: u64,
+        kv: u64,
+        chunked: bool,
+        step: u64,
+        partial_acc: u64,
+        partial_max_sum: u64,
+        out: u64,
+        num_heads: usize,
+        layer: usize,
+        layout: &KvLayout,
+        num_splits: usize,
+    ) -> Result<()> {
+        let group = num_heads / layout.num_kv_heads as usize;
+        let head_tiles = group.div_ceil(DECODE_HEADS_PER_BLOCK);
+        let config = LaunchConfig {
+            grid: [
+                blocks(num_splits, "decode attention splits")?,
+                blocks(
+                    layout.num_kv_heads as usize * head_tiles,
+                    "decode attention heads",
+                )?,
+                1,
+            ],
+            block: [DECODE_THREADS, 1, 1],
+            shared_mem_bytes: 0,
+        };
+        let mut args = vec![
+            KernelArg::Ptr(q),
+            KernelArg::Ptr(kv),
+            KernelArg::Ptr(step),
+            KernelArg::Ptr(partial_acc),
+            KernelArg::Ptr(partial_max_sum),
+            int(num_heads, "num_heads")?,
+            KernelArg::U32(layer as u32),
+        ];
+        args.extend(layout_args(layout));
+        args.push(int(num_splits, "decode splits")?);
+        self.launch(
+            if chunked {
+                "attention_decode_chunked_bf16"
+            } else {
+                "attention_decode_contiguous_bf16"
+            },
+            config,
+            args,
+        )?;
+        self.launch(
+            "attention_decode_merge_bf16",
+            LaunchConfig::linear(blocks(num_heads, "decode merge")?, layout.head_dim, 0),
+            vec![
+                KernelArg::Ptr(partial_acc),
+                KernelArg::Ptr(partial_max_sum),
+                KernelArg::Ptr(step),
+                KernelArg::Ptr(out),
+                int(layout.head_dim as usize, "head_dim")?,
+                int(num_splits, "decode splits")?,
+            ],
+        )
+    }
+
+    pub(super) fn launch_swiglu(&self, gate: u64, up: u64, count: usize) -> Result<()> {
+        let grid = blocks((count / 8).div_ceil(ELEMENTWISE_THREADS), "swiglu")?;
+        self.launch(
+            "swiglu_bf16",
+            LaunchConfig::linear(grid, ELEMENTWISE_THREADS as u32, 0),
+            vec![
+                KernelArg::Ptr(gate),
+                KernelArg::Ptr(up),
+                int(count, "swiglu count")?,
+            ],
+        )
+    }
+
+    /// Two-stage argmax of `count` f32 logits (+ bias); the id lands in `id`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_argmax(
+        &self,
+        logits: u64,
+        bias: Option<u64>,
+        partial_values: u64,
+        partial_indices: u64,
+        id: u64,
+        count: usize,
+    ) -> Result<()> {
+        let partials = count
+            .div_ceil(ARGMAX_THREADS as usize * 8)
+            .clamp(1, ARGMAX_PARTIALS);
+        self.launch(
+            "argmax_partial_f32",
+            LaunchConfig::linear(partials as u32, ARGMAX_THREADS, 0),
+            vec![
+                KernelArg::Ptr(logits),
+                KernelArg::Ptr(bias.unwrap_or(0)),
+                KernelArg::Ptr(partial_values),
+                KernelArg::Ptr(partial_indices),
+                int(count, "argmax count")?,
+            ],
+        )?;
+        self.launch(
+            "argmax_final",
+            LaunchConfig::linear(1, ARGMAX_THREADS, 0),
+            vec![
+                KernelArg::Ptr(partial_values),
+                KernelArg::Ptr(partial_indices),
+                KernelArg::Ptr(id),
+                int(partials, "argmax partials")?,
+            ],
+        )
+    }
+}

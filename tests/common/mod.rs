@@ -1,0 +1,47 @@
+//! Helpers shared by the integration tests: the reference fixtures of tests/fixtures.
+#![allow(dead_code)] // each test crate uses its own subset
+
+use std::path::{Path, PathBuf};
+
+/// Models of tests/fixtures, with transformers' float32 outputs.
+pub const MODELS: [&str; 3] = [
+    "tiny-llama3-gqa4-bf16",
+    "tiny-mha-f32-sharded",
+    "tiny-gqa3-headdim32-f16",
+];
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// (shape, values) of a float32 .npy file.
+pub fn read_npy(path: &Path) -> (Vec<u64>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    let shape = npy.shape().to_vec();
+    (shape, npy.into_vec::<f32>().unwrap())
+}
+
+#[derive(serde::Deserialize)]
+pub struct RefGeneration {
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub strategies: std::collections::HashMap<String, Vec<u32>>,
+}
+
+impl RefGeneration {
+    pub fn load(model: &str) -> RefGeneration {
+        let path = fixture(model).join("ref_generation.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
