@@ -174,13 +174,9 @@ impl<'m, B: Backend> DecodeStep<'m, B> {
     pub fn run(&mut self, backend: &B) -> Result<()> {
         // Any id of the vocabulary: the step's cost does not depend on it.
         let token = (self.model.config.vocab_size / 2) as u32;
-        self.model.forward(
-            backend,
-            &mut self.cache,
-            &[token],
-            &mut self.act,
-            LogitRows::Last,
-        )
+        let (model, cache, act) = (self.model, &mut self.cache, &mut self.act);
+        // As generation runs a step: through run_step, which may replay a CUDA graph.
+        backend.run_step(&mut || model.forward(backend, cache, &[token], act, LogitRows::Last))
     }
 }
 
