@@ -1,11 +1,13 @@
 //! `kvlab roofline`: the host's bounds, each CPU op timed alone at Llama-3.2-1B's shapes, and
-//! whole decode steps, each as a share of its roofline bound.
+//! whole decode steps, each as a share of its roofline bound; on a GPU also the device and its
+//! measured copy bandwidth (the CUDA ops themselves are timed by `cargo bench --bench ops`).
 
 use super::cost::{self, OpCost};
 use super::fixture::{llama_3_2_1b, DecodeStep, KvRotation, KvShape};
 use super::{host_fma_peak, host_read_bandwidth, Spread};
 use crate::backend::cpu::matmul::{matmul, MatRef};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
+use crate::backend::cuda::{cuda_device_present, open_device, BackendKind};
 use crate::backend::Backend;
 use crate::model::config::Config;
 use crate::model::forward::Model;
@@ -77,9 +79,27 @@ impl OpTiming {
     }
 }
 
+/// What the report found of a GPU.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum GpuBounds {
+    Absent {
+        reason: String,
+    },
+    Present {
+        /// Name, architecture, NVRTC version.
+        device: String,
+        memory_total_bytes: Option<u64>,
+        /// cuMemcpy device to device, GB/s counting the read and the write: the bound of the
+        /// memory-bound kernels.
+        copy_gbps: Spread,
+    },
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct RooflineReport {
     pub host: HostBounds,
+    pub gpu: GpuBounds,
     /// What the decode-step rows ran: a folder, or the synthetic preset.
     pub model: String,
     pub ops: Vec<OpTiming>,
@@ -141,7 +161,42 @@ pub fn run(opts: &RooflineOptions) -> Result<RooflineReport> {
     time_elementwise(&backend, &cfg, opts.quick, timing, &mut ops)?;
     time_attention(&backend, &cfg, opts.quick, timing, &mut ops)?;
     let model = time_decode_steps(&backend, opts, timing, &mut ops)?;
-    Ok(RooflineReport { host, model, ops })
+    let gpu = measure_gpu(opts.quick)?;
+    Ok(RooflineReport {
+        host,
+        gpu,
+        model,
+        ops,
+    })
+}
+
+/// The GPU's description and its device-to-device copy bandwidth, timed with CUDA events.
+fn measure_gpu(quick: bool) -> Result<GpuBounds> {
+    if !cuda_device_present() {
+        return Ok(GpuBounds::Absent {
+            reason: "no CUDA driver or no CUDA device on this machine".into(),
+        });
+    }
+    let device = open_device(BackendKind::Cuda)?;
+    let (bytes, reps) = if quick { (256 << 20, 3) } else { (1 << 30, 10) };
+    let src = device.alloc(bytes)?;
+    let dst = device.alloc(bytes)?;
+    device.memset_zero(&src, 0, bytes)?;
+    let copy_gbps = || -> Result<f64> {
+        let start = device.record_event()?;
+        device.copy_dtod(&src, 0, &dst, 0, bytes)?;
+        let end = device.record_event()?;
+        device.synchronize()?;
+        let seconds = f64::from(device.elapsed_ms(&start, &end)?) / 1e3;
+        Ok(2.0 * bytes as f64 / seconds / 1e9)
+    };
+    copy_gbps()?;
+    let samples = (0..reps).map(|_| copy_gbps()).collect::<Result<Vec<_>>>()?;
+    Ok(GpuBounds::Present {
+        device: device.describe(),
+        memory_total_bytes: device.memory()?.device_total,
+        copy_gbps: Spread::of(&samples),
+    })
 }
 
 /// Bytes of weights a matvec rotation spans, for the same reason as the KV rotation: a decode
@@ -400,6 +455,7 @@ impl RooflineReport {
             "host: {}\n\
              read bandwidth: {:.1} GB/s (median of {}, {:.1}..{:.1})\n\
              f32 FMA peak: {:.1} GFLOP/s (median of {}, {:.1}..{:.1}); ridge {:.1} FLOP/byte\n\
+             {}\n\
              decode steps: {}\n\n\
              | op | shape | MB/call | MFLOP/call | time | GB/s | GFLOP/s | bound by | share of bound |\n\
              |---|---|---:|---:|---:|---:|---:|---|---:|\n",
@@ -413,6 +469,7 @@ impl RooflineReport {
             h.peak_gflops.min,
             h.peak_gflops.max,
             h.ridge_intensity(),
+            self.gpu_line(),
             self.model,
         );
         for op in &self.ops {
@@ -435,6 +492,28 @@ impl RooflineReport {
             );
         }
         s
+    }
+
+    fn gpu_line(&self) -> String {
+        match &self.gpu {
+            GpuBounds::Absent { reason } => format!("GPU: none ({reason})"),
+            GpuBounds::Present {
+                device,
+                memory_total_bytes,
+                copy_gbps,
+            } => format!(
+                "GPU: {device}, {}; device-to-device copy {:.0} GB/s (read + write, median of {}, \
+                 {:.0}..{:.0})",
+                memory_total_bytes.map_or("memory unknown".to_string(), |b| format!(
+                    "{:.1} GiB",
+                    b as f64 / (1u64 << 30) as f64
+                )),
+                copy_gbps.median,
+                copy_gbps.samples,
+                copy_gbps.min,
+                copy_gbps.max
+            ),
+        }
     }
 }
 
