@@ -103,9 +103,10 @@ fn attention_with(isa: Isa, input: &AttentionInput, plan: AttentionPlan, out: &m
             let block = item / splits / num_kv_heads;
             let first_row = block * row_block;
             let end_row = (first_row + row_block).min(input.rows);
-            // The block's last row sees the most positions; the splits share those.
+            // The block's last row sees the most positions; the splits share those, in whole
+            // tiles.
             let visible = input.start + end_row;
-            let split_len = visible.div_ceil(splits);
+            let split_len = visible.div_ceil(splits).next_multiple_of(TILE);
             let positions =
                 (split * split_len).min(visible)..((split + 1) * split_len).min(visible);
             let work = Item {
