@@ -18,6 +18,9 @@ struct Cli {
 enum Command {
     /// Greedy generation with one cache strategy.
     Generate(cli::generate::GenerateArgs),
+    /// Host bandwidth and FMA peak, each op at Llama-3.2-1B's shapes and whole decode steps,
+    /// as shares of their roofline bound.
+    Roofline(cli::roofline::RooflineArgs),
     /// Write a synthetic checkpoint (random weights, real shape and tokenizer).
     Synth(cli::synth::SynthArgs),
     /// Run the study: its conversations with each cache strategy, measured per turn.
@@ -32,6 +35,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => cli::generate::run(args),
+        Command::Roofline(args) => cli::roofline::run(args),
         Command::Synth(args) => cli::synth::run(args),
         Command::Scenario(args) => cli::scenario::run(args),
         Command::CacheMap(args) => cli::cache_map::run(args),

@@ -3,6 +3,7 @@ pub mod cache_map;
 pub mod generate;
 pub mod kernel_report;
 pub mod scenario;
+pub mod roofline;
 pub mod synth;
 
 use clap::Args;

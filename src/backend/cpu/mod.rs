@@ -1,7 +1,9 @@
 //! CPU backend: f32 activations and KV entries, weights read in their stored dtype straight
 //! from the mmap'd checkpoint, multi-threaded with rayon.
 
+pub mod attention;
 pub mod matmul;
+pub mod simd;
 
 use super::{Backend, BackendInfo};
 use crate::kv::{KvCache, KvLayout, KvPart};
@@ -275,42 +277,50 @@ impl Backend for CpuBackend {
         out: &mut CpuTensor,
     ) -> Result<()> {
         let layout = cache.layout;
-        let head_dim = layout.head_dim as usize;
-        let group = num_heads / layout.num_kv_heads as usize;
+        let (kv_heads, head_dim) = (layout.num_kv_heads as usize, layout.head_dim as usize);
         let (start, rows) = cache.step();
+        if num_heads == 0 || num_heads % kv_heads != 0 {
+            bail!("attention: {num_heads} query heads do not share {kv_heads} KV heads evenly");
+        }
+        if q.cols != num_heads * head_dim || out.cols != q.cols {
+            bail!(
+                "attention: q has {} columns and out {}, expected {num_heads} heads x {head_dim}",
+                q.cols,
+                out.cols
+            );
+        }
+        if q.data.len() < rows * q.cols || out.data.len() < rows * out.cols {
+            bail!("attention: a step of {rows} rows does not fit q or out");
+        }
+        if layer >= layout.num_layers as usize {
+            bail!(
+                "attention: layer {layer} of a cache of {} layers",
+                layout.num_layers
+            );
+        }
         let chunks = cache.chunks();
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        // One work item per (row, head): out[r, h*head_dim..] is written by exactly one item.
-        out.data[..rows * num_heads * head_dim]
-            .par_chunks_mut(head_dim)
-            .enumerate()
-            .for_each(|(item, o)| {
-                let (r, h) = (item / num_heads, item % num_heads);
-                let kv_head = h / group;
-                let qv = &q.data[r * q.cols + h * head_dim..][..head_dim];
-                let visible = start + r + 1; // causal: positions 0..=start + r
-                let mut scores = Vec::with_capacity(visible);
-                for pos in 0..visible {
-                    let (c, slot) = layout.locate(pos);
-                    let kr = &chunks[c]
-                        [layout.offset_in_chunk(layer, KvPart::Key, kv_head, slot)..][..head_dim];
-                    scores.push(qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale);
-                }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                o.fill(0.0);
-                for (pos, p) in scores.iter().enumerate() {
-                    let (c, slot) = layout.locate(pos);
-                    let vr = &chunks[c]
-                        [layout.offset_in_chunk(layer, KvPart::Value, kv_head, slot)..][..head_dim];
-                    let w = p / sum;
-                    o.iter_mut().zip(vr).for_each(|(o, v)| *o += w * v);
-                }
-            });
+        if chunks.len() * (layout.chunk_tokens as usize) < start + rows {
+            bail!(
+                "attention: the cache holds no room for positions up to {}",
+                start + rows
+            );
+        }
+        let input = attention::AttentionInput {
+            q: &q.data,
+            chunks,
+            layout,
+            layer,
+            num_heads,
+            start,
+            rows,
+        };
+        let plan = attention::AttentionPlan::for_shape(
+            rows,
+            start + rows,
+            kv_heads,
+            rayon::current_num_threads(),
+        );
+        attention::attention(&input, plan, &mut out.data);
         Ok(())
     }
 

@@ -1,0 +1,221 @@
+//! Inputs at real shapes for timing one op alone: the Llama-3.2-1B shape, KV caches filled to a
+//! context, and a decode step held at a fixed context. Used by `benches/ops.rs` and by
+//! `kvlab roofline`, so both time the same thing.
+
+use crate::backend::Backend;
+use crate::kv::{CacheOptions, KvCache, Strategy};
+use crate::model::config::{Config, HfConfig};
+use crate::model::forward::{Activations, LogitRows, Model};
+use crate::model::synth::{config_json, Preset};
+use anyhow::{Context, Result};
+
+/// The shape of meta-llama/Llama-3.2-1B (16 layers, hidden 2048, 32 query and 8 KV heads of 64,
+/// intermediate 8192, vocabulary 128256), as the synthetic preset writes it.
+pub fn llama_3_2_1b() -> Result<Config> {
+    let hf: HfConfig = serde_json::from_value(config_json(Preset::Llama32_1B))
+        .context("the Llama-3.2-1B preset's config.json")?;
+    Config::from_hf(&hf)
+}
+
+/// Bytes of KV that a rotation of caches spans at least: several times any CPU's last-level
+/// cache or a GPU's L2, so each op call reads its KV from memory, as in a real decode step
+/// where the weights stream through the caches between two layers.
+const ROTATION_BYTES: usize = 256 << 20;
+
+/// Rows written per `kv_append` while filling a cache.
+const FILL_ROWS: usize = 512;
+
+/// How a cache is laid out: one contiguous buffer or chunks of `n` positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvShape {
+    Contiguous,
+    Chunked(usize),
+}
+
+impl KvShape {
+    pub fn strategy(self) -> Strategy {
+        match self {
+            KvShape::Contiguous => Strategy::Static,
+            KvShape::Chunked(_) => Strategy::Dynamic,
+        }
+    }
+
+    fn chunk_tokens(self) -> usize {
+        match self {
+            KvShape::Contiguous => 0,
+            KvShape::Chunked(n) => n,
+        }
+    }
+}
+
+impl std::fmt::Display for KvShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvShape::Contiguous => f.write_str("contiguous"),
+            KvShape::Chunked(n) => write!(f, "chunk{n}"),
+        }
+    }
+}
+
+/// A cache holding `len` written positions (zeros: no op's cost depends on the values) with
+/// room for `spare` more.
+pub fn filled_cache<B: Backend>(
+    backend: &B,
+    cfg: &Config,
+    shape: KvShape,
+    len: usize,
+    spare: usize,
+) -> Result<KvCache<B>> {
+    let opts = CacheOptions {
+        max_context: len + spare,
+        chunk_tokens: shape.chunk_tokens(),
+    };
+    let mut cache = KvCache::new(backend, shape.strategy(), cfg, opts)?;
+    let block = len.clamp(1, FILL_ROWS);
+    let k = backend.alloc(block, cfg.kv_dim())?;
+    let v = backend.alloc(block, cfg.kv_dim())?;
+    let mut written = 0;
+    while written < len {
+        cache.begin_step(backend, block.min(len - written))?;
+        for layer in 0..cfg.num_layers {
+            backend.kv_append(&mut cache, layer, &k, &v)?;
+        }
+        written += cache.step().1;
+        cache.end_step();
+    }
+    backend.synchronize()?;
+    Ok(cache)
+}
+
+/// Caches whose step is `rows` rows at positions `context - rows..context`, visited layer by
+/// layer and cache by cache, enough of them to span [`ROTATION_BYTES`].
+pub struct KvRotation<B: Backend> {
+    caches: Vec<KvCache<B>>,
+    num_layers: usize,
+    next: usize,
+}
+
+impl<B: Backend> KvRotation<B> {
+    pub fn new(
+        backend: &B,
+        cfg: &Config,
+        shape: KvShape,
+        context: usize,
+        rows: usize,
+    ) -> Result<Self> {
+        let start = context.checked_sub(rows).with_context(|| {
+            format!("a step of {rows} rows does not fit a context of {context}")
+        })?;
+        let cache_bytes = context * cfg.num_layers * 2 * cfg.kv_dim() * backend.kv_elem_bytes();
+        let count = ROTATION_BYTES.div_ceil(cache_bytes.max(1)).max(1);
+        let caches = (0..count)
+            .map(|_| {
+                let mut cache = filled_cache(backend, cfg, shape, start, rows)?;
+                cache.begin_step(backend, rows)?;
+                Ok(cache)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvRotation {
+            caches,
+            num_layers: cfg.num_layers,
+            next: 0,
+        })
+    }
+
+    /// The next (cache, layer) in the rotation.
+    pub fn next(&mut self) -> (&mut KvCache<B>, usize) {
+        let at = self.next;
+        self.next = (at + 1) % (self.caches.len() * self.num_layers);
+        (&mut self.caches[at / self.num_layers], at % self.num_layers)
+    }
+}
+
+/// Positions a decode-step fixture lets its context grow by before refilling its cache.
+const DRIFT: usize = 8;
+
+/// One decode step of a model at a context held within `context..context + DRIFT`: the cache is
+/// filled (outside any timing) to `context - 1` positions, each [`DecodeStep::run`] forwards one
+/// token, and [`DecodeStep::prepare`] refills the cache once it has drifted.
+pub struct DecodeStep<'m, B: Backend> {
+    model: &'m Model<B>,
+    shape: KvShape,
+    context: usize,
+    cache: KvCache<B>,
+    act: Activations<B>,
+}
+
+impl<'m, B: Backend> DecodeStep<'m, B> {
+    pub fn new(backend: &B, model: &'m Model<B>, shape: KvShape, context: usize) -> Result<Self> {
+        let cfg = &model.config;
+        Ok(DecodeStep {
+            model,
+            shape,
+            context,
+            cache: filled_cache(backend, cfg, shape, context.max(1) - 1, DRIFT + 1)?,
+            act: Activations::new(backend, cfg, 1, 1)?,
+        })
+    }
+
+    /// Refills the cache when the context has drifted by [`DRIFT`]; call it outside the timing.
+    pub fn prepare(&mut self, backend: &B) -> Result<()> {
+        if self.cache.len() + 1 >= self.context + DRIFT {
+            self.cache = filled_cache(
+                backend,
+                &self.model.config,
+                self.shape,
+                self.context.max(1) - 1,
+                DRIFT + 1,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Forwards one token; the logits stay on the backend.
+    pub fn run(&mut self, backend: &B) -> Result<()> {
+        // Any id of the vocabulary: the step's cost does not depend on it.
+        let token = (self.model.config.vocab_size / 2) as u32;
+        let (model, cache, act) = (self.model, &mut self.cache, &mut self.act);
+        // As generation runs a step: through run_step, which may replay a CUDA graph.
+        backend.run_step(&mut || model.forward(backend, cache, &[token], act, LogitRows::Last))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    fn tiny() -> Config {
+        let hf: HfConfig = serde_json::from_value(config_json(Preset::Tiny)).unwrap();
+        Config::from_hf(&hf).unwrap()
+    }
+
+    #[test]
+    fn filled_caches_hold_their_length_in_either_layout() {
+        let (b, cfg) = (CpuBackend::new(), tiny());
+        for shape in [KvShape::Contiguous, KvShape::Chunked(5)] {
+            for len in [0, 1, 7, 1100] {
+                let cache = filled_cache(&b, &cfg, shape, len, 3).unwrap();
+                assert_eq!((cache.len(), cache.strategy), (len, shape.strategy()));
+                assert!(cache.capacity() >= len + 3, "{shape} {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_rotation_visits_every_layer_of_every_cache_at_the_step() {
+        let (b, cfg) = (CpuBackend::new(), tiny());
+        // The tiny model's cache of 100 positions is 100 KiB: the rotation needs many.
+        let mut rotation = KvRotation::new(&b, &cfg, KvShape::Chunked(16), 100, 3).unwrap();
+        let visits = rotation.caches.len() * cfg.num_layers;
+        assert!(rotation.caches.len() > 1);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..visits {
+            let (cache, layer) = rotation.next();
+            assert_eq!(cache.step(), (97, 3));
+            seen.insert((cache as *const KvCache<CpuBackend>, layer));
+        }
+        assert_eq!(seen.len(), visits);
+        assert!(KvRotation::new(&b, &cfg, KvShape::Contiguous, 2, 3).is_err());
+    }
+}
