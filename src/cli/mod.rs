@@ -2,8 +2,8 @@
 pub mod cache_map;
 pub mod generate;
 pub mod kernel_report;
-pub mod scenario;
 pub mod roofline;
+pub mod scenario;
 pub mod synth;
 
 use clap::Args;
