@@ -18,15 +18,15 @@
 //!    decode tokens/s with and without graphs for the static and dynamic caches, device time per
 //!    step from CUDA events, share of the bandwidth bound; prefill time for 512 and 2048 tokens.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use half::bf16;
 use kvlab::backend::cuda::gpu::cuda_device_present;
 use kvlab::backend::cuda::{open_device, BackendKind, CudaBackend, CudaOptions, Device};
 use kvlab::backend::Backend;
 use kvlab::generate::{Engine, GenerateOptions, Generator};
 use kvlab::kv::Strategy;
-use kvlab::model::config::Config;
 use kvlab::model::forward::Model;
+use kvlab::roofline::Spread;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -372,92 +372,10 @@ impl CublasBench {
 }
 
 /// A folder with Llama-3.2-1B's config and random bf16 weights of its exact shapes.
-fn synthetic_llama_1b(dir: &Path) -> Result<()> {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/llama-3.2-1b");
-    for file in ["config.json", "generation_config.json"] {
-        std::fs::copy(shared.join(file), dir.join(file))
-            .with_context(|| format!("copying {file} from {}", shared.display()))?;
-    }
-    let cfg = Config::from_dir(dir)?;
-    let (h, q, kv, ff) = (
-        cfg.hidden_size,
-        cfg.q_dim(),
-        cfg.kv_dim(),
-        cfg.intermediate_size,
-    );
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h]),
-        ("model.norm.weight".into(), vec![h]),
-    ];
-    for i in 0..cfg.num_layers {
-        let p = format!("model.layers.{i}");
-        for (name, shape) in [
-            ("input_layernorm", vec![h]),
-            ("post_attention_layernorm", vec![h]),
-            ("self_attn.q_proj", vec![q, h]),
-            ("self_attn.k_proj", vec![kv, h]),
-            ("self_attn.v_proj", vec![kv, h]),
-            ("self_attn.o_proj", vec![h, q]),
-            ("mlp.gate_proj", vec![ff, h]),
-            ("mlp.up_proj", vec![ff, h]),
-            ("mlp.down_proj", vec![h, ff]),
-        ] {
-            shapes.push((format!("{p}.{name}.weight"), shape));
-        }
-    }
-    if !cfg.tie_word_embeddings {
-        shapes.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
-    }
-    let data: Vec<Vec<u8>> = shapes
-        .iter()
-        .enumerate()
-        .map(|(i, (_, shape))| {
-            let count = shape.iter().product();
-            // Norm weights are 1, matrices uniform in +-0.04.
-            let bits = if shape.len() == 1 {
-                vec![bf16::ONE.to_bits(); count]
-            } else {
-                random_bf16_bits(count, 0.04, 1000 + i as u64)
-            };
-            bits.into_iter().flat_map(u16::to_le_bytes).collect()
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = shapes
-        .iter()
-        .zip(&data)
-        .map(|((name, shape), bytes)| {
-            let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::BF16,
-                shape.clone(),
-                bytes,
-            )?;
-            Ok((name.clone(), view))
-        })
-        .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;
-    Ok(())
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn generation(device: &Arc<dyn Device>, plan: &Plan, bound_gbps: f64) -> Result<()> {
-    let synthetic;
     let dir: PathBuf = match &plan.model {
         Some(dir) => dir.clone(),
-        None => {
-            synthetic = tempfile::tempdir()?;
-            if let Err(e) = synthetic_llama_1b(synthetic.path()) {
-                println!(
-                    "3. generation skipped: {e:#}; set KVLAB_BENCH_MODEL to a checkpoint folder"
-                );
-                return Ok(());
-            }
-            synthetic.path().to_path_buf()
-        }
+        None => kvlab::model::synth::default_model_dir()?,
     };
     println!("3. generation, {}", dir.display());
     let backend = CudaBackend::new(device.clone(), "cuda", CudaOptions::default())?;
@@ -487,7 +405,7 @@ fn generation(device: &Arc<dyn Device>, plan: &Plan, bound_gbps: f64) -> Result<
             let gen = engine.generate(&prompt, &opts, &mut |_| {})?;
             // Skip the prefill and the first steps (graph capture).
             let steps = &gen.device_step_seconds[gen.device_step_seconds.len().min(4)..];
-            let step = median(steps);
+            let step = Spread::of(steps).median;
             println!(
                 "{:<8} {:<7} {:>12.0} {:>15.1} {:>15.0} {:>7.0}%",
                 strategy.name(),
