@@ -10,6 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use kvlab::backend::cuda::emu::EmuDevice;
 use kvlab::backend::cuda::{Device, KernelArg, LaunchConfig};
+use std::time::Duration;
 
 fn emulator_costs(c: &mut Criterion) {
     let device = EmuDevice::with_options(1, false).expect("emulator");
@@ -62,5 +63,22 @@ fn emulator_costs(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, emulator_costs);
+/// `KVLAB_BENCH_QUICK=1`: a smoke run with short timings, as every kvlab bench.
+fn config() -> Criterion {
+    let quick = std::env::var("KVLAB_BENCH_QUICK").is_ok_and(|v| v == "1");
+    if quick {
+        Criterion::default()
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(20))
+            .measurement_time(Duration::from_millis(60))
+    } else {
+        Criterion::default()
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = emulator_costs
+}
 criterion_main!(benches);
