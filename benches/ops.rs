@@ -27,7 +27,9 @@ use kvlab::model::synth::{self, write_synthetic, Preset, SynthOptions};
 use kvlab::model::weights::LayerWeights;
 use kvlab::model::DType;
 use kvlab::roofline::cost::{self, OpCost};
-use kvlab::roofline::fixture::{filled_cache, llama_3_2_1b, DecodeStep, KvRotation, KvShape};
+use kvlab::roofline::fixture::{
+    filled_cache, llama_3_2_1b, DecodeStep, KvRotation, KvShape, ROTATION_BYTES,
+};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +53,8 @@ struct Sizes {
     prefill_layouts: &'static [KvShape],
     step_contexts: &'static [usize],
     step_layouts: &'static [KvShape],
+    /// Bytes of KV each rotation spans: enough to leave the caches, or a token in quick mode.
+    rotation_bytes: usize,
 }
 
 const LAYOUTS: &[KvShape] = &[
@@ -79,6 +83,7 @@ const FULL: Sizes = Sizes {
         KvShape::Chunked(16),
         KvShape::Chunked(256),
     ],
+    rotation_bytes: ROTATION_BYTES,
 };
 
 const QUICK: Sizes = Sizes {
@@ -91,6 +96,7 @@ const QUICK: Sizes = Sizes {
     prefill_layouts: &[KvShape::Contiguous],
     step_contexts: &[256],
     step_layouts: &[KvShape::Contiguous, KvShape::Chunked(16)],
+    rotation_bytes: 16 << 20,
 };
 
 /// How a backend's time is read: the host clock around a loop that ends with the backend's
@@ -255,7 +261,8 @@ fn bench_norm_rope_append_swiglu<B: Backend>(
                 cost::kv_append(rows, kv_dim, b.kv_elem_bytes()),
                 Count::Bytes,
                 || {
-                    let rotation = KvRotation::new(b, cfg, shape, 2048, rows)?;
+                    let rotation =
+                        KvRotation::new(b, cfg, shape, 2048, rows, sizes.rotation_bytes)?;
                     Ok((b.alloc(rows, kv_dim)?, b.alloc(rows, kv_dim)?, rotation))
                 },
                 |(k, v, rotation)| {
@@ -313,7 +320,8 @@ fn bench_attention<B: Backend>(
                     cost::attention(cfg, context - rows, rows, b.kv_elem_bytes()),
                     count,
                     || {
-                        let rotation = KvRotation::new(b, cfg, shape, context, rows)?;
+                        let rotation =
+                            KvRotation::new(b, cfg, shape, context, rows, sizes.rotation_bytes)?;
                         Ok((
                             b.alloc(rows, cfg.q_dim())?,
                             b.alloc(rows, cfg.q_dim())?,

@@ -17,10 +17,10 @@ pub fn llama_3_2_1b() -> Result<Config> {
     Config::from_hf(&hf)
 }
 
-/// Bytes of KV that a rotation of caches spans at least: several times any CPU's last-level
-/// cache or a GPU's L2, so each op call reads its KV from memory, as in a real decode step
-/// where the weights stream through the caches between two layers.
-const ROTATION_BYTES: usize = 256 << 20;
+/// Bytes of KV that a rotation of caches spans at least for honest timings: several times any
+/// CPU's last-level cache or a GPU's L2, so each op call reads its KV from memory, as in a real
+/// decode step where the weights stream through the caches between two layers.
+pub const ROTATION_BYTES: usize = 256 << 20;
 
 /// Rows written per `kv_append` while filling a cache.
 const FILL_ROWS: usize = 512;
@@ -88,7 +88,7 @@ pub fn filled_cache<B: Backend>(
 }
 
 /// Caches whose step is `rows` rows at positions `context - rows..context`, visited layer by
-/// layer and cache by cache, enough of them to span [`ROTATION_BYTES`].
+/// layer and cache by cache, enough of them to span `span_bytes` (see [`ROTATION_BYTES`]).
 pub struct KvRotation<B: Backend> {
     caches: Vec<KvCache<B>>,
     num_layers: usize,
@@ -102,12 +102,13 @@ impl<B: Backend> KvRotation<B> {
         shape: KvShape,
         context: usize,
         rows: usize,
+        span_bytes: usize,
     ) -> Result<Self> {
         let start = context.checked_sub(rows).with_context(|| {
             format!("a step of {rows} rows does not fit a context of {context}")
         })?;
         let cache_bytes = context * cfg.num_layers * 2 * cfg.kv_dim() * backend.kv_elem_bytes();
-        let count = ROTATION_BYTES.div_ceil(cache_bytes.max(1)).max(1);
+        let count = span_bytes.div_ceil(cache_bytes.max(1)).max(1);
         let caches = (0..count)
             .map(|_| {
                 let mut cache = filled_cache(backend, cfg, shape, start, rows)?;
@@ -205,10 +206,11 @@ mod tests {
     #[test]
     fn a_rotation_visits_every_layer_of_every_cache_at_the_step() {
         let (b, cfg) = (CpuBackend::new(), tiny());
-        // The tiny model's cache of 100 positions is 100 KiB: the rotation needs many.
-        let mut rotation = KvRotation::new(&b, &cfg, KvShape::Chunked(16), 100, 3).unwrap();
+        // The tiny model's cache of 100 positions is 50 KiB: a rotation over 1 MiB needs 21.
+        let mut rotation =
+            KvRotation::new(&b, &cfg, KvShape::Chunked(16), 100, 3, 1 << 20).unwrap();
         let visits = rotation.caches.len() * cfg.num_layers;
-        assert!(rotation.caches.len() > 1);
+        assert_eq!(rotation.caches.len(), 21);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..visits {
             let (cache, layer) = rotation.next();
@@ -216,6 +218,6 @@ mod tests {
             seen.insert((cache as *const KvCache<CpuBackend>, layer));
         }
         assert_eq!(seen.len(), visits);
-        assert!(KvRotation::new(&b, &cfg, KvShape::Contiguous, 2, 3).is_err());
+        assert!(KvRotation::new(&b, &cfg, KvShape::Contiguous, 2, 3, 1 << 20).is_err());
     }
 }

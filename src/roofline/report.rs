@@ -3,7 +3,7 @@
 //! measured copy bandwidth (the CUDA ops themselves are timed by `cargo bench --bench ops`).
 
 use super::cost::{self, OpCost};
-use super::fixture::{llama_3_2_1b, DecodeStep, KvRotation, KvShape};
+use super::fixture::{llama_3_2_1b, DecodeStep, KvRotation, KvShape, ROTATION_BYTES};
 use super::{host_fma_peak, host_read_bandwidth, Spread};
 use crate::backend::cpu::matmul::{matmul, MatRef};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
@@ -199,9 +199,16 @@ fn measure_gpu(quick: bool) -> Result<GpuBounds> {
     })
 }
 
-/// Bytes of weights a matvec rotation spans, for the same reason as the KV rotation: a decode
-/// step streams every weight from memory, none is in cache when its matvec runs.
-const WEIGHT_ROTATION_BYTES: usize = 256 << 20;
+/// Bytes each rotation of inputs spans ([`ROTATION_BYTES`]; a token amount in quick mode): a
+/// decode step streams every weight and every layer's KV from memory, none is in cache when its
+/// op runs, and neither may it be here.
+fn rotation_bytes(quick: bool) -> usize {
+    if quick {
+        16 << 20
+    } else {
+        ROTATION_BYTES
+    }
+}
 
 fn time_matmuls(cfg: &Config, quick: bool, timing: Timing, ops: &mut Vec<OpTiming>) -> Result<()> {
     let (h, kv, ff, vocab) = (
@@ -223,7 +230,7 @@ fn time_matmuls(cfg: &Config, quick: bool, timing: Timing, ops: &mut Vec<OpTimin
     let ms: &[usize] = if quick { &[1, 16] } else { &[1, 16, 128, 512] };
     for (name, rows, cols) in shapes {
         let bytes_each = rows * cols * DType::BF16.size_bytes();
-        let copies = WEIGHT_ROTATION_BYTES.div_ceil(bytes_each).max(1);
+        let copies = rotation_bytes(quick).div_ceil(bytes_each).max(1);
         // Any bf16 pattern will do: 0x3c3c is 0.0115.
         let weights = vec![0x3cu8; copies * bytes_each];
         for &m in ms {
@@ -288,7 +295,14 @@ fn time_elementwise(
         let mut q = tensor(rows, cfg.q_dim());
         let mut k = tensor(rows, cfg.kv_dim());
         let inv_freq = backend.upload_vector(&cfg.rope_inv_freq())?;
-        let mut rotation = KvRotation::new(backend, cfg, KvShape::Contiguous, 1024, rows)?;
+        let mut rotation = KvRotation::new(
+            backend,
+            cfg,
+            KvShape::Contiguous,
+            1024,
+            rows,
+            rotation_bytes(quick),
+        )?;
         let seconds =
             timing.measure(|| backend.rope(&mut q, &mut k, &inv_freq, rotation.next().0))?;
         ops.push(OpTiming {
@@ -364,7 +378,8 @@ fn time_attention(
     for (context, rows, shape) in cases {
         let q = tensor(rows, cfg.q_dim());
         let mut out = backend.alloc(rows, cfg.q_dim())?;
-        let mut rotation = KvRotation::new(backend, cfg, shape, context, rows)?;
+        let mut rotation =
+            KvRotation::new(backend, cfg, shape, context, rows, rotation_bytes(quick))?;
         let seconds = timing.measure(|| {
             let (cache, layer) = rotation.next();
             backend.attention(&q, cache, layer, cfg.num_heads, &mut out)
