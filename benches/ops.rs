@@ -310,8 +310,10 @@ fn bench_attention<B: Backend>(
     ];
     for (name, layouts, lengths, count) in cases {
         let mut g = group(c, name);
-        for &shape in layouts {
-            for &context in lengths {
+        // Context-major, so that the layouts of one context run side by side, under the same
+        // conditions of the machine.
+        for &context in lengths {
+            for &shape in layouts {
                 // Decode: one row at the end of the context; prefill: every row from position 0.
                 let rows = if count == Count::Bytes { 1 } else { context };
                 t.bench(

@@ -40,15 +40,23 @@ pub struct HostBounds {
 }
 
 impl HostBounds {
+    /// The bounds are the best samples: other work on the machine only ever lowers a sample.
+    fn bandwidth(&self) -> f64 {
+        self.read_gbps.max * 1e9
+    }
+
+    fn peak(&self) -> f64 {
+        self.peak_gflops.max * 1e9
+    }
+
     /// The best time an op of this cost can take: bound by bytes or by FLOPs, whichever is slower.
     pub fn bound_seconds(&self, cost: &OpCost) -> f64 {
-        (cost.bytes / (self.read_gbps.median * 1e9))
-            .max(cost.flops / (self.peak_gflops.median * 1e9))
+        (cost.bytes / self.bandwidth()).max(cost.flops / self.peak())
     }
 
     /// FLOPs per byte above which an op is bound by compute.
     pub fn ridge_intensity(&self) -> f64 {
-        self.peak_gflops.median / self.read_gbps.median
+        self.peak() / self.bandwidth()
     }
 }
 
@@ -140,9 +148,9 @@ pub fn run(opts: &RooflineOptions) -> Result<RooflineReport> {
         threads: rayon::current_num_threads(),
         read_gbps: host_read_bandwidth(
             if opts.quick { 256 << 20 } else { 1 << 30 },
-            if opts.quick { 3 } else { 5 },
+            if opts.quick { 3 } else { 10 },
         ),
-        peak_gflops: host_fma_peak(if opts.quick { 3 } else { 5 }),
+        peak_gflops: host_fma_peak(if opts.quick { 3 } else { 10 }),
     };
     let timing = if opts.quick {
         Timing {
@@ -217,18 +225,20 @@ fn time_matmuls(cfg: &Config, quick: bool, timing: Timing, ops: &mut Vec<OpTimin
         cfg.intermediate_size,
         cfg.vocab_size,
     );
-    // [out, in] of each projection, bf16 as in the checkpoint.
+    // Decode (m = 1) and a 512-token prefill; m = 16 and 128 are in `benches/cpu_matmul.rs`.
+    let ms: &[usize] = if quick { &[1, 16] } else { &[1, 512] };
+    // [out, in] of each projection, bf16 as in the checkpoint, and the m it runs at.
     let mut shapes = vec![
-        ("q_proj, o_proj", h, h),
-        ("k_proj, v_proj", kv, h),
-        ("gate_proj, up_proj", ff, h),
-        ("down_proj", h, ff),
+        ("q_proj, o_proj", h, h, ms),
+        ("k_proj, v_proj", kv, h, ms),
+        ("gate_proj, up_proj", ff, h, ms),
+        ("down_proj", h, ff, ms),
     ];
     if !quick {
-        shapes.push(("lm_head", vocab, h));
+        // Prefill computes the logits of its last row only.
+        shapes.push(("lm_head", vocab, h, &[1]));
     }
-    let ms: &[usize] = if quick { &[1, 16] } else { &[1, 16, 128, 512] };
-    for (name, rows, cols) in shapes {
+    for (name, rows, cols, ms) in shapes {
         let bytes_each = rows * cols * DType::BF16.size_bytes();
         let copies = rotation_bytes(quick).div_ceil(bytes_each).max(1);
         // Any bf16 pattern will do: 0x3c3c is 0.0115.
@@ -468,21 +478,21 @@ impl RooflineReport {
         let h = &self.host;
         let mut s = format!(
             "host: {}\n\
-             read bandwidth: {:.1} GB/s (median of {}, {:.1}..{:.1})\n\
-             f32 FMA peak: {:.1} GFLOP/s (median of {}, {:.1}..{:.1}); ridge {:.1} FLOP/byte\n\
+             read bandwidth: {:.1} GB/s (best of {}; median {:.1}, worst {:.1})\n\
+             f32 FMA peak: {:.1} GFLOP/s (best of {}; median {:.1}, worst {:.1}); ridge {:.1} FLOP/byte\n\
              {}\n\
              decode steps: {}\n\n\
              | op | shape | MB/call | MFLOP/call | time | GB/s | GFLOP/s | bound by | share of bound |\n\
              |---|---|---:|---:|---:|---:|---:|---|---:|\n",
             h.device,
-            h.read_gbps.median,
-            h.read_gbps.samples,
-            h.read_gbps.min,
             h.read_gbps.max,
-            h.peak_gflops.median,
-            h.peak_gflops.samples,
-            h.peak_gflops.min,
+            h.read_gbps.samples,
+            h.read_gbps.median,
+            h.read_gbps.min,
             h.peak_gflops.max,
+            h.peak_gflops.samples,
+            h.peak_gflops.median,
+            h.peak_gflops.min,
             h.ridge_intensity(),
             self.gpu_line(),
             self.model,
