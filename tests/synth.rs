@@ -308,6 +308,7 @@ fn tiny_folder_is_a_loadable_aligned_llama_checkpoint() {
             "README.md",
             "config.json",
             "generation_config.json",
+            "kvlab-synthetic.json",
             "model.safetensors",
             "tokenizer.json",
             "tokenizer_config.json"
@@ -476,4 +477,22 @@ fn partial_folders_of_dead_processes_are_removed_live_ones_kept() {
     assert!(!dead.exists());
     assert!(live.exists());
     assert!(other_name.exists());
+}
+
+#[test]
+fn written_folders_are_marked_synthetic_and_others_are_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("tiny");
+    kvlab::model::synth::write_synthetic(
+        &kvlab::model::synth::SynthOptions {
+            preset: kvlab::model::synth::Preset::Tiny,
+            seed: 1,
+        },
+        &folder,
+    )
+    .unwrap();
+    assert!(kvlab::model::synth::is_synthetic(&folder));
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama3-gqa4-bf16");
+    assert!(!kvlab::model::synth::is_synthetic(&fixture));
 }
