@@ -325,7 +325,9 @@ pub fn run(args: ScenarioArgs) -> Result<()> {
 struct Progress {
     bar: ProgressBar,
     files: TurnFiles,
+    /// Strategy and turn in progress, and its scenario.
     label: String,
+    scenario: String,
     turn_started: Instant,
     tokens: usize,
 }
@@ -335,7 +337,7 @@ impl Progress {
         let bar = ProgressBar::new(turns);
         bar.set_style(
             ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} turns (eta {eta}) {msg}",
+                "{elapsed_precise} [{bar:24}] {pos}/{len} turns | {wide_msg}",
             )
             .expect("the template is valid")
             .progress_chars("=> "),
@@ -344,6 +346,7 @@ impl Progress {
             bar,
             files,
             label: String::new(),
+            scenario: String::new(),
             turn_started: Instant::now(),
             tokens: 0,
         }
@@ -353,24 +356,26 @@ impl Progress {
 impl Observer for Progress {
     fn warmup_started(&mut self, scenario: &Scenario, strategy: Strategy) {
         self.bar.set_message(format!(
-            "{} | {strategy} | warm-up (not measured)",
+            "{strategy} warm-up, not measured | {}",
             scenario.name
         ));
     }
 
     fn turn_started(&mut self, scenario: &Scenario, strategy: Strategy, turn: usize) {
-        self.label = format!("{} | {strategy} | turn {turn}", scenario.name);
+        self.label = format!("{strategy} turn {turn}");
+        self.scenario = scenario.name.clone();
         self.turn_started = Instant::now();
         self.tokens = 0;
-        self.bar.set_message(format!("{}: prefill", self.label));
+        self.bar
+            .set_message(format!("{}: prefill | {}", self.label, self.scenario));
     }
 
     fn token_generated(&mut self) {
         self.tokens += 1;
         let rate = self.tokens as f64 / self.turn_started.elapsed().as_secs_f64();
         self.bar.set_message(format!(
-            "{}: {} tokens, {rate:.1} tok/s",
-            self.label, self.tokens
+            "{}: {} tokens, {rate:.1} tok/s | {}",
+            self.label, self.tokens, self.scenario
         ));
     }
 
