@@ -18,7 +18,8 @@ use std::time::Instant;
 const STUDY_MODEL: &str = "meta-llama/Llama-3.2-1B";
 /// The study's generation length.
 const STUDY_NEW_TOKENS: usize = 150;
-/// The default on a CPU without --full: about 15 minutes on 2 cores with the synthetic 1B.
+/// The default on a CPU without --full: 11 minutes on 2 cores (AMD EPYC, synthetic 1B, the
+/// SIMD matmul of the cpumm branch), most of it in `none`.
 const CPU_SUBSET_SCENARIOS: [&str; 1] = ["insurance_claim_auto"];
 const CPU_SUBSET_TURNS: usize = 3;
 const CPU_SUBSET_NEW_TOKENS: usize = 32;
@@ -86,6 +87,14 @@ fn plan(args: &ScenarioArgs, on_gpu: bool) -> Result<Plan> {
         (None, false) => vec!["all".to_string()],
     };
     let scenarios = scenarios::select(&scenario_items)?;
+    if let Some(twice) = args
+        .strategies
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| args.strategies[..i].contains(s).then_some(s))
+    {
+        bail!("--strategies names {twice} twice");
+    }
     let turns = args.turns.or(subset.then_some(CPU_SUBSET_TURNS));
     if turns == Some(0) {
         bail!("--turns must be at least 1");
@@ -95,6 +104,9 @@ fn plan(args: &ScenarioArgs, on_gpu: bool) -> Result<Plan> {
     } else {
         STUDY_NEW_TOKENS
     });
+    if max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
     let defaults_only =
         args.scenarios.is_none() && args.turns.is_none() && args.max_new_tokens.is_none();
     let description = match (defaults_only, subset) {
@@ -103,7 +115,7 @@ fn plan(args: &ScenarioArgs, on_gpu: bool) -> Result<Plan> {
         }
         (true, true) => format!(
             "the CPU default subset: {}, turns 1-{CPU_SUBSET_TURNS}, {CPU_SUBSET_NEW_TOKENS} new \
-             tokens, each strategy (about 15 min on 2 cores); the full study (5 scenarios x 15 \
+             tokens, each strategy (about 10-15 min on 2 cores); the full study (5 scenarios x 15 \
              turns x 3 strategies x 150 tokens, hours on a CPU, mostly in `none`): add --full",
             CPU_SUBSET_SCENARIOS.join(", ")
         ),
@@ -313,7 +325,9 @@ pub fn run(args: ScenarioArgs) -> Result<()> {
 struct Progress {
     bar: ProgressBar,
     files: TurnFiles,
+    /// Strategy and turn in progress, and its scenario.
     label: String,
+    scenario: String,
     turn_started: Instant,
     tokens: usize,
 }
@@ -323,7 +337,7 @@ impl Progress {
         let bar = ProgressBar::new(turns);
         bar.set_style(
             ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} turns (eta {eta}) {msg}",
+                "{elapsed_precise} [{bar:24}] {pos}/{len} turns | {wide_msg}",
             )
             .expect("the template is valid")
             .progress_chars("=> "),
@@ -332,6 +346,7 @@ impl Progress {
             bar,
             files,
             label: String::new(),
+            scenario: String::new(),
             turn_started: Instant::now(),
             tokens: 0,
         }
@@ -339,19 +354,28 @@ impl Progress {
 }
 
 impl Observer for Progress {
+    fn warmup_started(&mut self, scenario: &Scenario, strategy: Strategy) {
+        self.bar.set_message(format!(
+            "{strategy} warm-up, not measured | {}",
+            scenario.name
+        ));
+    }
+
     fn turn_started(&mut self, scenario: &Scenario, strategy: Strategy, turn: usize) {
-        self.label = format!("{} | {strategy} | turn {turn}", scenario.name);
+        self.label = format!("{strategy} turn {turn}");
+        self.scenario = scenario.name.clone();
         self.turn_started = Instant::now();
         self.tokens = 0;
-        self.bar.set_message(format!("{}: prefill", self.label));
+        self.bar
+            .set_message(format!("{}: prefill | {}", self.label, self.scenario));
     }
 
     fn token_generated(&mut self) {
         self.tokens += 1;
         let rate = self.tokens as f64 / self.turn_started.elapsed().as_secs_f64();
         self.bar.set_message(format!(
-            "{}: {} tokens, {rate:.1} tok/s",
-            self.label, self.tokens
+            "{}: {} tokens, {rate:.1} tok/s | {}",
+            self.label, self.tokens, self.scenario
         ));
     }
 

@@ -319,6 +319,9 @@ struct KvMemory<'a> {
 }
 
 impl Figure for KvMemory<'_> {
+    /// One panel per strategy on a shared scale: reserved bytes as dots, live bytes as rings,
+    /// and a bar between them for what is reserved but unused. Markers only: a dynamic cache
+    /// grows in chunk-sized steps between the measured turns, which a line would hide.
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
         let context = |r: &TurnRecord| (r.input_tokens + r.output_tokens) as f64;
         let (x_lo, x_hi) = self
@@ -326,71 +329,68 @@ impl Figure for KvMemory<'_> {
             .iter()
             .map(|r| context(r))
             .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
-        let (x_lo, x_hi) = padded(x_lo, x_hi, 0.05);
+        let (x_lo, x_hi) = padded(x_lo, x_hi, 0.08);
         let y_hi = self
             .records
             .iter()
             .map(|r| r.kv_reserved_bytes.max(r.kv_live_bytes) as f64 / MIB)
             .fold(0.0, f64::max);
-        let mut chart = ChartBuilder::on(root)
-            .caption("KV cache memory: reserved vs live", (FONT, 26))
-            .margin(20)
-            .x_label_area_size(50)
-            .y_label_area_size(80)
-            .build_cartesian_2d(x_lo..x_hi, 0.0..(y_hi * LEGEND_HEADROOM).max(1e-3))?;
-        chart
-            .configure_mesh()
-            .x_desc("context length at the end of the call: prompt + generated tokens")
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_desc("MiB (2^20 bytes)")
-            .label_style((FONT, 15))
-            .axis_desc_style((FONT, 17))
-            .draw()?;
-        for &strategy in self.strategies {
+        let body = root.titled(
+            "KV cache memory per call: reserved (dots) vs live (rings)",
+            (FONT, 26),
+        )?;
+        let (panels, footer) = body.split_vertically(body.dim_in_pixel().1 - 40);
+        footer.draw(&Text::new(
+            "x: context length at the end of the call (prompt + generated tokens); y: MiB (2^20 bytes)",
+            (90, 10),
+            (FONT, 17),
+        ))?;
+        let panels = panels.split_evenly((1, self.strategies.len().max(1)));
+        for (panel, &strategy) in panels.iter().zip(self.strategies) {
             let color = strategy_color(strategy);
-            let mut mine: Vec<&&TurnRecord> = self
+            let mine: Vec<&&TurnRecord> = self
                 .records
                 .iter()
                 .filter(|r| r.strategy == strategy)
                 .collect();
-            mine.sort_by(|a, b| context(a).total_cmp(&context(b)));
-            let reserved: Vec<(f64, f64)> = mine
-                .iter()
-                .map(|r| (context(r), r.kv_reserved_bytes as f64 / MIB))
-                .collect();
-            let live: Vec<(f64, f64)> = mine
-                .iter()
-                .map(|r| (context(r), r.kv_live_bytes as f64 / MIB))
-                .collect();
-            let reserved_label = match strategy {
-                Strategy::None => "none: reserved (largest per-token transient buffer)".to_string(),
-                s => format!("{s}: reserved"),
+            let caption = match strategy {
+                Strategy::None => "none (transient per token; keeps 0)".to_string(),
+                s => s.to_string(),
             };
-            let live_label = match strategy {
-                Strategy::None => "none: live (0: keeps nothing between tokens)".to_string(),
-                s => format!("{s}: live (written positions)"),
-            };
+            let mut chart = ChartBuilder::on(panel)
+                .caption(caption, (FONT, 20))
+                .margin(12)
+                .x_label_area_size(35)
+                .y_label_area_size(55)
+                .build_cartesian_2d(x_lo..x_hi, 0.0..(y_hi * 1.1).max(1e-3))?;
             chart
-                .draw_series(LineSeries::new(reserved.clone(), color.stroke_width(3)))?
-                .label(reserved_label)
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3))
-                });
-            chart.draw_series(reserved.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
-            chart
-                .draw_series(DashedLineSeries::new(live, 8, 5, color.stroke_width(2)))?
-                .label(live_label)
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 8, y)], color.stroke_width(2))
-                });
+                .configure_mesh()
+                .x_labels(5)
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .label_style((FONT, 14))
+                .draw()?;
+            chart.draw_series(mine.iter().map(|r| {
+                let x = context(r);
+                let live = r.kv_live_bytes as f64 / MIB;
+                let reserved = r.kv_reserved_bytes as f64 / MIB;
+                PathElement::new([(x, live), (x, reserved)], color.mix(0.35).stroke_width(4))
+            }))?;
+            chart.draw_series(mine.iter().map(|r| {
+                Circle::new(
+                    (context(r), r.kv_reserved_bytes as f64 / MIB),
+                    4,
+                    color.filled(),
+                )
+            }))?;
+            chart.draw_series(mine.iter().map(|r| {
+                Circle::new(
+                    (context(r), r.kv_live_bytes as f64 / MIB),
+                    8,
+                    color.stroke_width(2),
+                )
+            }))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font((FONT, 15))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
+        Ok(())
     }
 }
 

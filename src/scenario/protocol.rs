@@ -53,6 +53,7 @@ pub struct TurnResult {
 
 /// Hooks for progress display and incremental output; every method has a do-nothing default.
 pub trait Observer {
+    fn warmup_started(&mut self, _scenario: &Scenario, _strategy: Strategy) {}
     fn turn_started(&mut self, _scenario: &Scenario, _strategy: Strategy, _turn: usize) {}
     fn token_generated(&mut self) {}
     /// An error here stops the run (e.g. the results file cannot be written).
@@ -104,6 +105,7 @@ pub fn run_protocol(
             };
             let mut messages = vec![message("system", &scenario.system_prompt)];
             if opts.warmup && !stop.load(Ordering::SeqCst) {
+                observer.warmup_started(scenario, strategy);
                 let mut first_turn = messages.clone();
                 first_turn.push(message("user", &scenario.turns[0]));
                 let prompt = tokenizer.encode_messages(&first_turn, &chat)?;
