@@ -12,7 +12,7 @@ use kvlab::backend::cpu::{CpuBackend, CpuTensor};
 use kvlab::backend::cuda::emu::EmuDevice;
 use kvlab::backend::cuda::{CudaBackend, CudaOptions};
 use kvlab::backend::Backend;
-use kvlab::kv::{CacheOptions, KvCache, Strategy};
+use kvlab::kv::{CacheOptions, KvCache, KvLayout, Strategy};
 use kvlab::model::config::Config;
 use kvlab::model::weights::{Checkpoint, HostTensor};
 use rand::rngs::StdRng;
@@ -552,4 +552,42 @@ fn argmax_on_device_matches_the_cpu_scan() {
             );
         }
     }
+}
+
+#[test]
+fn kv_chunk_pool_reuses_one_size_and_frees_the_rest() {
+    let cuda = emu(CudaOptions::default());
+    let small = KvLayout {
+        num_layers: 2,
+        num_kv_heads: 2,
+        head_dim: 16,
+        chunk_tokens: 7,
+    };
+    let large = KvLayout {
+        chunk_tokens: 8,
+        ..small
+    };
+    let chunk_bytes = (small.chunk_elems() * 2) as u64;
+    let chunks: Vec<_> = (0..3)
+        .map(|_| cuda.alloc_kv_chunk(&small).unwrap())
+        .collect();
+    let addresses: Vec<u64> = chunks.iter().map(|c| c.ptr()).collect();
+    drop(chunks);
+    let report = cuda.memory_report().unwrap();
+    assert_eq!(
+        (report.kv_cache_bytes, report.kv_pool_bytes),
+        (0, 3 * chunk_bytes)
+    );
+    // Same size: the released chunks come back.
+    let again = cuda.alloc_kv_chunk(&small).unwrap();
+    assert!(addresses.contains(&again.ptr()));
+    // Another size (the no-cache strategy's next, longer cache): the pool empties first.
+    let other = cuda.alloc_kv_chunk(&large).unwrap();
+    let report = cuda.memory_report().unwrap();
+    assert_eq!(report.kv_pool_bytes, 0);
+    assert_eq!(
+        report.kv_cache_bytes,
+        chunk_bytes + (large.chunk_elems() * 2) as u64
+    );
+    drop((again, other));
 }

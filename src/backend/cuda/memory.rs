@@ -96,8 +96,10 @@ impl Drop for TrackedBuffer {
     }
 }
 
-/// Released KV chunks by size, reused before any new allocation, so that a dynamic cache
-/// growing during decode rarely reaches the device allocator.
+/// Released KV chunks, reused by the next requests of the same size, so that a dynamic cache
+/// growing during decode, or the next sequence's cache, rarely reaches the device allocator.
+/// A request of another size first frees what the pool holds: the no-cache strategy's
+/// transient caches grow by one position per step and would otherwise pile up.
 #[derive(Default)]
 pub struct ChunkPool {
     free: Mutex<Vec<TrackedBuffer>>,
@@ -113,9 +115,14 @@ impl ChunkPool {
     ) -> Result<TrackedBuffer> {
         let reused = {
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            free.iter()
+            let found = free
+                .iter()
                 .position(|b| b.len() == bytes.max(16))
-                .map(|i| free.swap_remove(i))
+                .map(|i| free.swap_remove(i));
+            if found.is_none() {
+                free.clear();
+            }
+            found
         };
         match reused {
             Some(mut chunk) => {
