@@ -4,7 +4,7 @@
 use super::config::Config;
 use super::DType;
 use anyhow::{bail, Context, Result};
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapOptions};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -154,9 +154,12 @@ fn read_safetensors(path: &Path) -> Result<Vec<HostTensor>> {
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: the mapping is read-only; a checkpoint changed on disk while kvlab runs is outside
-    // what any inference engine can defend against.
+    // what any inference engine can defend against. `populate` reads the file and maps every page
+    // now, at load time: otherwise the first forward pass would fault in 2.5 GB page by page and
+    // its prefill time would measure the disk and the kernel, not the model.
     let map = Arc::new(
-        unsafe { Mmap::map(&file) }.with_context(|| format!("cannot mmap {}", path.display()))?,
+        unsafe { MmapOptions::new().populate().map(&file) }
+            .with_context(|| format!("cannot mmap {}", path.display()))?,
     );
     let parsed = SafeTensors::deserialize(&map).map_err(|e| {
         anyhow::anyhow!(
