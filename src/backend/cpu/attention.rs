@@ -9,10 +9,13 @@
 //! normalises. Prefill has many row blocks and one split; decode has one row block and, once the
 //! context is long, several splits so that every core streams a part of it (flash-decoding).
 //!
-//! The inner loops are plain Rust that LLVM vectorises; on x86_64 with AVX2 + FMA the item
-//! kernel is compiled a second time with those features and picked at run time.
+//! The inner loops over a run of positions ([`RunKernels`]) are plain Rust that LLVM vectorises;
+//! on x86_64 with AVX2 + FMA the item kernel is compiled a second time with those features and
+//! picked at run time, with hand-written run kernels (`avx2.rs`) for head_dim 16, 32, 64, 128.
 
 use super::simd::{exp, has_avx2_fma, Fused, MulAdd, Unfused};
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 use crate::kv::{KvLayout, KvPart};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -177,12 +180,6 @@ impl Item<'_> {
         self.rows.len() * self.group
     }
 
-    /// Query rows of the block that see `pos` (a suffix of the block, as rows are causal).
-    #[inline(always)]
-    fn rows_seeing(&self, pos: usize) -> std::ops::Range<usize> {
-        pos.saturating_sub(self.input.start).max(self.rows.start)..self.rows.end
-    }
-
     /// Calls `f(first_pos, rows)` for each run of `range` that lies in one chunk, with that run's
     /// `[n, head_dim]` rows of (layer, part, kv_head).
     #[inline(always)]
@@ -264,11 +261,42 @@ fn axpy<M: MulAdd>(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// The two inner loops of an item, over one run of positions that lie in one chunk.
+trait RunKernels {
+    /// out[i] = scale · q · keys[i] for each of the run's `[out.len(), head_dim]` keys.
+    fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]);
+    /// acc += Σ_i weights[i] · values[i] over the run's `[weights.len(), head_dim]` values.
+    fn weighted_sum(weights: &[f32], values: &[f32], acc: &mut [f32]);
+}
+
+/// The loops in plain Rust (any head_dim): a dot product per key, an axpy per value.
+struct PlainRuns<M>(std::marker::PhantomData<M>);
+
+impl<M: MulAdd> RunKernels for PlainRuns<M> {
+    #[inline(always)]
+    fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        for (o, key) in out.iter_mut().zip(keys.chunks_exact(q.len())) {
+            *o = dot::<M>(q, key) * scale;
+        }
+    }
+
+    #[inline(always)]
+    fn weighted_sum(weights: &[f32], values: &[f32], acc: &mut [f32]) {
+        for (&w, value) in weights.iter().zip(values.chunks_exact(acc.len())) {
+            axpy::<M>(acc, w, value);
+        }
+    }
+}
+
 /// The item kernel: fills `partial` (`[queries][m, l, acc[head_dim]]`, query = row_in_block *
 /// group + head_in_group) with the online softmax of the item's queries over its positions.
 /// `scores`: `[queries, TILE]` scratch.
+///
+/// Tile by tile, one query at a time: its scores against the tile's keys, the online softmax
+/// update, then its weighted sum of the tile's values. A tile of K (or V) rows stays in L1 while
+/// all of the item's queries use it; each query reads only the positions it sees (causal).
 #[inline(always)]
-fn attend_item<M: MulAdd>(item: &Item, partial: &mut [f32], scores: &mut [f32]) {
+fn attend_item<M: MulAdd, K: RunKernels>(item: &Item, partial: &mut [f32], scores: &mut [f32]) {
     let input = item.input;
     let head_dim = input.layout.head_dim as usize;
     let record = head_dim + 2;
@@ -286,32 +314,24 @@ fn attend_item<M: MulAdd>(item: &Item, partial: &mut [f32], scores: &mut [f32]) 
     let mut tile_start = item.positions.start;
     while tile_start < item.positions.end {
         let tile_end = (tile_start + TILE).min(item.positions.end);
-
-        // Scores: each K row once, against every query that sees its position.
-        item.for_each_run(KvPart::Key, tile_start..tile_end, |first_pos, keys| {
-            for (i, key) in keys.chunks_exact(head_dim).enumerate() {
-                let pos = first_pos + i;
-                for row in item.rows_seeing(pos) {
-                    let q_row = &input.q[row * q_cols..][..q_cols];
-                    for h in 0..group {
-                        let query = (row - first_row) * group + h;
-                        let q = &q_row[(first_head + h) * head_dim..][..head_dim];
-                        scores[query * TILE + pos - tile_start] = dot::<M>(q, key) * scale;
-                    }
-                }
-            }
-        });
-
-        // Online softmax: fold the tile into each query's running max and sum; the scores become
-        // the tile's weights exp(s - m).
         for row in item.rows.clone() {
+            // Positions tile_start..seen of the tile are visible to this row.
             let seen = (input.start + row + 1).min(tile_end);
             if seen <= tile_start {
                 continue;
             }
+            let q_row = &input.q[row * q_cols..][..q_cols];
             for h in 0..group {
                 let query = (row - first_row) * group + h;
+                let q = &q_row[(first_head + h) * head_dim..][..head_dim];
                 let s = &mut scores[query * TILE..][..seen - tile_start];
+                item.for_each_run(KvPart::Key, tile_start..seen, |first_pos, keys| {
+                    let at = first_pos - tile_start;
+                    K::scores(q, keys, scale, &mut s[at..at + keys.len() / head_dim]);
+                });
+
+                // Online softmax: fold the tile into the running max and sum; the scores become
+                // the tile's weights exp(s - m).
                 let r = &mut partial[query * record..][..record];
                 let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let max = r[0].max(tile_max);
@@ -323,26 +343,14 @@ fn attend_item<M: MulAdd>(item: &Item, partial: &mut [f32], scores: &mut [f32]) 
                 s.iter_mut().for_each(|x| *x = exp::<M>(*x - max));
                 r[0] = max;
                 r[1] += sum(s);
+
+                let acc = &mut r[2..];
+                item.for_each_run(KvPart::Value, tile_start..seen, |first_pos, values| {
+                    let at = first_pos - tile_start;
+                    K::weighted_sum(&s[at..at + values.len() / head_dim], values, acc);
+                });
             }
         }
-
-        // Values: each V row once, added into every query that sees its position.
-        item.for_each_run(KvPart::Value, tile_start..tile_end, |first_pos, values| {
-            for (i, value) in values.chunks_exact(head_dim).enumerate() {
-                let pos = first_pos + i;
-                for row in item.rows_seeing(pos) {
-                    for h in 0..group {
-                        let query = (row - first_row) * group + h;
-                        let weight = scores[query * TILE + pos - tile_start];
-                        axpy::<M>(
-                            &mut partial[query * record + 2..][..head_dim],
-                            weight,
-                            value,
-                        );
-                    }
-                }
-            }
-        });
         tile_start = tile_end;
     }
 }
@@ -383,7 +391,7 @@ impl Isa {
 
     fn attend(self, item: &Item, partial: &mut [f32], scores: &mut [f32]) {
         match self {
-            Isa::Portable => attend_item::<Unfused>(item, partial, scores),
+            Isa::Portable => attend_item::<Unfused, PlainRuns<Unfused>>(item, partial, scores),
             // SAFETY: Avx2Fma is only chosen where `available` saw AVX2 and FMA on this CPU.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => unsafe { attend_item_avx2(item, partial, scores) },
@@ -394,7 +402,14 @@ impl Isa {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn attend_item_avx2(item: &Item, partial: &mut [f32], scores: &mut [f32]) {
-    attend_item::<Fused>(item, partial, scores)
+    use avx2::Avx2Runs;
+    match item.input.layout.head_dim {
+        16 => attend_item::<Fused, Avx2Runs<2>>(item, partial, scores),
+        32 => attend_item::<Fused, Avx2Runs<4>>(item, partial, scores),
+        64 => attend_item::<Fused, Avx2Runs<8>>(item, partial, scores),
+        128 => attend_item::<Fused, Avx2Runs<16>>(item, partial, scores),
+        _ => attend_item::<Fused, PlainRuns<Fused>>(item, partial, scores),
+    }
 }
 
 #[cfg(test)]
@@ -542,7 +557,7 @@ mod tests {
     #[test]
     fn matches_the_reference_on_awkward_shapes() {
         for group in [1, 3, 4, 9] {
-            for hd in [12, 64] {
+            for hd in [12, 16, 32, 64, 128] {
                 for chunk in [1, 5, 16, 1024] {
                     // (start, rows): decode at contexts 1, 7, 300; prefills of 1, 7 and 37
                     // rows from scratch and after 300 positions.

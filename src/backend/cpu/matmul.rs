@@ -321,10 +321,9 @@ const KC: usize = 256;
 /// Rows of x per block (a multiple of MR): MC x KC f32 of packed x = 144 KiB stays in L2 while
 /// the panels of a W block sweep over it.
 const MC: usize = 144;
-/// Panels per W block when x spans several x blocks: NC_PANELS x NR x KC f32 = 64 KiB, converted
-/// once per KC columns and read back from L2 once per x block, so that each x block is loaded
-/// into L2 once per NC_PANELS panels. With a single x block (m <= MC) x stays in L2 anyway, and a
-/// block of one panel is used straight from L1 after its conversion.
+/// Panels per W block when x spans several x blocks (m > MC): NC_PANELS x NR x KC f32 = 64 KiB,
+/// converted once per KC columns and read back from L2 once per x block, so that each x block is
+/// loaded into L2 once per NC_PANELS panels.
 const NC_PANELS: usize = 4;
 
 /// One k-step of a packed panel: `[NR]` f32 = W[n0 + j, k] for j in 0..NR, zero past the last
@@ -433,10 +432,14 @@ struct Tile<'a> {
     first: bool,
 }
 
-/// The blocking loops shared by every ISA. For each W block of panels and each KC
-/// block of columns, `pack_w` converts every panel once; then for each x block of MC rows, every
-/// panel runs `tile` on each of the block's tiles of MR rows. `tile` receives the tile and `out`
-/// at [i0, n0].
+/// The blocking loops shared by every ISA. `pack_w` converts a panel of W for one KC block of
+/// columns; `tile` receives each register tile and `out` at [i0, n0].
+///
+/// - m <= MC (one x block): for each KC block, every panel of the task is converted and then
+///   swept by all tiles of x straight from L1. x[.., k0..k0 + KC] (at most MC x KC f32 = 144 KiB)
+///   stays in L2 while all the task's panels pass over it, and comes from L3 once per KC block.
+/// - m > MC: for each W block of NC_PANELS panels and each KC block, the block is converted once,
+///   then every x block of MC rows (loaded into L2 once per W block) sweeps each of its panels.
 ///
 /// # Safety
 /// `x_packed` is x packed by [`pack_x`], `out` is [m, w.rows], and no other thread writes the
@@ -452,36 +455,48 @@ unsafe fn for_each_tile(
     mut tile: impl FnMut(&Tile, *mut f32),
 ) {
     let cols = w.cols;
-    let block_panels = if m <= MC { 1 } else { NC_PANELS };
     let mut w_block = W_BLOCK.take();
     w_block.resize(NC_PANELS * KC, PanelRow([0.0; NR]));
-    for block_start in panels.clone().step_by(block_panels) {
-        let block = block_start..(block_start + block_panels).min(panels.end);
+    // The tiles of x rows `rows` over panel p, packed for columns k0..k0 + kc in `panel`.
+    let mut sweep = |p: usize, k0: usize, panel: &[PanelRow], rows: Range<usize>| {
+        let n0 = p * NR;
+        for t0 in rows.clone().step_by(MR) {
+            let mr = MR.min(rows.end - t0);
+            let t = Tile {
+                x: &x_packed[t0 * cols + k0 * mr..][..panel.len() * mr],
+                mr,
+                panel,
+                nvalid: NR.min(w.rows - n0),
+                first: k0 == 0,
+            };
+            tile(&t, out.ptr.add(t0 * w.rows + n0));
+        }
+    };
+    if m <= MC {
         for k0 in (0..cols).step_by(KC) {
-            let kc = KC.min(cols - k0);
-            for (b, p) in block.clone().enumerate() {
-                let n0 = p * NR;
-                pack_w(
-                    n0,
-                    NR.min(w.rows - n0),
-                    k0,
-                    &mut w_block[b * KC..b * KC + kc],
-                );
+            let panel = &mut w_block[..KC.min(cols - k0)];
+            for p in panels.clone() {
+                pack_w(p * NR, NR.min(w.rows - p * NR), k0, panel);
+                sweep(p, k0, panel, 0..m);
             }
-            for i0 in (0..m).step_by(MC) {
+        }
+    } else {
+        for block_start in panels.clone().step_by(NC_PANELS) {
+            let block = block_start..(block_start + NC_PANELS).min(panels.end);
+            for k0 in (0..cols).step_by(KC) {
+                let kc = KC.min(cols - k0);
                 for (b, p) in block.clone().enumerate() {
                     let n0 = p * NR;
-                    let panel = &w_block[b * KC..b * KC + kc];
-                    for t0 in (i0..m.min(i0 + MC)).step_by(MR) {
-                        let mr = MR.min(m - t0);
-                        let t = Tile {
-                            x: &x_packed[t0 * cols + k0 * mr..][..kc * mr],
-                            mr,
-                            panel,
-                            nvalid: NR.min(w.rows - n0),
-                            first: k0 == 0,
-                        };
-                        tile(&t, out.ptr.add(t0 * w.rows + n0));
+                    pack_w(
+                        n0,
+                        NR.min(w.rows - n0),
+                        k0,
+                        &mut w_block[b * KC..b * KC + kc],
+                    );
+                }
+                for i0 in (0..m).step_by(MC) {
+                    for (b, p) in block.clone().enumerate() {
+                        sweep(p, k0, &w_block[b * KC..b * KC + kc], i0..m.min(i0 + MC));
                     }
                 }
             }
