@@ -326,14 +326,16 @@ impl Backend for CpuBackend {
 
     fn swiglu(&self, gate: &mut CpuTensor, up: &CpuTensor, rows: usize) -> Result<()> {
         let n = rows * gate.cols;
+        // A decode row (8192 for Llama-3.2-1B) takes about a microsecond: less than waking a
+        // second thread.
+        if n <= 16384 {
+            silu_mul(&mut gate.data[..n], &up.data[..n]);
+            return Ok(());
+        }
         gate.data[..n]
             .par_chunks_mut(4096)
             .zip(up.data[..n].par_chunks(4096))
-            .for_each(|(g, u)| {
-                for (g, u) in g.iter_mut().zip(u) {
-                    *g = *g / (1.0 + (-*g).exp()) * u;
-                }
-            });
+            .for_each(|(g, u)| silu_mul(g, u));
         Ok(())
     }
 
@@ -379,4 +381,26 @@ impl Backend for CpuBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// g = silu(g) · u = g / (1 + e^-g) · u, with the vectorisable [`simd::exp`] (libm's `exp` is a
+/// call per element), compiled for AVX2 + FMA where the CPU has them.
+fn silu_mul(g: &mut [f32], u: &[f32]) {
+    #[inline(always)]
+    fn kernel<M: simd::MulAdd>(g: &mut [f32], u: &[f32]) {
+        for (g, u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + simd::exp::<M>(-*g)) * u;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn kernel_avx2(g: &mut [f32], u: &[f32]) {
+        kernel::<simd::Fused>(g, u)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { kernel_avx2(g, u) };
+    }
+    kernel::<simd::Unfused>(g, u)
 }
