@@ -120,7 +120,7 @@ fn attention_with(isa: Isa, input: &AttentionInput, plan: AttentionPlan, out: &m
                 positions,
             };
             let mut scores = SCORES.take();
-            scores.resize(work.queries() * TILE, 0.0);
+            scores.resize(TILE, 0.0);
             isa.attend(&work, partial, &mut scores);
             SCORES.set(scores);
         });
@@ -160,7 +160,7 @@ fn attention_with(isa: Isa, input: &AttentionInput, plan: AttentionPlan, out: &m
 }
 
 thread_local! {
-    /// Per-thread scores of the item in progress, `[queries, TILE]`; kept between calls.
+    /// Per-thread scores of the query in progress over one tile, `[TILE]`; kept between calls.
     static SCORES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// The calling thread's partial results of a call; kept between calls.
     static PARTIALS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
@@ -290,7 +290,7 @@ impl<M: MulAdd> RunKernels for PlainRuns<M> {
 
 /// The item kernel: fills `partial` (`[queries][m, l, acc[head_dim]]`, query = row_in_block *
 /// group + head_in_group) with the online softmax of the item's queries over its positions.
-/// `scores`: `[queries, TILE]` scratch.
+/// `scores`: `[TILE]` scratch.
 ///
 /// Tile by tile, one query at a time: its scores against the tile's keys, the online softmax
 /// update, then its weighted sum of the tile's values. A tile of K (or V) rows stays in L1 while
@@ -324,7 +324,7 @@ fn attend_item<M: MulAdd, K: RunKernels>(item: &Item, partial: &mut [f32], score
             for h in 0..group {
                 let query = (row - first_row) * group + h;
                 let q = &q_row[(first_head + h) * head_dim..][..head_dim];
-                let s = &mut scores[query * TILE..][..seen - tile_start];
+                let s = &mut scores[..seen - tile_start];
                 item.for_each_run(KvPart::Key, tile_start..seen, |first_pos, keys| {
                     let at = first_pos - tile_start;
                     K::scores(q, keys, scale, &mut s[at..at + keys.len() / head_dim]);

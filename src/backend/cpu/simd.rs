@@ -1,5 +1,6 @@
 //! What the hand-vectorised loops of the CPU backend share: a multiply-add that is fused where
-//! the code is compiled with FMA, and the run-time check for AVX2 + FMA.
+//! the code is compiled with FMA, the run-time check for AVX2 + FMA, and the horizontal sum of an
+//! AVX register.
 //!
 //! The pattern: write a kernel once as an `#[inline(always)]` generic over [`MulAdd`], then
 //! instantiate it twice, plain (`Unfused`, build-target instructions) and inside a
@@ -74,6 +75,17 @@ pub fn exp<M: MulAdd>(x: f32) -> f32 {
     } else {
         scaled
     }
+}
+
+/// The sum of the eight lanes of `v`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub fn horizontal_sum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)))
 }
 
 #[cfg(test)]

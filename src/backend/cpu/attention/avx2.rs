@@ -6,14 +6,13 @@
 //! - weighted sum: the output row stays in registers across the run, one broadcast weight and D8
 //!   FMAs per value row, written back once per run.
 
-use std::arch::x86_64::*;
-use std::marker::PhantomData;
-
 use super::RunKernels;
+use crate::backend::cpu::simd::horizontal_sum;
+use std::arch::x86_64::*;
 
 /// The run kernels for head_dim = 8 · D8. Only instantiated inside the `avx2,fma` target-feature
 /// function `attend_item_avx2`, which runs only where the CPU has both.
-pub(super) struct Avx2Runs<const D8: usize>(PhantomData<()>);
+pub(super) struct Avx2Runs<const D8: usize>;
 
 impl<const D8: usize> RunKernels for Avx2Runs<D8> {
     #[inline(always)]
@@ -81,8 +80,7 @@ unsafe fn scores<const D8: usize>(q: &[f32], keys: &[f32], scale: f32, out: &mut
         for (j, &qj) in qv.iter().enumerate() {
             acc = _mm256_fmadd_ps(qj, _mm256_loadu_ps(k.add(key * head_dim + 8 * j)), acc);
         }
-        let sums = hsum8([acc; 8]);
-        *o = _mm256_cvtss_f32(sums) * scale;
+        *o = horizontal_sum(acc) * scale;
     }
 }
 

@@ -4,6 +4,8 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use crate::backend::cpu::simd::horizontal_sum;
+
 use super::{
     for_each_tile, pack_panel_scalar, store_tile, Bf16, MatRef, PanelRow, SharedOut, Tile,
     WeightElem, F16, F32, MR, NR,
@@ -71,14 +73,6 @@ impl Avx2Elem for F32 {
     unsafe fn load8(p: *const u8) -> __m256 {
         _mm256_loadu_ps(p.cast())
     }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn horizontal_sum(v: __m256) -> f32 {
-    let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-    _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)))
 }
 
 /// x as [`Avx2Elem::load16`] pairs it with weights: each full block of 16 becomes
