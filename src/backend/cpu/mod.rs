@@ -326,8 +326,8 @@ impl Backend for CpuBackend {
 
     fn swiglu(&self, gate: &mut CpuTensor, up: &CpuTensor, rows: usize) -> Result<()> {
         let n = rows * gate.cols;
-        // A decode row (8192 for Llama-3.2-1B) takes about a microsecond: less than waking a
-        // second thread.
+        // A decode row (8192 for Llama-3.2-1B) takes a few microseconds on one thread, less than
+        // handing half of it to a second one (measured: 6 us inline, 31 us split).
         if n <= 16384 {
             silu_mul(&mut gate.data[..n], &up.data[..n]);
             return Ok(());
