@@ -10,7 +10,7 @@ mod common;
 use common::{fixture, max_abs_diff, read_npy, RefGeneration, MODELS};
 use kvlab::backend::cuda::emu::EmuDevice;
 use kvlab::backend::cuda::{CudaBackend, CudaOptions};
-use kvlab::generate::{Engine, GenerateOptions, Generation, Generator};
+use kvlab::generate::{Engine, Generation, Generator};
 use kvlab::kv::Strategy;
 use kvlab::model::forward::Model;
 use std::sync::Arc;
@@ -30,15 +30,7 @@ fn generate(
     chunk_tokens: usize,
 ) -> Generation {
     let reference = RefGeneration::load(name);
-    let opts = GenerateOptions {
-        max_new_tokens: reference.max_new_tokens,
-        strategy,
-        chunk_tokens,
-        ignore_eos: true,
-        keep_step_logits: true,
-        keep_prompt_logits: true,
-        ..Default::default()
-    };
+    let opts = reference.options(strategy, chunk_tokens);
     engine
         .generate(&reference.prompt_ids, &opts, &mut |_| {})
         .unwrap()

@@ -6,7 +6,7 @@ mod common;
 
 use common::{fixture, max_abs_diff, read_npy, RefGeneration, MODELS};
 use kvlab::backend::cpu::CpuBackend;
-use kvlab::generate::{Engine, GenerateOptions, Generator};
+use kvlab::generate::{Engine, Generator};
 use kvlab::kv::Strategy;
 use kvlab::model::forward::Model;
 
@@ -19,15 +19,7 @@ fn check_model(name: &str, strategy: Strategy, chunk_tokens: usize) {
     let model = Model::load(&backend, &dir).unwrap();
     let vocab = model.config.vocab_size;
     let mut engine = Engine::new(backend, model);
-    let opts = GenerateOptions {
-        max_new_tokens: reference.max_new_tokens,
-        strategy,
-        chunk_tokens,
-        ignore_eos: true,
-        keep_step_logits: true,
-        keep_prompt_logits: true,
-        ..Default::default()
-    };
+    let opts = reference.options(strategy, chunk_tokens);
     let gen = engine
         .generate(&reference.prompt_ids, &opts, &mut |_| {})
         .unwrap();

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: the reference fixtures of tests/fixtures.
 #![allow(dead_code)] // each test crate uses its own subset
 
+use kvlab::generate::GenerateOptions;
+use kvlab::kv::Strategy;
 use std::path::{Path, PathBuf};
 
 /// Models of tests/fixtures, with transformers' float32 outputs.
@@ -35,6 +37,19 @@ impl RefGeneration {
     pub fn load(model: &str) -> RefGeneration {
         let path = fixture(model).join("ref_generation.json");
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// The reference's generation: its token count, EOS ignored, every logit kept.
+    pub fn options(&self, strategy: Strategy, chunk_tokens: usize) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            strategy,
+            chunk_tokens,
+            ignore_eos: true,
+            keep_step_logits: true,
+            keep_prompt_logits: true,
+            ..Default::default()
+        }
     }
 }
 
