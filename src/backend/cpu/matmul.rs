@@ -62,6 +62,13 @@ pub fn matmul(x: &[f32], m: usize, w: MatRef, out: &mut [f32]) {
     matmul_with(Isa::detect(), x, m, w, out);
 }
 
+/// out_i = x · W_iᵀ for every product `(W_i, out_i)` (as [`matmul`]): projections of one input,
+/// q, k and v or gate and up. For a single row of x (decode) whose weights share dtype and width,
+/// one parallel pass over the rows of all of them.
+pub fn matmul_many(x: &[f32], m: usize, products: &mut [(MatRef, &mut [f32])]) {
+    matmul_many_with(Isa::detect(), x, m, products);
+}
+
 /// out[..cols] = W[row, ..] as f32 (embedding gather).
 pub fn row_to_f32(w: MatRef, row: usize, out: &mut [f32]) {
     w.assert_consistent();
@@ -198,62 +205,104 @@ fn assert_shapes(x: &[f32], m: usize, w: MatRef, out: &[f32]) {
 }
 
 fn matmul_with(isa: Isa, x: &[f32], m: usize, w: MatRef, out: &mut [f32]) {
-    assert_shapes(x, m, w, out);
-    if w.cols == 0 {
-        // Empty sums; the blocked loops would never touch `out`.
-        out.fill(0.0);
-        return;
+    matmul_many_with(isa, x, m, &mut [(w, out)]);
+}
+
+fn matmul_many_with(isa: Isa, x: &[f32], m: usize, products: &mut [(MatRef, &mut [f32])]) {
+    for (w, out) in products.iter() {
+        assert_shapes(x, m, *w, out);
     }
-    match (isa, w.dtype) {
-        (Isa::Scalar, DType::BF16) => matmul_scalar::<Bf16>(x, m, w, out),
-        (Isa::Scalar, DType::F16) => matmul_scalar::<F16>(x, m, w, out),
-        (Isa::Scalar, DType::F32) => matmul_scalar::<F32>(x, m, w, out),
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2Fma, DType::BF16) => matmul_avx2::<Bf16>(x, m, w, out),
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2Fma, DType::F16) => matmul_avx2::<F16>(x, m, w, out),
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2Fma, DType::F32) => matmul_avx2::<F32>(x, m, w, out),
+    let Some(&(first, _)) = products.first() else {
+        return;
+    };
+    let one_pass = products
+        .iter()
+        .all(|(w, _)| w.dtype == first.dtype && w.cols == first.cols);
+    if m == 1 && one_pass {
+        return matvec_many(isa, x, first.dtype, products);
+    }
+    for (w, out) in products.iter_mut() {
+        if m == 1 {
+            matvec_many(isa, x, w.dtype, &mut [(*w, &mut **out)]);
+        } else {
+            matmul_blocked(isa, x, m, *w, out);
+        }
     }
 }
 
-fn matmul_scalar<E: WeightElem>(x: &[f32], m: usize, w: MatRef, out: &mut [f32]) {
-    if m == 1 {
-        split_rows(w, out, |row0, out_rows| {
-            matvec_rows_scalar::<E>(x, w, row0, out_rows)
-        });
-    } else {
-        // SAFETY: split_panels packs x and hands each task a disjoint panel range of an
-        // [m, rows] `out`.
-        split_panels(x, m, w, out, |x_packed, panels, shared| unsafe {
-            matmul_panels_scalar::<E>(x_packed, m, w, panels, shared)
-        });
+/// Decode: out_i = W_i · x for every product, all of one dtype and width.
+fn matvec_many(isa: Isa, x: &[f32], dtype: DType, products: &mut [(MatRef, &mut [f32])]) {
+    match (isa, dtype) {
+        (Isa::Scalar, DType::BF16) => split_rows(products, |w, row0, out| {
+            matvec_rows_scalar::<Bf16>(x, w, row0, out)
+        }),
+        (Isa::Scalar, DType::F16) => split_rows(products, |w, row0, out| {
+            matvec_rows_scalar::<F16>(x, w, row0, out)
+        }),
+        (Isa::Scalar, DType::F32) => split_rows(products, |w, row0, out| {
+            matvec_rows_scalar::<F32>(x, w, row0, out)
+        }),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2Fma, DType::BF16) => matvec_avx2::<Bf16>(x, products),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2Fma, DType::F16) => matvec_avx2::<F16>(x, products),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2Fma, DType::F32) => matvec_avx2::<F32>(x, products),
     }
 }
 
 /// Only called when the CPU has AVX2, FMA and F16C ([`Isa::detect`]).
 #[cfg(target_arch = "x86_64")]
-fn matmul_avx2<E: avx2::Avx2Elem>(x: &[f32], m: usize, w: MatRef, out: &mut [f32]) {
-    // SAFETY (every arm): the CPU features are present (above); shapes are checked, and
-    // split_panels packs x and hands each task a disjoint panel range of an [m, rows] `out`.
-    if m == 1 && E::LOAD16_EVEN_ODD {
+fn matvec_avx2<E: avx2::Avx2Elem>(x: &[f32], products: &mut [(MatRef, &mut [f32])]) {
+    // SAFETY (both calls): the CPU features are present (above) and the shapes were checked.
+    if E::LOAD16_EVEN_ODD {
         with_x_buffer(
-            w.cols,
+            x.len(),
             |arranged| avx2::arrange_x_for_load16(x, arranged),
             |arranged| {
-                split_rows(w, out, |row0, out_rows| unsafe {
-                    avx2::matvec_rows::<E>(arranged, w, row0, out_rows)
+                split_rows(products, |w, row0, out| unsafe {
+                    avx2::matvec_rows::<E>(arranged, w, row0, out)
                 })
             },
         );
-    } else if m == 1 {
-        split_rows(w, out, |row0, out_rows| unsafe {
-            avx2::matvec_rows::<E>(x, w, row0, out_rows)
-        });
     } else {
-        split_panels(x, m, w, out, |x_packed, panels, shared| unsafe {
-            avx2::matmul_panels::<E>(x_packed, m, w, panels, shared)
+        split_rows(products, |w, row0, out| unsafe {
+            avx2::matvec_rows::<E>(x, w, row0, out)
         });
+    }
+}
+
+/// Prefill: the blocked product of one weight.
+fn matmul_blocked(isa: Isa, x: &[f32], m: usize, w: MatRef, out: &mut [f32]) {
+    if w.cols == 0 {
+        // Empty sums; the blocked loops would never touch `out`.
+        out.fill(0.0);
+        return;
+    }
+    // SAFETY (every arm): the CPU features are present (Isa::detect), shapes are checked, and
+    // split_panels packs x and hands each task a disjoint panel range of an [m, rows] `out`.
+    match (isa, w.dtype) {
+        (Isa::Scalar, DType::BF16) => split_panels(x, m, w, out, |xp, panels, shared| unsafe {
+            matmul_panels_scalar::<Bf16>(xp, m, w, panels, shared)
+        }),
+        (Isa::Scalar, DType::F16) => split_panels(x, m, w, out, |xp, panels, shared| unsafe {
+            matmul_panels_scalar::<F16>(xp, m, w, panels, shared)
+        }),
+        (Isa::Scalar, DType::F32) => split_panels(x, m, w, out, |xp, panels, shared| unsafe {
+            matmul_panels_scalar::<F32>(xp, m, w, panels, shared)
+        }),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2Fma, DType::BF16) => split_panels(x, m, w, out, |xp, panels, shared| unsafe {
+            avx2::matmul_panels::<Bf16>(xp, m, w, panels, shared)
+        }),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2Fma, DType::F16) => split_panels(x, m, w, out, |xp, panels, shared| unsafe {
+            avx2::matmul_panels::<F16>(xp, m, w, panels, shared)
+        }),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2Fma, DType::F32) => split_panels(x, m, w, out, |xp, panels, shared| unsafe {
+            avx2::matmul_panels::<F32>(xp, m, w, panels, shared)
+        }),
     }
 }
 
@@ -265,28 +314,46 @@ const PARALLEL_MIN_BYTES: usize = 128 << 10;
 /// call, while each task still streams a large contiguous range.
 const TASKS_PER_THREAD: usize = 4;
 
-/// Length of each task's contiguous range when `units` (rows or panels) of `w` are split: a
-/// multiple of `granule`, and all of `units` when the product is too small to share out.
-fn units_per_task(w: MatRef, units: usize, granule: usize) -> usize {
+/// Length of each task's contiguous range when `units` (rows or panels) spanning `bytes` of
+/// weights are split: a multiple of `granule`, and all of `units` when the work is too small to
+/// share out.
+fn units_per_task(bytes: usize, units: usize, granule: usize) -> usize {
     // At least PARALLEL_MIN_BYTES of weights per task, so that wide pools do not cut small
     // matrices into slivers whose dispatch costs more than their streaming.
-    let tasks = (w.data.len() / PARALLEL_MIN_BYTES)
-        .clamp(1, rayon::current_num_threads() * TASKS_PER_THREAD);
+    let tasks =
+        (bytes / PARALLEL_MIN_BYTES).clamp(1, rayon::current_num_threads() * TASKS_PER_THREAD);
     units.div_ceil(tasks).next_multiple_of(granule).max(1)
 }
 
-/// Decode split: `run(row0, out_rows)` computes out_rows[r] = W[row0 + r, ..] · x, for
-/// contiguous row ranges in parallel.
-fn split_rows(w: MatRef, out: &mut [f32], run: impl Fn(usize, &mut [f32]) + Sync) {
+/// Decode split: `run(w, row0, out_rows)` computes out_rows[r] = W[row0 + r, ..] · x. The rows of
+/// all products are cut into contiguous ranges of about equal length, run in one parallel pass
+/// (one dispatch and one join for q, k and v together, say, rather than three).
+fn split_rows(
+    products: &mut [(MatRef, &mut [f32])],
+    run: impl Fn(MatRef, usize, &mut [f32]) + Sync,
+) {
+    let bytes = products.iter().map(|(w, _)| w.data.len()).sum();
+    let rows = products.iter().map(|(w, _)| w.rows).sum();
     // Granule of 4 rows: the SIMD kernel's row block.
-    let rows_per_task = units_per_task(w, w.rows, 4);
-    if rows_per_task >= w.rows {
-        run(0, out);
-    } else {
-        out.par_chunks_mut(rows_per_task)
-            .enumerate()
-            .for_each(|(t, out_rows)| run(t * rows_per_task, out_rows));
+    let rows_per_task = units_per_task(bytes, rows, 4);
+    if rows_per_task >= rows {
+        for (w, out) in products.iter_mut() {
+            run(*w, 0, out);
+        }
+        return;
     }
+    let tasks: Vec<(MatRef, usize, &mut [f32])> = products
+        .iter_mut()
+        .flat_map(|(w, out)| {
+            let w = *w;
+            out.chunks_mut(rows_per_task)
+                .enumerate()
+                .map(move |(t, out_rows)| (w, t * rows_per_task, out_rows))
+        })
+        .collect();
+    tasks
+        .into_par_iter()
+        .for_each(|(w, row0, out_rows)| run(w, row0, out_rows));
 }
 
 /// out[r] = W[row0 + r, ..] · x for every r in 0..out.len().
@@ -364,7 +431,7 @@ fn split_panels(
         ptr: out.as_mut_ptr(),
     };
     let panels = w.rows.div_ceil(NR);
-    let panels_per_task = units_per_task(w, panels, 1);
+    let panels_per_task = units_per_task(w.data.len(), panels, 1);
     with_x_buffer(
         m * w.cols,
         |x_packed| pack_x(x, m, w.cols, x_packed),

@@ -191,22 +191,30 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &CpuTensor, w: &CpuWeight, rows: usize, out: &mut CpuTensor) -> Result<()> {
-        let m = w.matrix()?;
-        if x.cols != m.cols || out.cols != m.rows {
-            bail!(
-                "matmul shape mismatch: x has {} columns, weight is [{}, {}], out has {} columns",
-                x.cols,
-                m.rows,
-                m.cols,
-                out.cols
-            );
+        self.matmul_many(x, &mut [(w, out)], rows)
+    }
+
+    fn matmul_many(
+        &self,
+        x: &CpuTensor,
+        outputs: &mut [(&CpuWeight, &mut CpuTensor)],
+        rows: usize,
+    ) -> Result<()> {
+        let mut products = Vec::with_capacity(outputs.len());
+        for (w, out) in outputs.iter_mut() {
+            let m = w.matrix()?;
+            if x.cols != m.cols || out.cols != m.rows {
+                bail!(
+                    "matmul shape mismatch: x has {} columns, weight is [{}, {}], out has {} columns",
+                    x.cols,
+                    m.rows,
+                    m.cols,
+                    out.cols
+                );
+            }
+            products.push((m, &mut out.data[..rows * m.rows]));
         }
-        matmul::matmul(
-            &x.data[..rows * m.cols],
-            rows,
-            m,
-            &mut out.data[..rows * m.rows],
-        );
+        matmul::matmul_many(&x.data[..rows * x.cols], rows, &mut products);
         Ok(())
     }
 

@@ -209,6 +209,78 @@ fn concurrent_calls_from_pool_threads_agree() {
     }
 }
 
+/// Projections of one input in one call (q, k, v; gate, up) give each product's own result:
+/// decode's single pass over the rows of all of them (tasks that cut inside and across matrices),
+/// weights of mixed dtypes or widths, and prefill rows.
+#[test]
+fn matmul_many_equals_one_matmul_per_weight() {
+    let mut rng = StdRng::seed_from_u64(23);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    let cols = 200;
+    for dtype in DTYPES {
+        // 1143 rows of 200: 457 KiB of bf16, split into several tasks.
+        let same: Vec<Weights> = [777, 5, 361]
+            .into_iter()
+            .map(|rows| Weights::new(dtype, rows, cols, &uniform(&mut rng, rows * cols)))
+            .collect();
+        let other_dtype = if dtype == DType::F32 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let mixed = vec![
+            Weights::new(dtype, 33, cols, &uniform(&mut rng, 33 * cols)),
+            Weights::new(other_dtype, 17, cols, &uniform(&mut rng, 17 * cols)),
+        ];
+        for (weights, what) in [(&same, "one dtype"), (&mixed, "mixed dtypes")] {
+            for m in [1, 7] {
+                let x = uniform(&mut rng, m * cols);
+                for isa in isas() {
+                    let separate: Vec<Vec<f32>> = weights
+                        .iter()
+                        .map(|w| {
+                            let mut out = vec![f32::NAN; m * w.rows];
+                            pool.install(|| matmul_with(isa, &x, m, w.mat(), &mut out));
+                            out
+                        })
+                        .collect();
+                    let mut together: Vec<Vec<f32>> =
+                        weights.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
+                    let mut products: Vec<(MatRef, &mut [f32])> = weights
+                        .iter()
+                        .zip(together.iter_mut())
+                        .map(|(w, out)| (w.mat(), out.as_mut_slice()))
+                        .collect();
+                    pool.install(|| matmul_many_with(isa, &x, m, &mut products));
+                    assert_eq!(separate, together, "{isa:?} {dtype:?} {what} m {m}");
+                    for (w, got) in weights.iter().zip(&together) {
+                        let mut expected = vec![0.0; m * w.rows];
+                        matmul_reference(&x, m, w.mat(), &mut expected);
+                        let what = format!("{isa:?} {what} m {m} rows {}", w.rows);
+                        assert_close(got, &expected, &x, m, w.mat(), &what);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "x has 300 floats, expected m 1 x cols 200")]
+fn matmul_many_checks_every_product() {
+    let a = Weights::new(DType::F32, 4, 300, &[0.0; 1200]);
+    let b = Weights::new(DType::F32, 4, 200, &[0.0; 800]);
+    let (mut out_a, mut out_b) = (vec![0.0; 4], vec![0.0; 4]);
+    matmul_many(
+        &[0.0; 300],
+        1,
+        &mut [(a.mat(), &mut out_a), (b.mat(), &mut out_b)],
+    );
+}
+
 #[test]
 fn matmul_uses_the_detected_isa() {
     let mut rng = StdRng::seed_from_u64(17);
