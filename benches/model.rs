@@ -12,6 +12,8 @@ use kvlab::roofline::{host_read_bandwidth, Spread};
 
 fn main() -> anyhow::Result<()> {
     let quick = std::env::var_os("KVLAB_BENCH_QUICK").is_some();
+    // The thread pool as `kvlab` starts it (this thread is one of its workers).
+    kvlab::runtime::set_threads(None)?;
     let tiny_dir;
     let model = if quick {
         tiny_dir = tempfile::tempdir()?;
