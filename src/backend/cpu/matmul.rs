@@ -4,6 +4,7 @@
 //! Two shapes of work, split across the global rayon pool:
 //! - decode (m == 1): a matrix-vector product bound by memory bandwidth. Each task streams a
 //!   contiguous range of weight rows, several rows at once so every x load feeds several FMAs.
+//!   Projections of one input ([`matmul_many`]: q, k, v; gate, up) share one parallel pass.
 //! - prefill (m > 1): a blocked product in the manner of BLIS. x is packed once per call into
 //!   tiles of [`MR`] rows. Each task owns a contiguous range of output columns (= weight rows) in
 //!   panels of [`NR`]; every panel is converted to f32 once per [`KC`] columns into a packed buffer
