@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     let bandwidth = host_read_bandwidth(
         if quick { 64 << 20 } else { 1 << 30 },
         if quick { 2 } else { 5 },
-    );
+    )?;
     println!(
         "model: {} ({} layers, hidden {})",
         loaded.dir.display(),

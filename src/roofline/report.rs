@@ -149,7 +149,7 @@ pub fn run(opts: &RooflineOptions) -> Result<RooflineReport> {
         read_gbps: host_read_bandwidth(
             if opts.quick { 256 << 20 } else { 1 << 30 },
             if opts.quick { 3 } else { 10 },
-        ),
+        )?,
         peak_gflops: host_fma_peak(if opts.quick { 3 } else { 10 }),
     };
     let timing = if opts.quick {
