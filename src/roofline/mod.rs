@@ -57,7 +57,10 @@ pub fn host_read_bandwidth(bytes: usize, reps: usize) -> anyhow::Result<Spread> 
     const TASK_WORDS: usize = 1 << 16;
     let words = (bytes / 8).next_multiple_of(TASK_WORDS);
     let mut buffer = memmap2::MmapMut::map_anon(words * 8).map_err(|e| {
-        anyhow::anyhow!("bandwidth probe: cannot map a buffer of {} MiB: {e}", words * 8 >> 20)
+        anyhow::anyhow!(
+            "bandwidth probe: cannot map a buffer of {} MiB: {e}",
+            (words * 8) >> 20
+        )
     })?;
     #[cfg(target_os = "linux")]
     // Only a hint: without transparent huge pages the pass reads 4 KiB pages.

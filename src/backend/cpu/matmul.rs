@@ -216,48 +216,61 @@ fn matmul_many_with(isa: Isa, x: &[f32], m: usize, products: &mut [(MatRef, &mut
     let Some(&(first, _)) = products.first() else {
         return;
     };
-    let one_pass = products
+    if products
         .iter()
-        .all(|(w, _)| w.dtype == first.dtype && w.cols == first.cols);
-    if m == 1 && one_pass {
-        return matvec_many(isa, x, first.dtype, products);
+        .all(|(w, _)| w.dtype == first.dtype && w.cols == first.cols)
+    {
+        return products_with(isa, first.dtype, x, m, products);
     }
     for (w, out) in products.iter_mut() {
-        if m == 1 {
-            matvec_many(isa, x, w.dtype, &mut [(*w, &mut **out)]);
-        } else {
-            matmul_blocked(isa, x, m, *w, out);
-        }
+        products_with(isa, w.dtype, x, m, &mut [(*w, &mut **out)]);
     }
 }
 
-/// Decode: out_i = W_i · x for every product, all of one dtype and width.
-fn matvec_many(isa: Isa, x: &[f32], dtype: DType, products: &mut [(MatRef, &mut [f32])]) {
+/// The products of weights of one dtype and width, with the kernels of `isa`.
+fn products_with(
+    isa: Isa,
+    dtype: DType,
+    x: &[f32],
+    m: usize,
+    products: &mut [(MatRef, &mut [f32])],
+) {
     match (isa, dtype) {
-        (Isa::Scalar, DType::BF16) => split_rows(products, |w, row0, out| {
-            matvec_rows_scalar::<Bf16>(x, w, row0, out)
-        }),
-        (Isa::Scalar, DType::F16) => split_rows(products, |w, row0, out| {
-            matvec_rows_scalar::<F16>(x, w, row0, out)
-        }),
-        (Isa::Scalar, DType::F32) => split_rows(products, |w, row0, out| {
-            matvec_rows_scalar::<F32>(x, w, row0, out)
-        }),
+        (Isa::Scalar, DType::BF16) => products_scalar::<Bf16>(x, m, products),
+        (Isa::Scalar, DType::F16) => products_scalar::<F16>(x, m, products),
+        (Isa::Scalar, DType::F32) => products_scalar::<F32>(x, m, products),
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2Fma, DType::BF16) => matvec_avx2::<Bf16>(x, products),
+        (Isa::Avx2Fma, DType::BF16) => products_avx2::<Bf16>(x, m, products),
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2Fma, DType::F16) => matvec_avx2::<F16>(x, products),
+        (Isa::Avx2Fma, DType::F16) => products_avx2::<F16>(x, m, products),
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2Fma, DType::F32) => matvec_avx2::<F32>(x, products),
+        (Isa::Avx2Fma, DType::F32) => products_avx2::<F32>(x, m, products),
+    }
+}
+
+fn products_scalar<E: WeightElem>(x: &[f32], m: usize, products: &mut [(MatRef, &mut [f32])]) {
+    if m == 1 {
+        return split_rows(products, |w, row0, out| {
+            matvec_rows_scalar::<E>(x, w, row0, out)
+        });
+    }
+    for (w, out) in products.iter_mut() {
+        let w = *w;
+        // SAFETY: split_panels packs x and hands each task a disjoint panel range of an
+        // [m, rows] `out`.
+        split_panels(x, m, w, out, |x_packed, panels, shared| unsafe {
+            matmul_panels_scalar::<E>(x_packed, m, w, panels, shared)
+        });
     }
 }
 
 /// Only called when the CPU has AVX2, FMA and F16C ([`Isa::detect`]).
 #[cfg(target_arch = "x86_64")]
-fn matvec_avx2<E: avx2::Avx2Elem>(x: &[f32], products: &mut [(MatRef, &mut [f32])]) {
-    // SAFETY (both calls): the CPU features are present (above) and the shapes were checked.
-    if E::LOAD16_EVEN_ODD {
-        with_x_buffer(
+fn products_avx2<E: avx2::Avx2Elem>(x: &[f32], m: usize, products: &mut [(MatRef, &mut [f32])]) {
+    // SAFETY (every call): the CPU features are present (above); shapes are checked, and
+    // split_panels packs x and hands each task a disjoint panel range of an [m, rows] `out`.
+    if m == 1 && E::LOAD16_EVEN_ODD {
+        return with_x_buffer(
             x.len(),
             |arranged| avx2::arrange_x_for_load16(x, arranged),
             |arranged| {
@@ -266,44 +279,17 @@ fn matvec_avx2<E: avx2::Avx2Elem>(x: &[f32], products: &mut [(MatRef, &mut [f32]
                 })
             },
         );
-    } else {
-        split_rows(products, |w, row0, out| unsafe {
+    }
+    if m == 1 {
+        return split_rows(products, |w, row0, out| unsafe {
             avx2::matvec_rows::<E>(x, w, row0, out)
         });
     }
-}
-
-/// Prefill: the blocked product of one weight.
-fn matmul_blocked(isa: Isa, x: &[f32], m: usize, w: MatRef, out: &mut [f32]) {
-    if w.cols == 0 {
-        // Empty sums; the blocked loops would never touch `out`.
-        out.fill(0.0);
-        return;
-    }
-    // SAFETY (every arm): the CPU features are present (Isa::detect), shapes are checked, and
-    // split_panels packs x and hands each task a disjoint panel range of an [m, rows] `out`.
-    match (isa, w.dtype) {
-        (Isa::Scalar, DType::BF16) => split_panels(x, m, w, out, |xp, panels, shared| unsafe {
-            matmul_panels_scalar::<Bf16>(xp, m, w, panels, shared)
-        }),
-        (Isa::Scalar, DType::F16) => split_panels(x, m, w, out, |xp, panels, shared| unsafe {
-            matmul_panels_scalar::<F16>(xp, m, w, panels, shared)
-        }),
-        (Isa::Scalar, DType::F32) => split_panels(x, m, w, out, |xp, panels, shared| unsafe {
-            matmul_panels_scalar::<F32>(xp, m, w, panels, shared)
-        }),
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2Fma, DType::BF16) => split_panels(x, m, w, out, |xp, panels, shared| unsafe {
-            avx2::matmul_panels::<Bf16>(xp, m, w, panels, shared)
-        }),
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2Fma, DType::F16) => split_panels(x, m, w, out, |xp, panels, shared| unsafe {
-            avx2::matmul_panels::<F16>(xp, m, w, panels, shared)
-        }),
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2Fma, DType::F32) => split_panels(x, m, w, out, |xp, panels, shared| unsafe {
-            avx2::matmul_panels::<F32>(xp, m, w, panels, shared)
-        }),
+    for (w, out) in products.iter_mut() {
+        let w = *w;
+        split_panels(x, m, w, out, |x_packed, panels, shared| unsafe {
+            avx2::matmul_panels::<E>(x_packed, m, w, panels, shared)
+        });
     }
 }
 
@@ -428,6 +414,11 @@ fn split_panels(
     out: &mut [f32],
     run: impl Fn(&[f32], Range<usize>, SharedOut) + Sync,
 ) {
+    if w.cols == 0 {
+        // Empty sums; the blocked loops would never touch `out`.
+        out.fill(0.0);
+        return;
+    }
     let shared = SharedOut {
         ptr: out.as_mut_ptr(),
     };

@@ -113,15 +113,19 @@ pub(super) unsafe fn matvec_rows<E: Avx2Elem>(x: &[f32], w: MatRef, row0: usize,
             out[r] = sum;
         }
     }
-    for r in 4 * quarter..out.len() {
-        out[r] = dot_rows::<E, 1>(x, w, [row0 + r])[0];
+    for (r, o) in out.iter_mut().enumerate().skip(4 * quarter) {
+        *o = dot_rows::<E, 1>(x, w, [row0 + r])[0];
     }
 }
 
 /// W[rows[i], ..] · x for each of the R rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot_rows<E: Avx2Elem, const R: usize>(x: &[f32], w: MatRef, rows: [usize; R]) -> [f32; R] {
+unsafe fn dot_rows<E: Avx2Elem, const R: usize>(
+    x: &[f32],
+    w: MatRef,
+    rows: [usize; R],
+) -> [f32; R] {
     let cols = w.cols;
     let row_bytes = cols * E::BYTES;
     // Each row is [cols] of E; in bounds because every row < w.rows (caller).
