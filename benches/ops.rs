@@ -266,7 +266,7 @@ fn bench_norm_rope_append_swiglu<B: Backend>(
                     Ok((b.alloc(rows, kv_dim)?, b.alloc(rows, kv_dim)?, rotation))
                 },
                 |(k, v, rotation)| {
-                    let (cache, layer) = rotation.next();
+                    let (cache, layer) = rotation.next_layer();
                     b.kv_append(cache, layer, k, v)
                 },
             );
@@ -331,7 +331,7 @@ fn bench_attention<B: Backend>(
                         ))
                     },
                     |(q, out, rotation)| {
-                        let (cache, layer) = rotation.next();
+                        let (cache, layer) = rotation.next_layer();
                         b.attention(q, cache, layer, cfg.num_heads, out)
                     },
                 );

@@ -180,7 +180,7 @@ impl<'a> TextStreamer<'a> {
         let mut out = std::io::stdout().lock();
         // A closed pipe only ends the streaming; the final write reports it.
         if out
-            .write_all(text[self.shown..].as_bytes())
+            .write_all(&text.as_bytes()[self.shown..])
             .and_then(|_| out.flush())
             .is_ok()
         {

@@ -153,7 +153,7 @@ impl Config {
         if hf.num_attention_heads == 0 || num_kv_heads == 0 {
             bail!("num_attention_heads and num_key_value_heads must be positive");
         }
-        if hf.num_attention_heads % num_kv_heads != 0 {
+        if !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
             bail!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({num_kv_heads})",
                 hf.num_attention_heads
@@ -162,7 +162,7 @@ impl Config {
         let head_dim = hf
             .head_dim
             .unwrap_or(hf.hidden_size / hf.num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             bail!("head_dim {head_dim} must be even and positive (RoPE rotates pairs)");
         }
         let rope = resolve_rope(hf)?;

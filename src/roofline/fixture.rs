@@ -124,7 +124,7 @@ impl<B: Backend> KvRotation<B> {
     }
 
     /// The next (cache, layer) in the rotation.
-    pub fn next(&mut self) -> (&mut KvCache<B>, usize) {
+    pub fn next_layer(&mut self) -> (&mut KvCache<B>, usize) {
         let at = self.next;
         self.next = (at + 1) % (self.caches.len() * self.num_layers);
         (&mut self.caches[at / self.num_layers], at % self.num_layers)
@@ -213,7 +213,7 @@ mod tests {
         assert_eq!(rotation.caches.len(), 21);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..visits {
-            let (cache, layer) = rotation.next();
+            let (cache, layer) = rotation.next_layer();
             assert_eq!(cache.step(), (97, 3));
             seen.insert((cache as *const KvCache<CpuBackend>, layer));
         }

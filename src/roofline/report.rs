@@ -314,7 +314,7 @@ fn time_elementwise(
             rotation_bytes(quick),
         )?;
         let seconds =
-            timing.measure(|| backend.rope(&mut q, &mut k, &inv_freq, rotation.next().0))?;
+            timing.measure(|| backend.rope(&mut q, &mut k, &inv_freq, rotation.next_layer().0))?;
         ops.push(OpTiming {
             op: "rope".into(),
             shape: format!("rows {rows}, q {} + k {}", cfg.q_dim(), cfg.kv_dim()),
@@ -324,7 +324,7 @@ fn time_elementwise(
 
         let v = tensor(rows, cfg.kv_dim());
         let seconds = timing.measure(|| {
-            let (cache, layer) = rotation.next();
+            let (cache, layer) = rotation.next_layer();
             backend.kv_append(cache, layer, &k, &v)
         })?;
         ops.push(OpTiming {
@@ -391,7 +391,7 @@ fn time_attention(
         let mut rotation =
             KvRotation::new(backend, cfg, shape, context, rows, rotation_bytes(quick))?;
         let seconds = timing.measure(|| {
-            let (cache, layer) = rotation.next();
+            let (cache, layer) = rotation.next_layer();
             backend.attention(&q, cache, layer, cfg.num_heads, &mut out)
         })?;
         let what = if rows == 1 { "decode" } else { "prefill" };

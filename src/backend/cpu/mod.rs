@@ -125,7 +125,7 @@ impl Backend for CpuBackend {
         chunk.try_reserve_exact(elems).map_err(|_| {
             anyhow::anyhow!(
                 "out of host memory for a KV chunk of {} MiB",
-                elems * 4 >> 20
+                (elems * 4) >> 20
             )
         })?;
         chunk.resize(elems, 0.0);
@@ -287,7 +287,7 @@ impl Backend for CpuBackend {
         let layout = cache.layout;
         let (kv_heads, head_dim) = (layout.num_kv_heads as usize, layout.head_dim as usize);
         let (start, rows) = cache.step();
-        if num_heads == 0 || num_heads % kv_heads != 0 {
+        if num_heads == 0 || !num_heads.is_multiple_of(kv_heads) {
             bail!("attention: {num_heads} query heads do not share {kv_heads} KV heads evenly");
         }
         if q.cols != num_heads * head_dim || out.cols != q.cols {

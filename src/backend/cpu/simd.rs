@@ -65,7 +65,7 @@ pub fn exp<M: MulAdd>(x: f32) -> f32 {
     p = M::mul_add(p, r, 8.333_452e-3);
     p = M::mul_add(p, r, 4.166_579_6e-2);
     p = M::mul_add(p, r, 1.666_666_5e-1);
-    p = M::mul_add(p, r, 5.000_000_1e-1);
+    p = M::mul_add(p, r, 5e-1);
     let e_r = M::mul_add(p, r * r, r) + 1.0;
     // The low bits of `shifted` hold n + 2^22; n + 127 is the biased exponent of 2^n.
     let biased = (shifted.to_bits() as i32 - 0x4B40_0000 + 127) as u32;
@@ -78,6 +78,9 @@ pub fn exp<M: MulAdd>(x: f32) -> f32 {
 }
 
 /// The sum of the eight lanes of `v`.
+///
+/// # Safety
+/// The CPU has AVX2 (its callers are AVX2 kernels, compiled for it themselves).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
