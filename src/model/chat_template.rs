@@ -82,9 +82,7 @@ impl ChatTemplate {
             vars.insert("date_string", Value::from(date.as_str()));
         }
         let template = self.env.get_template(TEMPLATE_NAME)?;
-        template
-            .render(vars)
-            .context("rendering the chat template")
+        template.render(vars).context("rendering the chat template")
     }
 }
 
