@@ -64,8 +64,8 @@ pub fn matmul(x: &[f32], m: usize, w: MatRef, out: &mut [f32]) {
 }
 
 /// out_i = x · W_iᵀ for every product `(W_i, out_i)` (as [`matmul`]): projections of one input,
-/// q, k and v or gate and up. For a single row of x (decode) whose weights share dtype and width,
-/// one parallel pass over the rows of all of them.
+/// q, k and v or gate and up. For a single row of x (decode) whose weights share a dtype, one
+/// parallel pass over the rows of all of them.
 pub fn matmul_many(x: &[f32], m: usize, products: &mut [(MatRef, &mut [f32])]) {
     matmul_many_with(Isa::detect(), x, m, products);
 }
@@ -216,10 +216,8 @@ fn matmul_many_with(isa: Isa, x: &[f32], m: usize, products: &mut [(MatRef, &mut
     let Some(&(first, _)) = products.first() else {
         return;
     };
-    if products
-        .iter()
-        .all(|(w, _)| w.dtype == first.dtype && w.cols == first.cols)
-    {
+    // Every weight has x's width (checked above); one pass needs one dtype too.
+    if products.iter().all(|(w, _)| w.dtype == first.dtype) {
         return products_with(isa, first.dtype, x, m, products);
     }
     for (w, out) in products.iter_mut() {
@@ -227,7 +225,7 @@ fn matmul_many_with(isa: Isa, x: &[f32], m: usize, products: &mut [(MatRef, &mut
     }
 }
 
-/// The products of weights of one dtype and width, with the kernels of `isa`.
+/// The products of weights of one dtype, with the kernels of `isa`.
 fn products_with(
     isa: Isa,
     dtype: DType,

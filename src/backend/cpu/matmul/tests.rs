@@ -210,8 +210,8 @@ fn concurrent_calls_from_pool_threads_agree() {
 }
 
 /// Projections of one input in one call (q, k, v; gate, up) give each product's own result:
-/// decode's single pass over the rows of all of them (tasks that cut inside and across matrices),
-/// weights of mixed dtypes or widths, and prefill rows.
+/// decode's single pass over the rows of all of them (several tasks per matrix, a matrix smaller
+/// than a task), weights of mixed dtypes (one pass per weight), and prefill rows.
 #[test]
 fn matmul_many_equals_one_matmul_per_weight() {
     let mut rng = StdRng::seed_from_u64(23);
