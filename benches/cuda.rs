@@ -1,59 +1,93 @@
-//! The CUDA backend on a GPU, each number beside its bound. One command on a GPU machine:
-//! `scripts/bench-cuda.sh` (NVRTC from .cuda-tools/ if the machine has none, then
-//! `cargo bench --bench cuda`). With `KVLAB_BENCH_QUICK` it is a smoke run on the GPU (tiny
-//! shapes, the tiny fixture model). Without a CUDA device it says once that it was skipped and
-//! why: the emulator runs every kernel in the tests, but is never timed.
+//! The CUDA backend on a GPU, each number beside a bound measured in the same run. On a lent
+//! GPU machine (no cargo there) scripts/gpu-run.sh runs this binary as scripts/gpu-bundle.sh
+//! built it; where cargo and a GPU meet, `cargo bench --bench cuda` (scripts/bench-cuda.sh).
+//! Without a CUDA device it says once that it was skipped and why.
 //!
 //! Napkin math for Llama-3.2-1B in bf16: a decode step streams every weight once,
-//! 1.236e9 parameters x 2 bytes = 2.47 GB (the tied embedding doubles as lm_head: 0.53 GB of it).
-//! At the H100 SXM's 3.35 TB/s that is 0.74 ms, so 1,355 tokens/s is the bandwidth bound and the
-//! target (75 % of it) is about 1,000 tokens/s. The bound used below is the device's published
-//! HBM bandwidth when known (else `KVLAB_PEAK_GBPS`, else a measured device-to-device copy).
+//! 1.236e9 parameters x 2 bytes = 2.47 GB (the tied embedding doubles as lm_head: 0.53 GB of it),
+//! plus the KV cache: 32 KiB per position (16 layers x 8 heads x 64 x K, V x 2 bytes), 1.07 GB at
+//! 32k. At an H200's measured 4.3 TB/s copy bandwidth a step at context 128 takes at least
+//! 0.57 ms: 1,740 tokens/s is the bound. The bound of every memory-bound figure below is the
+//! device-to-device copy bandwidth measured first (bytes read + bytes written), not a datasheet.
 //!
-//! Sections:
-//! 1. decode matvec alone, per Llama shape: GB/s and share of the bound;
-//! 2. prefill matmul (tensor cores) per shape: TFLOP/s, and cuBLAS (bf16 in, f32 compute) on the
-//!    same shapes for the ratio (target: half of cuBLAS or better);
-//! 3. generation on a Llama-3.2-1B-shaped model (random weights, or `KVLAB_BENCH_MODEL`):
-//!    decode tokens/s with and without graphs for the static and dynamic caches, device time per
-//!    step from CUDA events, share of the bandwidth bound; prefill time for 512 and 2048 tokens.
+//! Sections, in this order (`KVLAB_BENCH_SECTIONS=decode,attention,matvec,matmul,prefill`,
+//! default all; the copy bandwidth always comes first, the others are shares of it):
+//! 1. decode: whole decode steps of the model at contexts 128, 1k, 8k, 32k, static cache and
+//!    chunks of 16, 64, 256, graphs on and off: wall tokens/s, device time per step (CUDA events
+//!    around the step's device work), share of the copy bandwidth;
+//! 2. attention: decode attention of one layer at 8k and 32k positions, contiguous vs chunks of
+//!    16, 64 and 256, over caches rotating through more than 4x the L2;
+//! 3. matvec: the decode matvec alone per Llama shape, rotating over copies of each weight that
+//!    together span over 4x the L2 (at least 4 copies), so that every call reads from memory;
+//! 4. matmul: the prefill matmul (tensor cores) per shape, beside cuBLAS (bf16 in, f32 compute)
+//!    on the same operands, with the largest difference between the two;
+//! 5. prefill: 512 and 2048 prompt tokens.
+//!
+//! Environment: `KVLAB_BENCH_MODEL` (a checkpoint folder; default the synthetic Llama-3.2-1B,
+//! the tiny fixture in quick mode); `KVLAB_BENCH_QUICK=1` (tiny shapes: a smoke run);
+//! `KVLAB_BENCH_BACKEND=emu` (the emulator, quick plan: runs every code path of this file, its
+//! timings mean nothing); `KVLAB_BENCH_JSON=FILE` (every row, rewritten after each section, so
+//! that a run stopped early keeps what it measured).
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use half::bf16;
-use kvlab::backend::cuda::gpu::cuda_device_present;
-use kvlab::backend::cuda::{open_device, BackendKind, CudaBackend, CudaOptions, Device};
+use kvlab::backend::cuda::cublas::Cublas;
+use kvlab::backend::cuda::emu::EmuDevice;
+use kvlab::backend::cuda::gpu::{cuda_device_present, GpuDevice};
+use kvlab::backend::cuda::{CudaBackend, CudaOptions, Device};
 use kvlab::backend::Backend;
 use kvlab::generate::{Engine, GenerateOptions, Generator};
 use kvlab::kv::Strategy;
+use kvlab::model::config::Config;
 use kvlab::model::forward::Model;
+use kvlab::roofline::cost;
+use kvlab::roofline::fixture::{llama_3_2_1b, DecodeStep, KvRotation, KvShape, ROTATION_BYTES};
 use kvlab::roofline::Spread;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
-/// What one run measures: the real plan on a GPU, or the smoke plan on the emulator.
+/// What one run measures: the real plan on a GPU, or the smoke plan.
 struct Plan {
-    /// Repetitions per timed kernel shape.
-    reps: usize,
+    /// Timed samples per figure (after one warm-up).
+    samples: usize,
+    copy_bytes: usize,
+    /// Bytes a rotation of inputs spans at least (raised to 4x the L2 on a GPU).
+    rotation_bytes: usize,
     /// (what, n, k, f32 output) of the decode matvec and the prefill matmul.
     shapes: Vec<(&'static str, usize, usize, bool)>,
     /// The matvec launches that share one input: (what, widths, k).
     fused: Vec<(&'static str, Vec<usize>, usize)>,
     prefill_rows: Vec<usize>,
-    copy_bytes: usize,
-    new_tokens: usize,
+    attention_contexts: Vec<usize>,
+    layouts: Vec<KvShape>,
+    decode_contexts: Vec<usize>,
+    decode_steps: usize,
     prompt_lens: Vec<usize>,
-    /// A checkpoint folder; None: Llama-3.2-1B's shapes with random weights.
-    model: Option<PathBuf>,
+    model: PathBuf,
 }
+
+const LAYOUTS: [KvShape; 4] = [
+    KvShape::Contiguous,
+    KvShape::Chunked(16),
+    KvShape::Chunked(64),
+    KvShape::Chunked(256),
+];
+
+/// Steps run before a decode series is timed: the first is launched, the second captured.
+const DECODE_WARMUP: usize = 3;
 
 impl Plan {
     /// Llama-3.2-1B: hidden 2048, intermediate 8192, 32 / 8 heads of 64, vocabulary 128256.
-    fn gpu() -> Plan {
-        Plan {
-            reps: 20,
+    fn gpu(model: Option<PathBuf>) -> Result<Plan> {
+        Ok(Plan {
+            samples: 20,
+            copy_bytes: 1 << 30,
+            rotation_bytes: ROTATION_BYTES,
             shapes: vec![
                 ("q_proj, o_proj", 2048, 2048, false),
                 ("k_proj, v_proj", 512, 2048, false),
@@ -66,16 +100,23 @@ impl Plan {
                 ("gate + up (one launch)", vec![8192, 8192], 2048),
             ],
             prefill_rows: vec![128, 512, 2048, 4096],
-            copy_bytes: 1 << 30,
-            new_tokens: 256,
+            attention_contexts: vec![8192, 32768],
+            layouts: LAYOUTS.to_vec(),
+            decode_contexts: vec![128, 1024, 8192, 32768],
+            decode_steps: 32,
             prompt_lens: vec![512, 2048],
-            model: std::env::var_os("KVLAB_BENCH_MODEL").map(PathBuf::from),
-        }
+            model: match model {
+                Some(dir) => dir,
+                None => kvlab::model::synth::default_model_dir()?,
+            },
+        })
     }
 
-    fn smoke() -> Plan {
+    fn smoke(model: Option<PathBuf>) -> Plan {
         Plan {
-            reps: 2,
+            samples: 2,
+            copy_bytes: 1 << 20,
+            rotation_bytes: 1 << 20,
             shapes: vec![
                 ("q_proj-like", 256, 256, false),
                 ("k_proj-like", 64, 256, false),
@@ -84,88 +125,178 @@ impl Plan {
             ],
             fused: vec![("q + k + v-like (one launch)", vec![256, 64, 64], 256)],
             prefill_rows: vec![16, 130],
-            copy_bytes: 1 << 20,
-            new_tokens: 8,
+            attention_contexts: vec![64, 300],
+            layouts: LAYOUTS.to_vec(),
+            decode_contexts: vec![16, 100],
+            decode_steps: 3,
             prompt_lens: vec![40],
-            model: Some(
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama3-gqa4-bf16"),
-            ),
+            model: model.unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama3-gqa4-bf16")
+            }),
         }
     }
 }
 
+/// The device under test: a GPU (cuBLAS can run beside it) or the emulator.
+struct Target {
+    device: Arc<dyn Device>,
+    gpu: Option<Arc<GpuDevice>>,
+    name: &'static str,
+}
+
+/// The results so far, written to `KVLAB_BENCH_JSON` after each section.
+struct Results {
+    path: Option<PathBuf>,
+    value: Value,
+}
+
+impl Results {
+    fn section(&mut self, name: &str, rows: Vec<Value>) -> Result<()> {
+        self.value[name] = Value::Array(rows);
+        if let Some(path) = &self.path {
+            std::fs::write(path, serde_json::to_string_pretty(&self.value)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
 fn main() -> Result<()> {
-    let quick = std::env::var_os("KVLAB_BENCH_QUICK").is_some();
-    if !cuda_device_present() {
-        // The emulator is for tests (tests/cuda_kernels.rs runs every kernel on it), never timed.
+    let emulated = std::env::var("KVLAB_BENCH_BACKEND").is_ok_and(|b| b == "emu");
+    let quick = emulated || std::env::var_os("KVLAB_BENCH_QUICK").is_some();
+    let target = if emulated {
+        Target {
+            device: Arc::new(EmuDevice::new()?),
+            gpu: None,
+            name: "emu",
+        }
+    } else if cuda_device_present() {
+        let gpu = Arc::new(GpuDevice::open(0)?);
+        Target {
+            device: gpu.clone(),
+            gpu: Some(gpu),
+            name: "cuda",
+        }
+    } else {
+        // The emulator runs every kernel in the tests; timed only as a dry run (see above).
         println!(
             "CUDA benches skipped: no CUDA driver or no CUDA device on this machine; run \
-             scripts/bench-cuda.sh on a GPU machine"
+             scripts/gpu-run.sh on a GPU machine (or KVLAB_BENCH_BACKEND=emu for a dry run)"
         );
         return Ok(());
-    }
-    let device = open_device(BackendKind::Cuda)?;
-    let plan = if quick { Plan::smoke() } else { Plan::gpu() };
-    println!("device: {}", device.describe());
-    let copy_gbps = copy_bandwidth_gbps(device.as_ref(), &plan)?;
-    let (bound_gbps, source) = match (
-        std::env::var("KVLAB_PEAK_GBPS")
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok()),
-        published_bandwidth_gbps(&device.describe()),
-    ) {
-        (Some(gbps), _) => (gbps, "KVLAB_PEAK_GBPS"),
-        (None, Some(gbps)) => (gbps, "published HBM bandwidth"),
-        (None, None) => (copy_gbps, "measured copy bandwidth"),
     };
+    let model = std::env::var_os("KVLAB_BENCH_MODEL").map(PathBuf::from);
+    let mut plan = if quick {
+        Plan::smoke(model)
+    } else {
+        Plan::gpu(model)?
+    };
+    if let Some(l2) = target.device.l2_cache_bytes() {
+        plan.rotation_bytes = plan.rotation_bytes.max(4 * l2);
+    }
+    let sections: Vec<String> = std::env::var("KVLAB_BENCH_SECTIONS")
+        .unwrap_or_else(|_| SECTIONS.join(","))
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    let wanted = |name: &str| sections.iter().any(|s| s == name);
+    for section in &sections {
+        if !SECTIONS.contains(&section.as_str()) {
+            bail!("KVLAB_BENCH_SECTIONS: unknown section {section:?} (known: {SECTIONS:?})");
+        }
+    }
+    let device = target.device.as_ref();
+    println!("device: {}", device.describe());
+    if emulated {
+        println!("(the emulator: a dry run of every section; its timings mean nothing)");
+    }
+    let mut results = Results {
+        path: std::env::var_os("KVLAB_BENCH_JSON").map(PathBuf::from),
+        value: json!({
+            "device": device.describe(),
+            "backend": target.name,
+            "quick": quick,
+            "date": chrono::Local::now().to_rfc3339(),
+        }),
+    };
+    let copy = copy_bandwidth(device, &plan)?;
     println!(
-        "bandwidth bound: {bound_gbps:.0} GB/s ({source}); device-to-device copy reaches {copy_gbps:.0} GB/s\n"
+        "bound: device-to-device copy {:.0} GB/s (median of {}, {:.0}..{:.0}; bytes read + written)\n",
+        copy.median, copy.samples, copy.min, copy.max
     );
-    decode_matvec(&device, &plan, bound_gbps)?;
-    prefill_matmul(&device, &plan)?;
-    generation(&device, &plan, bound_gbps)?;
+    results.section("copy", vec![json!({ "gbps": copy })])?;
+    let bound = copy.median;
+    // The model stays loaded from the decode steps to the prefill timings.
+    let loaded = if wanted("decode") || wanted("prefill") {
+        Some(load_model(&target, &plan)?)
+    } else {
+        None
+    };
+    if let (true, Some((backend, model))) = (wanted("decode"), &loaded) {
+        let rows = decode_steps(backend, model, &plan, bound)?;
+        results.section("decode", rows)?;
+    }
+    if wanted("attention") {
+        let rows = decode_attention(&target, &plan, bound)?;
+        results.section("attention", rows)?;
+    }
+    if wanted("matvec") {
+        let rows = decode_matvec(&target, &plan, bound)?;
+        results.section("matvec", rows)?;
+    }
+    if wanted("matmul") {
+        let rows = prefill_matmul(&target, &plan)?;
+        results.section("matmul", rows)?;
+    }
+    if let (true, Some((backend, model))) = (wanted("prefill"), loaded) {
+        let rows = prefill(backend, model, &plan)?;
+        results.section("prefill", rows)?;
+    }
     Ok(())
 }
 
-/// HBM bandwidth of common data-centre GPUs, by the name the driver reports.
-fn published_bandwidth_gbps(name: &str) -> Option<f64> {
-    let table: [(&str, f64); 8] = [
-        ("H200", 4800.0),
-        ("H100 NVL", 3900.0),
-        ("H100 PCIe", 2000.0),
-        ("H100", 3350.0),
-        ("A100-SXM4-80GB", 2039.0),
-        ("A100 80GB PCIe", 1935.0),
-        ("A100", 1555.0),
-        ("L40S", 864.0),
-    ];
-    table
-        .iter()
-        .find(|(key, _)| name.contains(key))
-        .map(|&(_, gbps)| gbps)
+const SECTIONS: [&str; 5] = ["decode", "attention", "matvec", "matmul", "prefill"];
+
+/// Seconds per call of `call` (the call's index): `samples` samples of `calls` calls each,
+/// timed with device events, after one warm-up sample.
+fn time_calls(
+    device: &dyn Device,
+    samples: usize,
+    calls: usize,
+    mut call: impl FnMut(usize) -> Result<()>,
+) -> Result<Spread> {
+    let mut run = |timed: bool| -> Result<Option<f64>> {
+        let start = device.record_event()?;
+        for i in 0..calls {
+            call(i)?;
+        }
+        let end = device.record_event()?;
+        device.synchronize()?;
+        let ms = device.elapsed_ms(&start, &end)? as f64;
+        Ok(timed.then_some(ms / 1e3 / calls as f64))
+    };
+    run(false)?;
+    let seconds = (0..samples)
+        .map(|_| run(true).map(|s| s.expect("timed")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Spread::of(&seconds))
 }
 
-/// Event-timed milliseconds of one call of `work`, averaged over `reps` after a warm-up.
-fn time_ms(device: &dyn Device, reps: usize, mut work: impl FnMut() -> Result<()>) -> Result<f64> {
-    work()?;
-    device.synchronize()?;
-    let start = device.record_event()?;
-    for _ in 0..reps {
-        work()?;
-    }
-    let end = device.record_event()?;
-    Ok(device.elapsed_ms(&start, &end)? as f64 / reps as f64)
-}
-
-fn copy_bandwidth_gbps(device: &dyn Device, plan: &Plan) -> Result<f64> {
+/// GB/s of a device-to-device copy (bytes read + bytes written).
+fn copy_bandwidth(device: &dyn Device, plan: &Plan) -> Result<Spread> {
     let bytes = plan.copy_bytes;
     let (src, dst) = (device.alloc(bytes)?, device.alloc(bytes)?);
     device.memset_zero(&src, 0, bytes)?;
-    let ms = time_ms(device, plan.reps, || {
+    let seconds = time_calls(device, plan.samples, 1, |_| {
         device.copy_dtod(&src, 0, &dst, 0, bytes)
     })?;
-    // A copy reads and writes every byte.
-    Ok(2.0 * bytes as f64 / (ms * 1e-3) / 1e9)
+    let gbps = |s: f64| 2.0 * bytes as f64 / s / 1e9;
+    Ok(Spread {
+        median: gbps(seconds.median),
+        min: gbps(seconds.max),
+        max: gbps(seconds.min),
+        samples: seconds.samples,
+    })
 }
 
 fn random_bf16_bits(count: usize, scale: f32, seed: u64) -> Vec<u16> {
@@ -181,83 +312,116 @@ fn random_bf16_bits(count: usize, scale: f32, seed: u64) -> Vec<u16> {
     bits
 }
 
-fn decode_matvec(device: &Arc<dyn Device>, plan: &Plan, bound_gbps: f64) -> Result<()> {
-    println!("1. decode matvec (one row), {} launches each", plan.reps);
+/// Copies of one weight group needed for a rotation of `rotation_bytes`: at least 4.
+fn copies_for(bytes: usize, rotation_bytes: usize) -> usize {
+    rotation_bytes.div_ceil(bytes.max(1)).max(4)
+}
+
+fn decode_matvec(target: &Target, plan: &Plan, bound_gbps: f64) -> Result<Vec<Value>> {
     println!(
-        "{:<24} {:>8} {:>6} {:>10} {:>9} {:>8}",
-        "shape", "n", "k", "us", "GB/s", "bound"
+        "3. decode matvec (one row), rotating over weight copies spanning >= {} MiB",
+        plan.rotation_bytes >> 20
     );
-    let backend = CudaBackend::new(device.clone(), "cuda", CudaOptions::default())?;
-    let report = |name: &str, n: usize, k: usize, us: f64| {
-        let gbps = (n * k * 2) as f64 / (us * 1e-6) / 1e9;
-        println!(
-            "{name:<24} {n:>8} {k:>6} {us:>10.1} {gbps:>9.0} {:>7.0}%",
-            100.0 * gbps / bound_gbps
-        );
-    };
-    for (i, &(name, n, k, f32_out)) in plan.shapes.iter().enumerate() {
-        let w = backend.upload_matrix_bf16(name, n, k, &random_bf16_bits(n * k, 0.05, i as u64))?;
-        let x = backend.upload_tensor(1, k, &vec![0.5; k])?;
-        let mut out = if f32_out {
-            backend.alloc_precise(1, n)?
-        } else {
-            backend.alloc(1, n)?
-        };
-        let ms = time_ms(device.as_ref(), plan.reps, || {
-            backend.matmul(&x, &w, 1, &mut out)
-        })?;
-        report(name, n, k, ms * 1e3);
-    }
-    // The fused launches the forward pass issues: q, k, v together and gate, up together.
-    for (name, widths, k) in &plan.fused {
-        let k = *k;
-        let weights: Vec<_> = widths
+    println!(
+        "{:<26} {:>8} {:>6} {:>7} {:>10} {:>9} {:>8}",
+        "shape", "n", "k", "copies", "us", "GB/s", "of copy"
+    );
+    let device = target.device.as_ref();
+    let backend = CudaBackend::new(target.device.clone(), target.name, CudaOptions::default())?;
+    let mut rows = Vec::new();
+    // (name, widths of one launch, k, f32 out)
+    let groups: Vec<(&str, Vec<usize>, usize, bool)> = plan
+        .shapes
+        .iter()
+        .map(|&(name, n, k, f32_out)| (name, vec![n], k, f32_out))
+        .chain(
+            plan.fused
+                .iter()
+                .map(|(name, widths, k)| (*name, widths.clone(), *k, false)),
+        )
+        .collect();
+    for (i, (name, widths, k, f32_out)) in groups.into_iter().enumerate() {
+        let bytes: usize = widths.iter().map(|n| n * k * 2).sum();
+        let copies = copies_for(bytes, plan.rotation_bytes);
+        // One random matrix per width, uploaded into every copy: distinct addresses are what
+        // keeps the L2 from serving them.
+        let bits: Vec<Vec<u16>> = widths
             .iter()
             .enumerate()
-            .map(|(i, &n)| {
-                backend.upload_matrix_bf16(
-                    name,
-                    n,
-                    k,
-                    &random_bf16_bits(n * k, 0.05, 10 + i as u64),
-                )
+            .map(|(j, &n)| random_bf16_bits(n * k, 0.05, (i * 10 + j) as u64))
+            .collect();
+        let weights: Vec<Vec<_>> = (0..copies)
+            .map(|_| {
+                widths
+                    .iter()
+                    .zip(&bits)
+                    .map(|(&n, b)| backend.upload_matrix_bf16(name, n, k, b))
+                    .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<_>>()?;
         let mut outs: Vec<_> = widths
             .iter()
-            .map(|&n| backend.alloc(1, n))
+            .map(|&n| {
+                if f32_out {
+                    backend.alloc_precise(1, n)
+                } else {
+                    backend.alloc(1, n)
+                }
+            })
             .collect::<Result<_>>()?;
         let x = backend.upload_tensor(1, k, &vec![0.5; k])?;
-        let ms = time_ms(device.as_ref(), plan.reps, || {
-            let mut targets: Vec<_> = weights.iter().zip(outs.iter_mut()).collect();
+        let seconds = time_calls(device, plan.samples, copies, |c| {
+            let mut targets: Vec<_> = weights[c].iter().zip(outs.iter_mut()).collect();
             backend.matmul_many(&x, &mut targets, 1)
         })?;
-        report(name, widths.iter().sum(), k, ms * 1e3);
+        let n: usize = widths.iter().sum();
+        let gbps = bytes as f64 / seconds.median / 1e9;
+        println!(
+            "{name:<26} {n:>8} {k:>6} {copies:>7} {:>10.1} {gbps:>9.0} {:>7.0}%",
+            seconds.median * 1e6,
+            100.0 * gbps / bound_gbps
+        );
+        rows.push(json!({
+            "shape": name, "n": n, "k": k, "copies": copies, "seconds": seconds,
+            "gbps": gbps, "share_of_copy": gbps / bound_gbps,
+        }));
     }
     println!();
-    Ok(())
+    Ok(rows)
 }
 
-fn prefill_matmul(device: &Arc<dyn Device>, plan: &Plan) -> Result<()> {
-    println!("2. prefill matmul out[m, n] = a[m, k] . w[n, k]^T (bf16 in, f32 accumulate)");
-    println!(
-        "{:<24} {:>6} {:>8} {:>6} {:>10} {:>10} {:>8}",
-        "shape", "m", "n", "k", "kvlab TF/s", "cuBLAS TF/s", "ratio"
-    );
-    let backend = CudaBackend::new(device.clone(), "cuda", CudaOptions::default())?;
-    // cudarc panics when it cannot load libcuda or libcublas: catch it quietly, say so below.
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let blas = std::panic::catch_unwind(|| CublasBench::new(plan.reps))
-        .map_err(|_| anyhow::anyhow!("libcuda or libcublas could not be loaded"))
-        .and_then(|b| b);
-    std::panic::set_hook(hook);
-    if let Err(e) = &blas {
-        println!("(cuBLAS unavailable: {e:#}; kvlab numbers only)");
+/// cuBLAS on the GPU's stream, when the GPU is there and the library is found.
+fn cublas_yardstick(target: &Target) -> Result<(Cublas, Arc<GpuDevice>)> {
+    let gpu = target.gpu.clone().context("the emulator has no cuBLAS")?;
+    Ok((Cublas::load()?, gpu))
+}
+
+fn prefill_matmul(target: &Target, plan: &Plan) -> Result<Vec<Value>> {
+    println!("4. prefill matmul out[m, n] = a[m, k] . w[n, k]^T (bf16 in, f32 accumulate)");
+    let device = target.device.as_ref();
+    let backend = CudaBackend::new(target.device.clone(), target.name, CudaOptions::default())?;
+    let yardstick = cublas_yardstick(target);
+    match &yardstick {
+        Ok((cublas, _)) => println!("yardstick: {}", cublas.describe()),
+        Err(e) => println!(
+            "yardstick: none ({}); kvlab figures only (scripts/gpu-run.sh times torch.matmul)",
+            format!("{e:#}").lines().next().unwrap_or_default()
+        ),
     }
+    let handle = match &yardstick {
+        // SAFETY: the stream is the GPU's own, of the context cu_stream made current.
+        Ok((cublas, gpu)) => Some(unsafe { cublas.handle(gpu.cu_stream()?.cast()) }?),
+        Err(_) => None,
+    };
+    println!(
+        "{:<24} {:>6} {:>8} {:>6} {:>11} {:>12} {:>7} {:>10}",
+        "shape", "m", "n", "k", "kvlab TF/s", "cuBLAS TF/s", "ratio", "max diff"
+    );
+    let mut rows = Vec::new();
     for (i, &(name, n, k, f32_out)) in plan.shapes.iter().enumerate() {
         let w_bits = random_bf16_bits(n * k, 0.05, 100 + i as u64);
         let w = backend.upload_matrix_bf16(name, n, k, &w_bits)?;
+        let w_raw = device.upload(&w_bits)?;
         for &m in &plan.prefill_rows {
             let a_bits = random_bf16_bits(m * k, 1.0, 200 + m as u64);
             let a_values: Vec<f32> = a_bits
@@ -270,155 +434,230 @@ fn prefill_matmul(device: &Arc<dyn Device>, plan: &Plan) -> Result<()> {
             } else {
                 backend.alloc(m, n)?
             };
-            let ms = time_ms(device.as_ref(), plan.reps, || {
+            let seconds = time_calls(device, plan.samples, 1, |_| {
                 backend.matmul(&a, &w, m, &mut out)
             })?;
             let flops = 2.0 * (m * n * k) as f64;
-            let ours = flops / (ms * 1e-3) / 1e12;
-            let theirs = match &blas {
-                Ok(blas) => Some(blas.tflops(m, n, k, &a_bits, &w_bits, f32_out)?),
-                Err(_) => None,
-            };
+            let ours = flops / seconds.median / 1e12;
+            let mut theirs = None;
+            let mut max_diff = None;
+            if let Some(handle) = &handle {
+                let a_raw = device.upload(&a_bits)?;
+                let out_raw = device.alloc(m * n * if f32_out { 4 } else { 2 })?;
+                let gemm = || {
+                    // SAFETY: the buffers hold m*k, n*k and m*n elements of the GPU's context.
+                    unsafe {
+                        handle.gemm_bf16(
+                            (m, n, k),
+                            a_raw.ptr(),
+                            w_raw.ptr(),
+                            out_raw.ptr(),
+                            f32_out,
+                        )
+                    }
+                };
+                let blas = time_calls(device, plan.samples, 1, |_| gemm())?;
+                theirs = Some(flops / blas.median / 1e12);
+                // The yardstick computes the same product: its largest difference from kvlab's,
+                // relative to the largest output.
+                let ours_out = backend.read_rows(&out, 0, m)?;
+                let blas_out: Vec<f32> = if f32_out {
+                    device.download(&out_raw)?
+                } else {
+                    device
+                        .download::<u16>(&out_raw)?
+                        .iter()
+                        .map(|&b| bf16::from_bits(b).to_f32())
+                        .collect()
+                };
+                let scale = blas_out.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-30);
+                let diff = kvlab::selftest::fixtures::max_abs_diff(&ours_out, &blas_out)?;
+                max_diff = Some(diff / scale);
+            }
             println!(
-                "{name:<24} {m:>6} {n:>8} {k:>6} {ours:>10.2} {:>10} {:>8}",
-                theirs.map_or("-".into(), |t| format!("{t:.2}")),
+                "{name:<24} {m:>6} {n:>8} {k:>6} {ours:>11.1} {:>12} {:>7} {:>10}",
+                theirs.map_or("-".into(), |t| format!("{t:.1}")),
                 theirs.map_or("-".into(), |t| format!("{:.2}", ours / t)),
+                max_diff.map_or("-".into(), |d| format!("{d:.1e}")),
             );
+            rows.push(json!({
+                "shape": name, "m": m, "n": n, "k": k, "seconds": seconds,
+                "kvlab_tflops": ours, "cublas_tflops": theirs, "relative_max_diff": max_diff,
+            }));
         }
     }
     println!();
-    Ok(())
+    Ok(rows)
 }
 
-/// cuBLAS through cudarc on the device's primary context, its own stream.
-struct CublasBench {
-    stream: Arc<cudarc::driver::CudaStream>,
-    blas: cudarc::cublas::CudaBlas,
-    reps: usize,
-}
-
-impl CublasBench {
-    fn new(reps: usize) -> Result<Self> {
-        let ctx = cudarc::driver::CudaContext::new(0)?;
-        let stream = ctx.default_stream();
-        let blas = cudarc::cublas::CudaBlas::new(stream.clone())?;
-        Ok(CublasBench { stream, blas, reps })
-    }
-
-    /// TFLOP/s of out[m, n] = a[m, k] . w[n, k]^T. Column-major, that is
-    /// out^T[n, m] = w[n, k] . a^T[k, m]: gemm(T, N) with w as the first operand.
-    fn tflops(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a_bits: &[u16],
-        w_bits: &[u16],
-        f32_out: bool,
-    ) -> Result<f64> {
-        use cudarc::cublas::sys::{
-            cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
-        };
-        use cudarc::driver::{DevicePtr, DevicePtrMut};
-        let a = self.stream.clone_htod(a_bits)?;
-        let w = self.stream.clone_htod(w_bits)?;
-        let mut out = self.stream.alloc_zeros::<u32>(m * n)?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let (a_ptr, _a_sync) = a.device_ptr(&self.stream);
-        let (w_ptr, _w_sync) = w.device_ptr(&self.stream);
-        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
-        let out_type = if f32_out {
-            cudaDataType::CUDA_R_32F
-        } else {
-            cudaDataType::CUDA_R_16BF
-        };
-        let gemm = || -> Result<()> {
-            // SAFETY: the pointers address live allocations of the sizes gemm reads and writes.
-            unsafe {
-                cudarc::cublas::result::gemm_ex(
-                    *self.blas.handle(),
-                    cublasOperation_t::CUBLAS_OP_T,
-                    cublasOperation_t::CUBLAS_OP_N,
-                    n as i32,
-                    m as i32,
-                    k as i32,
-                    (&alpha as *const f32).cast(),
-                    w_ptr as *const std::ffi::c_void,
-                    cudaDataType::CUDA_R_16BF,
-                    k as i32,
-                    a_ptr as *const std::ffi::c_void,
-                    cudaDataType::CUDA_R_16BF,
-                    k as i32,
-                    (&beta as *const f32).cast(),
-                    out_ptr as *mut std::ffi::c_void,
-                    out_type,
-                    n as i32,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )?;
-            }
-            Ok(())
-        };
-        gemm()?;
-        self.stream.synchronize()?;
-        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self.stream.record_event(timing)?;
-        for _ in 0..self.reps {
-            gemm()?;
-        }
-        let end = self.stream.record_event(timing)?;
-        let ms = start.elapsed_ms(&end)? as f64 / self.reps as f64;
-        Ok(2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12)
-    }
-}
-
-/// A folder with Llama-3.2-1B's config and random bf16 weights of its exact shapes.
-fn generation(device: &Arc<dyn Device>, plan: &Plan, bound_gbps: f64) -> Result<()> {
-    let dir: PathBuf = match &plan.model {
-        Some(dir) => dir.clone(),
-        None => kvlab::model::synth::default_model_dir()?,
-    };
-    println!("3. generation, {}", dir.display());
-    let backend = CudaBackend::new(device.clone(), "cuda", CudaOptions::default())?;
-    let model = Model::load(&backend, &dir)?;
-    let bytes_per_token = model.weight_bytes_per_token as f64;
+fn decode_attention(target: &Target, plan: &Plan, bound_gbps: f64) -> Result<Vec<Value>> {
+    let cfg: Config = llama_3_2_1b()?;
     println!(
-        "weights read per token: {:.3} GB -> bound {:.0} tokens/s",
-        bytes_per_token / 1e9,
-        bound_gbps * 1e9 / bytes_per_token
+        "2. decode attention, one layer, one query row, Llama-3.2-1B heads (32 over 8 KV of 64), \
+         caches rotating over >= {} MiB",
+        plan.rotation_bytes >> 20
     );
-    let mut engine = Engine::new(backend, model);
     println!(
-        "{:<8} {:<7} {:>12} {:>15} {:>15} {:>8}",
-        "cache", "graphs", "wall tok/s", "device us/step", "device tok/s", "bound"
+        "{:>8} {:<12} {:>10} {:>9} {:>8} {:>14}",
+        "context", "layout", "us", "GB/s", "of copy", "vs contiguous"
     );
-    let vocab = engine.model.config.vocab_size as u32;
-    let prompt: Vec<u32> = (0..16).map(|i| (1000 + i) % vocab).collect();
-    for strategy in [Strategy::Static, Strategy::Dynamic] {
-        for graphs in [true, false] {
-            engine.backend.set_graphs(graphs);
-            let opts = GenerateOptions {
-                max_new_tokens: plan.new_tokens,
-                strategy,
-                ignore_eos: true,
-                ..Default::default()
-            };
-            let gen = engine.generate(&prompt, &opts, &mut |_| {})?;
-            // Skip the prefill and the first steps (graph capture).
-            let steps = &gen.device_step_seconds[gen.device_step_seconds.len().min(4)..];
-            let step = Spread::of(steps).median;
+    let device = target.device.as_ref();
+    let backend = CudaBackend::new(target.device.clone(), target.name, CudaOptions::default())?;
+    let q_values: Vec<f32> = random_bf16_bits(cfg.q_dim(), 1.0, 7)
+        .iter()
+        .map(|&b| bf16::from_bits(b).to_f32())
+        .collect();
+    let q = backend.upload_tensor(1, cfg.q_dim(), &q_values)?;
+    let mut out = backend.alloc(1, cfg.q_dim())?;
+    let mut rows = Vec::new();
+    for &context in &plan.attention_contexts {
+        let mut contiguous = None;
+        for &shape in &plan.layouts {
+            let mut rotation =
+                KvRotation::new(&backend, &cfg, shape, context, 1, plan.rotation_bytes)?;
+            let cost = cost::attention(&cfg, context - 1, 1, backend.kv_elem_bytes());
+            let calls = plan
+                .rotation_bytes
+                .div_ceil((cost.bytes as usize).max(1))
+                .max(cfg.num_layers);
+            let seconds = time_calls(device, plan.samples, calls, |_| {
+                let (cache, layer) = rotation.next_layer();
+                backend.attention(&q, cache, layer, cfg.num_heads, &mut out)
+            })?;
+            let gbps = cost.bytes / seconds.median / 1e9;
+            let base = *contiguous.get_or_insert(seconds.median);
             println!(
-                "{:<8} {:<7} {:>12.0} {:>15.1} {:>15.0} {:>7.0}%",
-                strategy.name(),
-                if graphs { "on" } else { "off" },
-                gen.decode_tokens_per_second(),
-                step * 1e6,
-                1.0 / step,
-                100.0 * bytes_per_token / step / (bound_gbps * 1e9)
+                "{context:>8} {:<12} {:>10.1} {gbps:>9.0} {:>7.0}% {:>13.2}x",
+                shape.to_string(),
+                seconds.median * 1e6,
+                100.0 * gbps / bound_gbps,
+                seconds.median / base
             );
+            rows.push(json!({
+                "context": context, "layout": shape.to_string(), "seconds": seconds,
+                "gbps": gbps, "share_of_copy": gbps / bound_gbps,
+                "time_vs_contiguous": seconds.median / base,
+            }));
+            drop(rotation);
+            backend.release_kv_pool();
         }
     }
-    engine.backend.set_graphs(true);
+    println!();
+    Ok(rows)
+}
+
+/// The plan's model on a backend of the target.
+fn load_model(target: &Target, plan: &Plan) -> Result<(CudaBackend, Model<CudaBackend>)> {
+    let backend = CudaBackend::new(target.device.clone(), target.name, CudaOptions::default())?;
+    let started = Instant::now();
+    let model = Model::load(&backend, &plan.model)
+        .with_context(|| format!("loading {}", plan.model.display()))?;
+    println!(
+        "model {} loaded in {:.1} s: {:.3} GB of weights read per token\n",
+        plan.model.display(),
+        started.elapsed().as_secs_f64(),
+        model.weight_bytes_per_token as f64 / 1e9
+    );
+    Ok((backend, model))
+}
+
+fn decode_steps(
+    backend: &CudaBackend,
+    model: &Model<CudaBackend>,
+    plan: &Plan,
+    bound_gbps: f64,
+) -> Result<Vec<Value>> {
+    let cfg = &model.config;
+    println!(
+        "1. decode steps ({} timed after {DECODE_WARMUP}; device time from CUDA events around \
+         each step's device work)",
+        plan.decode_steps
+    );
+    println!(
+        "{:>8} {:<12} {:<7} {:>11} {:>15} {:>13} {:>9} {:>8} {:>12}",
+        "context",
+        "layout",
+        "graphs",
+        "wall tok/s",
+        "device us/step",
+        "device tok/s",
+        "GB/s",
+        "of copy",
+        "replayed"
+    );
+    let mut rows = Vec::new();
+    for &context in &plan.decode_contexts {
+        if context + DECODE_WARMUP + plan.decode_steps > cfg.max_position_embeddings {
+            println!(
+                "{context:>8} skipped: beyond the model's {} positions",
+                cfg.max_position_embeddings
+            );
+            continue;
+        }
+        let cost = cost::decode_step(
+            cfg,
+            model.weight_bytes_per_token,
+            context,
+            backend.kv_elem_bytes(),
+        );
+        for &shape in &plan.layouts {
+            for graphs in [true, false] {
+                backend.set_graphs(graphs);
+                let drift = DECODE_WARMUP + plan.decode_steps;
+                let mut step = DecodeStep::with_drift(backend, model, shape, context, drift)?;
+                for _ in 0..DECODE_WARMUP {
+                    step.run(backend)?;
+                }
+                backend.synchronize()?;
+                backend.take_step_device_seconds()?;
+                let before = backend.graph_stats();
+                let mut wall = Vec::with_capacity(plan.decode_steps);
+                for _ in 0..plan.decode_steps {
+                    let t = Instant::now();
+                    step.run(backend)?;
+                    backend.synchronize()?;
+                    wall.push(t.elapsed().as_secs_f64());
+                }
+                let device = Spread::of(&backend.take_step_device_seconds()?);
+                let wall = Spread::of(&wall);
+                let replayed = backend.graph_stats().graphs_replayed - before.graphs_replayed;
+                let gbps = cost.bytes / device.median / 1e9;
+                println!(
+                    "{context:>8} {:<12} {:<7} {:>11.0} {:>15.1} {:>13.0} {gbps:>9.0} {:>7.0}% {:>12}",
+                    shape.to_string(),
+                    if graphs { "on" } else { "off" },
+                    1.0 / wall.median,
+                    device.median * 1e6,
+                    1.0 / device.median,
+                    100.0 * gbps / bound_gbps,
+                    format!("{replayed}/{}", plan.decode_steps),
+                );
+                rows.push(json!({
+                    "context": context, "layout": shape.to_string(), "graphs": graphs,
+                    "wall_seconds": wall, "device_seconds": device,
+                    "wall_tokens_per_second": 1.0 / wall.median,
+                    "device_tokens_per_second": 1.0 / device.median,
+                    "bytes_per_step": cost.bytes, "gbps": gbps, "share_of_copy": gbps / bound_gbps,
+                    "graphs_replayed": replayed,
+                }));
+                drop(step);
+                backend.release_kv_pool();
+            }
+        }
+    }
+    backend.set_graphs(true);
+    if let Some(error) = backend.graph_capture_error() {
+        println!("graph capture failed (steps ran launch by launch): {error}");
+    }
+    println!("graphs: {:?}\n", backend.graph_stats());
+    Ok(rows)
+}
+
+fn prefill(backend: CudaBackend, model: Model<CudaBackend>, plan: &Plan) -> Result<Vec<Value>> {
+    println!("5. prefill (static cache, device time of the prompt's forward pass)");
+    let mut engine = Engine::new(backend, model);
+    let vocab = engine.model.config.vocab_size as u32;
+    let mut rows = Vec::new();
     for &prompt_len in &plan.prompt_lens {
         let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| (1000 + i) % vocab).collect();
         let opts = GenerateOptions {
@@ -427,15 +666,27 @@ fn generation(device: &Arc<dyn Device>, plan: &Plan, bound_gbps: f64) -> Result<
             ignore_eos: true,
             ..Default::default()
         };
-        let gen = engine.generate(&prompt, &opts, &mut |_| {})?;
-        let seconds = gen.device_step_seconds.first().copied().unwrap_or(f64::NAN);
+        engine.generate(&prompt, &opts, &mut |_| {})?; // warm-up
+        let samples = (0..plan.samples.min(5))
+            .map(|_| {
+                let gen = engine.generate(&prompt, &opts, &mut |_| {})?;
+                gen.device_step_seconds
+                    .first()
+                    .copied()
+                    .context("no device time for the prefill")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let seconds = Spread::of(&samples);
         println!(
             "prefill of {prompt_len} tokens: {:.2} ms on the device, {:.0} tokens/s",
-            seconds * 1e3,
-            prompt_len as f64 / seconds
+            seconds.median * 1e3,
+            prompt_len as f64 / seconds.median
         );
+        rows.push(json!({
+            "prompt_tokens": prompt_len, "seconds": seconds,
+            "tokens_per_second": prompt_len as f64 / seconds.median,
+        }));
     }
-    println!("graphs: {:?}", engine.backend.graph_stats());
     println!("memory: {:?}", engine.backend.memory_report()?);
-    Ok(())
+    Ok(rows)
 }

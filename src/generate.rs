@@ -23,6 +23,9 @@ pub struct GenerateOptions {
     pub keep_step_logits: bool,
     /// Also return the logits of every prompt position (the no-cache and cached prefill alike).
     pub keep_prompt_logits: bool,
+    /// Teacher forcing: after step i, feed `feed_ids[i]` instead of the chosen id (while there
+    /// is one), so that every step's logits follow a reference's sequence whatever was chosen.
+    pub feed_ids: Option<Vec<u32>>,
 }
 
 impl Default for GenerateOptions {
@@ -35,6 +38,7 @@ impl Default for GenerateOptions {
             ignore_eos: false,
             keep_step_logits: false,
             keep_prompt_logits: false,
+            feed_ids: None,
         }
     }
 }
@@ -287,8 +291,13 @@ impl<B: Backend> Generator for Engine<B> {
         self.backend.synchronize()?;
         gen.prefill_seconds = started.elapsed().as_secs_f64();
         loop {
+            let fed = opts
+                .feed_ids
+                .as_ref()
+                .and_then(|ids| ids.get(gen.new_ids.len()).copied())
+                .unwrap_or(next);
             gen.new_ids.push(next);
-            sequence.push(next);
+            sequence.push(fed);
             on_token(next);
             if gen.new_ids.len() == opts.max_new_tokens || (!opts.ignore_eos && self.is_stop(next))
             {
@@ -299,7 +308,7 @@ impl<B: Backend> Generator for Engine<B> {
             next = match cache.as_mut() {
                 Some(c) => self.step(
                     c,
-                    &[next],
+                    &[fed],
                     LogitRows::Last,
                     keep.then_some(&mut step_logits),
                     None,

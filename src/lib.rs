@@ -5,6 +5,7 @@
 //! - [`backend`]: the CPU backend and the CUDA backend (real GPU or the CPU emulator of CUDA semantics).
 //! - [`generate`]: prefill + greedy decode loop, timing, outside the model.
 //! - [`scenario`]: the study runner.
+//! - [`selftest`]: the CUDA backend's checks on whichever device runs them (`kvlab selftest`).
 pub mod backend;
 pub mod generate;
 pub mod kv;
@@ -13,3 +14,4 @@ pub mod npy;
 pub mod roofline;
 pub mod runtime;
 pub mod scenario;
+pub mod selftest;

@@ -29,6 +29,8 @@ enum Command {
     CacheMap(cli::cache_map::CacheMapArgs),
     /// Registers, spills and shared memory of every CUDA kernel for sm_80 and sm_90.
     KernelReport(cli::kernel_report::KernelReportArgs),
+    /// Check the CUDA backend on a device (fragment layouts, every kernel, the tiny references).
+    Selftest(cli::selftest::SelftestArgs),
 }
 
 fn main() {
@@ -40,6 +42,7 @@ fn main() {
         Command::Scenario(args) => cli::scenario::run(args),
         Command::CacheMap(args) => cli::cache_map::run(args),
         Command::KernelReport(args) => cli::kernel_report::run(args),
+        Command::Selftest(args) => cli::selftest::run(args),
     };
     if let Err(err) = result {
         // `kvlab ... | head` closing the pipe early is not a failure.

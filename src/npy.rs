@@ -1,4 +1,4 @@
-//! Writing float32 `.npy` arrays (`--logits-out`).
+//! Float32 `.npy` arrays: written by `--logits-out`, read for the reference fixtures.
 
 use anyhow::{Context, Result};
 use npyz::WriterBuilder;
@@ -24,4 +24,16 @@ pub fn write_f32_matrix(path: &Path, rows: &[Vec<f32>]) -> Result<()> {
         .finish()
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// Reads a float32 `.npy` array: (shape, values in C order).
+pub fn read_f32_array(path: &Path) -> Result<(Vec<u64>, Vec<f32>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let npy = npyz::NpyFile::new(&bytes[..])
+        .with_context(|| format!("{} is not a .npy file", path.display()))?;
+    let shape = npy.shape().to_vec();
+    let values = npy
+        .into_vec::<f32>()
+        .with_context(|| format!("{} does not hold float32 values", path.display()))?;
+    Ok((shape, values))
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixture, max_abs_diff, read_npy, RefGeneration, MODELS};
+use common::{fixture, max_abs_diff, read_npy, reference, MODELS};
 use kvlab::backend::cpu::CpuBackend;
 use kvlab::generate::{Engine, Generator};
 use kvlab::kv::Strategy;
@@ -14,7 +14,7 @@ const TOLERANCE: f32 = 1e-4;
 
 fn check_model(name: &str, strategy: Strategy, chunk_tokens: usize) {
     let dir = fixture(name);
-    let reference = RefGeneration::load(name);
+    let reference = reference(name);
     let backend = CpuBackend::new();
     let model = Model::load(&backend, &dir).unwrap();
     let vocab = model.config.vocab_size;

@@ -4,6 +4,7 @@ pub mod generate;
 pub mod kernel_report;
 pub mod roofline;
 pub mod scenario;
+pub mod selftest;
 pub mod synth;
 
 use clap::Args;

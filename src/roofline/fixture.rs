@@ -134,38 +134,53 @@ impl<B: Backend> KvRotation<B> {
 /// Positions a decode-step fixture lets its context grow by before refilling its cache.
 const DRIFT: usize = 8;
 
-/// One decode step of a model at a context held within `context..context + DRIFT`: the cache is
-/// filled (outside any timing) to `context - 1` positions, each [`DecodeStep::run`] forwards one
-/// token, and [`DecodeStep::prepare`] refills the cache once it has drifted.
+/// One decode step of a model at a context held within `context..context + drift` (`DRIFT`
+/// unless given): the cache is filled (outside any timing) to `context - 1` positions, each
+/// [`DecodeStep::run`] forwards one token, and [`DecodeStep::prepare`] refills the cache once
+/// it has drifted.
 pub struct DecodeStep<'m, B: Backend> {
     model: &'m Model<B>,
     shape: KvShape,
     context: usize,
+    drift: usize,
     cache: KvCache<B>,
     act: Activations<B>,
 }
 
 impl<'m, B: Backend> DecodeStep<'m, B> {
     pub fn new(backend: &B, model: &'m Model<B>, shape: KvShape, context: usize) -> Result<Self> {
+        Self::with_drift(backend, model, shape, context, DRIFT)
+    }
+
+    /// A fixture whose cache has room for `drift` steps before a refill: a series of that many
+    /// steps runs on one cache (the same buffers, so that CUDA graphs replay throughout).
+    pub fn with_drift(
+        backend: &B,
+        model: &'m Model<B>,
+        shape: KvShape,
+        context: usize,
+        drift: usize,
+    ) -> Result<Self> {
         let cfg = &model.config;
         Ok(DecodeStep {
             model,
             shape,
             context,
-            cache: filled_cache(backend, cfg, shape, context.max(1) - 1, DRIFT + 1)?,
+            drift,
+            cache: filled_cache(backend, cfg, shape, context.max(1) - 1, drift + 1)?,
             act: Activations::new(backend, cfg, 1, 1)?,
         })
     }
 
-    /// Refills the cache when the context has drifted by [`DRIFT`]; call it outside the timing.
+    /// Refills the cache when the context has drifted by `drift`; call it outside the timing.
     pub fn prepare(&mut self, backend: &B) -> Result<()> {
-        if self.cache.len() + 1 >= self.context + DRIFT {
+        if self.cache.len() + 1 >= self.context + self.drift {
             self.cache = filled_cache(
                 backend,
                 &self.model.config,
                 self.shape,
                 self.context.max(1) - 1,
-                DRIFT + 1,
+                self.drift + 1,
             )?;
         }
         Ok(())

@@ -102,6 +102,7 @@ pub fn run_protocol(
                 ignore_eos: opts.ignore_eos,
                 keep_step_logits: false,
                 keep_prompt_logits: false,
+                feed_ids: None,
             };
             let mut messages = vec![message("system", &scenario.system_prompt)];
             if opts.warmup && !stop.load(Ordering::SeqCst) {

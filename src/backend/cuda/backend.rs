@@ -242,6 +242,11 @@ impl CudaBackend {
         self.recorder.borrow().stats
     }
 
+    /// Why graph capture failed on this device, if it did (steps then run launch by launch).
+    pub fn graph_capture_error(&self) -> Option<String> {
+        self.recorder.borrow().capture_error().map(str::to_string)
+    }
+
     /// Device memory by use, and as the device reports it.
     pub fn memory_report(&self) -> Result<MemoryReport> {
         let device = self.device.memory()?;
@@ -948,24 +953,24 @@ impl Backend for CudaBackend {
     }
 
     fn run_step(&self, forward: &mut dyn FnMut() -> Result<()>) -> Result<()> {
-        let start = self.device.record_event()?;
-        if self.options.borrow().graphs {
-            self.recorder.borrow_mut().begin();
-            let ran = forward();
-            let mut recorder = self.recorder.borrow_mut();
-            let finished = match ran {
-                Ok(()) => recorder.finish(self.device.as_ref()),
-                Err(e) => {
-                    recorder.abandon();
-                    Err(e)
-                }
-            };
-            self.scratch.borrow_mut().retired.clear();
-            finished?;
-        } else {
-            forward()?;
-            self.recorder.borrow_mut().note_launched();
-        }
+        let graphs = self.options.borrow().graphs;
+        self.recorder.borrow_mut().begin(graphs);
+        let ran = forward();
+        let mut recorder = self.recorder.borrow_mut();
+        let finished = match ran {
+            Ok(()) => recorder.finish(self.device.as_ref()),
+            Err(e) => {
+                recorder.abandon();
+                Err(e)
+            }
+        };
+        drop(recorder);
+        self.scratch.borrow_mut().retired.clear();
+        // Timed from the step's first launch (see graph.rs), not from the host's first call.
+        let start = match finished? {
+            Some(start) => start,
+            None => self.device.record_event()?,
+        };
         let end = self.device.record_event()?;
         self.step_events.borrow_mut().push((start, end));
         Ok(())

@@ -298,6 +298,21 @@ impl std::fmt::Debug for DeviceBuffer {
     }
 }
 
+/// The CUDA stream a device issues its work on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    /// The legacy NULL stream (cudarc's `default_stream()`): the driver refuses to capture it
+    /// into a graph (`CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`).
+    Legacy,
+    /// A stream kvlab creates (`cuStreamCreate`, non-blocking): capturable.
+    Created,
+}
+
+/// The stream every kvlab device issues on: [`super::gpu::GpuDevice`] creates it, and the
+/// emulator enforces the driver's rules for it, so that choosing the legacy stream again fails
+/// the emulator's graph tests in CI, not the first GPU run.
+pub const WORK_STREAM: StreamKind = StreamKind::Created;
+
 /// A point in the device's stream of work, for timing.
 pub struct Event(pub(crate) Box<dyn Any + Send + Sync>);
 
@@ -309,6 +324,9 @@ pub struct Graph(pub(crate) Box<dyn Any + Send + Sync>);
 pub trait Device: Send + Sync {
     /// Device name and compute capability, or "CUDA emulator on CPU, N threads".
     fn describe(&self) -> String;
+
+    /// Bytes of L2 cache (None: the emulator), so that timings can read from memory, not L2.
+    fn l2_cache_bytes(&self) -> Option<usize>;
 
     /// Allocates `bytes` of device memory (contents undefined).
     fn alloc(&self, bytes: usize) -> Result<DeviceBuffer>;

@@ -19,6 +19,12 @@
 //!   twice, threads and blocks in forward then in reverse order, from the same memory; results
 //!   that differ mean the kernel depends on thread order between barriers (a shared or global
 //!   memory race). Float atomics in a different order also differ: do not race-check those.
+//!
+//! Stream rules of the driver, enforced for the stream [`WORK_STREAM`] names (or the one
+//! [`EmuDevice::on_stream`] picks): capture cannot begin on the legacy NULL stream
+//! (`CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`), and an operation a thread-local capture prohibits
+//! (an allocation, a free, a copy, an event, a synchronize) is refused and invalidates the
+//! capture, so that `end_capture` fails (`CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`).
 use std::alloc::Layout;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,7 +34,8 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use super::device::{
     check_kernel_args, check_launch_limits, check_max_dynamic_shared, kernel_signature, Device,
-    DeviceBuffer, DeviceMemory, Event, Graph, KernelArg, LaunchConfig, ParamKind, KERNELS,
+    DeviceBuffer, DeviceMemory, Event, Graph, KernelArg, LaunchConfig, ParamKind, StreamKind,
+    KERNELS, WORK_STREAM,
 };
 
 /// Guard bytes before each buffer (also keeps buffers 256-byte aligned, as cudaMalloc does).
@@ -96,7 +103,30 @@ struct EmuState {
     allocated_bytes: u64,
     /// Opt-in dynamic shared memory per kernel index.
     max_dynamic_shared: BTreeMap<usize, u32>,
-    capture: Option<Vec<RecordedOp>>,
+    capture: Option<Capture>,
+}
+
+/// A capture in progress: what it recorded, and the first prohibited operation, if any.
+#[derive(Default)]
+struct Capture {
+    ops: Vec<RecordedOp>,
+    invalidated_by: Option<String>,
+}
+
+impl EmuState {
+    /// Refuses `what` while a capture runs, and invalidates the capture as the driver does.
+    fn refuse_during_capture(&mut self, what: &str) -> Result<()> {
+        let Some(capture) = self.capture.as_mut() else {
+            return Ok(());
+        };
+        capture
+            .invalidated_by
+            .get_or_insert_with(|| what.to_string());
+        bail!(
+            "{what} during graph capture: only launches and memsets may be issued while capturing \
+             (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED; the capture is invalidated)"
+        )
+    }
 }
 
 /// Host memory of one device buffer with its guards: [GUARD_BEFORE | len | GUARD_AFTER].
@@ -123,6 +153,8 @@ impl Drop for EmuAllocation {
         // As cudaFree, wait for the work in flight.
         let _stream = lock(&self.stream);
         let mut state = lock(&self.state);
+        // A drop cannot fail; the capture it happened in does (the driver refuses cuMemFree).
+        let _ = state.refuse_during_capture(&format!("freeing a {}-byte buffer", self.len));
         state.buffers.remove(&(self.data() as u64));
         state.allocated_bytes -= self.len as u64;
         drop(state);
@@ -140,6 +172,7 @@ pub struct EmuDevice {
     stream: Arc<Mutex<()>>,
     pool: rayon::ThreadPool,
     race_check: bool,
+    stream_kind: StreamKind,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -185,7 +218,15 @@ impl EmuDevice {
             stream: Arc::new(Mutex::new(())),
             pool,
             race_check,
+            stream_kind: WORK_STREAM,
         })
+    }
+
+    /// The same emulator issuing on `stream` instead of [`WORK_STREAM`] (tests of the driver's
+    /// stream rules).
+    pub fn on_stream(mut self, stream: StreamKind) -> Self {
+        self.stream_kind = stream;
+        self
     }
 
     fn state(&self) -> MutexGuard<'_, EmuState> {
@@ -200,11 +241,7 @@ impl EmuDevice {
     }
 
     fn ensure_not_capturing(&self, what: &str) -> Result<()> {
-        ensure!(
-            self.state().capture.is_none(),
-            "{what} during graph capture: only launches and memsets may be issued while capturing"
-        );
-        Ok(())
+        self.state().refuse_during_capture(what)
     }
 
     /// The live buffer containing `address` (one past the end counts): (start, len).
@@ -390,6 +427,10 @@ impl Device for EmuDevice {
         description
     }
 
+    fn l2_cache_bytes(&self) -> Option<usize> {
+        None
+    }
+
     fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
         self.ensure_not_capturing("alloc")?;
         let size = GUARD_BEFORE
@@ -477,7 +518,7 @@ impl Device for EmuDevice {
         buf.check_range(offset_bytes, bytes, "memset_zero")?;
         let address = self.allocation(buf)?.data() as u64 + offset_bytes as u64;
         if let Some(capture) = self.state().capture.as_mut() {
-            capture.push(RecordedOp::Memset { address, bytes });
+            capture.ops.push(RecordedOp::Memset { address, bytes });
             return Ok(());
         }
         let _stream = lock(&self.stream);
@@ -497,7 +538,7 @@ impl Device for EmuDevice {
         };
         let buffers = self.argument_buffers(index, &launch.slots)?;
         if let Some(capture) = self.state().capture.as_mut() {
-            capture.push(RecordedOp::Launch(launch));
+            capture.ops.push(RecordedOp::Launch(launch));
             return Ok(());
         }
         let _stream = lock(&self.stream);
@@ -541,22 +582,33 @@ impl Device for EmuDevice {
     }
 
     fn begin_capture(&self) -> Result<()> {
+        ensure!(
+            self.stream_kind != StreamKind::Legacy,
+            "cuStreamBeginCapture: CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: the legacy NULL stream \
+             cannot be captured; issue the work on a created stream"
+        );
         let mut state = self.state();
         ensure!(
             state.capture.is_none(),
             "begin_capture while a capture is already running"
         );
-        state.capture = Some(Vec::new());
+        state.capture = Some(Capture::default());
         Ok(())
     }
 
     fn end_capture(&self) -> Result<Graph> {
-        let ops = self
+        let capture = self
             .state()
             .capture
             .take()
             .context("end_capture without begin_capture")?;
-        Ok(Graph(Box::new(EmuGraph(ops))))
+        if let Some(what) = capture.invalidated_by {
+            bail!(
+                "cuStreamEndCapture: CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: {what} during the \
+                 capture invalidated it"
+            );
+        }
+        Ok(Graph(Box::new(EmuGraph(capture.ops))))
     }
 
     fn launch_graph(&self, graph: &Graph) -> Result<()> {

@@ -1,13 +1,15 @@
-//! A real GPU as a [`Device`], through cudarc's driver API: one context, one stream, kernels
-//! compiled by NVRTC for the device's own architecture, one module per kernels/*.cu loaded on
-//! the first launch of one of its kernels.
+//! A real GPU as a [`Device`], through cudarc's driver API: one context, one stream created for
+//! kvlab ([`WORK_STREAM`]; the legacy NULL stream cannot be captured into a graph), kernels
+//! compiled by NVRTC to cubins for the device's own architecture (the driver never JIT-compiles
+//! PTX), one module per kernels/*.cu loaded on the first launch of one of its kernels.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys::{
-    CUdeviceptr, CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode,
+    CUdevice_attribute, CUdeviceptr, CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags,
+    CUstreamCaptureMode,
 };
 use cudarc::driver::{
     result, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream, PushKernelArg,
@@ -15,9 +17,10 @@ use cudarc::driver::{
 
 use super::device::{
     check_kernel_args, check_launch_limits, check_max_dynamic_shared, kernel_signature, Device,
-    DeviceBuffer, DeviceMemory, Event, Graph, KernelArg, LaunchConfig, KERNELS,
+    DeviceBuffer, DeviceMemory, Event, Graph, KernelArg, LaunchConfig, StreamKind, KERNELS,
+    WORK_STREAM,
 };
-use super::nvrtc::{kernel_source, Nvrtc};
+use super::nvrtc::{kernel_source, CudaVersion, Nvrtc, Output};
 
 /// Whether a CUDA driver can be loaded and reports at least one device. Never panics: cudarc
 /// panics on first use when libcuda is missing, so its presence is checked first.
@@ -27,6 +30,27 @@ pub fn cuda_device_present() -> bool {
         return false;
     }
     result::init().is_ok() && result::device::get_count().is_ok_and(|count| count > 0)
+}
+
+/// The CUDA version of the machine's driver (`cuDriverGetVersion`), None without one.
+pub fn driver_cuda_version() -> Option<CudaVersion> {
+    // SAFETY: as in cuda_device_present; cuDriverGetVersion only writes the int.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } || result::init().is_err() {
+        return None;
+    }
+    let mut code = 0;
+    let status = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut code) };
+    (status == cudarc::driver::sys::CUresult::CUDA_SUCCESS)
+        .then(|| CudaVersion::from_driver_code(code))
+}
+
+/// The kernel module's version ("580.159.04") from /proc/driver/nvidia/version, when readable.
+pub fn kernel_driver_version() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/driver/nvidia/version").ok()?;
+    let line = text.lines().next()?;
+    let after = line.split("Kernel Module").nth(1)?;
+    let version = after.split_whitespace().next()?;
+    Some(version.to_string())
 }
 
 struct GpuAllocation {
@@ -60,16 +84,22 @@ pub struct GpuDevice {
     /// NVRTC target: "sm_" + the device's compute capability.
     arch: String,
     name: String,
+    driver: CudaVersion,
+    multiprocessors: i32,
+    l2_cache_bytes: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<usize, CudaFunction>>,
     max_dynamic_shared: Mutex<HashMap<usize, u32>>,
     allocated: Arc<AtomicU64>,
     capturing: AtomicBool,
+    /// The first operation refused during the current capture: the capture fails, as on the
+    /// emulator (see emu.rs).
+    capture_refused: Mutex<Option<String>>,
 }
 
 impl GpuDevice {
     /// Opens device `ordinal`. Errors (no driver, no device, compute capability below 8.0, no
-    /// NVRTC) are reported, never panics.
+    /// NVRTC, an NVRTC the driver cannot follow) are reported, never panics.
     pub fn open(ordinal: usize) -> Result<Self> {
         ensure!(
             unsafe { cudarc::driver::sys::is_culib_present() },
@@ -85,23 +115,58 @@ impl GpuDevice {
             major >= 8,
             "{name} has compute capability {major}.{minor}; kvlab's kernels need 8.0 or newer (mma.sync bf16, cp.async)"
         );
+        let driver = driver_cuda_version().context("cuDriverGetVersion failed")?;
         let nvrtc = Nvrtc::shared().context("the CUDA backend compiles its kernels with NVRTC")?;
+        let arch = format!("sm_{major}{minor}");
+        nvrtc.check_arch(&arch, &name)?;
+        let attribute = |which: CUdevice_attribute| {
+            ctx.attribute(which)
+                .with_context(|| format!("reading {which:?} of {name}"))
+        };
+        let multiprocessors =
+            attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let l2_cache_bytes =
+            attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize;
         // One stream, so cudarc's multi-stream event tracking is only overhead.
         // SAFETY: no cudarc slices exist yet; kvlab allocates through raw device pointers.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        let stream = match WORK_STREAM {
+            StreamKind::Legacy => ctx.default_stream(),
+            StreamKind::Created => ctx.new_stream().context("creating kvlab's CUDA stream")?,
+        };
         Ok(GpuDevice {
             ctx,
             stream,
             nvrtc,
-            arch: format!("sm_{major}{minor}"),
+            arch,
             name,
+            driver,
+            multiprocessors,
+            l2_cache_bytes,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             max_dynamic_shared: Mutex::new(HashMap::new()),
             allocated: Arc::new(AtomicU64::new(0)),
             capturing: AtomicBool::new(false),
+            capture_refused: Mutex::new(None),
         })
+    }
+
+    /// The driver's and NVRTC's versions: "driver 580.159.04 (CUDA 13.0), NVRTC 13.0 (path)".
+    pub fn versions(&self) -> String {
+        let module = kernel_driver_version().map_or(String::new(), |v| format!("{v} "));
+        format!(
+            "driver {module}(CUDA {}), {}",
+            self.driver,
+            self.nvrtc.describe()
+        )
+    }
+
+    /// The raw stream kvlab issues on (for libraries timed beside kvlab, as cuBLAS), with the
+    /// device's context made current on the calling thread.
+    pub fn cu_stream(&self) -> Result<cudarc::driver::sys::CUstream> {
+        self.ctx.bind_to_thread()?;
+        Ok(self.stream.cu_stream())
     }
 
     fn function(&self, index: usize) -> Result<CudaFunction> {
@@ -115,14 +180,18 @@ impl GpuDevice {
                 Some(module) => module.clone(),
                 None => {
                     let source = kernel_source(kernel.source_file)?;
-                    let ptx = self.nvrtc.compile(source, &self.arch)?;
+                    let cubin = self.nvrtc.compile(source, &self.arch, Output::Cubin)?;
                     let module = self
                         .ctx
-                        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
                         .with_context(|| {
                             format!(
-                                "loading the PTX of kernels/{} for {}",
-                                kernel.source_file, self.arch
+                                "the driver (CUDA {}) refused the cubin of kernels/{} that {} \
+                                 compiled for {}",
+                                self.driver,
+                                kernel.source_file,
+                                self.nvrtc.describe(),
+                                self.arch
                             )
                         })?;
                     modules.insert(kernel.source_file, module.clone());
@@ -144,11 +213,17 @@ impl GpuDevice {
     }
 
     fn ensure_not_capturing(&self, what: &str) -> Result<()> {
-        ensure!(
-            !self.capturing.load(Ordering::Relaxed),
-            "{what} during graph capture: only launches and memsets may be issued while capturing"
-        );
-        Ok(())
+        if !self.capturing.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.capture_refused
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| what.to_string());
+        anyhow::bail!(
+            "{what} during graph capture: only launches and memsets may be issued while capturing \
+             (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED; the capture is invalidated)"
+        )
     }
 
     fn address(buffer: &DeviceBuffer, offset_bytes: usize) -> CUdeviceptr {
@@ -158,7 +233,18 @@ impl GpuDevice {
 
 impl Device for GpuDevice {
     fn describe(&self) -> String {
-        format!("{} ({}), {}", self.name, self.arch, self.nvrtc.describe())
+        format!(
+            "{} ({}, {} SMs, {} MiB L2), {}",
+            self.name,
+            self.arch,
+            self.multiprocessors,
+            self.l2_cache_bytes >> 20,
+            self.versions()
+        )
+    }
+
+    fn l2_cache_bytes(&self) -> Option<usize> {
+        Some(self.l2_cache_bytes)
     }
 
     fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
@@ -342,6 +428,7 @@ impl Device for GpuDevice {
             !self.capturing.swap(true, Ordering::Relaxed),
             "begin_capture while a capture is already running"
         );
+        *self.capture_refused.lock().unwrap() = None;
         if let Err(error) = self
             .stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -359,6 +446,12 @@ impl Device for GpuDevice {
         );
         let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
         self.capturing.store(false, Ordering::Relaxed);
+        if let Some(what) = self.capture_refused.lock().unwrap().take() {
+            anyhow::bail!(
+                "cuStreamEndCapture: CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: {what} during the \
+                 capture invalidated it"
+            );
+        }
         let graph = graph
             .context("cuStreamEndCapture")?
             .context("the captured graph is empty")?;

@@ -14,8 +14,16 @@
 //! Copies run when they are issued. A copy issued after a launch was recorded would run before
 //! it, so the step gives up recording: the launches recorded so far are issued, then the copy,
 //! and the rest of the step runs launch by launch.
+//!
+//! With graphs off a step records all the same and issues its list at the end, launch by
+//! launch: either way the step's start event is recorded just before its first launch reaches
+//! the device, so that the device time of a step is the device's work (and, without graphs,
+//! the gaps between its launches), not the host's time to build the list.
+//!
+//! A capture that fails (a driver that refuses it, an operation capture prohibits) is said
+//! once on stderr; that step and every later one then run launch by launch.
 
-use super::device::{Device, Graph, KernelArg, LaunchConfig};
+use super::device::{Device, Event, Graph, KernelArg, LaunchConfig};
 use anyhow::Result;
 
 /// One kernel launch, as issued to the device.
@@ -35,32 +43,48 @@ impl Launch {
 /// Counts of how steps ran since the backend started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GraphStats {
-    /// Steps run kernel by kernel: graphs off, a list seen for the first time, or a step that
-    /// gave up recording at a copy.
+    /// Steps run kernel by kernel: graphs off, a list seen for the first time, a step that
+    /// gave up recording at a copy, or any step after a failed capture.
     pub steps_launched: u64,
     /// Steps captured into a new graph (then replayed).
     pub graphs_captured: u64,
     /// Steps that replayed the existing graph.
     pub graphs_replayed: u64,
+    /// Captures that failed (at most one: after it, no step tries again).
+    pub capture_failures: u64,
 }
 
 #[derive(Default)]
 pub struct StepRecorder {
     /// Some while a step records; None again once it gives up at a copy.
     recording: Option<Vec<Launch>>,
+    /// Whether this step may replay or capture a graph (graphs on).
+    graphs: bool,
+    /// Recorded just before the step's first launch was issued.
+    step_start: Option<Event>,
     /// The previous step's launches, for the "seen twice" test.
     previous: Vec<Launch>,
     captured: Option<(Vec<Launch>, Graph)>,
+    /// Why the capture failed; no capture is tried again.
+    capture_error: Option<String>,
     pub stats: GraphStats,
 }
 
 impl StepRecorder {
-    pub fn begin(&mut self) {
+    /// Starts recording a step; `graphs`: it may run as a CUDA graph.
+    pub fn begin(&mut self, graphs: bool) {
         self.recording = Some(Vec::new());
+        self.graphs = graphs;
+        self.step_start = None;
     }
 
     pub fn is_recording(&self) -> bool {
         self.recording.is_some()
+    }
+
+    /// Why graph capture failed, if it did (steps then run launch by launch).
+    pub fn capture_error(&self) -> Option<&str> {
+        self.capture_error.as_deref()
     }
 
     /// Records `launch` if a step is recording, else issues it.
@@ -74,6 +98,21 @@ impl StepRecorder {
         }
     }
 
+    /// Records the step's start event unless it has one: its device work begins now.
+    fn mark_start(&mut self, device: &dyn Device) -> Result<()> {
+        if self.step_start.is_none() {
+            self.step_start = Some(device.record_event()?);
+        }
+        Ok(())
+    }
+
+    fn issue_all(&mut self, device: &dyn Device, list: &[Launch]) -> Result<()> {
+        if !list.is_empty() {
+            self.mark_start(device)?;
+        }
+        list.iter().try_for_each(|launch| launch.issue(device))
+    }
+
     /// Called before a copy or a free: issues what was recorded so far and stops recording
     /// this step.
     pub fn flush_recording(&mut self, device: &dyn Device) -> Result<()> {
@@ -82,61 +121,74 @@ impl StepRecorder {
                 self.recording = Some(list);
                 return Ok(());
             }
-            for launch in &list {
-                launch.issue(device)?;
-            }
+            self.issue_all(device, &list)?;
         }
         Ok(())
     }
 
-    /// Ends the step: replays, captures or launches what it recorded.
-    pub fn finish(&mut self, device: &dyn Device) -> Result<()> {
+    /// Ends the step: replays, captures or launches what it recorded. Returns the event
+    /// recorded before the step's first launch (None: the step launched nothing).
+    pub fn finish(&mut self, device: &dyn Device) -> Result<Option<Event>> {
         let Some(list) = self.recording.take() else {
             // Recording stopped at a copy; the launches already ran.
             self.stats.steps_launched += 1;
-            return Ok(());
+            return Ok(self.step_start.take());
         };
-        if let Some((launches, graph)) = &self.captured {
+        let graphs = self.graphs && self.capture_error.is_none();
+        if let (true, Some((launches, graph))) = (graphs, &self.captured) {
             if *launches == list {
+                let start = device.record_event()?;
                 device.launch_graph(graph)?;
                 self.stats.graphs_replayed += 1;
-                return Ok(());
+                return Ok(Some(start));
             }
         }
-        if !list.is_empty() && list == self.previous {
+        if graphs && !list.is_empty() && list == self.previous {
             self.captured = None;
-            device.begin_capture()?;
-            let issued = list.iter().try_for_each(|l| l.issue(device));
-            let graph = device.end_capture();
-            issued?;
-            let graph = graph?;
-            device.launch_graph(&graph)?;
-            self.captured = Some((list, graph));
-            self.stats.graphs_captured += 1;
-            return Ok(());
+            match capture(device, &list) {
+                Ok(graph) => {
+                    let start = device.record_event()?;
+                    device.launch_graph(&graph)?;
+                    self.captured = Some((list, graph));
+                    self.stats.graphs_captured += 1;
+                    return Ok(Some(start));
+                }
+                Err(error) => {
+                    eprintln!(
+                        "kvlab: CUDA graph capture failed; this and every later step run launch \
+                         by launch: {error:#}"
+                    );
+                    self.capture_error = Some(format!("{error:#}"));
+                    self.stats.capture_failures += 1;
+                }
+            }
         }
-        for launch in &list {
-            launch.issue(device)?;
-        }
+        self.issue_all(device, &list)?;
         self.previous = list;
         self.stats.steps_launched += 1;
-        Ok(())
-    }
-
-    /// Counts a step that ran with graphs off.
-    pub fn note_launched(&mut self) {
-        self.stats.steps_launched += 1;
+        Ok(self.step_start.take())
     }
 
     /// Drops the recording of a step whose forward pass failed.
     pub fn abandon(&mut self) {
         self.recording = None;
+        self.step_start = None;
     }
 
     /// Forgets captured graphs (graphs switched off).
     pub fn clear(&mut self) {
         self.recording = None;
+        self.step_start = None;
         self.previous.clear();
         self.captured = None;
     }
+}
+
+/// `list` captured into a graph; the capture is always ended, also when a launch failed.
+fn capture(device: &dyn Device, list: &[Launch]) -> Result<Graph> {
+    device.begin_capture()?;
+    let issued = list.iter().try_for_each(|launch| launch.issue(device));
+    let graph = device.end_capture();
+    issued?;
+    graph
 }

@@ -1,18 +1,21 @@
 //! CUDA backend: real GPU through cudarc, or the CPU emulator of CUDA semantics.
 //!
 //! - [`device`]: the [`Device`] interface the backend is written against, kernel signatures.
-//! - [`gpu`]: [`Device`] on a real GPU (cudarc driver API, NVRTC-compiled PTX).
+//! - [`gpu`]: [`Device`] on a real GPU (cudarc driver API, NVRTC-compiled cubins).
 //! - [`emu`]: [`Device`] on the CPU: kernels/*.cu compiled for the host, run with CUDA's semantics.
-//! - [`nvrtc`]: NVRTC loading, compilation, PTX cache, the ptxas resource report.
+//! - [`nvrtc`]: NVRTC loading, compilation, the compile cache, the ptxas resource report;
+//!   [`libraries`] where NVRTC and cuBLAS are looked for; [`cublas`] the benches' yardstick.
 //! - [`backend`]: [`CudaBackend`], kvlab's kernels behind the `Backend` trait, over a [`Device`];
 //!   [`kernels`] its typed launches, [`graph`] CUDA graphs for repeated steps, [`memory`] the
 //!   accounting of device memory and the KV chunk pool.
 pub mod backend;
+pub mod cublas;
 pub mod device;
 pub mod emu;
 pub mod gpu;
 pub mod graph;
 pub mod kernels;
+pub mod libraries;
 pub mod memory;
 pub mod nvrtc;
 

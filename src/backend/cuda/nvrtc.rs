@@ -1,13 +1,16 @@
-//! NVRTC: compiles the embedded kernels/*.cu to PTX, with every kernels/*.cuh passed as a named
-//! header (NVRTC sees no file system), and caches the PTX on disk.
+//! NVRTC: compiles the embedded kernels/*.cu, with every kernels/*.cuh passed as a named header
+//! (NVRTC sees no file system), to a cubin for the device's own architecture (what the GPU
+//! loads: the driver never JIT-compiles PTX, so a PTX version newer than the driver cannot
+//! stop a run) or to PTX (the ptxas resource report), and caches the output on disk.
 //!
 //! kvlab loads NVRTC itself instead of through cudarc, whose library search knows
-//! `libnvrtc.so.12` but not `libnvrtc.so.13` (the only one on CUDA 13 machines). Search order:
-//! `$KVLAB_NVRTC` (a path), the repository's `.cuda-tools/` (scripts/setup-cuda-tools.sh), the
-//! usual CUDA install directories, then the dynamic loader's path by name, newest major first.
+//! `libnvrtc.so.12` but not `libnvrtc.so.13` (the only one on CUDA 13 machines); where it looks
+//! is [`super::libraries`]. With a driver present, the first NVRTC whose cubins that driver can
+//! load is taken ([`cubin_compatible`]): CUDA's minor-version compatibility lets a 13.0 driver
+//! load what NVRTC 13.2 compiles, but not what NVRTC 14 does.
 //!
-//! The PTX cache key is (source, headers, options, arch, NVRTC version); the cache lives in
-//! `$KVLAB_CACHE/ptx` or `<user cache dir>/kvlab/ptx`. Nothing ever reads a stale entry: any
+//! The cache key is (source, headers, options, output, NVRTC version); the cache lives in
+//! `$KVLAB_CACHE/nvrtc` or `<user cache dir>/kvlab/nvrtc`. Nothing ever reads a stale entry: any
 //! change of the key changes the file name.
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::path::{Path, PathBuf};
@@ -18,9 +21,65 @@ use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
 
 use super::device::{KernelSource, KERNELS, KERNEL_HEADERS, KERNEL_SOURCES};
+use super::libraries::{self, SearchEnv};
 
 /// Architectures the kernels must compile for.
 pub const TARGET_ARCHES: [&str; 2] = ["sm_80", "sm_90"];
+
+/// A CUDA version, as NVRTC (`nvrtcVersion`) and the driver (`cuDriverGetVersion`) report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CudaVersion {
+    pub major: i32,
+    pub minor: i32,
+}
+
+impl CudaVersion {
+    /// From the driver's encoding, 1000 * major + 10 * minor (13000 = 13.0).
+    pub fn from_driver_code(code: i32) -> CudaVersion {
+        CudaVersion {
+            major: code / 1000,
+            minor: code % 1000 / 10,
+        }
+    }
+}
+
+impl std::fmt::Display for CudaVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// Whether a driver of CUDA `driver` loads the cubins NVRTC `nvrtc` compiles: an NVRTC of the
+/// driver's major version or older (minor-version compatibility covers a newer minor).
+pub fn cubin_compatible(nvrtc: CudaVersion, driver: CudaVersion) -> Result<()> {
+    ensure!(
+        nvrtc.major <= driver.major,
+        "NVRTC {nvrtc} is newer than the CUDA driver (CUDA {driver}): a CUDA {driver} driver \
+         cannot load what an NVRTC of CUDA {} compiles; point KVLAB_NVRTC at a libnvrtc.so.{} \
+         (or older), or update the driver",
+        nvrtc.major,
+        driver.major
+    );
+    Ok(())
+}
+
+/// What NVRTC is asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Machine code for one real architecture (`--gpu-architecture=sm_NN`): what a GPU loads.
+    Cubin,
+    /// PTX for the matching virtual architecture (`compute_NN`): what ptxas reports on.
+    Ptx,
+}
+
+impl Output {
+    fn extension(self) -> &'static str {
+        match self {
+            Output::Cubin => "cubin",
+            Output::Ptx => "ptx",
+        }
+    }
+}
 
 const NVRTC_SUCCESS: c_int = 0;
 
@@ -39,19 +98,25 @@ type SizeFn = unsafe extern "C" fn(NvrtcProgram, *mut usize) -> c_int;
 type GetTextFn = unsafe extern "C" fn(NvrtcProgram, *mut c_char) -> c_int;
 type DestroyProgramFn = unsafe extern "C" fn(*mut NvrtcProgram) -> c_int;
 type ErrorStringFn = unsafe extern "C" fn(c_int) -> *const c_char;
+type ArchCountFn = unsafe extern "C" fn(*mut c_int) -> c_int;
+type ArchListFn = unsafe extern "C" fn(*mut c_int) -> c_int;
 
 /// A loaded NVRTC library.
 pub struct Nvrtc {
     library_path: String,
-    version: (i32, i32),
+    version: CudaVersion,
     create_program: CreateProgramFn,
     compile_program: CompileProgramFn,
     get_ptx_size: SizeFn,
     get_ptx: GetTextFn,
+    get_cubin_size: SizeFn,
+    get_cubin: GetTextFn,
     get_log_size: SizeFn,
     get_log: GetTextFn,
     destroy_program: DestroyProgramFn,
     error_string: ErrorStringFn,
+    /// `nvrtcGetNumSupportedArchs` / `nvrtcGetSupportedArchs` (CUDA 11.2 and newer).
+    supported_archs: Option<(ArchCountFn, ArchListFn)>,
     // Keeps the function pointers above valid.
     _library: libloading::Library,
 }
@@ -60,70 +125,49 @@ fn repo_cuda_tools() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(".cuda-tools")
 }
 
-/// Where NVRTC is looked for, in order.
+/// Where NVRTC is looked for, in order (see [`super::libraries`]).
 pub fn nvrtc_candidates() -> Vec<String> {
-    let mut candidates = Vec::new();
-    if let Ok(path) = std::env::var("KVLAB_NVRTC") {
-        candidates.push(path);
-    }
-    let names = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"];
-    let tools = repo_cuda_tools().join("nvidia");
-    let mut tool_dirs: Vec<PathBuf> = std::fs::read_dir(&tools)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.path().join("lib"))
-                .collect()
-        })
-        .unwrap_or_default();
-    tool_dirs.sort();
-    let system_dirs = [
-        "/usr/local/cuda/lib64",
-        "/usr/local/cuda/targets/x86_64-linux/lib",
-    ];
-    for name in names {
-        for dir in tool_dirs
-            .iter()
-            .map(PathBuf::as_path)
-            .chain(system_dirs.iter().map(Path::new))
-        {
-            let path = dir.join(name);
-            if path.exists() {
-                candidates.push(path.display().to_string());
-            }
-        }
-    }
-    candidates.extend(names.iter().map(|name| name.to_string()));
-    candidates
+    libraries::candidates(&libraries::NVRTC, &SearchEnv::current(&libraries::NVRTC))
 }
 
 impl Nvrtc {
-    /// Loads the first NVRTC of [`nvrtc_candidates`].
-    pub fn load() -> Result<Nvrtc> {
+    /// Loads the first NVRTC of [`nvrtc_candidates`] whose cubins a driver of CUDA `driver`
+    /// loads (any NVRTC when `driver` is None: no GPU here).
+    pub fn load(driver: Option<CudaVersion>) -> Result<Nvrtc> {
         let candidates = nvrtc_candidates();
         let mut failures = Vec::new();
         for candidate in &candidates {
-            match Self::load_from(candidate) {
+            let loaded = Self::load_from(candidate).and_then(|nvrtc| match driver {
+                Some(driver) => cubin_compatible(nvrtc.version, driver).map(|()| nvrtc),
+                None => Ok(nvrtc),
+            });
+            match loaded {
                 Ok(nvrtc) => return Ok(nvrtc),
                 Err(error) => failures.push(format!("{candidate}: {error:#}")),
             }
         }
         bail!(
-            "no usable NVRTC (run scripts/setup-cuda-tools.sh or set KVLAB_NVRTC=/path/to/libnvrtc.so.N); tried:\n  {}",
+            "no usable NVRTC{} (run scripts/setup-cuda-tools.sh or set \
+             KVLAB_NVRTC=/path/to/libnvrtc.so.N); tried:\n  {}",
+            driver.map_or(String::new(), |d| format!(" for a CUDA {d} driver")),
             failures.join("\n  ")
         )
     }
 
-    /// The process-wide NVRTC, loaded once.
+    /// The process-wide NVRTC, loaded once: the first one the machine's driver can use (any,
+    /// without a driver).
     pub fn shared() -> Result<&'static Nvrtc> {
         static SHARED: OnceLock<Result<Nvrtc, String>> = OnceLock::new();
         SHARED
-            .get_or_init(|| Nvrtc::load().map_err(|e| format!("{e:#}")))
+            .get_or_init(|| {
+                Nvrtc::load(super::gpu::driver_cuda_version()).map_err(|e| format!("{e:#}"))
+            })
             .as_ref()
             .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
-    fn load_from(path: &str) -> Result<Nvrtc> {
+    /// Loads the NVRTC at `path` (a path or a name for the dynamic loader).
+    pub fn load_from(path: &str) -> Result<Nvrtc> {
         // SAFETY: loading NVRTC runs only its initialisers; the symbols are the documented C API.
         unsafe {
             let library = libloading::Library::new(path)?;
@@ -133,24 +177,34 @@ impl Nvrtc {
                 version(&mut major, &mut minor) == NVRTC_SUCCESS,
                 "nvrtcVersion failed"
             );
+            let supported_archs = match (
+                library.get::<ArchCountFn>(b"nvrtcGetNumSupportedArchs\0"),
+                library.get::<ArchListFn>(b"nvrtcGetSupportedArchs\0"),
+            ) {
+                (Ok(count), Ok(list)) => Some((*count, *list)),
+                _ => None,
+            };
             Ok(Nvrtc {
                 library_path: path.to_string(),
-                version: (major, minor),
+                version: CudaVersion { major, minor },
                 create_program: *library.get(b"nvrtcCreateProgram\0")?,
                 compile_program: *library.get(b"nvrtcCompileProgram\0")?,
                 get_ptx_size: *library.get(b"nvrtcGetPTXSize\0")?,
                 get_ptx: *library.get(b"nvrtcGetPTX\0")?,
+                get_cubin_size: *library.get(b"nvrtcGetCUBINSize\0")?,
+                get_cubin: *library.get(b"nvrtcGetCUBIN\0")?,
                 get_log_size: *library.get(b"nvrtcGetProgramLogSize\0")?,
                 get_log: *library.get(b"nvrtcGetProgramLog\0")?,
                 destroy_program: *library.get(b"nvrtcDestroyProgram\0")?,
                 error_string: *library.get(b"nvrtcGetErrorString\0")?,
+                supported_archs,
                 _library: library,
             })
         }
     }
 
-    /// (major, minor) of the loaded NVRTC.
-    pub fn version(&self) -> (i32, i32) {
+    /// The loaded NVRTC's CUDA version.
+    pub fn version(&self) -> CudaVersion {
         self.version
     }
 
@@ -160,10 +214,44 @@ impl Nvrtc {
 
     /// "NVRTC 12.9 (/path/libnvrtc.so.12)".
     pub fn describe(&self) -> String {
-        format!(
-            "NVRTC {}.{} ({})",
-            self.version.0, self.version.1, self.library_path
-        )
+        format!("NVRTC {} ({})", self.version, self.library_path)
+    }
+
+    /// The real architectures this NVRTC compiles for (80 = sm_80), when it can say.
+    pub fn supported_archs(&self) -> Option<Vec<i32>> {
+        let (count, list) = self.supported_archs?;
+        // SAFETY: the list has the length the first call reports.
+        unsafe {
+            let mut n: c_int = 0;
+            if count(&mut n) != NVRTC_SUCCESS || n <= 0 {
+                return None;
+            }
+            let mut archs = vec![0 as c_int; n as usize];
+            if list(archs.as_mut_ptr()) != NVRTC_SUCCESS {
+                return None;
+            }
+            Some(archs)
+        }
+    }
+
+    /// An error naming this NVRTC and the device when it cannot compile for `arch` ("sm_90").
+    pub fn check_arch(&self, arch: &str, device: &str) -> Result<()> {
+        let Some(archs) = self.supported_archs() else {
+            return Ok(());
+        };
+        let number: Option<i32> = arch.strip_prefix("sm_").and_then(|n| n.parse().ok());
+        ensure!(
+            number.is_some_and(|n| archs.contains(&n)),
+            "{} cannot compile for {device} ({arch}): it knows sm_{}; point KVLAB_NVRTC at a \
+             newer libnvrtc",
+            self.describe(),
+            archs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", sm_")
+        );
+        Ok(())
     }
 
     fn error_text(&self, code: c_int) -> String {
@@ -175,41 +263,51 @@ impl Nvrtc {
         }
     }
 
-    /// Compile options for `arch` ("sm_80", "sm_90"): PTX for the matching virtual architecture,
-    /// which the driver JIT-compiles for the device it runs on.
-    pub fn options(arch: &str) -> Result<Vec<String>> {
+    /// Compile options for `arch` ("sm_80", "sm_90"): a cubin for that real architecture, or
+    /// PTX for the matching virtual one.
+    pub fn options(arch: &str, output: Output) -> Result<Vec<String>> {
         let number = arch
             .strip_prefix("sm_")
             .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric()))
             .with_context(|| format!("architecture {arch:?} is not of the form sm_NN"))?;
+        let target = match output {
+            Output::Cubin => format!("--gpu-architecture=sm_{number}"),
+            Output::Ptx => format!("--gpu-architecture=compute_{number}"),
+        };
         Ok(vec![
-            format!("--gpu-architecture=compute_{number}"),
+            target,
             "--std=c++17".to_string(),
             "-default-device".to_string(),
             "-lineinfo".to_string(),
         ])
     }
 
-    /// PTX of one kernel source for `arch`, through the PTX cache in [`cache_dir`].
-    pub fn compile(&self, source: &KernelSource, arch: &str) -> Result<String> {
-        self.compile_cached_in(source, arch, &cache_dir().join("ptx"))
+    /// One kernel source compiled for `arch`, through the cache in [`cache_dir`].
+    pub fn compile(&self, source: &KernelSource, arch: &str, output: Output) -> Result<Vec<u8>> {
+        self.compile_cached_in(source, arch, output, &cache_dir().join("nvrtc"))
     }
 
-    /// PTX of one kernel source for `arch`, from `ptx_dir` when compiled before. The cache is an
+    /// The PTX of one kernel source for `arch` (cached).
+    pub fn ptx(&self, source: &KernelSource, arch: &str) -> Result<String> {
+        String::from_utf8(self.compile(source, arch, Output::Ptx)?).context("PTX is not UTF-8")
+    }
+
+    /// One kernel source compiled for `arch`, from `cache` when compiled before. The cache is an
     /// optimisation: an unwritable directory only costs a recompile next time.
     pub fn compile_cached_in(
         &self,
         source: &KernelSource,
         arch: &str,
-        ptx_dir: &Path,
-    ) -> Result<String> {
-        let options = Self::options(arch)?;
+        output: Output,
+        cache: &Path,
+    ) -> Result<Vec<u8>> {
+        let options = Self::options(arch, output)?;
         let mut hasher = Sha256::new();
         let headers = KERNEL_HEADERS.iter().map(|h| h.text);
         for part in [source.text]
             .into_iter()
             .chain(headers)
-            .chain([options.join(" ").as_str(), &format!("{:?}", self.version)])
+            .chain([options.join(" ").as_str(), &self.version.to_string()])
         {
             hasher.update(part.as_bytes());
             hasher.update([0u8]);
@@ -221,22 +319,27 @@ impl Nvrtc {
             .map(|b| format!("{b:02x}"))
             .collect();
         let stem = source.file.trim_end_matches(".cu");
-        let cached = ptx_dir.join(format!("{stem}-{arch}-{digest}.ptx"));
-        if let Ok(ptx) = std::fs::read_to_string(&cached) {
-            return Ok(ptx);
+        let cached = cache.join(format!("{stem}-{arch}-{digest}.{}", output.extension()));
+        if let Ok(bytes) = std::fs::read(&cached) {
+            return Ok(bytes);
         }
-        let ptx = self.compile_uncached(source, &options)?;
-        if std::fs::create_dir_all(ptx_dir).is_ok() {
+        let bytes = self.compile_uncached(source, &options, output)?;
+        if std::fs::create_dir_all(cache).is_ok() {
             let temporary = cached.with_extension(format!("tmp{}", std::process::id()));
-            if std::fs::write(&temporary, &ptx).is_ok() {
+            if std::fs::write(&temporary, &bytes).is_ok() {
                 let _ = std::fs::rename(&temporary, &cached);
             }
         }
-        Ok(ptx)
+        Ok(bytes)
     }
 
     /// Compiles with NVRTC; on failure the error carries NVRTC's full log.
-    pub fn compile_uncached(&self, source: &KernelSource, options: &[String]) -> Result<String> {
+    pub fn compile_uncached(
+        &self,
+        source: &KernelSource,
+        options: &[String],
+        output: Output,
+    ) -> Result<Vec<u8>> {
         let text = CString::new(source.text)
             .with_context(|| format!("kernels/{} contains a NUL byte", source.file))?;
         let name = CString::new(source.file)?;
@@ -287,8 +390,8 @@ impl Nvrtc {
                     log
                 ))
             } else {
-                self.program_ptx(program)
-                    .with_context(|| format!("reading the PTX of kernels/{}", source.file))
+                self.program_output(program, output)
+                    .with_context(|| format!("reading the {output:?} of kernels/{}", source.file))
             };
             (self.destroy_program)(&mut program);
             result
@@ -307,23 +410,27 @@ impl Nvrtc {
         String::from_utf8_lossy(&log[..size - 1]).into_owned()
     }
 
-    unsafe fn program_ptx(&self, program: NvrtcProgram) -> Result<String> {
+    /// The compiled PTX (without its NUL) or cubin.
+    unsafe fn program_output(&self, program: NvrtcProgram, output: Output) -> Result<Vec<u8>> {
+        let (get_size, get, name) = match output {
+            Output::Ptx => (self.get_ptx_size, self.get_ptx, "nvrtcGetPTX"),
+            Output::Cubin => (self.get_cubin_size, self.get_cubin, "nvrtcGetCUBIN"),
+        };
         let mut size = 0usize;
-        let code = (self.get_ptx_size)(program, &mut size);
+        let code = get_size(program, &mut size);
         ensure!(
             code == NVRTC_SUCCESS,
-            "nvrtcGetPTXSize: {}",
+            "{name}Size: {}",
             self.error_text(code)
         );
-        let mut ptx = vec![0u8; size];
-        let code = (self.get_ptx)(program, ptx.as_mut_ptr().cast());
-        ensure!(
-            code == NVRTC_SUCCESS,
-            "nvrtcGetPTX: {}",
-            self.error_text(code)
-        );
-        ptx.truncate(size.saturating_sub(1));
-        String::from_utf8(ptx).context("PTX is not UTF-8")
+        ensure!(size > 0, "{name}Size: NVRTC produced no {output:?}");
+        let mut bytes = vec![0u8; size];
+        let code = get(program, bytes.as_mut_ptr().cast());
+        ensure!(code == NVRTC_SUCCESS, "{name}: {}", self.error_text(code));
+        if output == Output::Ptx {
+            bytes.truncate(size - 1);
+        }
+        Ok(bytes)
     }
 }
 
@@ -384,7 +491,7 @@ pub fn kernel_resources(
     let mut rows = Vec::new();
     for &arch in arches {
         for source in KERNEL_SOURCES {
-            let ptx = nvrtc.compile(source, arch)?;
+            let ptx = nvrtc.ptx(source, arch)?;
             let ptx_path = work_dir.join(format!(
                 "{}-{arch}.ptx",
                 source.file.trim_end_matches(".cu")

@@ -1,0 +1,674 @@
+//! Every CUDA kernel alone against its CPU reference (the CPU backend's op), through the CUDA
+//! backend: exactly the kernels and launch code the model runs. Inputs are rounded to bf16
+//! first, so both sides see the same numbers; differences come from bf16 outputs and summation
+//! order only. Shapes are small but awkward: lengths that are not multiples of any tile, one
+//! row, chunk boundaries inside a step, GQA ratios 1, 3, 4 and 9.
+use super::{Check, Context};
+use crate::backend::cpu::{CpuBackend, CpuTensor};
+use crate::backend::cuda::{CudaBackend, CudaOptions};
+use crate::backend::Backend;
+use crate::kv::{CacheOptions, KvCache, Strategy};
+use crate::model::config::Config;
+use crate::model::weights::{Checkpoint, HostTensor};
+use anyhow::{bail, ensure, Context as _, Result};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use safetensors::Dtype::{BF16, F16, F32};
+
+pub const CHECKS: &[Check] = &[
+    Check {
+        group: "kernels",
+        name: "embedding_gather",
+        run: embedding_gather_copies_rows,
+    },
+    Check {
+        group: "kernels",
+        name: "rms_norm",
+        run: rms_norm_with_and_without_residual_add,
+    },
+    Check {
+        group: "kernels",
+        name: "matvec",
+        run: matvec_for_decode_rows,
+    },
+    Check {
+        group: "kernels",
+        name: "matvec_grid_stride",
+        run: matvec_covers_more_rows_than_its_grid,
+    },
+    Check {
+        group: "kernels",
+        name: "matmul_mma",
+        run: tensor_core_matmul_with_ragged_tiles,
+    },
+    Check {
+        group: "kernels",
+        name: "matmul_many",
+        run: several_weights_of_one_input,
+    },
+    Check {
+        group: "kernels",
+        name: "rope",
+        run: rope_at_near_and_far_positions,
+    },
+    Check {
+        group: "kernels",
+        name: "attention_gqa1_hd16",
+        run: attention_gqa1_head_dim_16,
+    },
+    Check {
+        group: "kernels",
+        name: "attention_gqa3_hd32",
+        run: attention_gqa3_head_dim_32,
+    },
+    Check {
+        group: "kernels",
+        name: "attention_gqa4_hd64",
+        run: attention_gqa4_head_dim_64,
+    },
+    Check {
+        group: "kernels",
+        name: "attention_gqa9_hd128",
+        run: attention_gqa9_head_dim_128,
+    },
+    Check {
+        group: "kernels",
+        name: "decode_attention_splits",
+        run: decode_attention_splits_a_long_sequence,
+    },
+    Check {
+        group: "kernels",
+        name: "swiglu_and_copies",
+        run: swiglu_and_row_copies,
+    },
+    Check {
+        group: "kernels",
+        name: "argmax",
+        run: argmax_on_device_matches_the_cpu_scan,
+    },
+];
+
+/// One bf16 rounding of a value (relative 2^-8) plus f32 summation-order noise.
+const RTOL_BF16_OUTPUT: f32 = 1.0 / 128.0;
+/// Two roundings in sequence (attention: probabilities rounded to bf16 for p.v, then the output).
+const RTOL_TWO_ROUNDINGS: f32 = 1.0 / 64.0;
+
+fn round_bf16(values: Vec<f32>) -> Vec<f32> {
+    values
+        .into_iter()
+        .map(|v| bf16::from_f32(v).to_f32())
+        .collect()
+}
+
+/// `n` values of N(0, scale²), rounded to bf16.
+fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    round_bf16(
+        (0..n)
+            .map(|_| rng.sample::<f32, _>(StandardNormal) * scale)
+            .collect(),
+    )
+}
+
+/// |got - want| <= atol + rtol |want| everywhere, or an error naming the worst element.
+pub fn check_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> Result<()> {
+    ensure!(
+        got.len() == want.len(),
+        "{what}: {} values on the device, {} on the CPU",
+        got.len(),
+        want.len()
+    );
+    let mut worst: Option<(usize, f32)> = None;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let excess = (g - w).abs() - (atol + rtol * w.abs());
+        // A NaN on either side is the worst failure of all.
+        let excess = if excess.is_nan() {
+            f32::INFINITY
+        } else {
+            excess
+        };
+        if excess > 0.0 && worst.is_none_or(|(_, e)| excess > e) {
+            worst = Some((i, excess));
+        }
+    }
+    if let Some((i, _)) = worst {
+        bail!(
+            "{what}: element {i} is {} on the device, {} on the CPU (atol {atol}, rtol {rtol})",
+            got[i],
+            want[i]
+        );
+    }
+    Ok(())
+}
+
+/// A checkpoint in a temporary folder, read back through kvlab's loader so that both backends
+/// upload the same `HostTensor`s.
+struct TestCheckpoint {
+    _dir: tempfile::TempDir,
+    checkpoint: Checkpoint,
+}
+
+impl TestCheckpoint {
+    fn new(dtype: safetensors::Dtype, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<Self> {
+        let dir = tempfile::tempdir().context("creating a temporary checkpoint folder")?;
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, _, values)| {
+                values
+                    .iter()
+                    .flat_map(|&v| match dtype {
+                        BF16 => bf16::from_f32(v).to_le_bytes().to_vec(),
+                        F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+                        _ => v.to_le_bytes().to_vec(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let views = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, shape, _), data)| {
+                let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), data)?;
+                Ok((name.to_string(), view))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors"))?;
+        let checkpoint = Checkpoint::open(dir.path())?;
+        Ok(TestCheckpoint {
+            _dir: dir,
+            checkpoint,
+        })
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        self.checkpoint.tensor(name, shape)
+    }
+}
+
+fn cpu_tensor(cols: usize, values: &[f32]) -> CpuTensor {
+    CpuTensor {
+        data: values.to_vec(),
+        cols,
+    }
+}
+
+fn embedding_gather_copies_rows(ctx: &Context) -> Result<String> {
+    let mut rng = StdRng::seed_from_u64(1);
+    let (vocab, hidden) = (37, 96);
+    // Unrounded values: an f32 table is stored as bf16 pairs and must come back to 2^-17.
+    let table: Vec<f32> = (0..vocab * hidden)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect();
+    for (dtype, rtol) in [(BF16, 0.0), (F32, 1e-5)] {
+        let ckpt = TestCheckpoint::new(dtype, &[("embed", vec![vocab, hidden], &table)])?;
+        let (cpu, cuda) = (CpuBackend::new(), ctx.backend(CudaOptions::default())?);
+        let host = ckpt.tensor("embed", &[vocab, hidden])?;
+        let (cw, gw) = (cpu.upload_weight(&host)?, cuda.upload_weight(&host)?);
+        let ids = [0u32, 36, 5, 5, 17];
+        let mut co = cpu.alloc_precise(ids.len(), hidden)?;
+        let mut go = cuda.alloc_precise(ids.len(), hidden)?;
+        cpu.embed(&cw, &ids, &mut co)?;
+        cuda.embed(&gw, &ids, &mut go)?;
+        check_close(
+            &format!("embedding {dtype:?}"),
+            &cuda.read_rows(&go, 0, ids.len())?,
+            &co.data,
+            0.0,
+            rtol,
+        )?;
+        match cuda.embed(&gw, &[3, 37], &mut go) {
+            Ok(()) => bail!("id 37 of a vocabulary of 37 was accepted"),
+            Err(error) => ensure!(error.to_string().contains("37"), "{error}"),
+        }
+    }
+    Ok("bf16 and f32 tables".into())
+}
+
+fn rms_norm_with_and_without_residual_add(ctx: &Context) -> Result<String> {
+    let mut rng = StdRng::seed_from_u64(2);
+    for (rows, dim) in [(3, 144), (1, 2056)] {
+        let weight: Vec<f32> = (0..dim)
+            .map(|_| 1.0 + 0.1 * rng.sample::<f32, _>(StandardNormal))
+            .collect();
+        let ckpt = TestCheckpoint::new(BF16, &[("norm", vec![dim], &weight)])?;
+        let (cpu, cuda) = (CpuBackend::new(), ctx.backend(CudaOptions::default())?);
+        let host = ckpt.tensor("norm", &[dim])?;
+        let (cw, gw) = (cpu.upload_weight(&host)?, cuda.upload_weight(&host)?);
+        let x = randn(&mut rng, rows * dim, 2.0);
+        let delta = randn(&mut rng, rows * dim, 1.0);
+        for with_delta in [false, true] {
+            let mut cx = cpu_tensor(dim, &x);
+            let cd = cpu_tensor(dim, &delta);
+            let mut co = cpu.alloc(rows, dim)?;
+            let mut gx = cuda.upload_precise(rows, dim, &x)?;
+            let gd = cuda.upload_precise(rows, dim, &delta)?;
+            let mut go = cuda.alloc(rows, dim)?;
+            cpu.add_rms_norm(&mut cx, with_delta.then_some(&cd), &cw, 1e-5, rows, &mut co)?;
+            cuda.add_rms_norm(&mut gx, with_delta.then_some(&gd), &gw, 1e-5, rows, &mut go)?;
+            let what = format!("rms norm rows {rows} dim {dim} delta {with_delta}");
+            // The residual add is the same f32 addition on both sides.
+            check_close(
+                &format!("{what}: residual"),
+                &cuda.read_rows(&gx, 0, rows)?,
+                &cx.data,
+                0.0,
+                0.0,
+            )?;
+            check_close(
+                &format!("{what}: output"),
+                &cuda.read_rows(&go, 0, rows)?,
+                &co.data,
+                1e-4,
+                RTOL_BF16_OUTPUT,
+            )?;
+        }
+    }
+    Ok("dims 144 and 2056".into())
+}
+
+/// One matmul on both backends: `rows` of x against a `[n, k]` weight stored as `dtype`.
+fn check_matmul(
+    rng: &mut StdRng,
+    cuda: &CudaBackend,
+    (rows, n, k): (usize, usize, usize),
+    f32_out: bool,
+    dtype: safetensors::Dtype,
+) -> Result<()> {
+    let cpu = CpuBackend::new();
+    // Unrounded: an f16 / f32 checkpoint keeps digits that plain bf16 would lose.
+    let w: Vec<f32> = (0..n * k)
+        .map(|_| rng.sample::<f32, _>(StandardNormal) * 0.05)
+        .collect();
+    let x = randn(rng, rows * k, 1.0);
+    let ckpt = TestCheckpoint::new(dtype, &[("w", vec![n, k], &w)])?;
+    let host = ckpt.tensor("w", &[n, k])?;
+    let (cw, gw) = (cpu.upload_weight(&host)?, cuda.upload_weight(&host)?);
+    let cx = cpu_tensor(k, &x);
+    let mut co = cpu.alloc(rows, n)?;
+    cpu.matmul(&cx, &cw, rows, &mut co)?;
+    let gx = cuda.upload_tensor(rows, k, &x)?;
+    let mut go = if f32_out {
+        cuda.alloc_precise(rows, n)?
+    } else {
+        cuda.alloc(rows, n)?
+    };
+    cuda.matmul(&gx, &gw, rows, &mut go)?;
+    // f32 outputs differ by summation order only (and, for f16 / f32 weights, by the 2^-17
+    // relative error of the bf16 pairs): far below what rounding weights to bf16 would cause.
+    let rtol = if f32_out { 1e-4 } else { RTOL_BF16_OUTPUT };
+    check_close(
+        &format!("matmul rows {rows} n {n} k {k} f32 out {f32_out} weights {dtype:?}"),
+        &cuda.read_rows(&go, 0, rows)?,
+        &co.data,
+        1e-4,
+        rtol,
+    )
+}
+
+fn matvec_for_decode_rows(ctx: &Context) -> Result<String> {
+    let mut rng = StdRng::seed_from_u64(3);
+    let cuda = ctx.backend(CudaOptions::default())?;
+    // k: the tiny models' widths and one past 2048 (not multiples of 32 lanes x 8 elements);
+    // n: fewer and more rows than a block's 8 warps; 777 logits (odd) in f32.
+    for (n, k) in [(200, 96), (24, 144), (320, 128), (96, 320), (1000, 2056)] {
+        check_matmul(&mut rng, &cuda, (1, n, k), false, BF16)?;
+    }
+    check_matmul(&mut rng, &cuda, (1, 777, 128), true, BF16)?;
+    check_matmul(&mut rng, &cuda, (1, 200, 96), true, F32)?;
+    check_matmul(&mut rng, &cuda, (1, 200, 96), true, F16)?;
+    Ok("8 shapes, bf16 / f32 / f16 weights".into())
+}
+
+fn matvec_covers_more_rows_than_its_grid(ctx: &Context) -> Result<String> {
+    // 9000 rows > 1056 blocks x 8 warps: warps stride over several rows each.
+    let mut rng = StdRng::seed_from_u64(4);
+    let cuda = ctx.backend(CudaOptions::default())?;
+    check_matmul(&mut rng, &cuda, (1, 9000, 64), true, BF16)?;
+    Ok("9000 rows".into())
+}
+
+fn tensor_core_matmul_with_ragged_tiles(ctx: &Context) -> Result<String> {
+    let mut rng = StdRng::seed_from_u64(5);
+    let cuda = ctx.backend(CudaOptions::default())?;
+    // m, n, k around the 128 x 128 x 32 tiles: below, just above, and not multiples.
+    for shape in [(2, 200, 96), (45, 128, 144), (130, 136, 200), (45, 96, 328)] {
+        check_matmul(&mut rng, &cuda, shape, false, BF16)?;
+    }
+    check_matmul(&mut rng, &cuda, (45, 777, 128), true, BF16)?;
+    check_matmul(&mut rng, &cuda, (45, 200, 136), true, F32)?;
+    check_matmul(&mut rng, &cuda, (45, 200, 136), true, F16)?;
+    Ok("7 shapes, bf16 / f32 / f16 weights".into())
+}
+
+fn several_weights_of_one_input(ctx: &Context) -> Result<String> {
+    // q, k, v-like (one launch for three weights at one row) and gate, up-like, at one row and
+    // at many rows (one tensor-core launch each).
+    let mut rng = StdRng::seed_from_u64(9);
+    let (cpu, cuda) = (CpuBackend::new(), ctx.backend(CudaOptions::default())?);
+    let k = 144;
+    for (rows, widths) in [
+        (1, vec![96, 24, 40]),
+        (1, vec![200, 200]),
+        (45, vec![200, 136]),
+    ] {
+        let weights: Vec<Vec<f32>> = widths
+            .iter()
+            .map(|&n| randn(&mut rng, n * k, 0.05))
+            .collect();
+        let names: Vec<String> = (0..widths.len()).map(|i| format!("w{i}")).collect();
+        let specs: Vec<(&str, Vec<usize>, &[f32])> = names
+            .iter()
+            .zip(&widths)
+            .zip(&weights)
+            .map(|((name, &n), w)| (name.as_str(), vec![n, k], w.as_slice()))
+            .collect();
+        let ckpt = TestCheckpoint::new(BF16, &specs)?;
+        let x = randn(&mut rng, rows * k, 1.0);
+        let gx = cuda.upload_tensor(rows, k, &x)?;
+        let cx = cpu_tensor(k, &x);
+        let mut gpu_weights = Vec::new();
+        let mut gpu_outs = Vec::new();
+        for (name, &n) in names.iter().zip(&widths) {
+            gpu_weights.push(cuda.upload_weight(&ckpt.tensor(name, &[n, k])?)?);
+            gpu_outs.push(cuda.alloc(rows, n)?);
+        }
+        let mut pairs: Vec<_> = gpu_weights.iter().zip(gpu_outs.iter_mut()).collect();
+        cuda.matmul_many(&gx, &mut pairs, rows)?;
+        for ((name, &n), out) in names.iter().zip(&widths).zip(&gpu_outs) {
+            let cw = cpu.upload_weight(&ckpt.tensor(name, &[n, k])?)?;
+            let mut co = cpu.alloc(rows, n)?;
+            cpu.matmul(&cx, &cw, rows, &mut co)?;
+            check_close(
+                &format!("matmul_many rows {rows} widths {widths:?}: {name}"),
+                &cuda.read_rows(out, 0, rows)?,
+                &co.data,
+                1e-4,
+                RTOL_BF16_OUTPUT,
+            )?;
+        }
+    }
+    Ok("3 groups".into())
+}
+
+/// A config with the attention shape under test (the rest from a tiny fixture).
+fn attention_config(
+    ctx: &Context,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> Result<Config> {
+    let mut cfg = Config::from_dir(&ctx.fixtures.join("tiny-gqa3-headdim32-f16"))?;
+    cfg.num_heads = num_heads;
+    cfg.num_kv_heads = num_kv_heads;
+    cfg.head_dim = head_dim;
+    cfg.num_layers = 2;
+    cfg.max_position_embeddings = 8192;
+    Ok(cfg)
+}
+
+fn rope_at_near_and_far_positions(ctx: &Context) -> Result<String> {
+    let mut rng = StdRng::seed_from_u64(6);
+    let cfg = attention_config(ctx, 6, 2, 32)?;
+    let (cpu, cuda) = (CpuBackend::new(), ctx.backend(CudaOptions::default())?);
+    let inv_freq = cfg.rope_inv_freq();
+    let (cf, gf) = (
+        cpu.upload_vector(&inv_freq)?,
+        cuda.upload_vector(&inv_freq)?,
+    );
+    for (start, rows) in [(0, 1), (7, 5), (4000, 3)] {
+        let opts = CacheOptions {
+            max_context: start + rows,
+            chunk_tokens: 16,
+        };
+        let mut cpu_cache = KvCache::new(&cpu, Strategy::Static, &cfg, opts)?;
+        let mut gpu_cache = KvCache::new(&cuda, Strategy::Static, &cfg, opts)?;
+        if start > 0 {
+            cpu_cache.begin_step(&cpu, start)?;
+            cpu_cache.end_step();
+            gpu_cache.begin_step(&cuda, start)?;
+            gpu_cache.end_step();
+        }
+        cpu_cache.begin_step(&cpu, rows)?;
+        gpu_cache.begin_step(&cuda, rows)?;
+        let q = randn(&mut rng, rows * cfg.q_dim(), 1.0);
+        let k = randn(&mut rng, rows * cfg.kv_dim(), 1.0);
+        let (mut cq, mut ck) = (cpu_tensor(cfg.q_dim(), &q), cpu_tensor(cfg.kv_dim(), &k));
+        let mut gq = cuda.upload_tensor(rows, cfg.q_dim(), &q)?;
+        let mut gk = cuda.upload_tensor(rows, cfg.kv_dim(), &k)?;
+        cpu.rope(&mut cq, &mut ck, &cf, &cpu_cache)?;
+        cuda.rope(&mut gq, &mut gk, &gf, &gpu_cache)?;
+        let what = format!("rope at {start}..{}", start + rows);
+        check_close(
+            &format!("{what}: q"),
+            &cuda.read_rows(&gq, 0, rows)?,
+            &cq.data,
+            1e-3,
+            RTOL_BF16_OUTPUT,
+        )?;
+        check_close(
+            &format!("{what}: k"),
+            &cuda.read_rows(&gk, 0, rows)?,
+            &ck.data,
+            1e-3,
+            RTOL_BF16_OUTPUT,
+        )?;
+    }
+    Ok("positions 0, 7..12, 4000..4003".into())
+}
+
+/// One attention configuration: heads, KV heads, head_dim, layout, and the rows of each step.
+struct AttentionCase<'a> {
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    strategy: Strategy,
+    chunk_tokens: usize,
+    steps: &'a [usize],
+    decode_splits: usize,
+}
+
+/// Appends the same K/V to a CPU and a device cache step by step and compares attention after
+/// each step. Steps are (rows) in order; rows 1 runs the decode kernels.
+fn check_attention(ctx: &Context, case: AttentionCase) -> Result<()> {
+    let AttentionCase {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        strategy,
+        chunk_tokens,
+        steps,
+        decode_splits,
+    } = case;
+    let mut rng = StdRng::seed_from_u64((num_heads * 1000 + head_dim) as u64);
+    let cfg = attention_config(ctx, num_heads, num_kv_heads, head_dim)?;
+    let total: usize = steps.iter().sum();
+    let opts = CacheOptions {
+        max_context: total + 3,
+        chunk_tokens,
+    };
+    let cpu = CpuBackend::new();
+    let cuda = ctx.backend(CudaOptions {
+        decode_splits,
+        ..CudaOptions::default()
+    })?;
+    let mut cpu_cache = KvCache::new(&cpu, strategy, &cfg, opts)?;
+    let mut gpu_cache = KvCache::new(&cuda, strategy, &cfg, opts)?;
+    let layer = 1;
+    for &rows in steps {
+        let start = cpu_cache.len();
+        cpu_cache.begin_step(&cpu, rows)?;
+        gpu_cache.begin_step(&cuda, rows)?;
+        let q = randn(&mut rng, rows * cfg.q_dim(), 1.0);
+        let k = randn(&mut rng, rows * cfg.kv_dim(), 1.0);
+        let v = randn(&mut rng, rows * cfg.kv_dim(), 1.0);
+        let (cq, ck, cv) = (
+            cpu_tensor(cfg.q_dim(), &q),
+            cpu_tensor(cfg.kv_dim(), &k),
+            cpu_tensor(cfg.kv_dim(), &v),
+        );
+        let gq = cuda.upload_tensor(rows, cfg.q_dim(), &q)?;
+        let gk = cuda.upload_tensor(rows, cfg.kv_dim(), &k)?;
+        let gv = cuda.upload_tensor(rows, cfg.kv_dim(), &v)?;
+        cpu.kv_append(&mut cpu_cache, layer, &ck, &cv)?;
+        cuda.kv_append(&mut gpu_cache, layer, &gk, &gv)?;
+        let mut co = cpu.alloc(rows, cfg.q_dim())?;
+        let mut go = cuda.alloc(rows, cfg.q_dim())?;
+        cpu.attention(&cq, &cpu_cache, layer, num_heads, &mut co)?;
+        cuda.attention(&gq, &gpu_cache, layer, num_heads, &mut go)?;
+        // Probabilities enter p.v as bf16 in the prefill kernel: a relative 2^-8 per weight.
+        check_close(
+            &format!(
+                "attention heads {num_heads}/{num_kv_heads} head_dim {head_dim} {strategy} \
+                 chunk {chunk_tokens} splits {decode_splits}: positions {start}..{}",
+                start + rows
+            ),
+            &cuda.read_rows(&go, 0, rows)?,
+            &co.data,
+            4e-3,
+            RTOL_TWO_ROUNDINGS,
+        )?;
+        cpu_cache.end_step();
+        gpu_cache.end_step();
+    }
+    Ok(())
+}
+
+// Every configuration has a prefill step that sees more positions than one K/V tile (64, or
+// 32 at head_dim 128) and a decode step whose split covers more positions than a block reads
+// at once (64 at head_dim 16, 32 at 32, 16 at 64): both online softmaxes rescale.
+
+/// Two cases of one shape: (layout, chunk, steps, splits) each.
+fn attention_cases(
+    ctx: &Context,
+    (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
+    cases: [(Strategy, usize, &[usize], usize); 2],
+) -> Result<String> {
+    for (strategy, chunk_tokens, steps, decode_splits) in cases {
+        check_attention(
+            ctx,
+            AttentionCase {
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                strategy,
+                chunk_tokens,
+                steps,
+                decode_splits,
+            },
+        )?;
+    }
+    Ok("contiguous and chunked".into())
+}
+
+fn attention_gqa1_head_dim_16(ctx: &Context) -> Result<String> {
+    attention_cases(
+        ctx,
+        (4, 4, 16),
+        [
+            (Strategy::Static, 0, &[45, 11, 1, 1], 4),
+            (Strategy::Dynamic, 7, &[130, 11, 1], 1),
+        ],
+    )
+}
+
+fn attention_gqa3_head_dim_32(ctx: &Context) -> Result<String> {
+    attention_cases(
+        ctx,
+        (6, 2, 32),
+        [
+            (Strategy::Static, 0, &[1, 1, 30, 1], 2),
+            (Strategy::Dynamic, 7, &[1, 44, 40, 1, 1], 1),
+        ],
+    )
+}
+
+fn attention_gqa4_head_dim_64(ctx: &Context) -> Result<String> {
+    attention_cases(
+        ctx,
+        (8, 2, 64),
+        [
+            (Strategy::Static, 0, &[45, 30, 1], 1),
+            (Strategy::Dynamic, 16, &[45, 11, 1], 3),
+        ],
+    )
+}
+
+fn attention_gqa9_head_dim_128(ctx: &Context) -> Result<String> {
+    attention_cases(
+        ctx,
+        (9, 1, 128),
+        [
+            (Strategy::Static, 0, &[20, 30, 1], 3),
+            (Strategy::Dynamic, 7, &[20, 1, 1], 3),
+        ],
+    )
+}
+
+fn decode_attention_splits_a_long_sequence(ctx: &Context) -> Result<String> {
+    // 290 positions in splits of 64 (5 of 8 splits active), through both layouts.
+    attention_cases(
+        ctx,
+        (8, 2, 64),
+        [
+            (Strategy::Static, 0, &[290, 1, 1], 8),
+            (Strategy::Dynamic, 7, &[290, 1], 8),
+        ],
+    )
+}
+
+fn swiglu_and_row_copies(ctx: &Context) -> Result<String> {
+    let mut rng = StdRng::seed_from_u64(7);
+    let (cpu, cuda) = (CpuBackend::new(), ctx.backend(CudaOptions::default())?);
+    let (rows, cols) = (3, 200);
+    let gate = randn(&mut rng, rows * cols, 3.0);
+    let up = randn(&mut rng, rows * cols, 1.0);
+    let (mut cg, cu) = (cpu_tensor(cols, &gate), cpu_tensor(cols, &up));
+    let mut gg = cuda.upload_tensor(rows, cols, &gate)?;
+    let gu = cuda.upload_tensor(rows, cols, &up)?;
+    cpu.swiglu(&mut cg, &cu, rows)?;
+    cuda.swiglu(&mut gg, &gu, rows)?;
+    let got = cuda.read_rows(&gg, 0, rows)?;
+    check_close("swiglu", &got, &cg.data, 1e-4, RTOL_BF16_OUTPUT)?;
+
+    let mut dst = cuda.alloc(4, cols)?;
+    cuda.copy_rows(&gg, 1, &mut dst, 2, 2)?;
+    ensure!(
+        cuda.read_rows(&dst, 2, 2)? == got[cols..],
+        "copy_rows: the copied rows differ from their source"
+    );
+    Ok("3 x 200".into())
+}
+
+fn argmax_on_device_matches_the_cpu_scan(ctx: &Context) -> Result<String> {
+    let mut rng = StdRng::seed_from_u64(8);
+    let (cpu, cuda) = (CpuBackend::new(), ctx.backend(CudaOptions::default())?);
+    for vocab in [777, 128_256] {
+        let mut logits: Vec<f32> = randn(&mut rng, 2 * vocab, 1.0);
+        // Row 1: a tie between two maxima far apart; the first must win.
+        logits[vocab + vocab / 3] = 9.0;
+        logits[vocab + vocab - 2] = 9.0;
+        let cl = cpu_tensor(vocab, &logits);
+        let gl = cuda.upload_precise(2, vocab, &logits)?;
+        let allowed: Vec<f32> = (0..vocab)
+            .map(|i| if i % 5 == 3 { 0.0 } else { f32::NEG_INFINITY })
+            .collect();
+        let (cb, gb) = (cpu.upload_vector(&allowed)?, cuda.upload_vector(&allowed)?);
+        for row in 0..2 {
+            let (device, host) = (cuda.argmax(&gl, row, None)?, cpu.argmax(&cl, row, None)?);
+            ensure!(
+                device == host,
+                "vocab {vocab} row {row}: id {device} on the device, {host} on the CPU"
+            );
+            let (device, host) = (
+                cuda.argmax(&gl, row, Some(&gb))?,
+                cpu.argmax(&cl, row, Some(&cb))?,
+            );
+            ensure!(
+                device == host,
+                "vocab {vocab} row {row} masked: id {device} on the device, {host} on the CPU"
+            );
+        }
+    }
+    Ok("vocabularies 777 and 128256, ties, masks".into())
+}
