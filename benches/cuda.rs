@@ -27,7 +27,9 @@
 //! the tiny fixture in quick mode); `KVLAB_BENCH_QUICK=1` (tiny shapes: a smoke run);
 //! `KVLAB_BENCH_BACKEND=emu` (the emulator, quick plan: runs every code path of this file, its
 //! timings mean nothing); `KVLAB_BENCH_JSON=FILE` (every row, rewritten after each section, so
-//! that a run stopped early keeps what it measured).
+//! that a run stopped early keeps what it measured; the sections of an earlier run in the file
+//! are kept, so that several runs of some sections each fill one file). A section that fails
+//! says why and the next one runs; the exit status then says that one failed.
 
 use anyhow::{bail, Context, Result};
 use half::bf16;
@@ -148,16 +150,47 @@ struct Target {
 struct Results {
     path: Option<PathBuf>,
     value: Value,
+    failed: Vec<String>,
 }
 
 impl Results {
-    fn section(&mut self, name: &str, rows: Vec<Value>) -> Result<()> {
-        self.value[name] = Value::Array(rows);
+    /// Results added to those already in `path` (an earlier run's other sections).
+    fn new(path: Option<PathBuf>, header: Value) -> Results {
+        let mut value = path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}));
+        for (key, field) in header.as_object().expect("an object") {
+            value[key] = field.clone();
+        }
+        Results {
+            path,
+            value,
+            failed: Vec::new(),
+        }
+    }
+
+    fn write(&self) -> Result<()> {
         if let Some(path) = &self.path {
             std::fs::write(path, serde_json::to_string_pretty(&self.value)?)
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(())
+    }
+
+    /// Records a section's rows, or its error (said on stdout; the next section still runs).
+    fn section(&mut self, name: &str, rows: Result<Vec<Value>>) -> Result<()> {
+        match rows {
+            Ok(rows) => self.value[name] = Value::Array(rows),
+            Err(error) => {
+                println!("section {name} failed: {error:#}\n");
+                self.value[name] = json!({ "error": format!("{error:#}") });
+                self.failed.push(name.to_string());
+            }
+        }
+        self.write()
     }
 }
 
@@ -210,47 +243,59 @@ fn main() -> Result<()> {
     if emulated {
         println!("(the emulator: a dry run of every section; its timings mean nothing)");
     }
-    let mut results = Results {
-        path: std::env::var_os("KVLAB_BENCH_JSON").map(PathBuf::from),
-        value: json!({
+    let mut results = Results::new(
+        std::env::var_os("KVLAB_BENCH_JSON").map(PathBuf::from),
+        json!({
             "device": device.describe(),
             "backend": target.name,
             "quick": quick,
             "date": chrono::Local::now().to_rfc3339(),
         }),
-    };
+    );
     let copy = copy_bandwidth(device, &plan)?;
     println!(
         "bound: device-to-device copy {:.0} GB/s (median of {}, {:.0}..{:.0}; bytes read + written)\n",
         copy.median, copy.samples, copy.min, copy.max
     );
-    results.section("copy", vec![json!({ "gbps": copy })])?;
+    // Each run's own bound, kept beside the earlier runs' in the file.
+    let mut copies = match results.value.get("copy") {
+        Some(Value::Array(rows)) => rows.clone(),
+        _ => Vec::new(),
+    };
+    copies.push(json!({ "gbps": copy, "sections": sections }));
+    results.section("copy", Ok(copies))?;
     let bound = copy.median;
     // The model stays loaded from the decode steps to the prefill timings.
     let loaded = if wanted("decode") || wanted("prefill") {
-        Some(load_model(&target, &plan)?)
+        match load_model(&target, &plan) {
+            Ok(loaded) => Some(loaded),
+            Err(error) => {
+                for section in ["decode", "prefill"].into_iter().filter(|s| wanted(s)) {
+                    results.section(section, Err(anyhow::anyhow!("{error:#}")))?;
+                }
+                None
+            }
+        }
     } else {
         None
     };
     if let (true, Some((backend, model))) = (wanted("decode"), &loaded) {
-        let rows = decode_steps(backend, model, &plan, bound)?;
-        results.section("decode", rows)?;
+        results.section("decode", decode_steps(backend, model, &plan, bound))?;
     }
     if wanted("attention") {
-        let rows = decode_attention(&target, &plan, bound)?;
-        results.section("attention", rows)?;
+        results.section("attention", decode_attention(&target, &plan, bound))?;
     }
     if wanted("matvec") {
-        let rows = decode_matvec(&target, &plan, bound)?;
-        results.section("matvec", rows)?;
+        results.section("matvec", decode_matvec(&target, &plan, bound))?;
     }
     if wanted("matmul") {
-        let rows = prefill_matmul(&target, &plan)?;
-        results.section("matmul", rows)?;
+        results.section("matmul", prefill_matmul(&target, &plan))?;
     }
     if let (true, Some((backend, model))) = (wanted("prefill"), loaded) {
-        let rows = prefill(backend, model, &plan)?;
-        results.section("prefill", rows)?;
+        results.section("prefill", prefill(backend, model, &plan))?;
+    }
+    if !results.failed.is_empty() {
+        bail!("sections failed: {}", results.failed.join(", "));
     }
     Ok(())
 }
@@ -441,9 +486,12 @@ fn prefill_matmul(target: &Target, plan: &Plan) -> Result<Vec<Value>> {
             let ours = flops / seconds.median / 1e12;
             let mut theirs = None;
             let mut max_diff = None;
+            // The comparison reads both outputs back: at the smallest m of each shape only.
+            let compare = m == plan.prefill_rows[0];
+            let mut blas_out = None;
             if let Some(handle) = &handle {
                 let a_raw = device.upload(&a_bits)?;
-                let out_raw = device.alloc(m * n * if f32_out { 4 } else { 2 })?;
+                let out_raw = blas_out.insert(device.alloc(m * n * if f32_out { 4 } else { 2 })?);
                 let gemm = || {
                     // SAFETY: the buffers hold m*k, n*k and m*n elements of the GPU's context.
                     unsafe {
@@ -458,20 +506,25 @@ fn prefill_matmul(target: &Target, plan: &Plan) -> Result<Vec<Value>> {
                 };
                 let blas = time_calls(device, plan.samples, 1, |_| gemm())?;
                 theirs = Some(flops / blas.median / 1e12);
+            }
+            if let (Some(out_raw), true) = (&blas_out, compare) {
                 // The yardstick computes the same product: its largest difference from kvlab's,
                 // relative to the largest output.
                 let ours_out = backend.read_rows(&out, 0, m)?;
-                let blas_out: Vec<f32> = if f32_out {
-                    device.download(&out_raw)?
+                let blas_values: Vec<f32> = if f32_out {
+                    device.download(out_raw)?
                 } else {
                     device
-                        .download::<u16>(&out_raw)?
+                        .download::<u16>(out_raw)?
                         .iter()
                         .map(|&b| bf16::from_bits(b).to_f32())
                         .collect()
                 };
-                let scale = blas_out.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-30);
-                let diff = kvlab::selftest::fixtures::max_abs_diff(&ours_out, &blas_out)?;
+                let scale = blas_values
+                    .iter()
+                    .fold(0f32, |s, v| s.max(v.abs()))
+                    .max(1e-30);
+                let diff = kvlab::selftest::fixtures::max_abs_diff(&ours_out, &blas_values)?;
                 max_diff = Some(diff / scale);
             }
             println!(

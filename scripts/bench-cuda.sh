@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The CUDA backend's numbers on a GPU (benches/cuda.rs): decode matvec bandwidth, prefill matmul
-# beside cuBLAS, Llama-3.2-1B decode tokens/s with and without graphs. Uses the machine's NVRTC,
-# else installs one into .cuda-tools/ first. Set KVLAB_BENCH_MODEL to a checkpoint folder to run
-# real weights instead of random ones of the same shapes.
+# The CUDA backend's numbers on a GPU machine that has cargo (benches/cuda.rs; what each section
+# measures is said there; a machine without cargo: scripts/gpu-bundle.sh + scripts/gpu-run.sh,
+# docs/gpu-run.md). Uses the machine's NVRTC, else installs one into .cuda-tools/ first. Set
+# KVLAB_BENCH_MODEL to a checkpoint folder to run real weights instead of random ones of the
+# same shapes.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (CI runs exactly this): installs NVRTC + ptxas from PyPI into .cuda-tools/
 # once, smoke-runs every bench so that benches never rot, runs the emulator's kernel tests under
-# AddressSanitizer (out-of-bounds reads too), then the whole test suite.
+# AddressSanitizer (out-of-bounds reads too), then the whole test suite, then the GPU run's
+# scripts end to end on the emulator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=setup-cuda-tools.sh
@@ -9,3 +10,6 @@ source scripts/setup-cuda-tools.sh >/dev/null
 KVLAB_BENCH_QUICK=1 cargo bench
 cargo test --release --features emu-asan --test emulator --test cuda_kernels
 cargo test --release
+# The GPU run's bundle and device script, end to end on the emulator (docs/gpu-run.md).
+scripts/gpu-bundle.sh >/dev/null
+OUT="$(mktemp -d)" scripts/gpu-run.sh --dry-run

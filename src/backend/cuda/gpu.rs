@@ -134,7 +134,7 @@ impl GpuDevice {
             StreamKind::Legacy => ctx.default_stream(),
             StreamKind::Created => ctx.new_stream().context("creating kvlab's CUDA stream")?,
         };
-        Ok(GpuDevice {
+        let device = GpuDevice {
             ctx,
             stream,
             nvrtc,
@@ -149,7 +149,10 @@ impl GpuDevice {
             allocated: Arc::new(AtomicU64::new(0)),
             capturing: AtomicBool::new(false),
             capture_refused: Mutex::new(None),
-        })
+        };
+        // Said at start, so that every run's log names what compiled and what ran its kernels.
+        eprintln!("kvlab: {}", device.describe());
+        Ok(device)
     }
 
     /// The driver's and NVRTC's versions: "driver 580.159.04 (CUDA 13.0), NVRTC 13.0 (path)".

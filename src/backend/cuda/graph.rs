@@ -192,3 +192,191 @@ fn capture(device: &dyn Device, list: &[Launch]) -> Result<Graph> {
     issued?;
     graph
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::device::{DeviceBuffer, DeviceMemory};
+    use std::sync::Mutex;
+
+    /// A device that logs what reaches it; its captures fail when `refuse_capture`.
+    #[derive(Default)]
+    struct LogDevice {
+        log: Mutex<Vec<String>>,
+        refuse_capture: bool,
+    }
+
+    impl LogDevice {
+        fn push(&self, what: impl Into<String>) {
+            self.log.lock().unwrap().push(what.into());
+        }
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.log.lock().unwrap())
+        }
+    }
+
+    impl Device for LogDevice {
+        fn describe(&self) -> String {
+            "log".into()
+        }
+        fn l2_cache_bytes(&self) -> Option<usize> {
+            None
+        }
+        fn alloc(&self, _: usize) -> Result<DeviceBuffer> {
+            unimplemented!()
+        }
+        fn copy_htod(&self, _: &DeviceBuffer, _: usize, _: &[u8]) -> Result<()> {
+            unimplemented!()
+        }
+        fn copy_dtoh(&self, _: &DeviceBuffer, _: usize, _: &mut [u8]) -> Result<()> {
+            unimplemented!()
+        }
+        fn copy_dtod(
+            &self,
+            _: &DeviceBuffer,
+            _: usize,
+            _: &DeviceBuffer,
+            _: usize,
+            _: usize,
+        ) -> Result<()> {
+            unimplemented!()
+        }
+        fn memset_zero(&self, _: &DeviceBuffer, _: usize, _: usize) -> Result<()> {
+            unimplemented!()
+        }
+        fn launch(&self, kernel: &str, _: LaunchConfig, _: &[KernelArg]) -> Result<()> {
+            self.push(kernel);
+            Ok(())
+        }
+        fn set_max_dynamic_shared(&self, _: &str, _: u32) -> Result<()> {
+            unimplemented!()
+        }
+        fn synchronize(&self) -> Result<()> {
+            Ok(())
+        }
+        fn memory(&self) -> Result<DeviceMemory> {
+            unimplemented!()
+        }
+        fn record_event(&self) -> Result<Event> {
+            self.push("event");
+            Ok(Event(Box::new(())))
+        }
+        fn elapsed_ms(&self, _: &Event, _: &Event) -> Result<f32> {
+            Ok(0.0)
+        }
+        fn begin_capture(&self) -> Result<()> {
+            self.push("begin_capture");
+            anyhow::ensure!(
+                !self.refuse_capture,
+                "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"
+            );
+            Ok(())
+        }
+        fn end_capture(&self) -> Result<Graph> {
+            self.push("end_capture");
+            Ok(Graph(Box::new(())))
+        }
+        fn launch_graph(&self, _: &Graph) -> Result<()> {
+            self.push("graph");
+            Ok(())
+        }
+    }
+
+    fn launch(kernel: &'static str) -> Launch {
+        Launch {
+            kernel,
+            config: LaunchConfig::linear(1, 32, 0),
+            args: vec![KernelArg::I32(7)],
+        }
+    }
+
+    /// One step of launches a and b, the host's work all done before `finish`.
+    fn step(recorder: &mut StepRecorder, device: &LogDevice, graphs: bool) -> Option<Event> {
+        let before = device.log.lock().unwrap().len();
+        recorder.begin(graphs);
+        recorder.launch(device, launch("a")).unwrap();
+        recorder.launch(device, launch("b")).unwrap();
+        assert_eq!(
+            device.log.lock().unwrap().len(),
+            before,
+            "nothing is issued while the host records"
+        );
+        recorder.finish(device).unwrap()
+    }
+
+    #[test]
+    fn the_step_is_timed_from_its_first_launch() {
+        let device = LogDevice::default();
+        let mut recorder = StepRecorder::default();
+        assert!(step(&mut recorder, &device, true).is_some());
+        assert_eq!(device.take(), ["event", "a", "b"]);
+        // The same list again: captured, then the start event, then the replay.
+        step(&mut recorder, &device, true);
+        assert_eq!(
+            device.take(),
+            ["begin_capture", "a", "b", "end_capture", "event", "graph"]
+        );
+        step(&mut recorder, &device, true);
+        assert_eq!(device.take(), ["event", "graph"]);
+        // Graphs off: recorded all the same, issued together after the start event.
+        recorder.clear();
+        step(&mut recorder, &device, false);
+        step(&mut recorder, &device, false);
+        assert_eq!(device.take(), ["event", "a", "b", "event", "a", "b"]);
+        assert_eq!(
+            recorder.stats,
+            GraphStats {
+                steps_launched: 3,
+                graphs_captured: 1,
+                graphs_replayed: 1,
+                capture_failures: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_copy_mid_step_starts_the_timing_where_the_launches_go() {
+        let device = LogDevice::default();
+        let mut recorder = StepRecorder::default();
+        recorder.begin(true);
+        recorder.flush_recording(&device).unwrap(); // a copy before any launch: nothing to issue
+        recorder.launch(&device, launch("a")).unwrap();
+        recorder.flush_recording(&device).unwrap(); // a copy after one
+        recorder.launch(&device, launch("b")).unwrap(); // issued at once now
+        assert!(recorder.finish(&device).unwrap().is_some());
+        assert_eq!(device.take(), ["event", "a", "b"]);
+    }
+
+    #[test]
+    fn a_refused_capture_is_tried_once_and_the_steps_still_run() {
+        let device = LogDevice {
+            refuse_capture: true,
+            ..LogDevice::default()
+        };
+        let mut recorder = StepRecorder::default();
+        for _ in 0..3 {
+            step(&mut recorder, &device, true);
+        }
+        assert_eq!(
+            device.take(),
+            [
+                "event",
+                "a",
+                "b",
+                "begin_capture",
+                "event",
+                "a",
+                "b",
+                "event",
+                "a",
+                "b"
+            ]
+        );
+        assert_eq!(recorder.stats.capture_failures, 1);
+        assert_eq!(recorder.stats.steps_launched, 3);
+        assert!(recorder
+            .capture_error()
+            .unwrap()
+            .contains("CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"));
+    }
+}
