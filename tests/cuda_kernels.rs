@@ -3,19 +3,16 @@
 //! GPU; what each compares, on which shapes and within which tolerance, is said there), one test
 //! each; and the KV chunk pool's accounting.
 
+mod common;
+
 use kvlab::backend::cuda::emu::EmuDevice;
 use kvlab::backend::cuda::{CudaBackend, CudaOptions};
 use kvlab::backend::Backend;
 use kvlab::kv::KvLayout;
-use kvlab::selftest::{self, Check, Context};
 use std::sync::Arc;
 
-/// Runs the selftest's kernel check `name` on the emulator.
 fn kernel_check(name: &str) {
-    let id = format!("kernels/{name}");
-    let check = selftest::check(&id).unwrap_or_else(|| panic!("no check {id}"));
-    let note = (check.run)(&Context::emulator(None)).unwrap_or_else(|e| panic!("{id}: {e:#}"));
-    eprintln!("{id}: {note}");
+    common::run_check(&format!("kernels/{name}"), None);
 }
 
 /// The kernel checks this file runs, one test each (below).
@@ -38,16 +35,7 @@ const KERNEL_CHECKS: [&str; 14] = [
 
 #[test]
 fn every_kernel_check_of_the_selftest_has_a_test() {
-    let ids: Vec<String> = selftest::checks()
-        .iter()
-        .filter(|c| c.group == "kernels")
-        .map(Check::id)
-        .collect();
-    let covered: Vec<String> = KERNEL_CHECKS
-        .iter()
-        .map(|c| format!("kernels/{c}"))
-        .collect();
-    assert_eq!(ids, covered);
+    common::assert_group_is("kernels", &KERNEL_CHECKS);
 }
 
 #[test]

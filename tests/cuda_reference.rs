@@ -4,6 +4,8 @@
 //! that every step's logits are compared, for every cache strategy; graphs replaying exactly what
 //! launches compute; and what the emulator alone can stage: a driver that refuses graph capture.
 
+mod common;
+
 use kvlab::backend::cuda::device::StreamKind;
 use kvlab::backend::cuda::emu::EmuDevice;
 use kvlab::backend::cuda::{CudaBackend, CudaOptions};
@@ -12,27 +14,18 @@ use kvlab::kv::Strategy;
 use kvlab::model::forward::Model;
 use kvlab::selftest::fixtures::{RefGeneration, MODELS};
 use kvlab::selftest::reference::{check_model, generate, TOLERANCE};
-use kvlab::selftest::{self, Check, Context};
+use kvlab::selftest::{self, Context};
 use std::sync::Arc;
 
 fn reference_check(name: &str) {
-    let id = format!("reference/{name}");
-    let check = selftest::check(&id).unwrap_or_else(|| panic!("no check {id}"));
-    let note = (check.run)(&Context::emulator(None)).unwrap_or_else(|e| panic!("{id}: {e:#}"));
-    eprintln!("{id}: {note}");
+    common::run_check(&format!("reference/{name}"), None);
 }
 
 #[test]
 fn every_reference_check_of_the_selftest_has_a_test() {
-    let ids: Vec<String> = selftest::checks()
-        .iter()
-        .filter(|c| c.group == "reference")
-        .map(Check::id)
-        .collect();
-    let mut covered: Vec<String> = MODELS.iter().map(|m| format!("reference/{m}")).collect();
-    covered.push("reference/chunks_smaller_than_the_prompt".into());
-    covered.push("reference/graphs_replay_launches".into());
-    assert_eq!(ids, covered);
+    let mut names = MODELS.to_vec();
+    names.extend(["chunks_smaller_than_the_prompt", "graphs_replay_launches"]);
+    common::assert_group_is("reference", &names);
 }
 
 #[test]

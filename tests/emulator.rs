@@ -6,6 +6,8 @@
 //!
 //! Out-of-bounds reads are only caught by the AddressSanitizer build:
 //! `cargo test --release --features emu-asan --test emulator`.
+mod common;
+
 use std::sync::Arc;
 
 use kvlab::backend::cuda::device::{
@@ -45,10 +47,7 @@ fn assert_contains(text: &str, parts: &[&str]) {
 
 /// Runs the selftest's probe `name` on a 2-thread emulator.
 fn probe(name: &str) {
-    let id = format!("probes/{name}");
-    let check = selftest::check(&id).unwrap_or_else(|| panic!("no check {id}"));
-    let note = (check.run)(&Context::emulator(Some(2))).unwrap_or_else(|e| panic!("{id}: {e:#}"));
-    eprintln!("{id}: {note}");
+    common::run_check(&format!("probes/{name}"), Some(2));
 }
 
 /// The probes this file runs, one test each (below): a probe added to the selftest must be
@@ -70,13 +69,7 @@ const PROBES: [&str; 12] = [
 
 #[test]
 fn every_probe_of_the_selftest_has_a_test() {
-    let ids: Vec<String> = selftest::checks()
-        .iter()
-        .filter(|c| c.group == "probes")
-        .map(Check::id)
-        .collect();
-    let covered: Vec<String> = PROBES.iter().map(|p| format!("probes/{p}")).collect();
-    assert_eq!(ids, covered);
+    common::assert_group_is("probes", &PROBES);
 }
 
 #[test]

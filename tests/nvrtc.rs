@@ -294,9 +294,15 @@ fn libraries_are_found_in_python_venv_layouts() {
         ],
         real,
     );
+    // And a venv under /opt, as the GPU machines' image has torch in /opt/torch/.venv.
+    let opt = dir.path().join("opt");
+    let opt_venv = opt.join("torch/.venv");
+    fake_venv(&opt_venv, &[("cu13", "libnvrtc.so.13")], real);
+    std::fs::write(opt_venv.join("pyvenv.cfg"), "home = /usr/bin\n").unwrap();
     let env = SearchEnv {
         path: Some(path_venv.join("bin").into_os_string()),
         virtual_env: Some(virtual_env.clone().into_os_string()),
+        venv_parents: vec![opt],
         ..SearchEnv::default()
     };
     let site = |root: &Path, package: &str, name: &str| {
@@ -309,9 +315,10 @@ fn libraries_are_found_in_python_venv_layouts() {
     };
     let nvrtc_found = libraries::candidates(&libraries::NVRTC, &env);
     assert_eq!(
-        nvrtc_found[..2],
+        nvrtc_found[..3],
         [
             site(&path_venv, "cu13", "libnvrtc.so.13"),
+            site(&opt_venv, "cu13", "libnvrtc.so.13"),
             site(&virtual_env, "cuda_nvrtc", "libnvrtc.so.12"),
         ]
     );

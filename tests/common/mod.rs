@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests: the reference fixtures of tests/fixtures (the
 //! library's kvlab::selftest::fixtures, unwrapped for tests).
-#![allow(dead_code)] // each test crate uses its own subset
+#![allow(dead_code, unused_imports)] // each test crate uses its own subset
 
 use std::path::{Path, PathBuf};
 
@@ -25,4 +25,25 @@ pub fn read_npy(path: &Path) -> (Vec<u64>, Vec<f32>) {
 /// The largest |a - b| (a NaN counts as infinite).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     kvlab::selftest::fixtures::max_abs_diff(a, b).unwrap()
+}
+
+/// Runs the selftest's check `id` on the emulator (`threads` OS threads, all cores when None),
+/// panicking with its error.
+pub fn run_check(id: &str, threads: Option<usize>) {
+    let check = kvlab::selftest::check(id).unwrap_or_else(|| panic!("no check {id}"));
+    let ctx = kvlab::selftest::Context::emulator(threads);
+    let note = (check.run)(&ctx).unwrap_or_else(|e| panic!("{id}: {e:#}"));
+    eprintln!("{id}: {note}");
+}
+
+/// Fails unless the selftest's checks of `group` are exactly `names`, in order: a check added
+/// to the selftest must get its test too.
+pub fn assert_group_is(group: &str, names: &[&str]) {
+    let ids: Vec<String> = kvlab::selftest::checks()
+        .iter()
+        .filter(|c| c.group == group)
+        .map(kvlab::selftest::Check::id)
+        .collect();
+    let covered: Vec<String> = names.iter().map(|n| format!("{group}/{n}")).collect();
+    assert_eq!(ids, covered);
 }

@@ -9,7 +9,8 @@
 //! 4. the `nvidia/*/lib` folders of Python's site-packages, where PyPI's CUDA wheels put them
 //!    (`nvidia/cu13/lib` for CUDA 13, `nvidia/cuda_nvrtc/lib` and `nvidia/cublas/lib` for 12):
 //!    of `$VIRTUAL_ENV`, of every `python3` on the `PATH` (a venv's `bin/python3` means its
-//!    `lib/python3.*/site-packages`), `~/.local` and the system's `dist-packages`;
+//!    `lib/python3.*/site-packages`), of the venvs `/opt/*/.venv` and `/opt/*/venv` (where
+//!    images install torch), `~/.local` and the system's `dist-packages`;
 //! 5. the bare names, for the dynamic loader (`LD_LIBRARY_PATH`, the ldconfig cache).
 //!
 //! Within 2-5 the newest major version comes first: `libnvrtc.so.13` anywhere before
@@ -48,6 +49,8 @@ pub struct SearchEnv {
     pub home: Option<PathBuf>,
     /// The repository's `.cuda-tools` (absent on a machine the binary was carried to).
     pub cuda_tools: Option<PathBuf>,
+    /// Folders whose `*/.venv` and `*/venv` are Python prefixes (`/opt`).
+    pub venv_parents: Vec<PathBuf>,
     /// Folders holding `python3.*/{site,dist}-packages` that are always looked at.
     pub system_python_libs: Vec<PathBuf>,
 }
@@ -65,6 +68,7 @@ impl SearchEnv {
                 .collect(),
             home: dirs::home_dir(),
             cuda_tools: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join(".cuda-tools")),
+            venv_parents: vec![PathBuf::from("/opt")],
             system_python_libs: vec![PathBuf::from("/usr/local/lib"), PathBuf::from("/usr/lib")],
         }
     }
@@ -135,6 +139,18 @@ pub fn python_site_dirs(env: &SearchEnv) -> Vec<PathBuf> {
                 prefixes.push(prefix);
             }
         }
+    }
+    for parent in &env.venv_parents {
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            continue;
+        };
+        let mut venvs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .flat_map(|e| [e.path().join(".venv"), e.path().join("venv")])
+            .filter(|venv| venv.join("pyvenv.cfg").is_file())
+            .collect();
+        venvs.sort();
+        prefixes.extend(venvs);
     }
     if let Some(home) = &env.home {
         prefixes.push(home.join(".local"));
