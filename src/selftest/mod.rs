@@ -193,7 +193,11 @@ pub fn environment() -> String {
         )),
         Err(error) => lines.push(format!(
             "cuBLAS (benches' yardstick): absent: {}",
-            format!("{error:#}").lines().next().unwrap_or_default()
+            format!("{error:#}")
+                .lines()
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ")
         )),
     }
     for library in [libraries::NVRTC, libraries::CUBLAS] {
