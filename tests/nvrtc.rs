@@ -330,15 +330,16 @@ fn libraries_are_found_in_python_venv_layouts() {
             site(&virtual_env, "cublas", "libcublas.so.12"),
         ]
     );
-    // The bare names for the dynamic loader come last; an override comes first.
+    // The bare names for the dynamic loader come last.
     assert_eq!(nvrtc_found.last().unwrap(), "libnvrtc.so");
     let overridden = SearchEnv {
         override_path: Some("/opt/nvrtc/libnvrtc.so.13".into()),
         ..env
     };
     assert_eq!(
-        libraries::candidates(&libraries::NVRTC, &overridden)[0],
-        "/opt/nvrtc/libnvrtc.so.13"
+        libraries::candidates(&libraries::NVRTC, &overridden),
+        ["/opt/nvrtc/libnvrtc.so.13"],
+        "a library named explicitly is the only one tried"
     );
     // What the search finds loads.
     let loaded = Nvrtc::load_from(&nvrtc_found[0]).unwrap();

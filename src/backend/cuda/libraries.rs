@@ -2,7 +2,8 @@
 //! and cuBLAS (only the benches' yardstick). Neither is linked, so a binary built here runs on
 //! any machine that has them somewhere, in any of these places, in this order:
 //!
-//! 1. the path in the library's variable (`KVLAB_NVRTC`, `KVLAB_CUBLAS`);
+//! 1. the path in the library's variable (`KVLAB_NVRTC`, `KVLAB_CUBLAS`), and then nothing else:
+//!    a library named explicitly either loads or is an error naming it;
 //! 2. the repository's `.cuda-tools/nvidia/*/lib` (scripts/setup-cuda-tools.sh);
 //! 3. a CUDA toolkit: `$CUDA_HOME`, `$CUDA_PATH`, `/usr/local/cuda` (`lib64`,
 //!    `targets/x86_64-linux/lib`);
@@ -184,13 +185,13 @@ pub fn python_site_dirs(env: &SearchEnv) -> Vec<PathBuf> {
     sites
 }
 
-/// Every place `library` is tried, in order: the override, files found in [`library_dirs`]
-/// (newest major first), then bare names for the dynamic loader.
+/// Every place `library` is tried, in order: the override alone when set, else files found in
+/// [`library_dirs`] (newest major first), then bare names for the dynamic loader.
 pub fn candidates(library: &Library, env: &SearchEnv) -> Vec<String> {
-    let mut candidates = Vec::new();
     if let Some(path) = &env.override_path {
-        candidates.push(path.to_string_lossy().into_owned());
+        return vec![path.to_string_lossy().into_owned()];
     }
+    let mut candidates = Vec::new();
     let dirs = library_dirs(env);
     for name in library.names {
         for dir in &dirs {
