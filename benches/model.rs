@@ -30,7 +30,12 @@ fn main() -> anyhow::Result<()> {
         None
     };
     let (prompt_len, new_tokens, reps) = if quick { (16, 8, 2) } else { (128, 64, 3) };
-    let mut loaded = kvlab::runtime::load(model.as_deref(), BackendKind::Cpu, Default::default())?;
+    let mut loaded = kvlab::runtime::load(
+        model.as_deref(),
+        BackendKind::Cpu,
+        Default::default(),
+        Default::default(),
+    )?;
     let gen = &mut loaded.generator;
     let info = gen.backend_info();
     let cfg = gen.config().clone();
@@ -40,7 +45,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     println!(
         "model: {} ({} layers, hidden {})",
-        loaded.dir.display(),
+        loaded.path.display(),
         cfg.num_layers,
         cfg.hidden_size
     );
