@@ -60,3 +60,24 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+pub mod gguf;
+
+/// The reference outputs of transformers on SmolLM2-135M-Instruct Q4_1 (tests/fixtures).
+pub const SMOLLM2: &str = "smollm2-135m-instruct-q4_1";
+
+/// The installed SmolLM2 file (scripts/fetch-models.sh), or None after saying why the test skips;
+/// under `CI=true` its absence fails the test instead.
+pub fn smollm2_file() -> Option<PathBuf> {
+    let model = kvlab::model::hub::InstalledModel::by_name("smollm2-135m-instruct").unwrap();
+    match model.resolve() {
+        Ok(path) => Some(path),
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI=true needs the model (scripts/test.sh runs scripts/fetch-models.sh): {e:#}")
+        }
+        Err(e) => {
+            eprintln!("skipped: {e:#}");
+            None
+        }
+    }
+}
