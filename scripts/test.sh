@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (CI runs exactly this): installs NVRTC + ptxas from PyPI into .cuda-tools/
-# once and SmolLM2-135M-Instruct (scripts/fetch-models.sh) into kvlab's cache, smoke-runs every bench so that benches never rot, runs the emulator's kernel tests under
-# AddressSanitizer (out-of-bounds reads too), then the whole test suite.
+# once and SmolLM2-135M-Instruct (scripts/fetch-models.sh) into kvlab's cache, smoke-runs every
+# bench so that benches never rot, runs the emulator's kernel tests under AddressSanitizer
+# (out-of-bounds reads too), then the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=setup-cuda-tools.sh
