@@ -5,7 +5,7 @@ use kvlab::backend::Backend;
 use kvlab::kv::map::CacheMap;
 use kvlab::kv::{CacheOptions, KvCache, Strategy};
 use kvlab::model::config::{Config, HfConfig};
-use kvlab::model::hub::resolve_model_dir;
+use kvlab::model::hub::resolve_model;
 use kvlab::model::synth::{config_json, Preset};
 use kvlab::scenario::plots::draw_cache_map;
 use kvlab::scenario::report::Table;
@@ -17,7 +17,8 @@ const MAX_LISTED_CHUNKS: usize = 12;
 
 #[derive(Args, Debug)]
 pub struct CacheMapArgs {
-    /// Model folder or hub id; only its config.json is read. Default: the Llama-3.2-1B shape.
+    /// Model folder, .gguf file, installed model or hub id; only its config (config.json, or the
+    /// GGUF metadata) is read. Default: the Llama-3.2-1B shape.
     #[arg(long)]
     pub model: Option<String>,
     /// The layout to show: static (one preallocated buffer) or dynamic (chunks on demand).
@@ -46,8 +47,8 @@ pub fn run(args: CacheMapArgs) -> Result<()> {
     }
     let (model_name, config) = match &args.model {
         Some(spec) => {
-            let dir = resolve_model_dir(spec)?;
-            (dir.display().to_string(), Config::from_dir(&dir)?)
+            let path = resolve_model(spec)?;
+            (path.display().to_string(), Config::from_model_path(&path)?)
         }
         None => {
             let hf: HfConfig = serde_json::from_value(config_json(Preset::Llama32_1B))

@@ -55,7 +55,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let tokenizer = loaded.tokenizer.as_ref().with_context(|| {
                 format!(
                     "{} has no tokenizer.json: pass --prompt-ids",
-                    loaded.dir.display()
+                    loaded.path.display()
                 )
             })?;
             match (prompt, messages) {
@@ -116,7 +116,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let text = tokenizer.map(|t| t.decode(&gen.new_ids, true));
     if args.json {
         let out = serde_json::json!({
-            "model": loaded.dir,
+            "model": loaded.path,
             "synthetic": loaded.synthetic,
             "backend": loaded.generator.backend_info(),
             "cache": args.cache,

@@ -12,10 +12,14 @@ use clap::Args;
 /// Which model, on which backend.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model folder, or a hub id (org/name[@revision]) found in the local Hugging Face cache.
+    /// Model folder, .gguf file, `smollm2-135m-instruct` (installed by scripts/fetch-models.sh),
+    /// or a hub id (org/name[@revision]) found in the local Hugging Face cache.
     /// Default: the synthetic Llama-3.2-1B, written once into kvlab's cache folder.
     #[arg(long)]
     pub model: Option<String>,
+    /// What a .gguf file's tensors are dequantized to [default: f32 on the CPU, bf16 on CUDA].
+    #[arg(long, value_enum)]
+    pub weight_dtype: Option<kvlab::model::DType>,
     /// auto picks cuda when a GPU and driver are present, else cpu; emu runs the CUDA kernels
     /// on the CPU emulator (slow, for tests and kernel debugging).
     #[arg(long, default_value = "auto")]
@@ -35,6 +39,9 @@ impl ModelArgs {
             graphs: !self.no_graphs,
             ..Default::default()
         };
-        kvlab::runtime::load(self.model.as_deref(), self.backend, cuda)
+        let opts = kvlab::runtime::LoadOptions {
+            weight_dtype: self.weight_dtype,
+        };
+        kvlab::runtime::load(self.model.as_deref(), self.backend, cuda, opts)
     }
 }

@@ -155,15 +155,6 @@ fn has_weights(dir: &Path) -> bool {
     dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file()
 }
 
-/// The checkpoint's storage dtype as config.json states it (`torch_dtype`, 5.x: `dtype`).
-fn weights_dtype(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-    ["torch_dtype", "dtype"]
-        .iter()
-        .find_map(|key| config.get(key)?.as_str().map(str::to_string))
-}
-
 /// A new results folder: `--out` (which must be absent or empty), else a dated one in results/.
 fn results_dir(out: Option<&Path>) -> Result<PathBuf> {
     let dir = match out {
@@ -202,7 +193,7 @@ pub fn run(args: ScenarioArgs) -> Result<()> {
     let tokenizer = loaded.tokenizer.take().with_context(|| {
         format!(
             "{} has no tokenizer.json: the scenarios are text conversations",
-            loaded.dir.display()
+            loaded.path.display()
         )
     })?;
     let backend = loaded.generator.backend_info();
@@ -225,9 +216,9 @@ pub fn run(args: ScenarioArgs) -> Result<()> {
         date_string: Some(chrono::Local::now().format("%d %b %Y").to_string()),
     };
     let info = RunInfo {
-        model: loaded.dir.display().to_string(),
+        model: loaded.label.clone(),
         synthetic: loaded.synthetic,
-        weights_dtype: weights_dtype(&loaded.dir),
+        weights_dtype: loaded.weights_dtype.clone(),
         backend,
         ordinary_text_only,
         subset: plan.description.clone(),

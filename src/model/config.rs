@@ -135,6 +135,15 @@ impl Config {
         Ok(config)
     }
 
+    /// The config of a model folder or a `.gguf` file.
+    pub fn from_model_path(path: &Path) -> Result<Config> {
+        if super::is_gguf(path) {
+            super::gguf::llama::config(&super::gguf::GgufFile::open(path)?)
+        } else {
+            Config::from_dir(path)
+        }
+    }
+
     pub fn from_hf(hf: &HfConfig) -> Result<Config> {
         if let Some(mt) = &hf.model_type {
             if mt != "llama" {

@@ -14,7 +14,9 @@
 //! The residual add is fused into the next norm (`add_rms_norm`), so `x` is updated lazily.
 
 use super::config::Config;
+use super::gguf::{llama, GgufFile};
 use super::weights::{HostTensor, ModelWeights};
+use super::DType;
 use crate::backend::Backend;
 use crate::kv::KvCache;
 use anyhow::{bail, Result};
@@ -86,10 +88,22 @@ impl<B: Backend> Activations<B> {
 }
 
 impl<B: Backend> Model<B> {
-    /// Loads config and weights from a HF folder, checks every tensor, and uploads them.
-    pub fn load(b: &B, dir: &Path) -> Result<Self> {
-        let config = Config::from_dir(dir)?;
-        let host = ModelWeights::<HostTensor>::load(dir, &config)?;
+    /// Loads config and weights from a HF folder or a `.gguf` file (dequantized to f32), checks
+    /// every tensor, and uploads them.
+    pub fn load(b: &B, path: &Path) -> Result<Self> {
+        if super::is_gguf(path) {
+            return Self::load_gguf(b, &GgufFile::open(path)?, DType::F32);
+        }
+        let config = Config::from_dir(path)?;
+        let host = ModelWeights::<HostTensor>::load(path, &config)?;
+        Self::from_host(b, config, &host)
+    }
+
+    /// Loads a llama GGUF file, every tensor checked and dequantized to `dtype`.
+    pub fn load_gguf(b: &B, file: &GgufFile, dtype: DType) -> Result<Self> {
+        let config = llama::config(file)?;
+        let source = llama::GgufWeights::new(file, &config, dtype);
+        let host = ModelWeights::<HostTensor>::load_from(&source, &config)?;
         Self::from_host(b, config, &host)
     }
 

@@ -1,6 +1,7 @@
 //! Model: config, weights, tokenizer, forward pass.
 pub mod config;
 pub mod forward;
+pub mod gguf;
 pub mod hub;
 pub mod weights;
 
@@ -10,7 +11,9 @@ pub mod tokenizer;
 pub mod synth;
 
 /// Storage dtype of a checkpoint tensor (activations are computed in f32 on the CPU).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 pub enum DType {
     BF16,
     F16,
@@ -24,4 +27,10 @@ impl DType {
             DType::F32 => 4,
         }
     }
+}
+
+/// True for a path to a GGUF file (by its extension; its magic is checked when it is read).
+pub fn is_gguf(path: &std::path::Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }

@@ -27,9 +27,6 @@ use serde::{Serialize, Serializer};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-/// Environment variable that overrides the cache root of [`default_model_dir`].
-pub const CACHE_ENV: &str = "KVLAB_CACHE";
-
 /// The shapes kvlab can synthesize.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Preset {
@@ -272,12 +269,7 @@ pub fn default_model_dir() -> Result<PathBuf> {
 /// `$KVLAB_CACHE` (or the platform cache dir joined with "kvlab") joined with
 /// "synthetic-{preset}-seed{seed}". Built once, saying so in one line on stderr; reused after.
 pub fn synthetic_model_dir(preset: Preset, seed: u64) -> Result<PathBuf> {
-    let root = match std::env::var_os(CACHE_ENV) {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => dirs::cache_dir()
-            .with_context(|| format!("no platform cache directory; set {CACHE_ENV}"))?
-            .join("kvlab"),
-    };
+    let root = super::hub::kvlab_cache_dir()?;
     cached_synthetic_dir(&root, &SynthOptions { preset, seed })
 }
 
@@ -577,7 +569,7 @@ fn write_weights(opts: &SynthOptions, path: &Path) -> Result<()> {
 // Tokenizer
 
 /// Llama 3's pre-tokenizer regex (cl100k_base's, in the form Llama 3's tokenizer.json states it).
-const LLAMA3_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The name of Llama 3's special token `id` (128000..128256): ten named tokens among
 /// `<|reserved_special_token_N|>`, which counts up through the gaps.

@@ -1,6 +1,7 @@
 //! The text side of a Hugging Face model folder: `tokenizer.json` (through the `tokenizers`
 //! crate), the special tokens and chat template of `tokenizer_config.json` (or
-//! `chat_template.jinja`), and the prompt a conversation becomes.
+//! `chat_template.jinja`), and the prompt a conversation becomes. GGUF files carry the same in
+//! their metadata (`gguf::vocab`).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -74,6 +75,23 @@ impl Tokenizer {
             special_tokens: config.special_tokens,
             clean_up_spaces: config.clean_up_tokenization_spaces,
         }))
+    }
+
+    /// The tokenizer, special tokens and chat template in a GGUF file's metadata.
+    pub fn from_gguf(file: &super::gguf::GgufFile) -> anyhow::Result<Tokenizer> {
+        let vocab = super::gguf::vocab::load(file)?;
+        let chat_template = vocab
+            .chat_template
+            .map(|source| ChatTemplate::new(&source))
+            .transpose()
+            .with_context(|| format!("tokenizer.chat_template of {}", file.path.display()))?;
+        Ok(Tokenizer {
+            inner: vocab.tokenizer,
+            chat_template,
+            special_tokens: vocab.special_tokens,
+            // transformers' GGUF loader leaves it off.
+            clean_up_spaces: false,
+        })
     }
 
     pub fn has_chat_template(&self) -> bool {

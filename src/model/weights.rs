@@ -1,10 +1,12 @@
 //! Checkpoint loading: safetensors files mapped with mmap, every tensor checked for presence,
 //! dtype and shape before any compute. Tensors stay in their stored dtype in the mapping.
+//! GGUF files (`gguf::llama`) go through the same checks; their tensors are dequantized into
+//! memory that the [`HostTensor`] owns.
 
 use super::config::Config;
 use super::DType;
 use anyhow::{bail, Context, Result};
-use memmap2::{Mmap, MmapOptions};
+use memmap2::{Mmap, MmapMut, MmapOptions};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,36 @@ impl std::fmt::Debug for HostTensor {
 }
 
 impl HostTensor {
+    /// A tensor of `shape` whose bytes `fill` writes (dequantized weights): an anonymous mapping,
+    /// read-only once filled, and on Linux backed by transparent huge pages where the kernel
+    /// allows, as a file in the page cache may be (decode streams 2 MiB pages faster).
+    pub fn owned(
+        name: &str,
+        dtype: DType,
+        shape: Vec<usize>,
+        file: &Path,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<HostTensor> {
+        let len = shape.iter().product::<usize>() * dtype.size_bytes();
+        let mut map = MmapMut::map_anon(len.max(1))
+            .with_context(|| format!("cannot allocate {len} bytes for tensor {name}"))?;
+        #[cfg(target_os = "linux")]
+        {
+            // Advice only: without huge pages the tensor still works.
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
+        fill(&mut map[..len]);
+        Ok(HostTensor {
+            name: name.to_string(),
+            dtype,
+            shape,
+            file: file.to_path_buf(),
+            map: Arc::new(map.make_read_only()?),
+            start: 0,
+            len,
+        })
+    }
+
     pub fn bytes(&self) -> &[u8] {
         &self.map[self.start..self.start + self.len]
     }
@@ -93,12 +125,37 @@ impl Checkpoint {
         Ok(Checkpoint { tensors, files })
     }
 
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// Where the weights come from: tensors looked up by their Hugging Face names.
+pub trait TensorSource {
+    /// The tensor `name` with exactly `shape`, or an error naming the tensor, file and shapes.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor>;
+    /// The file(s), for messages.
+    fn describe(&self) -> String;
+}
+
+impl TensorSource for Checkpoint {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        Checkpoint::tensor(self, name, shape)
+    }
+
+    fn describe(&self) -> String {
+        let names: Vec<String> = self.files.iter().map(|f| f.display().to_string()).collect();
+        names.join(", ")
+    }
+}
+
+impl Checkpoint {
     /// The tensor `name` with exactly `shape`, or an error naming the tensor, file and shapes.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
         let t = self.tensors.get(name).with_context(|| {
             format!(
                 "tensor {name} (expected shape {shape:?}) is missing from {}",
-                self.describe_files()
+                TensorSource::describe(self)
             )
         })?;
         if t.shape != shape {
@@ -109,15 +166,6 @@ impl Checkpoint {
             );
         }
         Ok(t.clone())
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-
-    fn describe_files(&self) -> String {
-        let names: Vec<String> = self.files.iter().map(|f| f.display().to_string()).collect();
-        names.join(", ")
     }
 }
 
@@ -217,9 +265,14 @@ pub struct ModelWeights<W> {
 }
 
 impl ModelWeights<HostTensor> {
-    /// Finds and checks every tensor the forward pass needs before any compute.
+    /// Finds and checks every tensor the forward pass needs, in a Hugging Face folder, before any
+    /// compute.
     pub fn load(dir: &Path, cfg: &Config) -> Result<Self> {
-        let ckpt = Checkpoint::open(dir)?;
+        Self::load_from(&Checkpoint::open(dir)?, cfg)
+    }
+
+    /// Finds and checks every tensor the forward pass needs in `ckpt`.
+    pub fn load_from(ckpt: &impl TensorSource, cfg: &Config) -> Result<Self> {
         let (h, q, kv, ff) = (
             cfg.hidden_size,
             cfg.q_dim(),

@@ -47,3 +47,24 @@ pub fn assert_group_is(group: &str, names: &[&str]) {
     let covered: Vec<String> = names.iter().map(|n| format!("{group}/{n}")).collect();
     assert_eq!(ids, covered);
 }
+
+pub mod gguf;
+
+/// The reference outputs of transformers on SmolLM2-135M-Instruct Q4_1 (tests/fixtures).
+pub const SMOLLM2: &str = "smollm2-135m-instruct-q4_1";
+
+/// The installed SmolLM2 file (scripts/fetch-models.sh), or None after saying why the test skips;
+/// under `CI=true` its absence fails the test instead.
+pub fn smollm2_file() -> Option<PathBuf> {
+    let model = kvlab::model::hub::InstalledModel::by_name("smollm2-135m-instruct").unwrap();
+    match model.resolve() {
+        Ok(path) => Some(path),
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI=true needs the model (scripts/test.sh runs scripts/fetch-models.sh): {e:#}")
+        }
+        Err(e) => {
+            eprintln!("skipped: {e:#}");
+            None
+        }
+    }
+}
