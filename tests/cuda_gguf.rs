@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{fixture, max_abs_diff, read_npy, smollm2_file, RefGeneration, SMOLLM2};
+use common::{fixture, max_abs_diff, read_npy, smollm2_file, smollm2_prompt_logits, SMOLLM2};
 use kvlab::backend::cuda::emu::EmuDevice;
 use kvlab::backend::cuda::{CudaBackend, CudaOptions};
 use kvlab::generate::{Engine, Generator};
@@ -29,7 +29,7 @@ const BF16_STEP_BOUND: f32 = 0.58;
 #[test]
 fn smollm2_on_the_emulator_is_as_close_as_transformers_in_bf16() {
     let Some(path) = smollm2_file() else { return };
-    let reference = RefGeneration::load(SMOLLM2);
+    let reference = common::reference(SMOLLM2);
     let backend = CudaBackend::new(
         Arc::new(EmuDevice::new().unwrap()),
         "emu",
@@ -39,7 +39,9 @@ fn smollm2_on_the_emulator_is_as_close_as_transformers_in_bf16() {
     let model = Model::load_gguf(&backend, &GgufFile::open(&path).unwrap(), DType::BF16).unwrap();
     let vocab = model.config.vocab_size;
     let mut engine = Engine::new(backend, model);
-    let (_, prompt_logits) = read_npy(&fixture(SMOLLM2).join("ref_prompt_logits.npy"));
+    let Some((_, prompt_logits)) = smollm2_prompt_logits() else {
+        return;
+    };
     let (_, step_logits) = read_npy(&fixture(SMOLLM2).join("forward_step_logits.npy"));
     for strategy in [Strategy::Dynamic, Strategy::Static] {
         let gen = engine

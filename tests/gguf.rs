@@ -8,7 +8,7 @@
 mod common;
 
 use common::gguf::{llama_cpp_permute, llama_metadata, Gguf, Meta};
-use common::{fixture, max_abs_diff, read_npy, smollm2_file, RefGeneration, SMOLLM2};
+use common::{fixture, max_abs_diff, read_npy, smollm2_file, smollm2_prompt_logits, SMOLLM2};
 use kvlab::backend::cpu::CpuBackend;
 use kvlab::generate::{Engine, Generator};
 use kvlab::kv::Strategy;
@@ -29,15 +29,17 @@ const TINY_TOLERANCE: f32 = 1e-4;
 #[test]
 fn smollm2_matches_transformers_for_every_strategy() {
     let Some(path) = smollm2_file() else { return };
-    let reference = RefGeneration::load(SMOLLM2);
+    let reference = common::reference(SMOLLM2);
     let backend = CpuBackend::new();
     let model = Model::load(&backend, &path).unwrap();
     let vocab = model.config.vocab_size;
     assert_eq!(vocab, 49152);
     let mut engine = Engine::new(backend, model);
-    let (shape, prompt_logits) = read_npy(&fixture(SMOLLM2).join("ref_prompt_logits.npy"));
+    let Some((shape, prompt_logits)) = smollm2_prompt_logits() else {
+        return;
+    };
     assert_eq!(shape, vec![44, vocab as u64]);
-    // ref_step_logits.npy holds what transformers' `generate` returned, whose first row is 2.4
+    // ../shared's ref_step_logits.npy holds what transformers' `generate` returned, whose first row is 2.4
     // away from its own forward pass over the same prompt (ref_prompt_logits.npy row 43); the
     // step logits are checked against its forward pass over prompt + greedy ids instead
     // (forward_step_logits.npy; tests/fixtures/smollm2-135m-instruct-q4_1/README.md).
@@ -108,7 +110,7 @@ fn smollm2_prompts_equal_transformers_apply_chat_template() {
             case.scenario, case.turn
         );
     }
-    let reference = RefGeneration::load(SMOLLM2);
+    let reference = common::reference(SMOLLM2);
     let messages: Vec<Message> = serde_json::from_str(
         &std::fs::read_to_string(fixture(SMOLLM2).join("messages.json")).unwrap(),
     )
@@ -220,7 +222,7 @@ fn a_converted_checkpoint_loads_back_to_its_own_weights() {
     }
     // Default RoPE: the converted MHA model runs to transformers' logits.
     let path = tmp.path().join("tiny-mha-f32-sharded.gguf");
-    let reference = RefGeneration::load("tiny-mha-f32-sharded");
+    let reference = common::reference("tiny-mha-f32-sharded");
     let backend = CpuBackend::new();
     let model = Model::load(&backend, &path).unwrap();
     let vocab = model.config.vocab_size;

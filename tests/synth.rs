@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use half::bf16;
 use kvlab::model::synth::{
@@ -14,20 +14,8 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-/// `../shared`, or None (test skipped with a printed reason) when absent outside CI.
-fn shared_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{} is required under CI=true",
-        dir.display()
-    );
-    eprintln!("skipped: {} is absent", dir.display());
-    None
-}
+mod common;
+use common::shared_dir;
 
 fn read_json(path: &Path) -> Value {
     let text =

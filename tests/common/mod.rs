@@ -6,6 +6,21 @@ use std::path::{Path, PathBuf};
 
 pub use kvlab::selftest::fixtures::{RefGeneration, MODELS};
 
+/// `../shared`, or None (test skipped with a printed reason) when absent outside CI.
+pub fn shared_dir() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{} is required under CI=true",
+        dir.display()
+    );
+    eprintln!("skipped: {} is absent", dir.display());
+    None
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -50,8 +65,19 @@ pub fn assert_group_is(group: &str, names: &[&str]) {
 
 pub mod gguf;
 
-/// The reference outputs of transformers on SmolLM2-135M-Instruct Q4_1 (tests/fixtures).
+/// The reference outputs of transformers on SmolLM2-135M-Instruct Q4_1 (tests/fixtures, all but
+/// the prompt logits: see [`smollm2_prompt_logits`]).
 pub const SMOLLM2: &str = "smollm2-135m-instruct-q4_1";
+
+/// transformers' logits at the 44 prompt positions of SmolLM2's reference conversation, read
+/// from `../shared/reference` (8.6 MB: too large to copy into git), or None after saying why.
+pub fn smollm2_prompt_logits() -> Option<(Vec<u64>, Vec<f32>)> {
+    let path = shared_dir()?
+        .join("reference")
+        .join(SMOLLM2)
+        .join("ref_prompt_logits.npy");
+    Some(read_npy(&path))
+}
 
 /// The installed SmolLM2 file (scripts/fetch-models.sh), or None after saying why the test skips;
 /// under `CI=true` its absence fails the test instead.
