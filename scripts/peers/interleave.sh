@@ -6,10 +6,13 @@
 #   prefill: kvlab generate, a prompt of 128 ids (the first forward pass of the process) vs
 #            llama-bench -p 128 -r 1 (after its own warm-up)
 # usage: scripts/peers/interleave.sh decode|prefill PAIRS KVLAB_BINARY LLAMA_BENCH MODEL.gguf [threads]
+# KVLAB_ARGS: more flags for kvlab generate (default none: the synthetic 1B), e.g.
+#   KVLAB_ARGS="--model smollm2-135m-instruct --weight-dtype bf16"
 set -euo pipefail
 usage="usage: $0 decode|prefill PAIRS KVLAB_BINARY LLAMA_BENCH MODEL.gguf [threads]"
 mode=${1:?$usage}; pairs=${2:?$usage}; kvlab=${3:?$usage}; bench=${4:?$usage}; gguf=${5:?$usage}
 threads=${6:-2}
+read -r -a extra <<< "${KVLAB_ARGS:-}"
 here=$(cd "$(dirname "$0")" && pwd)
 case $mode in
   decode)
@@ -23,7 +26,7 @@ case $mode in
 esac
 out=$(mktemp)
 for _ in $(seq "$pairs"); do
-  k=$("$kvlab" generate --threads "$threads" --prompt-ids "$ids" "${kv_args[@]}" --ignore-eos \
+  k=$("$kvlab" generate "${extra[@]}" --threads "$threads" --prompt-ids "$ids" "${kv_args[@]}" --ignore-eos \
       --cache static --json 2>/dev/null |
       python3 -c "import json, sys; d = json.load(sys.stdin); print(round($kv_rate, 2))")
   l=$("$bench" -m "$gguf" -t "$threads" "${lb_args[@]}" -r 1 -o json 2>/dev/null |
