@@ -566,16 +566,24 @@ fn decode_attention(target: &Target, plan: &Plan, bound_gbps: f64) -> Result<Vec
     for &context in &plan.attention_contexts {
         let mut contiguous = None;
         for &shape in &plan.layouts {
-            let mut rotation =
-                KvRotation::new(&backend, &cfg, shape, context, 1, plan.rotation_bytes)?;
-            let cost = cost::attention(&cfg, context - 1, 1, backend.kv_elem_bytes());
+            let kv_dtype = backend.kv_dtypes()[0];
+            let mut rotation = KvRotation::new(
+                &backend,
+                &cfg,
+                shape,
+                kv_dtype,
+                context,
+                1,
+                plan.rotation_bytes,
+            )?;
+            let cost = cost::attention(&cfg, context - 1, 1, kv_dtype.bytes());
             let calls = plan
                 .rotation_bytes
                 .div_ceil((cost.bytes as usize).max(1))
                 .max(cfg.num_layers);
             let seconds = time_calls(device, plan.samples, calls, |_| {
-                let (cache, layer) = rotation.next_layer();
-                backend.attention(&q, cache, layer, cfg.num_heads, &mut out)
+                let (memory, view, layer) = rotation.next_layer();
+                backend.attention(&q, memory, view, layer, cfg.num_heads, &mut out)
             })?;
             let gbps = cost.bytes / seconds.median / 1e9;
             let base = *contiguous.get_or_insert(seconds.median);
@@ -591,8 +599,6 @@ fn decode_attention(target: &Target, plan: &Plan, bound_gbps: f64) -> Result<Vec
                 "gbps": gbps, "share_of_copy": gbps / bound_gbps,
                 "time_vs_contiguous": seconds.median / base,
             }));
-            drop(rotation);
-            backend.release_kv_pool();
         }
     }
     println!();
@@ -651,7 +657,7 @@ fn decode_steps(
             cfg,
             model.weight_bytes_per_token,
             context,
-            backend.kv_elem_bytes(),
+            backend.kv_dtypes()[0].bytes(),
         );
         for &shape in &plan.layouts {
             for graphs in [true, false] {
@@ -693,8 +699,6 @@ fn decode_steps(
                     "bytes_per_step": cost.bytes, "gbps": gbps, "share_of_copy": gbps / bound_gbps,
                     "graphs_replayed": replayed,
                 }));
-                drop(step);
-                backend.release_kv_pool();
             }
         }
     }

@@ -1,15 +1,16 @@
 //! Backends: one trait, a CPU implementation and a CUDA implementation.
 //!
 //! The forward pass (`model::forward`) is written once against [`Backend`]. A backend owns its
-//! activation buffers (`Tensor`), its copy of the weights (`Weight`) and the memory of KV chunks.
+//! activation buffers (`Tensor`), its copy of the weights (`Weight`) and the memory of KV pools
+//! (`KvMemory`: one arena per [`ChunkPool`], whose bookkeeping lives in `crate::kv`).
 //! Activations are row-major `[rows, cols]`; every op takes the number of rows it works on, so
 //! buffers are allocated once for the largest step and reused (which CUDA graphs need).
 pub mod cpu;
 pub mod cuda;
 
-use crate::kv::{KvCache, KvLayout};
+use crate::kv::{ChunkCopy, ChunkPool, KvDtype, KvLayout, SeqId, StepView};
 use crate::model::weights::HostTensor;
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 /// What a backend says about itself in reports.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -18,7 +19,8 @@ pub struct BackendInfo {
     pub name: String,
     /// The device: CPU model and threads, or GPU name and compute capability.
     pub device: String,
-    /// Element type of activations and of KV entries.
+    /// Element type of activations, and of KV entries (the backend's default until a run
+    /// chooses another).
     pub activation_dtype: String,
     pub kv_dtype: String,
 }
@@ -28,10 +30,9 @@ pub trait Backend: Sized {
     type Tensor;
     /// A weight resident on the backend: matrix `[out, in]` or vector `[n]`.
     type Weight;
-    /// The memory of one KV chunk (`KvLayout::chunk_elems()` elements).
-    type KvChunk;
-    /// The backend's copy of a cache's chunk table and step positions.
-    type KvTable;
+    /// The arena of one KV pool (`chunks × KvLayout::chunk_bytes()`), and the backend's copy of
+    /// the step view when the ops cannot read it from the host (a device buffer on CUDA).
+    type KvMemory;
 
     fn info(&self) -> BackendInfo;
 
@@ -47,18 +48,15 @@ pub trait Backend: Sized {
         self.alloc(rows, cols)
     }
 
-    fn kv_elem_bytes(&self) -> usize;
-    fn alloc_kv_chunk(&self, layout: &KvLayout) -> Result<Self::KvChunk>;
-    fn new_kv_table(&self, layout: &KvLayout, max_chunks: usize) -> Result<Self::KvTable>;
-    /// Called before each forward step: the chunks now held and the step's positions
-    /// `start_pos..start_pos + rows`.
-    fn update_kv_table(
-        &self,
-        table: &mut Self::KvTable,
-        chunks: &[Self::KvChunk],
-        start_pos: usize,
-        rows: usize,
-    ) -> Result<()>;
+    /// Element types of KV entries this backend stores; the first is its default.
+    fn kv_dtypes(&self) -> &'static [KvDtype];
+    /// The arena of a pool of `chunks` chunks of `layout` (contents undefined until written).
+    fn alloc_kv_memory(&self, layout: &KvLayout, chunks: usize) -> Result<Self::KvMemory>;
+    /// Copies whole chunks inside the arena, in order (the pool's copy-on-write).
+    fn copy_kv_chunks(&self, memory: &mut Self::KvMemory, copies: &[ChunkCopy]) -> Result<()>;
+    /// Called at the start of each forward step, before its first launch: the rows, positions
+    /// and block tables that `rope`, `kv_append` and `attention` will read.
+    fn set_kv_step(&self, memory: &mut Self::KvMemory, step: &StepView) -> Result<()>;
 
     /// out[r, :] = table[ids[r], :] (out: the residual stream, from `alloc_precise`)
     fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor) -> Result<()>;
@@ -95,28 +93,32 @@ pub trait Backend: Sized {
         Ok(())
     }
     /// Rotates q `[rows, num_heads * head_dim]` and k `[rows, num_kv_heads * head_dim]` in place
-    /// (half-split `rotate_half` layout) at the positions of the cache's current step.
+    /// (half-split `rotate_half` layout), each row at its position in the step view.
     fn rope(
         &self,
         q: &mut Self::Tensor,
         k: &mut Self::Tensor,
         inv_freq: &Self::Weight,
-        cache: &KvCache<Self>,
+        memory: &Self::KvMemory,
+        step: &StepView,
     ) -> Result<()>;
-    /// Writes the step's k and v `[rows, num_kv_heads * head_dim]` into the cache for `layer`.
+    /// Writes the step's k and v `[rows, num_kv_heads * head_dim]` for `layer` at each row's
+    /// position of its sequence.
     fn kv_append(
         &self,
-        cache: &mut KvCache<Self>,
+        memory: &mut Self::KvMemory,
+        step: &StepView,
         layer: usize,
         k: &Self::Tensor,
         v: &Self::Tensor,
     ) -> Result<()>;
-    /// Causal GQA attention of the step's queries `[rows, num_heads * head_dim]` over every
-    /// position of the cache up to each query's own; out has q's shape.
+    /// Causal GQA attention of the step's queries `[rows, num_heads * head_dim]`: each row over
+    /// the positions of its own sequence up to its own; out has q's shape.
     fn attention(
         &self,
         q: &Self::Tensor,
-        cache: &KvCache<Self>,
+        memory: &Self::KvMemory,
+        step: &StepView,
         layer: usize,
         num_heads: usize,
         out: &mut Self::Tensor,
@@ -152,5 +154,46 @@ pub trait Backend: Sized {
     /// measures it apart from the host clock (CUDA events); empty otherwise.
     fn take_step_device_seconds(&self) -> Result<Vec<f64>> {
         Ok(Vec::new())
+    }
+}
+
+/// A KV pool: its bookkeeping (`crate::kv`) beside the backend's arena for it.
+pub struct KvStore<B: Backend> {
+    pub pool: ChunkPool,
+    pub memory: B::KvMemory,
+}
+
+impl<B: Backend> KvStore<B> {
+    /// A pool of `chunks` chunks of `layout` and its arena.
+    pub fn new(backend: &B, layout: KvLayout, chunks: usize, prefix_caching: bool) -> Result<Self> {
+        if !backend.kv_dtypes().contains(&layout.dtype()) {
+            let names: Vec<&str> = backend.kv_dtypes().iter().map(|d| d.name()).collect();
+            anyhow::bail!(
+                "the {} backend stores KV as {}, not {}",
+                backend.info().name,
+                names.join(" or "),
+                layout.dtype()
+            );
+        }
+        let pool = ChunkPool::new(layout, chunks, prefix_caching)?;
+        let memory = backend.alloc_kv_memory(&layout, chunks).with_context(|| {
+            format!(
+                "allocating a KV arena of {chunks} chunks ({:.1} MiB)",
+                (chunks * layout.chunk_bytes()) as f64 / (1u64 << 20) as f64
+            )
+        })?;
+        Ok(KvStore { pool, memory })
+    }
+
+    /// Reserves `rows` new positions for each sequence, makes the pool's copy-on-write copies,
+    /// and returns the step's view (sequences' rows in this order).
+    pub fn prepare_step(&mut self, backend: &B, steps: &[(SeqId, usize)]) -> Result<StepView> {
+        for &(id, rows) in steps {
+            let copies = self.pool.reserve(id, rows)?;
+            if !copies.is_empty() {
+                backend.copy_kv_chunks(&mut self.memory, &copies)?;
+            }
+        }
+        self.pool.step_view(steps)
     }
 }

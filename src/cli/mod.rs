@@ -30,6 +30,46 @@ pub struct ModelArgs {
     /// CPU threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Element type of K and V [default: f32 on the CPU (exact against transformers' f32),
+    /// bf16 on CUDA]; bf16 halves the KV bytes.
+    #[arg(long, value_enum)]
+    pub kv_dtype: Option<kvlab::kv::KvDtype>,
+    /// Bytes of the KV pool every sequence draws from, e.g. 512MiB, 2GiB, 1.5GB or a plain byte
+    /// count [default: one sequence of the model's whole context].
+    #[arg(long, value_parser = parse_bytes)]
+    pub kv_budget: Option<u64>,
+}
+
+/// A byte count: a number with an optional unit (B; KB, MB, GB: powers of 1000; KiB, MiB, GiB:
+/// powers of 1024).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = (t[..split].trim(), t[split..].trim());
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "kib" => 1024.0,
+        "mib" => (1u64 << 20) as f64,
+        "gib" => (1u64 << 30) as f64,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use B, KB, MB, GB, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 512MiB, 2GiB, 1000000)"))?;
+    let bytes = value * scale;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{text:?} is not a positive size"));
+    }
+    Ok(bytes as u64)
 }
 
 impl ModelArgs {
@@ -42,6 +82,31 @@ impl ModelArgs {
         let opts = kvlab::runtime::LoadOptions {
             weight_dtype: self.weight_dtype,
         };
-        kvlab::runtime::load(self.model.as_deref(), self.backend, cuda, opts)
+        let mut loaded = kvlab::runtime::load(self.model.as_deref(), self.backend, cuda, opts)?;
+        loaded
+            .generator
+            .set_kv_options(kvlab::generate::KvOptions {
+                dtype: self.kv_dtype,
+                budget_bytes: self.kv_budget,
+            })?;
+        Ok(loaded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1.5 GB"), Ok(1_500_000_000));
+        assert_eq!(parse_bytes("2gib"), Ok(2 << 30));
+        assert!(parse_bytes("12 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_bytes("MiB").unwrap_err().contains("not a size"));
+        assert!(parse_bytes("0").is_err());
     }
 }

@@ -345,11 +345,9 @@ impl Progress {
 }
 
 impl Observer for Progress {
-    fn warmup_started(&mut self, scenario: &Scenario, strategy: Strategy) {
-        self.bar.set_message(format!(
-            "{strategy} warm-up, not measured | {}",
-            scenario.name
-        ));
+    fn warmup_started(&mut self, strategy: Strategy) {
+        self.bar
+            .set_message(format!("{strategy} warm-up, not measured"));
     }
 
     fn turn_started(&mut self, scenario: &Scenario, strategy: Strategy, turn: usize) {

@@ -18,7 +18,7 @@ use super::gguf::{llama, GgufFile};
 use super::weights::{HostTensor, ModelWeights};
 use super::DType;
 use crate::backend::Backend;
-use crate::kv::KvCache;
+use crate::kv::StepView;
 use anyhow::{bail, Result};
 use std::path::Path;
 
@@ -118,12 +118,15 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// Runs `ids` (positions `cache.len()..`) through the model, appending their K/V to `cache`.
-    /// Logits land in `act.logits`: one row per input row, or only the last.
+    /// Runs `ids` through the model, one row each, at the rows, positions and sequences of
+    /// `step` (which the KV pool reserved), writing their K/V into `kv`. The caller commits the
+    /// step to the pool afterwards. Logits land in `act.logits`: one row per input row, or only
+    /// the last.
     pub fn forward(
         &self,
         b: &B,
-        cache: &mut KvCache<B>,
+        kv: &mut B::KvMemory,
+        step: &StepView,
         ids: &[u32],
         act: &mut Activations<B>,
         logit_rows: LogitRows,
@@ -133,13 +136,16 @@ impl<B: Backend> Model<B> {
         if rows == 0 {
             bail!("forward pass over zero tokens");
         }
+        if rows != step.rows() {
+            bail!("{rows} token ids for a step of {} rows", step.rows());
+        }
         if !act.fits(rows, logit_rows) {
             bail!(
                 "a step of {rows} rows does not fit activations sized for {}",
                 act.capacity
             );
         }
-        cache.begin_step(b, rows)?;
+        b.set_kv_step(kv, step)?;
         let w = &self.weights;
         b.embed(&w.embed_tokens, ids, &mut act.x)?;
         for (layer, lw) in w.layers.iter().enumerate() {
@@ -159,9 +165,9 @@ impl<B: Backend> Model<B> {
                 (&lw.v_proj, &mut act.v),
             ];
             b.matmul_many(&act.h, qkv, rows)?;
-            b.rope(&mut act.q, &mut act.k, &self.inv_freq, cache)?;
-            b.kv_append(cache, layer, &act.k, &act.v)?;
-            b.attention(&act.q, cache, layer, cfg.num_heads, &mut act.attn)?;
+            b.rope(&mut act.q, &mut act.k, &self.inv_freq, kv, step)?;
+            b.kv_append(kv, step, layer, &act.k, &act.v)?;
+            b.attention(&act.q, kv, step, layer, cfg.num_heads, &mut act.attn)?;
             b.matmul(&act.attn, &lw.o_proj, rows, &mut act.delta)?;
 
             b.add_rms_norm(
@@ -177,7 +183,6 @@ impl<B: Backend> Model<B> {
             b.swiglu(&mut act.gate, &act.up, rows)?;
             b.matmul(&act.gate, &lw.down_proj, rows, &mut act.delta)?;
         }
-        cache.end_step();
         b.add_rms_norm(
             &mut act.x,
             Some(&act.delta),

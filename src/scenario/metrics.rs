@@ -1,5 +1,6 @@
 //! What one turn measures, how the process's memory is read, and the statistics of a column.
 
+use crate::generate::ReuseStats;
 use crate::kv::Strategy;
 use serde::{Deserialize, Serialize};
 
@@ -34,8 +35,17 @@ pub struct TurnRecord {
     pub kv_reserved_bytes: u64,
     /// KV bytes holding written positions when the call ended (0 for `none`, which keeps nothing).
     pub kv_live_bytes: u64,
-    /// KV buffer allocations made during the call.
+    /// Of `kv_live_bytes`' sequence, chunks other sequences held too when the call ended.
+    pub kv_shared_bytes: u64,
+    /// KV chunk allocations made during the call (a static run counts one).
     pub kv_allocations: u64,
+    /// The KV pool when the call ended: its arena, the chunks sequences hold, and the cached
+    /// chunks no sequence holds (kept for reuse).
+    pub kv_pool_capacity_bytes: u64,
+    pub kv_pool_reserved_bytes: u64,
+    pub kv_pool_cached_idle_bytes: u64,
+    /// `+reuse` strategies: what of the prompt was reused, and why the rest was not.
+    pub reuse: Option<ReuseStats>,
     /// Peak resident memory of the process during the call (Linux VmHWM, reset before the call).
     pub process_peak_bytes: Option<u64>,
     /// Peak memory of the accelerator during the call, when the backend reports one.
@@ -67,7 +77,12 @@ impl TurnRecord {
             tokens_per_second: 0.0,
             kv_reserved_bytes: 0,
             kv_live_bytes: 0,
+            kv_shared_bytes: 0,
             kv_allocations: 0,
+            kv_pool_capacity_bytes: 0,
+            kv_pool_reserved_bytes: 0,
+            kv_pool_cached_idle_bytes: 0,
+            reuse: None,
             process_peak_bytes: None,
             device_peak_bytes: None,
             study_memory_delta_bytes: None,

@@ -85,6 +85,8 @@ fn strategy_color(strategy: Strategy) -> RGBColor {
         Strategy::None => RGBColor(214, 39, 40),
         Strategy::Dynamic => RGBColor(31, 119, 180),
         Strategy::Static => RGBColor(44, 160, 44),
+        Strategy::DynamicReuse => RGBColor(148, 103, 189),
+        Strategy::StaticReuse => RGBColor(255, 127, 14),
     }
 }
 
@@ -413,7 +415,7 @@ impl CacheMapFigure<'_> {
     fn drawn_chunks(&self) -> Vec<crate::kv::map::ChunkUse> {
         let chunks = self.map.chunks();
         if chunks.len() <= MAX_DRAWN_CHUNKS {
-            return chunks;
+            return chunks.to_vec();
         }
         let mut drawn = chunks[..MAX_DRAWN_CHUNKS - 1].to_vec();
         drawn.push(chunks[chunks.len() - 1]);
@@ -432,7 +434,7 @@ impl Figure for CacheMapFigure<'_> {
         let chunks = self.drawn_chunks();
         let rows = chunks.len() as f64;
         let layers = map.layout.num_layers as f64;
-        let chunk_mib = map.chunk_bytes() as f64 / MIB;
+        let chunk_mib = map.block_bytes() as f64 / MIB;
         let (chart_area, legend_area) = root.split_vertically(self.size().1 - 80);
         let mut chart = ChartBuilder::on(&chart_area)
             .caption(self.title, (FONT, 22))
@@ -445,7 +447,7 @@ impl Figure for CacheMapFigure<'_> {
             .disable_y_mesh()
             .y_labels(0)
             .x_desc(
-                "byte offset inside the chunk (MiB); order: [layer][K, V][KV head][slot][head_dim]",
+                "byte offset inside the block (MiB); order: [layer][K, V][KV head][slot][head_dim]",
             )
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 16))
@@ -457,12 +459,15 @@ impl Figure for CacheMapFigure<'_> {
             // y grows upwards: the first chunk is the top row.
             let (bottom, top) = (rows - row as f64 - 0.88, rows - row as f64 - 0.12);
             let (x, y) = chart.backend_coord(&(0.0, (bottom + top) / 2.0));
+            let what = match map.layout.kind() {
+                crate::kv::LayoutKind::Contiguous => "run".to_string(),
+                crate::kv::LayoutKind::Chunked => format!("chunk {}", chunk.chunk),
+            };
             root.draw(&Text::new(
                 format!(
-                    "chunk {} ({}-{})",
-                    chunk.index,
+                    "{what} ({}-{})",
                     chunk.first_position,
-                    chunk.first_position + map.layout.chunk_tokens as usize - 1
+                    chunk.first_position + map.block_tokens - 1
                 ),
                 (x - 8, y),
                 label_style.clone(),
@@ -495,7 +500,7 @@ impl Figure for CacheMapFigure<'_> {
                 unwritten.to_rgba(),
             ),
         ];
-        let all_chunks = map.stats.chunks as usize;
+        let all_chunks = map.chunks().len();
         if all_chunks > chunks.len() {
             legend_area.draw(&Text::new(
                 format!(

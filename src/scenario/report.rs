@@ -51,7 +51,35 @@ pub const TURN_COLUMNS: &[Column] = &[
     }),
     column("kv_reserved_bytes", |r| r.kv_reserved_bytes.to_string()),
     column("kv_live_bytes", |r| r.kv_live_bytes.to_string()),
+    column("kv_shared_bytes", |r| r.kv_shared_bytes.to_string()),
     column("kv_allocations", |r| r.kv_allocations.to_string()),
+    column("kv_pool_capacity_bytes", |r| {
+        r.kv_pool_capacity_bytes.to_string()
+    }),
+    column("kv_pool_reserved_bytes", |r| {
+        r.kv_pool_reserved_bytes.to_string()
+    }),
+    column("kv_pool_cached_idle_bytes", |r| {
+        r.kv_pool_cached_idle_bytes.to_string()
+    }),
+    column("reused_tokens", |r| {
+        optional(r.reuse.map(|u| u.reused_tokens))
+    }),
+    column("prefilled_tokens", |r| {
+        optional(r.reuse.map(|u| u.prefilled_tokens))
+    }),
+    column("reuse_hit_rate", |r| {
+        optional(r.reuse.map(|u| format!("{:.4}", u.hit_rate())))
+    }),
+    column("missed_drift_tokens", |r| {
+        optional(r.reuse.map(|u| u.missed_drift))
+    }),
+    column("missed_granularity_tokens", |r| {
+        optional(r.reuse.map(|u| u.missed_granularity))
+    }),
+    column("missed_evicted_tokens", |r| {
+        optional(r.reuse.map(|u| u.missed_evicted))
+    }),
     column("process_peak_bytes", |r| optional(r.process_peak_bytes)),
     column("device_peak_bytes", |r| optional(r.device_peak_bytes)),
     column("study_memory_delta_bytes", |r| {

@@ -7,9 +7,10 @@ use super::{Check, Context};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::Backend;
-use crate::kv::{CacheOptions, KvCache, Strategy};
+use crate::kv::KvDtype;
 use crate::model::config::Config;
 use crate::model::weights::{Checkpoint, HostTensor};
+use crate::roofline::fixture::{filled_cache, KvShape};
 use anyhow::{bail, ensure, Context as _, Result};
 use half::bf16;
 use rand::rngs::StdRng;
@@ -417,27 +418,21 @@ fn rope_at_near_and_far_positions(ctx: &Context) -> Result<String> {
         cuda.upload_vector(&inv_freq)?,
     );
     for (start, rows) in [(0, 1), (7, 5), (4000, 3)] {
-        let opts = CacheOptions {
-            max_context: start + rows,
-            chunk_tokens: 16,
-        };
-        let mut cpu_cache = KvCache::new(&cpu, Strategy::Static, &cfg, opts)?;
-        let mut gpu_cache = KvCache::new(&cuda, Strategy::Static, &cfg, opts)?;
-        if start > 0 {
-            cpu_cache.begin_step(&cpu, start)?;
-            cpu_cache.end_step();
-            gpu_cache.begin_step(&cuda, start)?;
-            gpu_cache.end_step();
-        }
-        cpu_cache.begin_step(&cpu, rows)?;
-        gpu_cache.begin_step(&cuda, rows)?;
+        let mut cpu_cache =
+            filled_cache(&cpu, &cfg, KvShape::Contiguous, KvDtype::F32, start, rows)?;
+        let mut gpu_cache =
+            filled_cache(&cuda, &cfg, KvShape::Contiguous, KvDtype::Bf16, start, rows)?;
         let q = randn(&mut rng, rows * cfg.q_dim(), 1.0);
         let k = randn(&mut rng, rows * cfg.kv_dim(), 1.0);
         let (mut cq, mut ck) = (cpu_tensor(cfg.q_dim(), &q), cpu_tensor(cfg.kv_dim(), &k));
         let mut gq = cuda.upload_tensor(rows, cfg.q_dim(), &q)?;
         let mut gk = cuda.upload_tensor(rows, cfg.kv_dim(), &k)?;
-        cpu.rope(&mut cq, &mut ck, &cf, &cpu_cache)?;
-        cuda.rope(&mut gq, &mut gk, &gf, &gpu_cache)?;
+        cpu_cache.step(&cpu, rows, |memory, view| {
+            cpu.rope(&mut cq, &mut ck, &cf, memory, view)
+        })?;
+        gpu_cache.step(&cuda, rows, |memory, view| {
+            cuda.rope(&mut gq, &mut gk, &gf, memory, view)
+        })?;
         let what = format!("rope at {start}..{}", start + rows);
         check_close(
             &format!("{what}: q"),
@@ -462,8 +457,7 @@ struct AttentionCase<'a> {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
-    strategy: Strategy,
-    chunk_tokens: usize,
+    shape: KvShape,
     steps: &'a [usize],
     decode_splits: usize,
 }
@@ -475,30 +469,24 @@ fn check_attention(ctx: &Context, case: AttentionCase) -> Result<()> {
         num_heads,
         num_kv_heads,
         head_dim,
-        strategy,
-        chunk_tokens,
+        shape,
         steps,
         decode_splits,
     } = case;
     let mut rng = StdRng::seed_from_u64((num_heads * 1000 + head_dim) as u64);
     let cfg = attention_config(ctx, num_heads, num_kv_heads, head_dim)?;
     let total: usize = steps.iter().sum();
-    let opts = CacheOptions {
-        max_context: total + 3,
-        chunk_tokens,
-    };
     let cpu = CpuBackend::new();
     let cuda = ctx.backend(CudaOptions {
         decode_splits,
         ..CudaOptions::default()
     })?;
-    let mut cpu_cache = KvCache::new(&cpu, strategy, &cfg, opts)?;
-    let mut gpu_cache = KvCache::new(&cuda, strategy, &cfg, opts)?;
+    // The CPU reads the same bf16 entries the kernels store.
+    let mut cpu_cache = filled_cache(&cpu, &cfg, shape, KvDtype::Bf16, 0, total + 3)?;
+    let mut gpu_cache = filled_cache(&cuda, &cfg, shape, KvDtype::Bf16, 0, total + 3)?;
     let layer = 1;
     for &rows in steps {
         let start = cpu_cache.len();
-        cpu_cache.begin_step(&cpu, rows)?;
-        gpu_cache.begin_step(&cuda, rows)?;
         let q = randn(&mut rng, rows * cfg.q_dim(), 1.0);
         let k = randn(&mut rng, rows * cfg.kv_dim(), 1.0);
         let v = randn(&mut rng, rows * cfg.kv_dim(), 1.0);
@@ -510,17 +498,21 @@ fn check_attention(ctx: &Context, case: AttentionCase) -> Result<()> {
         let gq = cuda.upload_tensor(rows, cfg.q_dim(), &q)?;
         let gk = cuda.upload_tensor(rows, cfg.kv_dim(), &k)?;
         let gv = cuda.upload_tensor(rows, cfg.kv_dim(), &v)?;
-        cpu.kv_append(&mut cpu_cache, layer, &ck, &cv)?;
-        cuda.kv_append(&mut gpu_cache, layer, &gk, &gv)?;
         let mut co = cpu.alloc(rows, cfg.q_dim())?;
         let mut go = cuda.alloc(rows, cfg.q_dim())?;
-        cpu.attention(&cq, &cpu_cache, layer, num_heads, &mut co)?;
-        cuda.attention(&gq, &gpu_cache, layer, num_heads, &mut go)?;
+        cpu_cache.step(&cpu, rows, |memory, view| {
+            cpu.kv_append(memory, view, layer, &ck, &cv)?;
+            cpu.attention(&cq, memory, view, layer, num_heads, &mut co)
+        })?;
+        gpu_cache.step(&cuda, rows, |memory, view| {
+            cuda.kv_append(memory, view, layer, &gk, &gv)?;
+            cuda.attention(&gq, memory, view, layer, num_heads, &mut go)
+        })?;
         // Probabilities enter p.v as bf16 in the prefill kernel: a relative 2^-8 per weight.
         check_close(
             &format!(
-                "attention heads {num_heads}/{num_kv_heads} head_dim {head_dim} {strategy} \
-                 chunk {chunk_tokens} splits {decode_splits}: positions {start}..{}",
+                "attention heads {num_heads}/{num_kv_heads} head_dim {head_dim} {shape} \
+                 splits {decode_splits}: positions {start}..{}",
                 start + rows
             ),
             &cuda.read_rows(&go, 0, rows)?,
@@ -528,8 +520,6 @@ fn check_attention(ctx: &Context, case: AttentionCase) -> Result<()> {
             4e-3,
             RTOL_TWO_ROUNDINGS,
         )?;
-        cpu_cache.end_step();
-        gpu_cache.end_step();
     }
     Ok(())
 }
@@ -538,21 +528,20 @@ fn check_attention(ctx: &Context, case: AttentionCase) -> Result<()> {
 // 32 at head_dim 128) and a decode step whose split covers more positions than a block reads
 // at once (64 at head_dim 16, 32 at 32, 16 at 64): both online softmaxes rescale.
 
-/// Two cases of one shape: (layout, chunk, steps, splits) each.
+/// Two cases of one shape: (layout, steps, splits) each.
 fn attention_cases(
     ctx: &Context,
     (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
-    cases: [(Strategy, usize, &[usize], usize); 2],
+    cases: [(KvShape, &[usize], usize); 2],
 ) -> Result<String> {
-    for (strategy, chunk_tokens, steps, decode_splits) in cases {
+    for (shape, steps, decode_splits) in cases {
         check_attention(
             ctx,
             AttentionCase {
                 num_heads,
                 num_kv_heads,
                 head_dim,
-                strategy,
-                chunk_tokens,
+                shape,
                 steps,
                 decode_splits,
             },
@@ -566,8 +555,8 @@ fn attention_gqa1_head_dim_16(ctx: &Context) -> Result<String> {
         ctx,
         (4, 4, 16),
         [
-            (Strategy::Static, 0, &[45, 11, 1, 1], 4),
-            (Strategy::Dynamic, 7, &[130, 11, 1], 1),
+            (KvShape::Contiguous, &[45, 11, 1, 1], 4),
+            (KvShape::Chunked(7), &[130, 11, 1], 1),
         ],
     )
 }
@@ -577,8 +566,8 @@ fn attention_gqa3_head_dim_32(ctx: &Context) -> Result<String> {
         ctx,
         (6, 2, 32),
         [
-            (Strategy::Static, 0, &[1, 1, 30, 1], 2),
-            (Strategy::Dynamic, 7, &[1, 44, 40, 1, 1], 1),
+            (KvShape::Contiguous, &[1, 1, 30, 1], 2),
+            (KvShape::Chunked(7), &[1, 44, 40, 1, 1], 1),
         ],
     )
 }
@@ -588,8 +577,8 @@ fn attention_gqa4_head_dim_64(ctx: &Context) -> Result<String> {
         ctx,
         (8, 2, 64),
         [
-            (Strategy::Static, 0, &[45, 30, 1], 1),
-            (Strategy::Dynamic, 16, &[45, 11, 1], 3),
+            (KvShape::Contiguous, &[45, 30, 1], 1),
+            (KvShape::Chunked(16), &[45, 11, 1], 3),
         ],
     )
 }
@@ -599,8 +588,8 @@ fn attention_gqa9_head_dim_128(ctx: &Context) -> Result<String> {
         ctx,
         (9, 1, 128),
         [
-            (Strategy::Static, 0, &[20, 30, 1], 3),
-            (Strategy::Dynamic, 7, &[20, 1, 1], 3),
+            (KvShape::Contiguous, &[20, 30, 1], 3),
+            (KvShape::Chunked(7), &[20, 1, 1], 3),
         ],
     )
 }
@@ -611,8 +600,8 @@ fn decode_attention_splits_a_long_sequence(ctx: &Context) -> Result<String> {
         ctx,
         (8, 2, 64),
         [
-            (Strategy::Static, 0, &[290, 1, 1], 8),
-            (Strategy::Dynamic, 7, &[290, 1], 8),
+            (KvShape::Contiguous, &[290, 1, 1], 8),
+            (KvShape::Chunked(7), &[290, 1], 8),
         ],
     )
 }

@@ -1,13 +1,16 @@
-//! Causal GQA attention on the CPU, over the chunks of a [`KvLayout`] (one chunk for the static
-//! cache, a chunk table for the dynamic one).
+//! Causal GQA attention on the CPU, over the arena of a KV pool through a [`StepView`]: every
+//! sequence of the step, its rows against its own positions, in either layout (a contiguous run,
+//! or chunks through a block table) and either element type (f32 or bf16, widened to f32 as it
+//! is read).
 //!
-//! A call is cut into items (KV head, block of query rows, split of the context). An item runs an
-//! online softmax (running max `m`, running sum `l`, unnormalised output `acc`) for every query
-//! head of its KV head and every row of its block over its positions, tile by tile: each K and V
-//! row is loaded once and used by all of the item's queries while it is in L1 (GQA-aware). The
-//! results are partial softmaxes; a second pass merges the splits of each (row, head) and
-//! normalises. Prefill has many row blocks and one split; decode has one row block and, once the
-//! context is long, several splits so that every core streams a part of it (flash-decoding).
+//! A call is cut into items (sequence, KV head, block of query rows, split of the context). An
+//! item runs an online softmax (running max `m`, running sum `l`, unnormalised output `acc`) for
+//! every query head of its KV head and every row of its block over its positions, tile by tile:
+//! each K and V row is loaded once and used by all of the item's queries while it is in L1
+//! (GQA-aware). The results are partial softmaxes; a second pass merges the splits of each
+//! (row, head) and normalises. Prefill has many row blocks and one split; decode has one row
+//! block and, once the context is long, several splits so that every core streams a part of it
+//! (flash-decoding). Items of all sequences run in one parallel pass.
 //!
 //! The inner loops over a run of positions ([`RunKernels`]) are plain Rust that LLVM vectorises;
 //! on x86_64 with AVX2 + FMA the item kernel is compiled a second time with those features and
@@ -16,7 +19,8 @@
 use super::simd::{exp, has_avx2_fma, Fused, MulAdd, Unfused};
 #[cfg(target_arch = "x86_64")]
 mod avx2;
-use crate::kv::{KvLayout, KvPart};
+use crate::kv::{KvPart, SeqStep, StepView};
+use half::bf16;
 use rayon::prelude::*;
 use std::cell::Cell;
 
@@ -30,22 +34,58 @@ const MIN_SPLIT: usize = 512;
 /// Items per thread the planner aims for, so that rayon can balance uneven items.
 const ITEMS_PER_THREAD: usize = 8;
 
-/// One attention call: the step's queries against a layer of the cache.
-pub struct AttentionInput<'a> {
-    /// `[rows, num_heads * head_dim]` row-major; row r is at position `start + r`.
-    pub q: &'a [f32],
-    /// The chunk table: chunk i holds positions `i * chunk_tokens ..`, each chunk
-    /// `layout.chunk_elems()` elements.
-    pub chunks: &'a [Vec<f32>],
-    pub layout: KvLayout,
-    pub layer: usize,
-    pub num_heads: usize,
-    /// Position of the first query row.
-    pub start: usize,
-    pub rows: usize,
+/// A K or V entry as the arena stores it.
+pub trait KvElement: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// Entries `p[0..8]` widened to f32.
+    ///
+    /// # Safety
+    /// `p` points at 8 readable entries, and the caller runs with AVX2 enabled.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn widen8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
-/// How a call's work is cut into items.
+impl KvElement for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl KvElement for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+
+    /// A bf16 is the high half of an f32: zero-extend to 32 bits and shift into place.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen8(p: *const bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let halves = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
+    }
+}
+
+/// One attention call: the step's queries against a layer of the arena.
+pub struct AttentionInput<'a, E> {
+    /// `[step rows, num_heads * head_dim]` row-major.
+    pub q: &'a [f32],
+    /// The pool's arena (`chunks × chunk_elems`).
+    pub kv: &'a [E],
+    pub step: &'a StepView,
+    pub layer: usize,
+    pub num_heads: usize,
+}
+
+/// How one sequence's work is cut into items.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionPlan {
     /// Query rows per item (the last block may hold fewer).
@@ -55,65 +95,120 @@ pub struct AttentionPlan {
 }
 
 impl AttentionPlan {
-    /// The plan for `rows` query rows whose last one sees `visible` positions, on `threads`
-    /// threads: row blocks of [`ROW_BLOCK`], then context splits until there are
+    /// The plan for one sequence of `rows` query rows whose last one sees `visible` positions,
+    /// on `threads` threads: row blocks of [`ROW_BLOCK`], then context splits until there are
     /// [`ITEMS_PER_THREAD`] items per thread or splits would fall under [`MIN_SPLIT`] positions.
     pub fn for_shape(rows: usize, visible: usize, num_kv_heads: usize, threads: usize) -> Self {
         let row_block = rows.clamp(1, ROW_BLOCK);
         let items = rows.div_ceil(row_block) * num_kv_heads.max(1);
+        AttentionPlan {
+            row_block,
+            splits: Self::splits(items, visible, threads),
+        }
+    }
+
+    /// One plan per sequence of `step`: the items of all of them count toward the target.
+    pub fn for_step(step: &StepView, num_kv_heads: usize, threads: usize) -> Vec<Self> {
+        let items: usize = step
+            .seqs
+            .iter()
+            .map(|s| (s.rows as usize).div_ceil((s.rows as usize).clamp(1, ROW_BLOCK)))
+            .sum::<usize>()
+            * num_kv_heads.max(1);
+        step.seqs
+            .iter()
+            .map(|s| AttentionPlan {
+                row_block: (s.rows as usize).clamp(1, ROW_BLOCK),
+                splits: Self::splits(items, s.end(), threads),
+            })
+            .collect()
+    }
+
+    fn splits(items: usize, visible: usize, threads: usize) -> usize {
         let wanted = ITEMS_PER_THREAD * threads.max(1);
-        let splits = if items >= wanted {
+        if items >= wanted {
             1
         } else {
             wanted.div_ceil(items).min(visible / MIN_SPLIT).max(1)
-        };
-        AttentionPlan { row_block, splits }
+        }
     }
 }
 
-/// out = softmax(q·Kᵀ / sqrt(head_dim), causal) · V for every row and head.
-/// `out`: `[rows, num_heads * head_dim]` row-major. The caller has checked the shapes (the
-/// backend's `attention` does) and that the chunks cover positions `..start + rows`.
-pub fn attention(input: &AttentionInput, plan: AttentionPlan, out: &mut [f32]) {
-    attention_with(Isa::detect(), input, plan, out)
+/// out = softmax(q·Kᵀ / sqrt(head_dim), causal) · V for every row and head, each row over its
+/// own sequence. `out`: `[step rows, num_heads * head_dim]` row-major; `plans`: one per
+/// sequence of the step. The caller has checked the shapes (the backend's `attention` does).
+pub fn attention<E: KvElement>(
+    input: &AttentionInput<E>,
+    plans: &[AttentionPlan],
+    out: &mut [f32],
+) {
+    attention_with(Isa::detect(), input, plans, out)
 }
 
-fn attention_with(isa: Isa, input: &AttentionInput, plan: AttentionPlan, out: &mut [f32]) {
-    let layout = input.layout;
+/// Where a sequence's items start among the call's items, and its plan.
+struct SeqItems {
+    first_item: usize,
+    plan: AttentionPlan,
+}
+
+fn attention_with<E: KvElement>(
+    isa: Isa,
+    input: &AttentionInput<E>,
+    plans: &[AttentionPlan],
+    out: &mut [f32],
+) {
+    let layout = input.step.layout;
     let head_dim = layout.head_dim as usize;
     let num_kv_heads = layout.num_kv_heads as usize;
     let group = input.num_heads / num_kv_heads;
     let q_cols = input.num_heads * head_dim;
-    let row_block = plan.row_block.max(1);
-    let splits = plan.splits.max(1);
-    let blocks = input.rows.div_ceil(row_block);
     // An item's partial results: per (row of its block, head of its group) a record
     // [m, l, acc[head_dim]].
     let record = head_dim + 2;
-    let item_elems = row_block * group * record;
-    let items = blocks * num_kv_heads * splits;
+    let max_row_block = plans.iter().map(|p| p.row_block.max(1)).max().unwrap_or(1);
+    let item_elems = max_row_block * group * record;
+    // Item index = first_item + (block * num_kv_heads + kv_head) * splits + split.
+    let mut seq_items = Vec::with_capacity(plans.len());
+    let mut items = Vec::new();
+    for (index, (seq, plan)) in input.step.seqs.iter().zip(plans).enumerate() {
+        let plan = AttentionPlan {
+            row_block: plan.row_block.max(1),
+            splits: plan.splits.max(1),
+        };
+        seq_items.push(SeqItems {
+            first_item: items.len(),
+            plan,
+        });
+        let blocks = (seq.rows as usize).div_ceil(plan.row_block);
+        for block in 0..blocks {
+            for kv_head in 0..num_kv_heads {
+                for split in 0..plan.splits {
+                    items.push((index, block, kv_head, split));
+                }
+            }
+        }
+    }
 
     let mut partials = PARTIALS.take();
     partials.clear();
-    partials.resize(items * item_elems, 0.0);
-    // Item index = (block * num_kv_heads + kv_head) * splits + split.
+    partials.resize(items.len() * item_elems, 0.0);
     partials
         .par_chunks_mut(item_elems)
-        .enumerate()
-        .for_each(|(item, partial)| {
-            let split = item % splits;
-            let kv_head = item / splits % num_kv_heads;
-            let block = item / splits / num_kv_heads;
-            let first_row = block * row_block;
-            let end_row = (first_row + row_block).min(input.rows);
+        .zip(items.par_iter())
+        .for_each(|(partial, &(index, block, kv_head, split))| {
+            let seq = &input.step.seqs[index];
+            let plan = seq_items[index].plan;
+            let first_row = seq.first_row as usize + block * plan.row_block;
+            let end_row = (first_row + plan.row_block).min((seq.first_row + seq.rows) as usize);
             // The block's last row sees the most positions; the splits share those, in whole
             // tiles.
-            let visible = input.start + end_row;
-            let split_len = visible.div_ceil(splits).next_multiple_of(TILE);
+            let visible = seq.start as usize + end_row - seq.first_row as usize;
+            let split_len = visible.div_ceil(plan.splits).next_multiple_of(TILE);
             let positions =
                 (split * split_len).min(visible)..((split + 1) * split_len).min(visible);
             let work = Item {
                 input,
+                seq,
                 kv_head,
                 group,
                 rows: first_row..end_row,
@@ -126,16 +221,20 @@ fn attention_with(isa: Isa, input: &AttentionInput, plan: AttentionPlan, out: &m
         });
 
     // Merge the splits of each (row, head): rescale each partial to the common max, add, divide.
-    out[..input.rows * q_cols]
+    out[..input.step.rows() * q_cols]
         .par_chunks_mut(q_cols)
         .enumerate()
         .for_each(|(row, out_row)| {
-            let (block, row_in_block) = (row / row_block, row % row_block);
+            let index = input.step.row_seq[row] as usize;
+            let seq = &input.step.seqs[index];
+            let SeqItems { first_item, plan } = seq_items[index];
+            let in_seq = row - seq.first_row as usize;
+            let (block, row_in_block) = (in_seq / plan.row_block, in_seq % plan.row_block);
             for (head, out_head) in out_row.chunks_exact_mut(head_dim).enumerate() {
                 let (kv_head, head_in_group) = (head / group, head % group);
-                let first_item = (block * num_kv_heads + kv_head) * splits;
-                let records = (0..splits).map(|split| {
-                    let at = (first_item + split) * item_elems
+                let first = first_item + (block * num_kv_heads + kv_head) * plan.splits;
+                let records = (0..plan.splits).map(|split| {
+                    let at = (first + split) * item_elems
                         + (row_in_block * group + head_in_group) * record;
                     &partials[at..at + record]
                 });
@@ -149,9 +248,9 @@ fn attention_with(isa: Isa, input: &AttentionInput, plan: AttentionPlan, out: &m
                 for r in records.filter(|r| r[1] > 0.0) {
                     let weight = (r[0] - max).exp();
                     sum += r[1] * weight;
-                    axpy::<Unfused>(out_head, weight, &r[2..]);
+                    axpy::<Unfused, f32>(out_head, weight, &r[2..]);
                 }
-                // Row `row` always sees position 0, so sum > 0.
+                // Every row sees position 0 of its sequence, so sum > 0.
                 let inv = 1.0 / sum;
                 out_head.iter_mut().for_each(|o| *o *= inv);
             }
@@ -166,39 +265,46 @@ thread_local! {
     static PARTIALS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// The work of one item: the `group` query heads of `kv_head`, for `rows`, over `positions`.
-struct Item<'a> {
-    input: &'a AttentionInput<'a>,
+/// The work of one item: the `group` query heads of `kv_head`, for step rows `rows` of `seq`,
+/// over `positions` of that sequence.
+struct Item<'a, E> {
+    input: &'a AttentionInput<'a, E>,
+    seq: &'a SeqStep,
     kv_head: usize,
     group: usize,
     rows: std::ops::Range<usize>,
     positions: std::ops::Range<usize>,
 }
 
-impl Item<'_> {
+impl<E: KvElement> Item<'_, E> {
     fn queries(&self) -> usize {
         self.rows.len() * self.group
     }
 
-    /// Calls `f(first_pos, rows)` for each run of `range` that lies in one chunk, with that run's
+    /// Position of step row `row`.
+    fn position(&self, row: usize) -> usize {
+        self.seq.start as usize + row - self.seq.first_row as usize
+    }
+
+    /// Calls `f(first_pos, rows)` for each run of `range` that lies in one block, with that run's
     /// `[n, head_dim]` rows of (layer, part, kv_head).
     #[inline(always)]
     fn for_each_run(
         &self,
         part: KvPart,
         range: std::ops::Range<usize>,
-        mut f: impl FnMut(usize, &[f32]),
+        mut f: impl FnMut(usize, &[E]),
     ) {
-        let layout = &self.input.layout;
-        let head_dim = layout.head_dim as usize;
-        let mut pos = range.start;
-        while pos < range.end {
-            let (chunk, slot) = layout.locate(pos);
-            let n = (layout.chunk_tokens as usize - slot).min(range.end - pos);
-            let at = layout.offset_in_chunk(self.input.layer, part, self.kv_head, slot);
-            f(pos, &self.input.chunks[chunk][at..at + n * head_dim]);
-            pos += n;
-        }
+        let input = self.input;
+        let head_dim = input.step.layout.head_dim as usize;
+        input.step.for_each_run(
+            self.seq,
+            input.layer,
+            part,
+            self.kv_head,
+            range,
+            |pos, count, at| f(pos, &input.kv[at..at + count * head_dim]),
+        );
     }
 }
 
@@ -208,7 +314,7 @@ const DOT_LANES: usize = 16;
 
 /// Σ a[i]·b[i] over equal-length slices.
 #[inline(always)]
-fn dot<M: MulAdd>(a: &[f32], b: &[f32]) -> f32 {
+fn dot<M: MulAdd, E: KvElement>(a: &[f32], b: &[E]) -> f32 {
     let mut lanes = [0.0f32; DOT_LANES];
     let (a_main, a_tail) = a.split_at(a.len() / DOT_LANES * DOT_LANES);
     let (b_main, b_tail) = b.split_at(a_main.len());
@@ -217,12 +323,12 @@ fn dot<M: MulAdd>(a: &[f32], b: &[f32]) -> f32 {
         .zip(b_main.chunks_exact(DOT_LANES))
     {
         for i in 0..DOT_LANES {
-            lanes[i] = M::mul_add(x[i], y[i], lanes[i]);
+            lanes[i] = M::mul_add(x[i], y[i].to_f32(), lanes[i]);
         }
     }
     let mut tail_sum = 0.0;
     for (x, y) in a_tail.iter().zip(b_tail) {
-        tail_sum = M::mul_add(*x, *y, tail_sum);
+        tail_sum = M::mul_add(*x, y.to_f32(), tail_sum);
     }
     tail_sum + reduce(lanes)
 }
@@ -255,35 +361,35 @@ fn reduce(mut lanes: [f32; DOT_LANES]) -> f32 {
 
 /// y += a·x over equal-length slices.
 #[inline(always)]
-fn axpy<M: MulAdd>(y: &mut [f32], a: f32, x: &[f32]) {
+fn axpy<M: MulAdd, E: KvElement>(y: &mut [f32], a: f32, x: &[E]) {
     for (y, x) in y.iter_mut().zip(x) {
-        *y = M::mul_add(a, *x, *y);
+        *y = M::mul_add(a, x.to_f32(), *y);
     }
 }
 
-/// The two inner loops of an item, over one run of positions that lie in one chunk.
-trait RunKernels {
+/// The two inner loops of an item, over one run of positions that lie in one block.
+trait RunKernels<E> {
     /// out[i] = scale · q · keys[i] for each of the run's `[out.len(), head_dim]` keys.
-    fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]);
+    fn scores(q: &[f32], keys: &[E], scale: f32, out: &mut [f32]);
     /// acc += Σ_i weights[i] · values[i] over the run's `[weights.len(), head_dim]` values.
-    fn weighted_sum(weights: &[f32], values: &[f32], acc: &mut [f32]);
+    fn weighted_sum(weights: &[f32], values: &[E], acc: &mut [f32]);
 }
 
 /// The loops in plain Rust (any head_dim): a dot product per key, an axpy per value.
 struct PlainRuns<M>(std::marker::PhantomData<M>);
 
-impl<M: MulAdd> RunKernels for PlainRuns<M> {
+impl<M: MulAdd, E: KvElement> RunKernels<E> for PlainRuns<M> {
     #[inline(always)]
-    fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    fn scores(q: &[f32], keys: &[E], scale: f32, out: &mut [f32]) {
         for (o, key) in out.iter_mut().zip(keys.chunks_exact(q.len())) {
-            *o = dot::<M>(q, key) * scale;
+            *o = dot::<M, E>(q, key) * scale;
         }
     }
 
     #[inline(always)]
-    fn weighted_sum(weights: &[f32], values: &[f32], acc: &mut [f32]) {
+    fn weighted_sum(weights: &[f32], values: &[E], acc: &mut [f32]) {
         for (&w, value) in weights.iter().zip(values.chunks_exact(acc.len())) {
-            axpy::<M>(acc, w, value);
+            axpy::<M, E>(acc, w, value);
         }
     }
 }
@@ -296,9 +402,13 @@ impl<M: MulAdd> RunKernels for PlainRuns<M> {
 /// update, then its weighted sum of the tile's values. A tile of K (or V) rows stays in L1 while
 /// all of the item's queries use it; each query reads only the positions it sees (causal).
 #[inline(always)]
-fn attend_item<M: MulAdd, K: RunKernels>(item: &Item, partial: &mut [f32], scores: &mut [f32]) {
+fn attend_item<E: KvElement, M: MulAdd, K: RunKernels<E>>(
+    item: &Item<E>,
+    partial: &mut [f32],
+    scores: &mut [f32],
+) {
     let input = item.input;
-    let head_dim = input.layout.head_dim as usize;
+    let head_dim = input.step.layout.head_dim as usize;
     let record = head_dim + 2;
     let q_cols = input.num_heads * head_dim;
     let group = item.group;
@@ -316,7 +426,7 @@ fn attend_item<M: MulAdd, K: RunKernels>(item: &Item, partial: &mut [f32], score
         let tile_end = (tile_start + TILE).min(item.positions.end);
         for row in item.rows.clone() {
             // Positions tile_start..seen of the tile are visible to this row.
-            let seen = (input.start + row + 1).min(tile_end);
+            let seen = (item.position(row) + 1).min(tile_end);
             if seen <= tile_start {
                 continue;
             }
@@ -389,9 +499,9 @@ impl Isa {
         Isa::Portable
     }
 
-    fn attend(self, item: &Item, partial: &mut [f32], scores: &mut [f32]) {
+    fn attend<E: KvElement>(self, item: &Item<E>, partial: &mut [f32], scores: &mut [f32]) {
         match self {
-            Isa::Portable => attend_item::<Unfused, PlainRuns<Unfused>>(item, partial, scores),
+            Isa::Portable => attend_item::<E, Unfused, PlainRuns<Unfused>>(item, partial, scores),
             // SAFETY: Avx2Fma is only chosen where `available` saw AVX2 and FMA on this CPU.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => unsafe { attend_item_avx2(item, partial, scores) },
@@ -401,20 +511,21 @@ impl Isa {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn attend_item_avx2(item: &Item, partial: &mut [f32], scores: &mut [f32]) {
+fn attend_item_avx2<E: KvElement>(item: &Item<E>, partial: &mut [f32], scores: &mut [f32]) {
     use avx2::Avx2Runs;
-    match item.input.layout.head_dim {
-        16 => attend_item::<Fused, Avx2Runs<2>>(item, partial, scores),
-        32 => attend_item::<Fused, Avx2Runs<4>>(item, partial, scores),
-        64 => attend_item::<Fused, Avx2Runs<8>>(item, partial, scores),
-        128 => attend_item::<Fused, Avx2Runs<16>>(item, partial, scores),
-        _ => attend_item::<Fused, PlainRuns<Fused>>(item, partial, scores),
+    match item.input.step.layout.head_dim {
+        16 => attend_item::<E, Fused, Avx2Runs<2>>(item, partial, scores),
+        32 => attend_item::<E, Fused, Avx2Runs<4>>(item, partial, scores),
+        64 => attend_item::<E, Fused, Avx2Runs<8>>(item, partial, scores),
+        128 => attend_item::<E, Fused, Avx2Runs<16>>(item, partial, scores),
+        _ => attend_item::<E, Fused, PlainRuns<Fused>>(item, partial, scores),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::{KvDtype, KvLayout, LayoutKind};
 
     /// Deterministic values in [-1, 1).
     fn fill(seed: u64, n: usize) -> Vec<f32> {
@@ -429,50 +540,109 @@ mod tests {
             .collect()
     }
 
-    /// A chunk table whose written positions `..len` hold `kv(layer, part, head, pos)` and whose
-    /// other slots hold NaN, so reading past the causal limit poisons the result.
-    fn build_chunks(layout: &KvLayout, len: usize, kv: &[f32]) -> Vec<Vec<f32>> {
+    /// One sequence of a test step: its first position, its rows, and its K/V
+    /// `[layers][2][kv_heads][len][hd]` (rounded to the cache's element type).
+    struct TestSeq {
+        start: usize,
+        rows: usize,
+        kv: Vec<f32>,
+    }
+
+    impl TestSeq {
+        fn len(&self) -> usize {
+            self.start + self.rows
+        }
+    }
+
+    /// A step over `seqs` in `layout` whose blocks sit in the arena in reverse order (so that a
+    /// table lookup that is skipped shows), with every slot that no position owns set to NaN,
+    /// so reading past a sequence's causal limit poisons the result.
+    fn build<E: KvElement>(
+        layout: KvLayout,
+        seqs: &[TestSeq],
+        to_elem: impl Fn(f32) -> E,
+    ) -> (StepView, Vec<E>) {
         let hd = layout.head_dim as usize;
         let heads = layout.num_kv_heads as usize;
-        let mut chunks =
-            vec![vec![f32::NAN; layout.chunk_elems()]; len.div_ceil(layout.chunk_tokens as usize)];
-        for layer in 0..layout.num_layers as usize {
-            for (p, part) in [KvPart::Key, KvPart::Value].into_iter().enumerate() {
-                for head in 0..heads {
-                    for pos in 0..len {
-                        let (c, slot) = layout.locate(pos);
-                        let at = layout.offset_in_chunk(layer, part, head, slot);
-                        let src = (((layer * 2 + p) * heads + head) * len + pos) * hd;
-                        chunks[c][at..at + hd].copy_from_slice(&kv[src..src + hd]);
+        let ct = layout.chunk_tokens();
+        // Per sequence: its blocks (chunk ids) and its positions per block.
+        let plans: Vec<(usize, usize)> = seqs
+            .iter()
+            .map(|s| match layout.kind() {
+                // A run with some spare room, in chunk units.
+                LayoutKind::Contiguous => {
+                    ((s.len() + 3).div_ceil(ct), (s.len() + 3).div_ceil(ct) * ct)
+                }
+                LayoutKind::Chunked => (s.len().div_ceil(ct), ct),
+            })
+            .collect();
+        let total: usize = plans.iter().map(|p| p.0).sum();
+        let mut view = StepView {
+            layout,
+            seqs: Vec::new(),
+            row_seq: Vec::new(),
+            row_pos: Vec::new(),
+            block_table: Vec::new(),
+        };
+        let mut next = total;
+        for (index, (s, &(chunks, block_tokens))) in seqs.iter().zip(&plans).enumerate() {
+            next -= chunks;
+            view.seqs.push(SeqStep {
+                first_row: view.row_pos.len() as u32,
+                rows: s.rows as u32,
+                start: s.start as u32,
+                table_start: view.block_table.len() as u32,
+                block_tokens: block_tokens as u32,
+            });
+            match layout.kind() {
+                LayoutKind::Contiguous => view.block_table.push(next as u32),
+                LayoutKind::Chunked => view
+                    .block_table
+                    .extend((0..chunks).rev().map(|c| (next + c) as u32)),
+            }
+            view.row_seq
+                .extend(std::iter::repeat_n(index as u32, s.rows));
+            view.row_pos.extend((s.start..s.len()).map(|p| p as u32));
+        }
+        let mut arena = vec![to_elem(f32::NAN); total * layout.chunk_elems()];
+        for (s, seq) in seqs.iter().zip(&view.seqs) {
+            for layer in 0..layout.num_layers as usize {
+                for (p, part) in [KvPart::Key, KvPart::Value].into_iter().enumerate() {
+                    for head in 0..heads {
+                        for pos in 0..s.len() {
+                            let at = view.row_offset(seq, layer, part, head, pos);
+                            let src = (((layer * 2 + p) * heads + head) * s.len() + pos) * hd;
+                            for d in 0..hd {
+                                arena[at + d] = to_elem(s.kv[src + d]);
+                            }
+                        }
                     }
                 }
             }
         }
-        chunks
+        (view, arena)
     }
 
-    /// Two-pass softmax attention in f64 straight from the definition.
+    /// Two-pass softmax attention in f64 straight from the definition, for one sequence.
     fn reference(
         q: &[f32],
-        kv: &[f32],
+        s: &TestSeq,
         layer: usize,
         heads: usize,
         kv_heads: usize,
         hd: usize,
-        len: usize,
-        start: usize,
-        rows: usize,
     ) -> Vec<f32> {
         let group = heads / kv_heads;
+        let len = s.len();
         let row_of = |part: usize, head: usize, pos: usize| {
             let at = (((layer * 2 + part) * kv_heads + head) * len + pos) * hd;
-            &kv[at..at + hd]
+            &s.kv[at..at + hd]
         };
-        let mut out = vec![0.0f32; rows * heads * hd];
-        for r in 0..rows {
+        let mut out = vec![0.0f32; s.rows * heads * hd];
+        for r in 0..s.rows {
             for h in 0..heads {
                 let qv = &q[(r * heads + h) * hd..][..hd];
-                let visible = start + r + 1;
+                let visible = s.start + r + 1;
                 let scores: Vec<f64> = (0..visible)
                     .map(|pos| {
                         let k = row_of(0, h / group, pos);
@@ -497,38 +667,71 @@ mod tests {
         out
     }
 
+    /// Attention of `shapes` (start, rows) in one step against the f64 reference, for every
+    /// plan and instruction set.
     fn check(
         group: usize,
         hd: usize,
+        kind: LayoutKind,
         chunk: usize,
-        start: usize,
-        rows: usize,
-        plans: &[AttentionPlan],
+        dtype: KvDtype,
+        shapes: &[(usize, usize)],
+        plans: &[Vec<AttentionPlan>],
     ) {
         let (layers, kv_heads, layer) = (2, 2, 1);
         let heads = kv_heads * group;
-        let len = start + rows;
-        let layout = KvLayout {
-            num_layers: layers as u32,
-            num_kv_heads: kv_heads as u32,
-            head_dim: hd as u32,
-            chunk_tokens: chunk as u32,
+        let layout = KvLayout::new(kind, dtype, layers, kv_heads, hd, chunk).unwrap();
+        let round = |x: f32| match dtype {
+            KvDtype::F32 => x,
+            KvDtype::Bf16 => bf16::from_f32(x).to_f32(),
         };
+        let seqs: Vec<TestSeq> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(start, rows))| TestSeq {
+                start,
+                rows,
+                kv: fill(11 + i as u64, layers * 2 * kv_heads * (start + rows) * hd)
+                    .into_iter()
+                    .map(round)
+                    .collect(),
+            })
+            .collect();
+        let rows: usize = shapes.iter().map(|s| s.1).sum();
         // Scaled so that softmaxes are peaked: a wrong max or rescale shows.
         let q: Vec<f32> = fill(7, rows * heads * hd).iter().map(|x| 4.0 * x).collect();
-        let kv = fill(11, layers * 2 * kv_heads * len * hd);
-        let chunks = build_chunks(&layout, len, &kv);
-        let want = reference(&q, &kv, layer, heads, kv_heads, hd, len, start, rows);
-        let input = AttentionInput {
-            q: &q,
-            chunks: &chunks,
-            layout,
-            layer,
-            num_heads: heads,
-            start,
-            rows,
+        let mut want = Vec::new();
+        let mut first = 0;
+        for s in &seqs {
+            let q_seq = &q[first * heads * hd..(first + s.rows) * heads * hd];
+            want.extend(reference(q_seq, s, layer, heads, kv_heads, hd));
+            first += s.rows;
+        }
+        let run = |out: &mut Vec<f32>, isa: Isa, plans: &[AttentionPlan]| match dtype {
+            KvDtype::F32 => {
+                let (step, kv) = build(layout, &seqs, |x| x);
+                let input = AttentionInput {
+                    q: &q,
+                    kv: &kv,
+                    step: &step,
+                    layer,
+                    num_heads: heads,
+                };
+                attention_with(isa, &input, plans, out);
+            }
+            KvDtype::Bf16 => {
+                let (step, kv) = build(layout, &seqs, bf16::from_f32);
+                let input = AttentionInput {
+                    q: &q,
+                    kv: &kv,
+                    step: &step,
+                    layer,
+                    num_heads: heads,
+                };
+                attention_with(isa, &input, plans, out);
+            }
         };
-        for (&plan, isa) in plans
+        for (plan, isa) in plans
             .iter()
             .flat_map(|p| Isa::ALL.iter().map(move |i| (p, *i)))
         {
@@ -536,7 +739,7 @@ mod tests {
                 continue;
             }
             let mut out = vec![f32::NAN; rows * heads * hd];
-            attention_with(isa, &input, plan, &mut out);
+            run(&mut out, isa, plan);
             let diff = out
                 .iter()
                 .zip(&want)
@@ -547,52 +750,91 @@ mod tests {
                 );
             assert!(
                 diff <= 2e-5,
-                "group {group} head_dim {hd} chunk {chunk} start {start} rows {rows} {plan:?} \
-                 {isa:?}: \
-                 differs by {diff}"
+                "group {group} head_dim {hd} {kind:?} chunk {chunk} {dtype} {shapes:?} {plan:?} \
+                 {isa:?}: differs by {diff}"
             );
         }
     }
 
+    /// The planner's plans and a few forced ones, the same for every sequence.
+    fn plans_for(shapes: &[(usize, usize)]) -> Vec<Vec<AttentionPlan>> {
+        let forced = [(16, 1), (5, 3), (1, 7), (64, 2)];
+        let visible = |s: &(usize, usize)| s.0 + s.1;
+        let mut plans = vec![shapes
+            .iter()
+            .map(|s| AttentionPlan::for_shape(s.1, visible(s), 2, 2))
+            .collect()];
+        plans.extend(
+            forced.iter().map(|&(row_block, splits)| {
+                vec![AttentionPlan { row_block, splits }; shapes.len()]
+            }),
+        );
+        plans
+    }
+
     #[test]
     fn matches_the_reference_on_awkward_shapes() {
+        // (start, rows): decode at contexts 1, 7, 300; prefills of 1, 7 and 37 rows from
+        // scratch and after 300 positions.
+        let shapes = [
+            (0, 1),
+            (6, 1),
+            (299, 1),
+            (0, 7),
+            (0, 37),
+            (300, 37),
+            (263, 37),
+        ];
         for group in [1, 3, 4, 9] {
             for hd in [12, 16, 32, 64, 128] {
-                for chunk in [1, 5, 16, 1024] {
-                    // (start, rows): decode at contexts 1, 7, 300; prefills of 1, 7 and 37
-                    // rows from scratch and after 300 positions.
-                    for (start, rows) in [
-                        (0, 1),
-                        (6, 1),
-                        (299, 1),
-                        (0, 7),
-                        (0, 37),
-                        (300, 37),
-                        (263, 37),
-                    ] {
-                        let visible = start + rows;
-                        let plans = [
-                            AttentionPlan::for_shape(rows, visible, 2, 2),
-                            AttentionPlan {
-                                row_block: 16,
-                                splits: 1,
-                            },
-                            AttentionPlan {
-                                row_block: 5,
-                                splits: 3,
-                            },
-                            AttentionPlan {
-                                row_block: 1,
-                                splits: 7,
-                            },
-                            AttentionPlan {
-                                row_block: 64,
-                                splits: 2,
-                            },
-                        ];
-                        check(group, hd, chunk, start, rows, &plans);
+                for (kind, chunk) in [
+                    (LayoutKind::Contiguous, 1),
+                    (LayoutKind::Contiguous, 16),
+                    (LayoutKind::Chunked, 1),
+                    (LayoutKind::Chunked, 5),
+                    (LayoutKind::Chunked, 16),
+                    (LayoutKind::Chunked, 1024),
+                ] {
+                    for shape in shapes {
+                        let dtype = if (group + hd + chunk) % 2 == 0 {
+                            KvDtype::F32
+                        } else {
+                            KvDtype::Bf16
+                        };
+                        check(
+                            group,
+                            hd,
+                            kind,
+                            chunk,
+                            dtype,
+                            &[shape],
+                            &plans_for(&[shape]),
+                        );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn both_element_types_in_both_layouts() {
+        for dtype in [KvDtype::F32, KvDtype::Bf16] {
+            for (kind, chunk) in [(LayoutKind::Contiguous, 1), (LayoutKind::Chunked, 7)] {
+                for shape in [(0, 5), (130, 1), (70, 19)] {
+                    check(4, 64, kind, chunk, dtype, &[shape], &plans_for(&[shape]));
+                    check(3, 32, kind, chunk, dtype, &[shape], &plans_for(&[shape]));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_step_of_several_sequences_keeps_each_to_its_own() {
+        // Decode rows and prefill chunks of ragged lengths, chunk boundaries mid-step.
+        let shapes = [(0, 3), (40, 1), (17, 9), (600, 1), (5, 16)];
+        for (kind, chunk) in [(LayoutKind::Contiguous, 1), (LayoutKind::Chunked, 8)] {
+            for dtype in [KvDtype::F32, KvDtype::Bf16] {
+                check(4, 32, kind, chunk, dtype, &shapes, &plans_for(&shapes));
             }
         }
     }

@@ -1,14 +1,16 @@
-//! CPU backend: f32 activations and KV entries, weights read in their stored dtype straight
-//! from the mmap'd checkpoint, multi-threaded with rayon.
+//! CPU backend: f32 activations, KV entries in f32 (default, exact against transformers' f32)
+//! or bf16, weights read in their stored dtype straight from the mmap'd checkpoint,
+//! multi-threaded with rayon.
 
 pub mod attention;
 pub mod matmul;
 pub mod simd;
 
 use super::{Backend, BackendInfo};
-use crate::kv::{KvCache, KvLayout, KvPart};
+use crate::kv::{ChunkCopy, KvDtype, KvLayout, KvPart, StepView};
 use crate::model::weights::HostTensor;
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
+use half::bf16;
 use matmul::MatRef;
 use rayon::prelude::*;
 
@@ -47,6 +49,54 @@ pub struct CpuTensor {
     pub cols: usize,
 }
 
+/// The arena of a KV pool: `chunks × chunk_bytes` bytes, 64-byte aligned, zeroed lazily by the
+/// OS (an arena sized for a whole context costs memory only where it is written).
+pub struct CpuKvMemory {
+    layout: KvLayout,
+    ptr: std::ptr::NonNull<u8>,
+    alloc: std::alloc::Layout,
+}
+
+// SAFETY: the arena is plain memory owned by this value; access goes through & / &mut self.
+unsafe impl Send for CpuKvMemory {}
+unsafe impl Sync for CpuKvMemory {}
+
+impl CpuKvMemory {
+    fn new(layout: &KvLayout, chunks: usize) -> Result<Self> {
+        let bytes = chunks
+            .checked_mul(layout.chunk_bytes())
+            .filter(|&b| b > 0)
+            .ok_or_else(|| anyhow::anyhow!("a KV arena of {chunks} chunks has no valid size"))?;
+        let alloc = std::alloc::Layout::from_size_align(bytes, 64)?;
+        // SAFETY: the size is non-zero.
+        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(alloc) }).ok_or_else(
+            || anyhow::anyhow!("out of host memory for a KV arena of {} MiB", bytes >> 20),
+        )?;
+        Ok(CpuKvMemory {
+            layout: *layout,
+            ptr,
+            alloc,
+        })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `alloc.size()` initialised (zeroed) bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.alloc.size()) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, borrowed mutably through &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.alloc.size()) }
+    }
+}
+
+impl Drop for CpuKvMemory {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.alloc) }
+    }
+}
+
 pub struct CpuBackend {
     threads: usize,
 }
@@ -80,15 +130,14 @@ fn cpu_name() -> String {
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
-    type KvChunk = Vec<f32>;
-    type KvTable = ();
+    type KvMemory = CpuKvMemory;
 
     fn info(&self) -> BackendInfo {
         BackendInfo {
             name: "cpu".into(),
             device: format!("{}, {} threads", cpu_name(), self.threads),
             activation_dtype: "f32".into(),
-            kv_dtype: "f32".into(),
+            kv_dtype: self.kv_dtypes()[0].name().into(),
         }
     }
 
@@ -115,35 +164,33 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn kv_elem_bytes(&self) -> usize {
-        4
+    fn kv_dtypes(&self) -> &'static [KvDtype] {
+        &[KvDtype::F32, KvDtype::Bf16]
     }
 
-    fn alloc_kv_chunk(&self, layout: &KvLayout) -> Result<Vec<f32>> {
-        let elems = layout.chunk_elems();
-        let mut chunk = Vec::new();
-        chunk.try_reserve_exact(elems).map_err(|_| {
-            anyhow::anyhow!(
-                "out of host memory for a KV chunk of {} MiB",
-                (elems * 4) >> 20
-            )
-        })?;
-        chunk.resize(elems, 0.0);
-        Ok(chunk)
+    fn alloc_kv_memory(&self, layout: &KvLayout, chunks: usize) -> Result<CpuKvMemory> {
+        CpuKvMemory::new(layout, chunks)
     }
 
-    fn new_kv_table(&self, _layout: &KvLayout, _max_chunks: usize) -> Result<()> {
+    fn copy_kv_chunks(&self, memory: &mut CpuKvMemory, copies: &[ChunkCopy]) -> Result<()> {
+        let chunk_bytes = memory.layout.chunk_bytes();
+        let chunks = memory.alloc.size() / chunk_bytes;
+        for copy in copies {
+            let (src, dst) = (copy.src as usize, copy.dst as usize);
+            ensure!(
+                src < chunks && dst < chunks,
+                "KV chunk copy {src} -> {dst} outside an arena of {chunks} chunks"
+            );
+            memory.bytes_mut().copy_within(
+                src * chunk_bytes..(src + 1) * chunk_bytes,
+                dst * chunk_bytes,
+            );
+        }
         Ok(())
     }
 
-    fn update_kv_table(
-        &self,
-        _table: &mut (),
-        _chunks: &[Vec<f32>],
-        _start: usize,
-        _rows: usize,
-    ) -> Result<()> {
-        Ok(())
+    fn set_kv_step(&self, memory: &mut CpuKvMemory, step: &StepView) -> Result<()> {
+        check_step(&memory.layout, memory.alloc.size(), step)
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32], out: &mut CpuTensor) -> Result<()> {
@@ -223,17 +270,17 @@ impl Backend for CpuBackend {
         q: &mut CpuTensor,
         k: &mut CpuTensor,
         inv_freq: &CpuWeight,
-        cache: &KvCache<Self>,
+        _memory: &CpuKvMemory,
+        step: &StepView,
     ) -> Result<()> {
         let inv_freq = inv_freq.vector()?;
         let half = inv_freq.len();
-        let (start, rows) = cache.step();
-        for r in 0..rows {
+        for (r, &position) in step.row_pos.iter().enumerate() {
             // transformers: angle = float32(position) * inv_freq in float32; cos/sin of that angle.
             let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
                 .iter()
                 .map(|f| {
-                    let angle = ((start + r) as f32 * f) as f64;
+                    let angle = (position as f32 * f) as f64;
                     (angle.cos() as f32, angle.sin() as f32)
                 })
                 .unzip();
@@ -254,22 +301,50 @@ impl Backend for CpuBackend {
 
     fn kv_append(
         &self,
-        cache: &mut KvCache<Self>,
+        memory: &mut CpuKvMemory,
+        step: &StepView,
         layer: usize,
         k: &CpuTensor,
         v: &CpuTensor,
     ) -> Result<()> {
-        let layout = cache.layout;
+        let layout = memory.layout;
         let head_dim = layout.head_dim as usize;
-        let (start, rows) = cache.step();
-        let chunks = cache.chunks_mut();
+        let kv_dim = layout.num_kv_heads as usize * head_dim;
+        ensure!(
+            k.cols == kv_dim && v.cols == kv_dim,
+            "kv_append: k has {} and v {} columns, the cache {kv_dim}",
+            k.cols,
+            v.cols
+        );
+        ensure!(
+            layer < layout.num_layers as usize,
+            "kv_append: layer {layer} of a cache of {} layers",
+            layout.num_layers
+        );
+        let rows = step.rows();
+        ensure!(
+            k.data.len() >= rows * kv_dim && v.data.len() >= rows * kv_dim,
+            "kv_append: a step of {rows} rows does not fit k or v"
+        );
         for r in 0..rows {
-            let (chunk, slot) = layout.locate(start + r);
+            let seq = &step.seqs[step.row_seq[r] as usize];
+            let pos = step.row_pos[r] as usize;
             for (part, src) in [(KvPart::Key, k), (KvPart::Value, v)] {
                 for head in 0..layout.num_kv_heads as usize {
-                    let dst = layout.offset_in_chunk(layer, part, head, slot);
-                    let src = &src.data[r * src.cols + head * head_dim..][..head_dim];
-                    chunks[chunk][dst..dst + head_dim].copy_from_slice(src);
+                    let dst = step.row_offset(seq, layer, part, head, pos);
+                    let src = &src.data[r * kv_dim + head * head_dim..][..head_dim];
+                    match layout.dtype() {
+                        KvDtype::F32 => {
+                            let arena: &mut [f32] = bytemuck::cast_slice_mut(memory.bytes_mut());
+                            arena[dst..dst + head_dim].copy_from_slice(src);
+                        }
+                        KvDtype::Bf16 => {
+                            let arena: &mut [bf16] = bytemuck::cast_slice_mut(memory.bytes_mut());
+                            for (d, &s) in arena[dst..dst + head_dim].iter_mut().zip(src) {
+                                *d = bf16::from_f32(s);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -279,14 +354,15 @@ impl Backend for CpuBackend {
     fn attention(
         &self,
         q: &CpuTensor,
-        cache: &KvCache<Self>,
+        memory: &CpuKvMemory,
+        step: &StepView,
         layer: usize,
         num_heads: usize,
         out: &mut CpuTensor,
     ) -> Result<()> {
-        let layout = cache.layout;
+        let layout = memory.layout;
         let (kv_heads, head_dim) = (layout.num_kv_heads as usize, layout.head_dim as usize);
-        let (start, rows) = cache.step();
+        let rows = step.rows();
         if num_heads == 0 || !num_heads.is_multiple_of(kv_heads) {
             bail!("attention: {num_heads} query heads do not share {kv_heads} KV heads evenly");
         }
@@ -306,29 +382,32 @@ impl Backend for CpuBackend {
                 layout.num_layers
             );
         }
-        let chunks = cache.chunks();
-        if chunks.len() * (layout.chunk_tokens as usize) < start + rows {
-            bail!(
-                "attention: the cache holds no room for positions up to {}",
-                start + rows
-            );
+        let plans =
+            attention::AttentionPlan::for_step(step, kv_heads, rayon::current_num_threads());
+        match layout.dtype() {
+            KvDtype::F32 => {
+                let kv: &[f32] = bytemuck::cast_slice(memory.bytes());
+                let input = attention::AttentionInput {
+                    q: &q.data,
+                    kv,
+                    step,
+                    layer,
+                    num_heads,
+                };
+                attention::attention(&input, &plans, &mut out.data);
+            }
+            KvDtype::Bf16 => {
+                let kv: &[bf16] = bytemuck::cast_slice(memory.bytes());
+                let input = attention::AttentionInput {
+                    q: &q.data,
+                    kv,
+                    step,
+                    layer,
+                    num_heads,
+                };
+                attention::attention(&input, &plans, &mut out.data);
+            }
         }
-        let input = attention::AttentionInput {
-            q: &q.data,
-            chunks,
-            layout,
-            layer,
-            num_heads,
-            start,
-            rows,
-        };
-        let plan = attention::AttentionPlan::for_shape(
-            rows,
-            start + rows,
-            kv_heads,
-            rayon::current_num_threads(),
-        );
-        attention::attention(&input, plan, &mut out.data);
         Ok(())
     }
 
@@ -389,6 +468,43 @@ impl Backend for CpuBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Checks that a step view fits the arena it will be read through: every block it lists lies
+/// inside the arena and each sequence's positions fit its blocks, so that no op reads or writes
+/// outside the memory.
+fn check_step(layout: &KvLayout, arena_bytes: usize, step: &StepView) -> Result<()> {
+    ensure!(
+        step.layout == *layout,
+        "a step view of another KV layout ({:?}) over this arena ({layout:?})",
+        step.layout
+    );
+    let chunks = arena_bytes / layout.chunk_bytes();
+    for (index, seq) in step.seqs.iter().enumerate() {
+        let block_chunks = (seq.block_tokens as usize).div_ceil(layout.chunk_tokens());
+        let entries = match layout.kind() {
+            crate::kv::LayoutKind::Contiguous => {
+                ensure!(
+                    seq.end() <= seq.block_tokens as usize,
+                    "step sequence {index}: positions up to {} in a run of {}",
+                    seq.end(),
+                    seq.block_tokens
+                );
+                1
+            }
+            crate::kv::LayoutKind::Chunked => seq.end().div_ceil(layout.chunk_tokens()),
+        };
+        let table = step
+            .block_table
+            .get(seq.table_start as usize..seq.table_start as usize + entries)
+            .ok_or_else(|| {
+                anyhow::anyhow!("step sequence {index}: its block table is shorter than {entries}")
+            })?;
+        if let Some(&bad) = table.iter().find(|&&c| c as usize + block_chunks > chunks) {
+            bail!("step sequence {index}: chunk {bad} is outside an arena of {chunks} chunks");
+        }
+    }
+    Ok(())
 }
 
 /// g = silu(g) · u = g / (1 + e^-g) · u, with the vectorisable [`simd::exp`] (libm's `exp` is a

@@ -11,9 +11,9 @@ use super::graph::{GraphStats, Launch, StepRecorder};
 use super::kernels::{
     decode_attention_groups, DecodePartials, ARGMAX_PARTIALS, DECODE_MAX_SPLITS, PREFILL_HEAD_DIMS,
 };
-use super::memory::{ChunkPool, MemoryLedger, MemoryReport, MemoryUse, PooledChunk, TrackedBuffer};
+use super::memory::{MemoryLedger, MemoryReport, MemoryUse, TrackedBuffer};
 use crate::backend::{Backend, BackendInfo};
-use crate::kv::{KvCache, KvLayout};
+use crate::kv::{ChunkCopy, KvDtype, KvLayout, LayoutKind, StepView};
 use crate::model::weights::HostTensor;
 use crate::model::DType;
 use anyhow::{bail, ensure, Context, Result};
@@ -21,9 +21,6 @@ use half::bf16;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Arc;
-
-// kernels/kv_layout.cuh mirrors KvLayout field for field and asserts the same size.
-const _: () = assert!(std::mem::size_of::<KvLayout>() == 16);
 
 /// Knobs of the CUDA backend.
 #[derive(Clone, Copy, Debug)]
@@ -149,15 +146,20 @@ impl CudaWeight {
     }
 }
 
-/// A cache's chunk table and step positions in device memory.
-pub struct CudaKvTable {
-    /// `[capacity]` u64: base address of each chunk.
-    chunk_table: TrackedBuffer,
-    /// `[2]` i32: the step's first position and row count.
-    step: TrackedBuffer,
+/// A KV pool's arena on the device, and the step's sequence as the kernels read it: the base
+/// address of each of its blocks and its first position and rows.
+pub struct CudaKvMemory {
+    layout: KvLayout,
+    arena: TrackedBuffer,
+    /// `[table_capacity]` u64: base address of each block of the step's sequence.
+    block_addresses: TrackedBuffer,
+    table_capacity: usize,
     /// What the device table holds, to copy only new entries.
     uploaded: Vec<u64>,
-    capacity: usize,
+    /// `[2]` i32: the step's first position and row count.
+    step: TrackedBuffer,
+    /// Positions per block of the step's sequence: `chunk_tokens`, or its run's capacity.
+    block_tokens: u32,
 }
 
 /// Buffers reused by every step, grown on demand.
@@ -185,7 +187,6 @@ pub struct CudaBackend {
     name: String,
     options: RefCell<CudaOptions>,
     ledger: Arc<MemoryLedger>,
-    chunk_pool: Arc<ChunkPool>,
     scratch: RefCell<Scratch>,
     recorder: RefCell<StepRecorder>,
     /// (start, end) events of each forward pass since the last `take_step_device_seconds`.
@@ -201,7 +202,6 @@ impl CudaBackend {
             name: name.to_string(),
             options: RefCell::new(options),
             ledger: Arc::new(MemoryLedger::default()),
-            chunk_pool: Arc::new(ChunkPool::default()),
             scratch: RefCell::new(Scratch::default()),
             recorder: RefCell::new(StepRecorder::default()),
             step_events: RefCell::new(Vec::new()),
@@ -255,17 +255,11 @@ impl CudaBackend {
             weights_bytes: l.bytes(MemoryUse::Weights),
             activation_bytes: l.bytes(MemoryUse::Activations),
             kv_cache_bytes: l.bytes(MemoryUse::KvCache),
-            kv_pool_bytes: l.bytes(MemoryUse::KvPool),
             scratch_bytes: l.bytes(MemoryUse::Scratch),
             allocated_bytes: device.allocated_by_kvlab,
             device_free_bytes: device.device_free,
             device_total_bytes: device.device_total,
         })
-    }
-
-    /// Frees the KV chunks kept for reuse.
-    pub fn release_kv_pool(&self) {
-        self.chunk_pool.release();
     }
 
     /// An activation buffer holding `values` `[rows, cols]` rounded to bf16 (tests, benches).
@@ -448,15 +442,14 @@ fn matrix_to_bf16(tensor: &HostTensor, cols: usize) -> Vec<u16> {
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
-    type KvChunk = PooledChunk;
-    type KvTable = CudaKvTable;
+    type KvMemory = CudaKvMemory;
 
     fn info(&self) -> BackendInfo {
         BackendInfo {
             name: self.name.clone(),
             device: self.device.describe(),
             activation_dtype: "bf16".into(),
-            kv_dtype: "bf16".into(),
+            kv_dtype: self.kv_dtypes()[0].name().into(),
         }
     }
 
@@ -526,65 +519,106 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn kv_elem_bytes(&self) -> usize {
-        2
+    fn kv_dtypes(&self) -> &'static [KvDtype] {
+        &[KvDtype::Bf16]
     }
 
-    fn alloc_kv_chunk(&self, layout: &KvLayout) -> Result<PooledChunk> {
-        let bytes = layout.chunk_elems() * 2;
-        let chunk = self
-            .chunk_pool
-            .take(self.device.as_ref(), &self.ledger, bytes)
-            .with_context(|| format!("allocating a KV chunk of {} MiB", bytes >> 20))?;
-        Ok(PooledChunk::new(chunk, self.chunk_pool.clone()))
-    }
-
-    fn new_kv_table(&self, layout: &KvLayout, max_chunks: usize) -> Result<CudaKvTable> {
+    fn alloc_kv_memory(&self, layout: &KvLayout, chunks: usize) -> Result<CudaKvMemory> {
         let head_dim = layout.head_dim as usize;
         ensure!(
             PREFILL_HEAD_DIMS.contains(&head_dim),
             "the CUDA attention kernels support head_dim {PREFILL_HEAD_DIMS:?}, not {head_dim}"
         );
-        Ok(CudaKvTable {
-            chunk_table: self.tracked(MemoryUse::KvCache, max_chunks * 8)?,
-            step: self.tracked(MemoryUse::KvCache, 8)?,
+        ensure!(
+            layout.dtype() == KvDtype::Bf16,
+            "the CUDA kernels store KV as bf16, not {}",
+            layout.dtype()
+        );
+        let table_capacity = match layout.kind() {
+            LayoutKind::Chunked => chunks,
+            LayoutKind::Contiguous => 1,
+        };
+        Ok(CudaKvMemory {
+            layout: *layout,
+            arena: self.tracked(MemoryUse::KvCache, chunks * layout.chunk_bytes())?,
+            block_addresses: self.tracked(MemoryUse::KvCache, table_capacity * 8)?,
+            table_capacity,
             uploaded: Vec::new(),
-            capacity: max_chunks,
+            step: self.tracked(MemoryUse::KvCache, 8)?,
+            block_tokens: layout.chunk_tokens,
         })
     }
 
-    fn update_kv_table(
-        &self,
-        table: &mut CudaKvTable,
-        chunks: &[PooledChunk],
-        start_pos: usize,
-        rows: usize,
-    ) -> Result<()> {
+    fn copy_kv_chunks(&self, memory: &mut CudaKvMemory, copies: &[ChunkCopy]) -> Result<()> {
+        let chunk_bytes = memory.layout.chunk_bytes();
+        for copy in copies {
+            self.recorder
+                .borrow_mut()
+                .flush_recording(self.device.as_ref())?;
+            self.device.copy_dtod(
+                memory.arena.buffer(),
+                copy.src as usize * chunk_bytes,
+                memory.arena.buffer(),
+                copy.dst as usize * chunk_bytes,
+                chunk_bytes,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn set_kv_step(&self, memory: &mut CudaKvMemory, step: &StepView) -> Result<()> {
         ensure!(
-            chunks.len() <= table.capacity,
-            "{} KV chunks exceed the chunk table's {} entries",
-            chunks.len(),
-            table.capacity
+            step.layout == memory.layout,
+            "a step view of another KV layout over this arena"
         );
-        let addresses: Vec<u64> = chunks.iter().map(PooledChunk::ptr).collect();
+        let [seq] = step.seqs[..] else {
+            bail!(
+                "the CUDA kernels take one sequence per step, not {}",
+                step.seqs.len()
+            );
+        };
+        let chunk_bytes = memory.layout.chunk_bytes() as u64;
+        let arena_chunks = memory.arena.len() / chunk_bytes as usize;
+        let entries = match memory.layout.kind() {
+            LayoutKind::Contiguous => 1,
+            LayoutKind::Chunked => seq.end().div_ceil(memory.layout.chunk_tokens()),
+        };
+        let table = &step.block_table[seq.table_start as usize..][..entries];
+        ensure!(
+            entries <= memory.table_capacity,
+            "{entries} KV blocks exceed the table's {} entries",
+            memory.table_capacity
+        );
+        let block_chunks = (seq.block_tokens as usize).div_ceil(memory.layout.chunk_tokens());
+        if let Some(&bad) = table
+            .iter()
+            .find(|&&c| c as usize + block_chunks > arena_chunks)
+        {
+            bail!("KV chunk {bad} is outside an arena of {arena_chunks} chunks");
+        }
+        let addresses: Vec<u64> = table
+            .iter()
+            .map(|&c| memory.arena.ptr() + c as u64 * chunk_bytes)
+            .collect();
         let first_new = addresses
             .iter()
-            .zip(&table.uploaded)
+            .zip(&memory.uploaded)
             .position(|(a, b)| a != b)
-            .unwrap_or(table.uploaded.len().min(addresses.len()));
+            .unwrap_or(memory.uploaded.len().min(addresses.len()));
         if first_new < addresses.len() {
             self.copy_htod(
-                &table.chunk_table,
+                &memory.block_addresses,
                 first_new * 8,
                 bytemuck::cast_slice(&addresses[first_new..]),
             )?;
         }
-        table.uploaded = addresses;
-        let step = [
-            i32::try_from(start_pos).context("position beyond i32")?,
-            i32::try_from(rows).context("step rows beyond i32")?,
+        memory.uploaded = addresses;
+        memory.block_tokens = seq.block_tokens;
+        let step_words = [
+            i32::try_from(seq.start).context("position beyond i32")?,
+            i32::try_from(seq.rows).context("step rows beyond i32")?,
         ];
-        self.copy_htod(&table.step, 0, bytemuck::cast_slice(&step))
+        self.copy_htod(&memory.step, 0, bytemuck::cast_slice(&step_words))
     }
 
     fn embed(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaTensor) -> Result<()> {
@@ -731,11 +765,12 @@ impl Backend for CudaBackend {
         q: &mut CudaTensor,
         k: &mut CudaTensor,
         inv_freq: &CudaWeight,
-        cache: &KvCache<Self>,
+        memory: &CudaKvMemory,
+        step: &StepView,
     ) -> Result<()> {
         let half = inv_freq.vector()?;
         let head_dim = 2 * half;
-        let (_, rows) = cache.step();
+        let rows = step.rows();
         q.check_bf16("rope q")?;
         k.check_bf16("rope k")?;
         q.check_rows(rows, "rope q")?;
@@ -750,7 +785,7 @@ impl Backend for CudaBackend {
             q.ptr(),
             k.ptr(),
             inv_freq.buffer.ptr(),
-            cache.table().step.ptr(),
+            memory.step.ptr(),
             rows,
             q.cols / head_dim,
             k.cols / head_dim,
@@ -760,13 +795,14 @@ impl Backend for CudaBackend {
 
     fn kv_append(
         &self,
-        cache: &mut KvCache<Self>,
+        memory: &mut CudaKvMemory,
+        step: &StepView,
         layer: usize,
         k: &CudaTensor,
         v: &CudaTensor,
     ) -> Result<()> {
-        let layout = cache.layout;
-        let (_, rows) = cache.step();
+        let layout = memory.layout;
+        let rows = step.rows();
         let kv_dim = (layout.num_kv_heads * layout.head_dim) as usize;
         for (t, what) in [(k, "k"), (v, "v")] {
             t.check_bf16(what)?;
@@ -782,28 +818,29 @@ impl Backend for CudaBackend {
             "kv_append: layer {layer} of {}",
             layout.num_layers
         );
-        let table = cache.table();
         self.launch_kv_append(
             k.ptr(),
             v.ptr(),
-            table.chunk_table.ptr(),
-            table.step.ptr(),
+            memory.block_addresses.ptr(),
+            memory.step.ptr(),
             rows,
             layer,
             &layout,
+            memory.block_tokens,
         )
     }
 
     fn attention(
         &self,
         q: &CudaTensor,
-        cache: &KvCache<Self>,
+        memory: &CudaKvMemory,
+        step: &StepView,
         layer: usize,
         num_heads: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        let layout = cache.layout;
-        let (_, rows) = cache.step();
+        let layout = memory.layout;
+        let rows = step.rows();
         let head_dim = layout.head_dim as usize;
         let kv_heads = layout.num_kv_heads as usize;
         ensure!(
@@ -819,17 +856,17 @@ impl Backend for CudaBackend {
                 t.cols
             );
         }
-        let table = cache.table();
         if rows > 1 {
             return self.launch_attention_prefill(
                 q.ptr(),
-                table.chunk_table.ptr(),
-                table.step.ptr(),
+                memory.block_addresses.ptr(),
+                memory.step.ptr(),
                 out.ptr(),
                 rows,
                 num_heads,
                 layer,
                 &layout,
+                memory.block_tokens,
             );
         }
         let splits = self.options.borrow().decode_splits;
@@ -842,26 +879,28 @@ impl Backend for CudaBackend {
                 true,
             )?,
         };
-        // A table of one chunk is the static layout: read the chunk directly.
-        let (kv, chunked) = if table.capacity == 1 {
-            let chunk = cache
-                .chunks()
-                .first()
-                .context("decode attention over a cache without memory")?;
-            (chunk.ptr(), false)
-        } else {
-            (table.chunk_table.ptr(), true)
+        // The contiguous layout's one block is read directly.
+        let (kv, chunked) = match layout.kind() {
+            LayoutKind::Contiguous => (
+                *memory
+                    .uploaded
+                    .first()
+                    .context("decode attention before the step's view was set")?,
+                false,
+            ),
+            LayoutKind::Chunked => (memory.block_addresses.ptr(), true),
         };
         self.launch_attention_decode(
             q.ptr(),
             kv,
             chunked,
-            table.step.ptr(),
+            memory.step.ptr(),
             partials,
             out.ptr(),
             num_heads,
             layer,
             &layout,
+            memory.block_tokens,
             splits,
         )
     }

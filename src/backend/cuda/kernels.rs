@@ -21,12 +21,13 @@ fn blocks(count: usize, what: &str) -> Result<u32> {
         .with_context(|| format!("{what}: {count} blocks are more than a grid holds"))
 }
 
-fn layout_args(layout: &KvLayout) -> [KernelArg; 4] {
+/// The kernels' four layout arguments: `block_tokens` positions per block of the step's sequence.
+fn layout_args(layout: &KvLayout, block_tokens: u32) -> [KernelArg; 4] {
     [
         KernelArg::U32(layout.num_layers),
         KernelArg::U32(layout.num_kv_heads),
         KernelArg::U32(layout.head_dim),
-        KernelArg::U32(layout.chunk_tokens),
+        KernelArg::U32(block_tokens),
     ]
 }
 
@@ -285,6 +286,7 @@ impl CudaBackend {
         rows: usize,
         layer: usize,
         layout: &KvLayout,
+        block_tokens: u32,
     ) -> Result<()> {
         let vectors = 2 * rows * layout.num_kv_heads as usize * layout.head_dim as usize / 8;
         let mut args = vec![
@@ -295,7 +297,7 @@ impl CudaBackend {
             int(rows, "kv append rows")?,
             KernelArg::U32(layer as u32),
         ];
-        args.extend(layout_args(layout));
+        args.extend(layout_args(layout, block_tokens));
         self.launch(
             "kv_append_bf16",
             LaunchConfig::linear(
@@ -319,6 +321,7 @@ impl CudaBackend {
         num_heads: usize,
         layer: usize,
         layout: &KvLayout,
+        block_tokens: u32,
     ) -> Result<()> {
         let head_dim = layout.head_dim as usize;
         let kernel = match head_dim {
@@ -358,7 +361,7 @@ impl CudaBackend {
                 KernelArg::U32(layer as u32),
                 KernelArg::U32(layout.num_layers),
                 KernelArg::U32(layout.num_kv_heads),
-                KernelArg::U32(layout.chunk_tokens),
+                KernelArg::U32(block_tokens),
             ],
         )
     }
@@ -378,6 +381,7 @@ impl CudaBackend {
         num_heads: usize,
         layer: usize,
         layout: &KvLayout,
+        block_tokens: u32,
         num_splits: usize,
     ) -> Result<()> {
         ensure!(
@@ -407,7 +411,7 @@ impl CudaBackend {
             int(num_heads, "num_heads")?,
             KernelArg::U32(layer as u32),
         ];
-        args.extend(layout_args(layout));
+        args.extend(layout_args(layout, block_tokens));
         args.push(int(num_splits, "decode splits")?);
         self.launch(
             if chunked {

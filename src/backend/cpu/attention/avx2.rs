@@ -1,12 +1,13 @@
 //! AVX2 + FMA run kernels for head_dim = 8 · D8 (D8 in 2, 4, 8, 16: head_dim 16 .. 128), picked
-//! by [`super::attend_item_avx2`]: the whole head row lives in D8 registers.
+//! by [`super::attend_item_avx2`]: the whole head row lives in D8 registers. K and V entries are
+//! widened to f32 as they are loaded ([`KvElement::widen8`]), so f32 and bf16 caches share them.
 //!
 //! - scores: eight keys at a time, one accumulator per key (eight independent FMA chains), then
 //!   one transposing horizontal sum gives the eight scores in one vector.
 //! - weighted sum: the output row stays in registers across the run, one broadcast weight and D8
 //!   FMAs per value row, written back once per run.
 
-use super::RunKernels;
+use super::{KvElement, RunKernels};
 use crate::backend::cpu::simd::horizontal_sum;
 use std::arch::x86_64::*;
 
@@ -14,19 +15,19 @@ use std::arch::x86_64::*;
 /// function `attend_item_avx2`, which runs only where the CPU has both.
 pub(super) struct Avx2Runs<const D8: usize>;
 
-impl<const D8: usize> RunKernels for Avx2Runs<D8> {
+impl<E: KvElement, const D8: usize> RunKernels<E> for Avx2Runs<D8> {
     #[inline(always)]
-    fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    fn scores(q: &[f32], keys: &[E], scale: f32, out: &mut [f32]) {
         assert!(q.len() == 8 * D8 && keys.len() == out.len() * q.len());
         // SAFETY: see the type's comment for the CPU features; the lengths are checked above.
-        unsafe { scores::<D8>(q, keys, scale, out) }
+        unsafe { scores::<E, D8>(q, keys, scale, out) }
     }
 
     #[inline(always)]
-    fn weighted_sum(weights: &[f32], values: &[f32], acc: &mut [f32]) {
+    fn weighted_sum(weights: &[f32], values: &[E], acc: &mut [f32]) {
         assert!(acc.len() == 8 * D8 && values.len() == weights.len() * acc.len());
         // SAFETY: as above.
-        unsafe { weighted_sum::<D8>(weights, values, acc) }
+        unsafe { weighted_sum::<E, D8>(weights, values, acc) }
     }
 }
 
@@ -54,7 +55,12 @@ fn hsum8(a: [__m256; 8]) -> __m256 {
 /// AVX2 and FMA are present; the lengths are as stated.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn scores<const D8: usize>(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+unsafe fn scores<E: KvElement, const D8: usize>(
+    q: &[f32],
+    keys: &[E],
+    scale: f32,
+    out: &mut [f32],
+) {
     let head_dim = 8 * D8;
     let mut qv = [_mm256_setzero_ps(); D8];
     for (j, v) in qv.iter_mut().enumerate() {
@@ -67,7 +73,7 @@ unsafe fn scores<const D8: usize>(q: &[f32], keys: &[f32], scale: f32, out: &mut
         let mut acc = [_mm256_setzero_ps(); 8];
         for (j, &qj) in qv.iter().enumerate() {
             for (key, a) in acc.iter_mut().enumerate() {
-                let kv = _mm256_loadu_ps(k.add((i + key) * head_dim + 8 * j));
+                let kv = E::widen8(k.add((i + key) * head_dim + 8 * j));
                 *a = _mm256_fmadd_ps(qj, kv, *a);
             }
         }
@@ -78,7 +84,7 @@ unsafe fn scores<const D8: usize>(q: &[f32], keys: &[f32], scale: f32, out: &mut
     for (key, o) in out.iter_mut().enumerate().skip(i) {
         let mut acc = _mm256_setzero_ps();
         for (j, &qj) in qv.iter().enumerate() {
-            acc = _mm256_fmadd_ps(qj, _mm256_loadu_ps(k.add(key * head_dim + 8 * j)), acc);
+            acc = _mm256_fmadd_ps(qj, E::widen8(k.add(key * head_dim + 8 * j)), acc);
         }
         *o = horizontal_sum(acc) * scale;
     }
@@ -90,14 +96,18 @@ unsafe fn scores<const D8: usize>(q: &[f32], keys: &[f32], scale: f32, out: &mut
 /// AVX2 and FMA are present; the lengths are as stated.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn weighted_sum<const D8: usize>(weights: &[f32], values: &[f32], acc: &mut [f32]) {
+unsafe fn weighted_sum<E: KvElement, const D8: usize>(
+    weights: &[f32],
+    values: &[E],
+    acc: &mut [f32],
+) {
     let head_dim = 8 * D8;
     let v = values.as_ptr();
     let mut sum = [_mm256_setzero_ps(); D8];
     for (i, &w) in weights.iter().enumerate() {
         let wv = _mm256_set1_ps(w);
         for (j, s) in sum.iter_mut().enumerate() {
-            *s = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.add(i * head_dim + 8 * j)), *s);
+            *s = _mm256_fmadd_ps(wv, E::widen8(v.add(i * head_dim + 8 * j)), *s);
         }
     }
     for (j, s) in sum.iter().enumerate() {
