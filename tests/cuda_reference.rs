@@ -24,7 +24,11 @@ fn reference_check(name: &str) {
 #[test]
 fn every_reference_check_of_the_selftest_has_a_test() {
     let mut names = MODELS.to_vec();
-    names.extend(["chunks_smaller_than_the_prompt", "graphs_replay_launches"]);
+    names.extend([
+        "chunks_smaller_than_the_prompt",
+        "graphs_replay_launches",
+        "prefix_reuse",
+    ]);
     common::assert_group_is("reference", &names);
 }
 
@@ -51,6 +55,11 @@ fn dynamic_cache_with_chunks_smaller_than_the_prompt() {
 #[test]
 fn graphs_replay_exactly_what_launches_compute() {
     reference_check("graphs_replay_launches");
+}
+
+#[test]
+fn prefix_reuse_equals_re_prefilling() {
+    reference_check("prefix_reuse");
 }
 
 #[test]
