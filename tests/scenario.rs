@@ -346,6 +346,138 @@ fn a_run_writes_turns_summary_report_and_plots_that_read_back() {
 }
 
 #[test]
+fn reuse_strategies_keep_the_conversation_and_say_what_they_reused() {
+    let model = tiny_model();
+    let out = tempfile::tempdir().unwrap();
+    let results = out.path().join("run");
+    let run = kvlab(&[
+        "scenario",
+        "--model",
+        model.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--scenarios",
+        "insurance_claim_auto",
+        "--strategies",
+        "dynamic,dynamic+reuse,static+reuse",
+        "--turns",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--chunk-tokens",
+        "16",
+        "--out",
+        results.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("Prefix reuse, turn by turn"), "{stdout}");
+    let csv = Csv::read(&results.join("turns.csv"));
+    assert_eq!(csv.rows.len(), 9);
+    let bytes_per_position = 2.0 * 2.0 * 2.0 * 16.0 * 4.0;
+    let mut static_reserved = None;
+    for row in 0..9 {
+        let strategy = csv.get(row, "strategy").to_string();
+        let turn = csv.num(row, "turn") as usize;
+        let what = format!("{strategy} turn {turn}");
+        assert_eq!(
+            csv.get(row, "success"),
+            "true",
+            "{what}: {}",
+            csv.get(row, "error")
+        );
+        assert_eq!(csv.get(row, "agrees_with_first_strategy"), "true", "{what}");
+        if strategy == "dynamic" {
+            assert_eq!(csv.get(row, "reused_tokens"), "", "{what}");
+            continue;
+        }
+        let input = csv.num(row, "input_tokens");
+        let (reused, prefilled) = (
+            csv.num(row, "reused_tokens"),
+            csv.num(row, "prefilled_tokens"),
+        );
+        assert_eq!(reused + prefilled, input, "{what}");
+        if turn == 1 {
+            assert_eq!(reused, 0.0, "{what}");
+        } else {
+            // The previous prompt less its last token at least (the template renders the
+            // generation prompt's tail and the answer's start anew).
+            let previous = csv.num(row - 1, "input_tokens");
+            assert!(reused >= previous - 1.0, "{what}: {reused} of {previous}");
+            let rate = csv.num(row, "reuse_hit_rate");
+            assert!((rate - reused / input).abs() < 1e-3, "{what}");
+        }
+        // The conversation's sequence holds the history: live = prompt + new - 1 positions.
+        assert_eq!(
+            csv.num(row, "kv_live_bytes"),
+            (input + 5.0) * bytes_per_position,
+            "{what}"
+        );
+        if strategy == "static+reuse" {
+            // One run reserved at turn 1 for the whole conversation.
+            let reserved = csv.num(row, "kv_reserved_bytes");
+            assert_eq!(*static_reserved.get_or_insert(reserved), reserved, "{what}");
+            assert!(reserved >= (input + 6.0) * bytes_per_position, "{what}");
+        }
+    }
+    let report = std::fs::read_to_string(results.join("report.md")).unwrap();
+    assert!(report.contains("## Prefix reuse, turn by turn"));
+    assert!(report.contains("prefix_reuse.png"));
+    check_png(&results.join("prefix_reuse.png"));
+}
+
+#[test]
+fn a_pool_that_runs_dry_fails_its_turn_and_the_run_goes_on() {
+    let model = tiny_model();
+    let out = tempfile::tempdir().unwrap();
+    let results = out.path().join("run");
+    // 11 chunks of 16 positions (512 bytes each): turn 1's 157 positions fit, turn 2's do not.
+    let run = kvlab(&[
+        "scenario",
+        "--model",
+        model.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--scenarios",
+        "insurance_claim_auto",
+        "--strategies",
+        "dynamic",
+        "--turns",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--chunk-tokens",
+        "16",
+        "--kv-budget",
+        "90112",
+        "--out",
+        results.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let csv = Csv::read(&results.join("turns.csv"));
+    assert_eq!(csv.rows.len(), 3);
+    assert_eq!(csv.get(0, "success"), "true");
+    for row in 1..3 {
+        assert_eq!(csv.get(row, "success"), "false");
+        let error = csv.get(row, "error");
+        assert!(
+            error.contains("the KV pool is exhausted") && error.contains("raise --kv-budget"),
+            "{error}"
+        );
+    }
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("2 turn(s) failed"), "{stdout}");
+}
+
+#[test]
 fn turn_one_equals_kvlab_generate_on_the_same_messages() {
     let model = tiny_model();
     let dir = tempfile::tempdir().unwrap();

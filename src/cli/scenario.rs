@@ -279,7 +279,7 @@ pub fn run(args: ScenarioArgs) -> Result<()> {
         .filter_map(|(path, caption)| Some((path.file_name()?.to_str()?.to_string(), *caption)))
         .collect();
     let plot_refs: Vec<(&str, &str)> = png_plots.iter().map(|(f, c)| (f.as_str(), *c)).collect();
-    summary.write_report(&dir.join("report.md"), &plot_refs)?;
+    summary.write_report(&dir.join("report.md"), &records, &plot_refs)?;
 
     if outcome.interrupted {
         println!(
@@ -291,6 +291,10 @@ pub fn run(args: ScenarioArgs) -> Result<()> {
     print!("{}", summary.study_table().to_text());
     println!("\nWhat the study's table leaves out:");
     print!("{}", summary.measured_table().to_text());
+    if let Some(table) = Summary::reuse_table(&records) {
+        println!("\nPrefix reuse, turn by turn (means over scenarios):");
+        print!("{}", table.to_text());
+    }
     if !summary.disagreements.is_empty() {
         println!(
             "\n{} turn(s) generated other ids than `{}`: see report.md.",

@@ -141,6 +141,18 @@ pub fn draw_run_plots(
         )?,
         "KV cache bytes reserved and live against context length",
     );
+    if records.iter().any(|r| r.reuse.is_some()) {
+        add(
+            save(
+                &PrefixReuse {
+                    records,
+                    strategies,
+                },
+                &dir.join("prefix_reuse"),
+            )?,
+            "Time to first token per turn, and the prompt tokens reused and prefilled",
+        );
+    }
     Ok(files)
 }
 
@@ -238,6 +250,126 @@ impl Figure for TimePerTurn<'_> {
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperRight)
+            .label_font((FONT, 15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+    }
+}
+
+struct PrefixReuse<'a> {
+    records: &'a [&'a TurnRecord],
+    strategies: &'a [Strategy],
+}
+
+impl Figure for PrefixReuse<'_> {
+    /// Left: TTFT per turn (mean over scenarios) of every strategy, on a linear scale, so that
+    /// a flat line reads as flat. Right: for each `+reuse` strategy, each turn's prompt as a bar
+    /// of reused tokens (solid) under prefilled ones (light).
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
+        let last_turn = self.records.iter().map(|r| r.turn).max().unwrap_or(1) as f64;
+        let (left, right) = root.split_horizontally(root.dim_in_pixel().0 / 2);
+        let ttft_hi = self
+            .records
+            .iter()
+            .map(|r| r.prefill_seconds)
+            .fold(0.0, f64::max);
+        let mut chart = ChartBuilder::on(&left)
+            .caption("Time to first token per turn", (FONT, 24))
+            .margin(18)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(
+                0.5..last_turn + 0.5,
+                0.0..(ttft_hi * LEGEND_HEADROOM).max(1e-3),
+            )?;
+        chart
+            .configure_mesh()
+            .x_desc("turn (the history grows every turn)")
+            .y_desc("seconds (prefill of the call)")
+            .x_labels(last_turn as usize + 1)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .label_style((FONT, 15))
+            .axis_desc_style((FONT, 17))
+            .draw()?;
+        for &strategy in self.strategies {
+            let color = strategy_color(strategy);
+            let ttft = mean_per_turn(self.records, strategy, |r| r.prefill_seconds);
+            chart
+                .draw_series(LineSeries::new(ttft.clone(), color.stroke_width(3)))?
+                .label(strategy.to_string())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3))
+                });
+            chart.draw_series(ttft.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font((FONT, 15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+
+        let reusing: Vec<Strategy> = self
+            .strategies
+            .iter()
+            .copied()
+            .filter(|s| s.reuses())
+            .collect();
+        let tokens_hi = self
+            .records
+            .iter()
+            .map(|r| r.input_tokens as f64)
+            .fold(0.0, f64::max);
+        let mut chart = ChartBuilder::on(&right)
+            .caption("Prompt tokens: reused (solid) and prefilled", (FONT, 24))
+            .margin(18)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(
+                0.5..last_turn + 0.5,
+                0.0..(tokens_hi * LEGEND_HEADROOM).max(1.0),
+            )?;
+        chart
+            .configure_mesh()
+            .x_desc("turn")
+            .y_desc("prompt tokens (mean over scenarios)")
+            .x_labels(last_turn as usize + 1)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .label_style((FONT, 15))
+            .axis_desc_style((FONT, 17))
+            .draw()?;
+        let width = 0.8 / reusing.len().max(1) as f64;
+        for (i, &strategy) in reusing.iter().enumerate() {
+            let color = strategy_color(strategy);
+            let reused = mean_per_turn(self.records, strategy, |r| {
+                r.reuse.map_or(0.0, |u| u.reused_tokens as f64)
+            });
+            let prompt = mean_per_turn(self.records, strategy, |r| r.input_tokens as f64);
+            let left_edge = |turn: f64| turn - 0.4 + i as f64 * width;
+            chart
+                .draw_series(reused.iter().map(|&(turn, n)| {
+                    let x = left_edge(turn);
+                    Rectangle::new([(x, 0.0), (x + width * 0.9, n)], color.filled())
+                }))?
+                .label(format!("{strategy}: reused"))
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled())
+                });
+            chart
+                .draw_series(reused.iter().zip(&prompt).map(|(&(turn, n), &(_, total))| {
+                    let x = left_edge(turn);
+                    Rectangle::new([(x, n), (x + width * 0.9, total)], color.mix(0.3).filled())
+                }))?
+                .label(format!("{strategy}: prefilled"))
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.mix(0.3).filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
             .label_font((FONT, 15))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)

@@ -353,8 +353,75 @@ impl Summary {
         table
     }
 
+    /// Per `+reuse` strategy and turn (means over scenarios): prompt tokens, what was reused
+    /// and prefilled, why the rest missed, the time to first token, and the KV bytes: the
+    /// pool's arena, what the conversation's sequence held (live, shared), and the pool's
+    /// chunks held by any sequence and cached idle. None when no strategy reuses.
+    pub fn reuse_table(records: &[TurnRecord]) -> Option<Table> {
+        let mut table = Table::new(&[
+            "strategy",
+            "turn",
+            "prompt",
+            "reused",
+            "prefilled",
+            "hit rate",
+            "missed: drift / granularity / evicted",
+            "TTFT (s)",
+            "KV pool / seq reserved / live / shared / pool held / cached idle (MiB)",
+        ]);
+        let mut keys: Vec<(Strategy, usize)> = records
+            .iter()
+            .filter(|r| r.success && r.reuse.is_some())
+            .map(|r| (r.strategy, r.turn))
+            .collect();
+        keys.sort_by_key(|&(s, t)| (s.name(), t));
+        keys.dedup();
+        for (strategy, turn) in keys {
+            let rows: Vec<&TurnRecord> = records
+                .iter()
+                .filter(|r| r.success && r.strategy == strategy && r.turn == turn)
+                .collect();
+            let n = rows.len() as f64;
+            let avg = |f: &dyn Fn(&TurnRecord) -> f64| rows.iter().map(|r| f(r)).sum::<f64>() / n;
+            let reuse = |f: fn(&crate::generate::ReuseStats) -> usize| {
+                avg(&|r: &TurnRecord| r.reuse.map_or(0.0, |u| f(&u) as f64))
+            };
+            let mib = |f: fn(&TurnRecord) -> u64| avg(&|r: &TurnRecord| f(r) as f64 / MIB);
+            table.rows.push(vec![
+                strategy.to_string(),
+                turn.to_string(),
+                format!("{:.0}", avg(&|r| r.input_tokens as f64)),
+                format!("{:.0}", reuse(|u| u.reused_tokens)),
+                format!("{:.0}", reuse(|u| u.prefilled_tokens)),
+                format!("{:.2}", avg(&|r| r.reuse.map_or(0.0, |u| u.hit_rate()))),
+                format!(
+                    "{:.0} / {:.0} / {:.0}",
+                    reuse(|u| u.missed_drift),
+                    reuse(|u| u.missed_granularity),
+                    reuse(|u| u.missed_evicted)
+                ),
+                format!("{:.3}", avg(&|r| r.prefill_seconds)),
+                format!(
+                    "{:.1} / {:.2} / {:.2} / {:.2} / {:.2} / {:.2}",
+                    mib(|r| r.kv_pool_capacity_bytes),
+                    mib(|r| r.kv_reserved_bytes),
+                    mib(|r| r.kv_live_bytes),
+                    mib(|r| r.kv_shared_bytes),
+                    mib(|r| r.kv_pool_reserved_bytes),
+                    mib(|r| r.kv_pool_cached_idle_bytes)
+                ),
+            ]);
+        }
+        (!table.rows.is_empty()).then_some(table)
+    }
+
     /// `report.md`: the run, both tables, the plots, failures and disagreements.
-    pub fn write_report(&self, path: &Path, plots: &[(&str, &str)]) -> Result<()> {
+    pub fn write_report(
+        &self,
+        path: &Path,
+        records: &[TurnRecord],
+        plots: &[(&str, &str)],
+    ) -> Result<()> {
         let run = &self.run;
         let mut md = String::new();
         md.push_str("# kvlab scenario results\n\n");
@@ -371,13 +438,16 @@ impl Summary {
         ));
         let p = &run.protocol;
         md.push_str(&format!(
-            "- Protocol: the study's (history re-templated and re-prefilled every turn, a fresh cache per call); turns per scenario: {}; max new tokens: {}; ignore EOS: {}; ordinary-text ids only: {}; dynamic chunk: {} positions; static capacity: {}; warm-up before each scenario x strategy: {}\n",
+            "- Protocol: the study's (history re-templated every turn; the study's strategies re-prefill it in a fresh cache per call, the `+reuse` ones keep the conversation's cache); turns per scenario: {}; max new tokens: {}; ignore EOS: {}; ordinary-text ids only: {}; dynamic chunk: {} positions; static capacity: {}; warm-up before each strategy: {}\n",
             p.turns.map_or("all".into(), |t| t.to_string()),
             p.max_new_tokens,
             p.ignore_eos,
             run.ordinary_text_only,
             p.chunk_tokens,
-            p.max_context.map_or("prompt + max new tokens".into(), |c| c.to_string()),
+            p.max_context.map_or(
+                "prompt + max new tokens (static+reuse: the conversation's templated turns + 2 x max new tokens per turn)".into(),
+                |c| c.to_string()
+            ),
             p.warmup,
         ));
         md.push_str(&format!(
@@ -400,6 +470,21 @@ impl Summary {
              transient cache for every token). Process peak = peak resident memory during the \
              call (weights mapped from disk included).\n\n",
         );
+        if let Some(table) = Self::reuse_table(records) {
+            md.push_str("## Prefix reuse, turn by turn (means over scenarios)\n\n");
+            md.push_str(&table.to_markdown());
+            md.push_str(
+                "\nreused = leading prompt tokens whose K/V the call kept (the conversation's \
+                 sequence up to its common prefix with the new prompt) or shared (full chunks \
+                 another sequence cached, `dynamic+reuse`); prefilled = the rest, computed by \
+                 the call's prefill. Missed: drift = tokens the sequence held past the point \
+                 where the re-templated prompt differs from them; granularity = tokens a cached \
+                 chunk also starts with that end inside a chunk; evicted = cached chunks \
+                 evicted to make room. KV: the pool's arena, the bytes the conversation's \
+                 sequence reserved, live and shared, then the pool's chunks held by any sequence \
+                 and those cached but idle, when the call ended.\n\n",
+            );
+        }
         if !self.disagreements.is_empty() {
             md.push_str(
                 "## Disagreements\n\nThese turns generated other ids than the first strategy:\n\n",

@@ -49,8 +49,8 @@ pub struct CpuTensor {
     pub cols: usize,
 }
 
-/// The arena of a KV pool: `chunks × chunk_bytes` bytes, 64-byte aligned, zeroed lazily by the
-/// OS (an arena sized for a whole context costs memory only where it is written).
+/// The arena of a KV pool: `chunks × chunk_bytes` bytes, zeroed lazily by the OS (an arena
+/// sized for a whole context costs memory only where it is written).
 pub struct CpuKvMemory {
     layout: KvLayout,
     ptr: std::ptr::NonNull<u8>,
@@ -67,7 +67,10 @@ impl CpuKvMemory {
             .checked_mul(layout.chunk_bytes())
             .filter(|&b| b > 0)
             .ok_or_else(|| anyhow::anyhow!("a KV arena of {chunks} chunks has no valid size"))?;
-        let alloc = std::alloc::Layout::from_size_align(bytes, 64)?;
+        // At the allocator's own alignment (16 bytes), `alloc_zeroed` is `calloc`, whose large
+        // blocks are fresh zero pages from the OS; a larger alignment would memset every byte.
+        // The kernels load unaligned vectors.
+        let alloc = std::alloc::Layout::from_size_align(bytes, 16)?;
         // SAFETY: the size is non-zero.
         let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(alloc) }).ok_or_else(
             || anyhow::anyhow!("out of host memory for a KV arena of {} MiB", bytes >> 20),
