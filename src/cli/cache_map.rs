@@ -127,7 +127,7 @@ pub fn run(args: CacheMapArgs) -> Result<()> {
     );
     let mut layers = Table::new(&[
         "layer",
-        "K at (MiB into chunk)",
+        "K at (MiB into block)",
         "V at",
         "reserved MiB",
         "live MiB",
