@@ -387,29 +387,10 @@ impl Backend for CpuBackend {
         }
         let plans =
             attention::AttentionPlan::for_step(step, kv_heads, rayon::current_num_threads());
+        let out = &mut out.data;
         match layout.dtype() {
-            KvDtype::F32 => {
-                let kv: &[f32] = bytemuck::cast_slice(memory.bytes());
-                let input = attention::AttentionInput {
-                    q: &q.data,
-                    kv,
-                    step,
-                    layer,
-                    num_heads,
-                };
-                attention::attention(&input, &plans, &mut out.data);
-            }
-            KvDtype::Bf16 => {
-                let kv: &[bf16] = bytemuck::cast_slice(memory.bytes());
-                let input = attention::AttentionInput {
-                    q: &q.data,
-                    kv,
-                    step,
-                    layer,
-                    num_heads,
-                };
-                attention::attention(&input, &plans, &mut out.data);
-            }
+            KvDtype::F32 => attend::<f32>(memory, &q.data, step, layer, num_heads, &plans, out),
+            KvDtype::Bf16 => attend::<bf16>(memory, &q.data, step, layer, num_heads, &plans, out),
         }
         Ok(())
     }
@@ -471,6 +452,26 @@ impl Backend for CpuBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Attention over an arena of `E` entries.
+fn attend<E: attention::KvElement + bytemuck::Pod>(
+    memory: &CpuKvMemory,
+    q: &[f32],
+    step: &StepView,
+    layer: usize,
+    num_heads: usize,
+    plans: &[attention::AttentionPlan],
+    out: &mut [f32],
+) {
+    let input = attention::AttentionInput {
+        q,
+        kv: bytemuck::cast_slice::<u8, E>(memory.bytes()),
+        step,
+        layer,
+        num_heads,
+    };
+    attention::attention(&input, plans, out);
 }
 
 /// Checks that a step view fits the arena it will be read through: every block it lists lies
