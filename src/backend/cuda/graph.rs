@@ -251,6 +251,12 @@ mod tests {
         fn set_max_dynamic_shared(&self, _: &str, _: u32) -> Result<()> {
             unimplemented!()
         }
+        fn multiprocessors(&self) -> u32 {
+            unimplemented!()
+        }
+        fn max_active_blocks_per_multiprocessor(&self, _: &str, _: u32, _: u32) -> Result<u32> {
+            unimplemented!()
+        }
         fn synchronize(&self) -> Result<()> {
             Ok(())
         }
