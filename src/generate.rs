@@ -160,21 +160,24 @@ impl<B: Backend> Engine<B> {
     ) -> Result<u32> {
         self.activations(ids.len(), logit_rows)?;
         let act = self.activations.as_mut().expect("allocated above");
-        let (backend, model) = (&self.backend, &self.model);
-        backend.run_step(&mut || model.forward(backend, cache, ids, act, logit_rows))?;
+        let (backend, model, bias) = (&self.backend, &self.model, self.logit_bias.as_ref());
         let last = if logit_rows == LogitRows::All {
             ids.len() - 1
         } else {
             0
         };
+        // The choice is part of the step, so that a CUDA graph replays it with the forward pass.
+        backend.run_step(&mut || {
+            model.forward(backend, cache, ids, act, logit_rows)?;
+            backend.argmax(&act.logits, last, bias)
+        })?;
         if let Some(all) = prompt_logits {
-            *all = self.backend.read_rows(&act.logits, 0, ids.len())?;
+            *all = backend.read_rows(&act.logits, 0, ids.len())?;
         }
         if let Some(keep) = keep_logits {
-            keep.push(self.backend.read_rows(&act.logits, last, 1)?);
+            keep.push(backend.read_rows(&act.logits, last, 1)?);
         }
-        self.backend
-            .argmax(&act.logits, last, self.logit_bias.as_ref())
+        backend.read_argmax()
     }
 
     fn is_stop(&self, id: u32) -> bool {

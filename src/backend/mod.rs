@@ -134,10 +134,14 @@ pub trait Backend: Sized {
     ) -> Result<()>;
     /// Rows `first..first + rows` of x as f32 on the host.
     fn read_rows(&self, x: &Self::Tensor, first: usize, rows: usize) -> Result<Vec<f32>>;
-    /// Index of the largest value of row `row` of `logits` (plus `bias` when given: a mask of 0 /
-    /// -inf that restricts the choice). Only the id leaves the device.
-    fn argmax(&self, logits: &Self::Tensor, row: usize, bias: Option<&Self::Weight>)
-        -> Result<u32>;
+    /// Chooses the index of the largest value of row `row` of `logits` (plus `bias` when given:
+    /// a mask of 0 / -inf that restricts the choice). Queued like any op, so that inside
+    /// `run_step` it is part of the step (a CUDA graph replays it); [`Backend::read_argmax`]
+    /// brings the id to the host.
+    fn argmax(&self, logits: &Self::Tensor, row: usize, bias: Option<&Self::Weight>) -> Result<()>;
+    /// The id chosen by the latest `argmax`, once it is done: only these 4 bytes leave the
+    /// device.
+    fn read_argmax(&self) -> Result<u32>;
     /// Waits for queued work (a no-op on the CPU); timings are taken after it.
     fn synchronize(&self) -> Result<()>;
 

@@ -654,16 +654,18 @@ fn argmax_on_device_matches_the_cpu_scan(ctx: &Context) -> Result<String> {
             .map(|i| if i % 5 == 3 { 0.0 } else { f32::NEG_INFINITY })
             .collect();
         let (cb, gb) = (cpu.upload_vector(&allowed)?, cuda.upload_vector(&allowed)?);
+        let choose = |row, cuda_bias, cpu_bias| -> Result<(u32, u32)> {
+            cuda.argmax(&gl, row, cuda_bias)?;
+            cpu.argmax(&cl, row, cpu_bias)?;
+            Ok((cuda.read_argmax()?, cpu.read_argmax()?))
+        };
         for row in 0..2 {
-            let (device, host) = (cuda.argmax(&gl, row, None)?, cpu.argmax(&cl, row, None)?);
+            let (device, host) = choose(row, None, None)?;
             ensure!(
                 device == host,
                 "vocab {vocab} row {row}: id {device} on the device, {host} on the CPU"
             );
-            let (device, host) = (
-                cuda.argmax(&gl, row, Some(&gb))?,
-                cpu.argmax(&cl, row, Some(&cb))?,
-            );
+            let (device, host) = choose(row, Some(&gb), Some(&cb))?;
             ensure!(
                 device == host,
                 "vocab {vocab} row {row} masked: id {device} on the device, {host} on the CPU"

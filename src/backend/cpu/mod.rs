@@ -8,9 +8,10 @@ pub mod simd;
 use super::{Backend, BackendInfo};
 use crate::kv::{KvCache, KvLayout, KvPart};
 use crate::model::weights::HostTensor;
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Context, Result};
 use matmul::MatRef;
 use rayon::prelude::*;
+use std::cell::Cell;
 
 /// A weight on the CPU: matrices stay in the mapping, vectors become f32.
 pub enum CpuWeight {
@@ -49,14 +50,28 @@ pub struct CpuTensor {
 
 pub struct CpuBackend {
     threads: usize,
+    /// The id chosen by the latest `argmax`.
+    chosen: Cell<Option<u32>>,
 }
 
 impl CpuBackend {
     pub fn new() -> CpuBackend {
         CpuBackend {
             threads: rayon::current_num_threads(),
+            chosen: Cell::default(),
         }
     }
+}
+
+/// Fails unless `t` has `cols` columns and at least `rows` rows.
+fn check_shape(t: &CpuTensor, rows: usize, cols: usize, what: &str) -> Result<()> {
+    ensure!(
+        t.cols == cols && t.data.len() >= rows * cols,
+        "{what}: [{rows}, {cols}] requested from a tensor of {} columns and {} rows",
+        t.cols,
+        t.data.len() / t.cols.max(1)
+    );
+    Ok(())
 }
 
 impl Default for CpuBackend {
@@ -372,9 +387,18 @@ impl Backend for CpuBackend {
         Ok(x.data[first * x.cols..(first + rows) * x.cols].to_vec())
     }
 
-    fn argmax(&self, logits: &CpuTensor, row: usize, bias: Option<&CpuWeight>) -> Result<u32> {
-        let l = &logits.data[row * logits.cols..(row + 1) * logits.cols];
+    fn argmax(&self, logits: &CpuTensor, row: usize, bias: Option<&CpuWeight>) -> Result<()> {
+        let cols = logits.cols;
+        check_shape(logits, row + 1, cols, "argmax")?;
+        let l = &logits.data[row * cols..(row + 1) * cols];
         let bias = bias.map(|b| b.vector()).transpose()?;
+        if let Some(b) = bias {
+            ensure!(
+                b.len() == cols,
+                "logit mask of {} entries for {cols} logits",
+                b.len()
+            );
+        }
         let mut best = (0usize, f32::NEG_INFINITY);
         for (i, &v) in l.iter().enumerate() {
             let v = v + bias.map_or(0.0, |b| b[i]);
@@ -383,7 +407,14 @@ impl Backend for CpuBackend {
                 best = (i, v);
             }
         }
-        Ok(best.0 as u32)
+        self.chosen.set(Some(best.0 as u32));
+        Ok(())
+    }
+
+    fn read_argmax(&self) -> Result<u32> {
+        self.chosen
+            .get()
+            .context("read_argmax before any argmax chose an id")
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -171,9 +171,11 @@ struct Scratch {
     decode_counters: Option<TrackedBuffer>,
     /// A matmul input read twice `[rows, 2 * k]`, for weights stored as bf16 pairs.
     pair_input: Option<TrackedBuffer>,
-    /// Argmax partials `[ARGMAX_PARTIALS]` f32 + u32, and the chosen id.
+    /// Argmax partials `[ARGMAX_PARTIALS]` f32 + u32, its zeroed u32 block counter, and the
+    /// chosen id.
     argmax_values: Option<TrackedBuffer>,
     argmax_indices: Option<TrackedBuffer>,
+    argmax_blocks_done: Option<TrackedBuffer>,
     argmax_id: Option<TrackedBuffer>,
     /// Buffers replaced while a step records: its recorded launches may use them, so they live
     /// until the step's work is issued.
@@ -919,7 +921,7 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn argmax(&self, logits: &CudaTensor, row: usize, bias: Option<&CudaWeight>) -> Result<u32> {
+    fn argmax(&self, logits: &CudaTensor, row: usize, bias: Option<&CudaWeight>) -> Result<()> {
         logits.check_f32("argmax")?;
         logits.check_rows(row + 1, "argmax")?;
         if let Some(b) = bias {
@@ -932,18 +934,26 @@ impl Backend for CudaBackend {
         }
         let values = self.scratch_buffer(|s| &mut s.argmax_values, ARGMAX_PARTIALS * 4)?;
         let indices = self.scratch_buffer(|s| &mut s.argmax_indices, ARGMAX_PARTIALS * 4)?;
+        let blocks_done = self.scratch_buffer_init(|s| &mut s.argmax_blocks_done, 4, true)?;
         let id = self.scratch_buffer(|s| &mut s.argmax_id, 4)?;
         self.launch_argmax(
             logits.row_ptr(row),
             bias.map(|b| b.buffer.ptr()),
             values,
             indices,
+            blocks_done,
             id,
             logits.cols,
-        )?;
+        )
+    }
+
+    fn read_argmax(&self) -> Result<u32> {
         let mut out = [0u32; 1];
         let scratch = self.scratch.borrow();
-        let buffer = scratch.argmax_id.as_ref().expect("allocated above");
+        let buffer = scratch
+            .argmax_id
+            .as_ref()
+            .context("read_argmax before any argmax chose an id")?;
         self.copy_dtoh(buffer, 0, bytemuck::cast_slice_mut(&mut out))?;
         Ok(out[0])
     }

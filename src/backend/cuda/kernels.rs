@@ -78,7 +78,7 @@ pub const PREFILL_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
 // sampling.cu
 const ARGMAX_THREADS: u32 = 256;
-/// Stage-one blocks of argmax: 64 x 256 threads cover a 128k vocabulary in 8 strides.
+/// Most blocks of argmax: 64 x 256 threads cover a 128k vocabulary in 8 strides.
 pub const ARGMAX_PARTIALS: usize = 64;
 
 impl CudaBackend {
@@ -433,7 +433,8 @@ impl CudaBackend {
         )
     }
 
-    /// Two-stage argmax of `count` f32 logits (+ bias); the id lands in `id`.
+    /// The argmax of `count` f32 logits (+ bias) in one launch; the id lands in `id`.
+    /// `blocks_done` is a zeroed u32 that the kernel leaves zeroed.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_argmax(
         &self,
@@ -441,6 +442,7 @@ impl CudaBackend {
         bias: Option<u64>,
         partial_values: u64,
         partial_indices: u64,
+        blocks_done: u64,
         id: u64,
         count: usize,
     ) -> Result<()> {
@@ -448,24 +450,16 @@ impl CudaBackend {
             .div_ceil(ARGMAX_THREADS as usize * 8)
             .clamp(1, ARGMAX_PARTIALS);
         self.launch(
-            "argmax_partial_f32",
+            "argmax_f32",
             LaunchConfig::linear(partials as u32, ARGMAX_THREADS, 0),
             vec![
                 KernelArg::Ptr(logits),
                 KernelArg::Ptr(bias.unwrap_or(0)),
                 KernelArg::Ptr(partial_values),
                 KernelArg::Ptr(partial_indices),
-                int(count, "argmax count")?,
-            ],
-        )?;
-        self.launch(
-            "argmax_final",
-            LaunchConfig::linear(1, ARGMAX_THREADS, 0),
-            vec![
-                KernelArg::Ptr(partial_values),
-                KernelArg::Ptr(partial_indices),
+                KernelArg::Ptr(blocks_done),
                 KernelArg::Ptr(id),
-                int(partials, "argmax partials")?,
+                int(count, "argmax count")?,
             ],
         )
     }
