@@ -390,6 +390,10 @@ impl Backend for CpuBackend {
         let w = norm.vector()?;
         let dim = w.len();
         check_shape(x, x_rows.end, dim, "rms_norm_matmul_many input")?;
+        ensure!(
+            x_rows.start <= x_rows.end,
+            "rms_norm_matmul_many: rows {x_rows:?} run backwards"
+        );
         let rows = x_rows.len();
         let mut normed = Self::scratch(&self.input_scratch, rows, dim);
         let x_rows = &x.data[x_rows.start * dim..x_rows.end * dim];
