@@ -17,11 +17,14 @@ fn kernel_check(name: &str) {
 }
 
 /// The kernel checks this file runs, one test each (below).
-const KERNEL_CHECKS: [&str; 14] = [
+const KERNEL_CHECKS: [&str; 17] = [
     "embedding_gather",
     "rms_norm",
     "matvec",
     "matvec_grid_stride",
+    "norm_in_matvec",
+    "residual_add_in_matmul",
+    "swiglu_in_matvec",
     "matmul_mma",
     "matmul_many",
     "rope",
@@ -30,7 +33,7 @@ const KERNEL_CHECKS: [&str; 14] = [
     "attention_gqa4_hd64",
     "attention_gqa9_hd128",
     "decode_attention_splits",
-    "swiglu_and_copies",
+    "swiglu",
     "argmax",
 ];
 
@@ -45,7 +48,7 @@ fn embedding_gather_copies_rows() {
 }
 
 #[test]
-fn rms_norm_with_and_without_residual_add() {
+fn rms_norm_of_the_residual_stream() {
     kernel_check("rms_norm");
 }
 
@@ -57,6 +60,21 @@ fn matvec_for_decode_rows() {
 #[test]
 fn matvec_covers_more_rows_than_its_grid() {
     kernel_check("matvec_grid_stride");
+}
+
+#[test]
+fn rms_norm_staged_inside_the_matvec() {
+    kernel_check("norm_in_matvec");
+}
+
+#[test]
+fn residual_added_as_the_projection_is_stored() {
+    kernel_check("residual_add_in_matmul");
+}
+
+#[test]
+fn swiglu_staged_inside_the_down_projection() {
+    kernel_check("swiglu_in_matvec");
 }
 
 #[test]
@@ -100,8 +118,8 @@ fn decode_attention_splits_a_long_sequence() {
 }
 
 #[test]
-fn swiglu_and_row_copies() {
-    kernel_check("swiglu_and_copies");
+fn swiglu_in_place() {
+    kernel_check("swiglu");
 }
 
 #[test]

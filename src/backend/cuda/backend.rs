@@ -9,7 +9,8 @@
 use super::device::{Device, KernelArg, LaunchConfig};
 use super::graph::{GraphStats, Launch, StepRecorder};
 use super::kernels::{
-    decode_attention_groups, DecodePartials, ARGMAX_PARTIALS, DECODE_MAX_SPLITS, PREFILL_HEAD_DIMS,
+    decode_attention_groups, DecodePartials, MatmulInput, MatmulOutput, ARGMAX_PARTIALS,
+    DECODE_MAX_SPLITS, PREFILL_HEAD_DIMS,
 };
 use super::memory::{MemoryLedger, MemoryReport, MemoryUse, TrackedBuffer};
 use crate::backend::{Backend, BackendInfo};
@@ -20,6 +21,8 @@ use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Knobs of the CUDA backend.
@@ -171,11 +174,16 @@ struct Scratch {
     decode_acc: Option<TrackedBuffer>,
     decode_max_sum: Option<TrackedBuffer>,
     decode_counters: Option<TrackedBuffer>,
-    /// A matmul input read twice `[rows, 2 * k]`, for weights stored as bf16 pairs.
+    /// The input of a many-row matmul computed first, `[rows, k]` bf16: rmsnorm(x) * weight or
+    /// silu(gate) * up (one row is computed inside the matvec instead).
+    staged_input: Option<TrackedBuffer>,
+    /// A many-row matmul input read twice `[rows, 2 * k]`, for weights stored as bf16 pairs.
     pair_input: Option<TrackedBuffer>,
-    /// Argmax partials `[ARGMAX_PARTIALS]` f32 + u32, and the chosen id.
+    /// Argmax partials `[ARGMAX_PARTIALS]` f32 + u32, its zeroed u32 block counter, and the
+    /// chosen id.
     argmax_values: Option<TrackedBuffer>,
     argmax_indices: Option<TrackedBuffer>,
+    argmax_blocks_done: Option<TrackedBuffer>,
     argmax_id: Option<TrackedBuffer>,
     /// Buffers replaced while a step records: its recorded launches may use them, so they live
     /// until the step's work is issued.
@@ -189,6 +197,8 @@ pub struct CudaBackend {
     ledger: Arc<MemoryLedger>,
     scratch: RefCell<Scratch>,
     recorder: RefCell<StepRecorder>,
+    /// Blocks resident at once on the device per (kernel, threads, dynamic shared bytes).
+    resident_blocks: RefCell<HashMap<(&'static str, u32, u32), usize>>,
     /// (start, end) events of each forward pass since the last `take_step_device_seconds`.
     step_events: RefCell<Vec<(super::device::Event, super::device::Event)>>,
 }
@@ -204,6 +214,7 @@ impl CudaBackend {
             ledger: Arc::new(MemoryLedger::default()),
             scratch: RefCell::new(Scratch::default()),
             recorder: RefCell::new(StepRecorder::default()),
+            resident_blocks: RefCell::new(HashMap::new()),
             step_events: RefCell::new(Vec::new()),
         })
     }
@@ -316,6 +327,37 @@ impl CudaBackend {
         Ok(tensor)
     }
 
+    /// The launches of the latest step that recorded to its end, in order (also when it
+    /// replayed a graph): how many kernels a token costs, and their grids.
+    pub fn last_step_launches(&self) -> Vec<(&'static str, LaunchConfig)> {
+        self.recorder.borrow().last_step().to_vec()
+    }
+
+    /// How many blocks of `kernel` (`threads` threads, `shared` bytes of dynamic shared
+    /// memory) the device holds at once: its occupancy times its SM count, asked once.
+    pub(super) fn resident_blocks(
+        &self,
+        kernel: &'static str,
+        threads: u32,
+        shared: u32,
+    ) -> Result<usize> {
+        let key = (kernel, threads, shared);
+        if let Some(&blocks) = self.resident_blocks.borrow().get(&key) {
+            return Ok(blocks);
+        }
+        let per_multiprocessor = self
+            .device
+            .max_active_blocks_per_multiprocessor(kernel, threads, shared)?;
+        ensure!(
+            per_multiprocessor > 0,
+            "kernel `{kernel}`: not one block of {threads} threads with {shared} bytes of dynamic \
+             shared memory fits on a multiprocessor"
+        );
+        let blocks = per_multiprocessor as usize * self.device.multiprocessors() as usize;
+        self.resident_blocks.borrow_mut().insert(key, blocks);
+        Ok(blocks)
+    }
+
     /// Issues a launch, or records it while a step records.
     pub(super) fn launch(
         &self,
@@ -394,6 +436,130 @@ impl CudaBackend {
             .with_context(|| format!("uploading {name}"))?;
         Ok(buffer)
     }
+
+    /// Launches `projections` of `rows` rows of `input` (`[rows, k]`). One row: matvecs that
+    /// compute the input while they stage it, three bf16 outputs per launch. Many rows: the
+    /// input is computed into scratch first, then one tensor-core matmul per weight.
+    fn launch_projections(
+        &self,
+        input: MatmulInput,
+        k: usize,
+        rows: usize,
+        projections: &[Projection],
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let many_rows_input = if rows > 1 {
+            Some(self.stage_rows(input, k, rows)?)
+        } else {
+            None
+        };
+        // Weights stored differently do not share one staged input.
+        for pair in [false, true] {
+            let alike: Vec<&Projection> = projections.iter().filter(|p| p.pair == pair).collect();
+            if alike.is_empty() {
+                continue;
+            }
+            let Some(x) = many_rows_input else {
+                let (bf16_outs, others): (Vec<&Projection>, Vec<&Projection>) = alike
+                    .into_iter()
+                    .partition(|p| p.output == MatmulOutput::Bf16);
+                for group in bf16_outs.chunks(3) {
+                    let targets: Vec<_> = group.iter().map(|p| (p.weight, p.out, p.n)).collect();
+                    self.launch_matvec(input, &targets, k, pair, MatmulOutput::Bf16)?;
+                }
+                for p in others {
+                    self.launch_matvec(input, &[(p.weight, p.out, p.n)], k, pair, p.output)?;
+                }
+                continue;
+            };
+            let (x, weight_cols) = if pair {
+                let doubled = self.scratch_buffer(|s| &mut s.pair_input, rows * 2 * k * 2)?;
+                self.launch_duplicate_columns(x, doubled, rows, k)?;
+                (doubled, 2 * k)
+            } else {
+                (x, k)
+            };
+            for p in alike {
+                self.launch_matmul_mma(x, p.weight, p.out, rows, p.n, weight_cols, p.output)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `rows` rows of `input` as a bf16 `[rows, k]` buffer: x itself, or the norm or the SwiGLU
+    /// computed into scratch.
+    fn stage_rows(&self, input: MatmulInput, k: usize, rows: usize) -> Result<u64> {
+        let staged = |this: &Self| this.scratch_buffer(|s| &mut s.staged_input, rows * k * 2);
+        match input {
+            MatmulInput::Bf16 { x } => Ok(x),
+            MatmulInput::RmsNorm {
+                residual,
+                weight,
+                eps,
+            } => {
+                let out = staged(self)?;
+                self.launch_rms_norm(residual, weight, out, rows, k, eps)?;
+                Ok(out)
+            }
+            MatmulInput::Swiglu { gate, up } => {
+                let out = staged(self)?;
+                self.launch_swiglu(gate, up, out, rows * k)?;
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// One weight of a matmul and where its products go.
+struct Projection {
+    weight: u64,
+    out: u64,
+    /// The weight's rows (output features).
+    n: usize,
+    /// Stored as bf16 pairs `[n, 2k]`.
+    pair: bool,
+    output: MatmulOutput,
+}
+
+/// (weight, output) pairs checked as projections of an input of `rows` rows and `k` columns;
+/// `add`: the outputs are f32 buffers that the products are added to.
+fn projections(
+    outputs: &[(&CudaWeight, &mut CudaTensor)],
+    rows: usize,
+    k: usize,
+    add: bool,
+) -> Result<Vec<Projection>> {
+    outputs
+        .iter()
+        .map(|(w, out)| {
+            let (n, cols, pair) = w.matrix()?;
+            out.check_rows(rows, "matmul output")?;
+            ensure!(
+                cols == k && out.cols == n,
+                "matmul shape mismatch: the input has {k} columns, weight {} is [{n}, {cols}], \
+                 the output has {} columns",
+                w.name,
+                out.cols
+            );
+            let output = match (out.dtype, add) {
+                (ActivationType::Bf16, false) => MatmulOutput::Bf16,
+                (ActivationType::F32, false) => MatmulOutput::F32,
+                (ActivationType::F32, true) => MatmulOutput::AddF32,
+                (ActivationType::Bf16, true) => {
+                    bail!("a projection is added to an f32 buffer (from alloc_precise), not bf16")
+                }
+            };
+            Ok(Projection {
+                weight: w.buffer.ptr(),
+                out: out.ptr(),
+                n,
+                pair,
+                output,
+            })
+        })
+        .collect()
 }
 
 fn check_decode_splits(splits: usize) -> Result<()> {
@@ -650,25 +816,18 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn add_rms_norm(
+    fn rms_norm(
         &self,
-        residual: &mut CudaTensor,
-        delta: Option<&CudaTensor>,
+        x: &CudaTensor,
         weight: &CudaWeight,
         eps: f32,
         rows: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
         let dim = weight.vector()?;
-        residual.check_f32("residual")?;
-        out.check_bf16("norm output")?;
-        if let Some(d) = delta {
-            d.check_f32("residual delta")?;
-        }
-        for (t, what) in [(&*residual, "residual"), (&*out, "norm output")]
-            .into_iter()
-            .chain(delta.map(|d| (d, "residual delta")))
-        {
+        x.check_f32("rms_norm input")?;
+        out.check_bf16("rms_norm output")?;
+        for (t, what) in [(x, "rms_norm input"), (&*out, "rms_norm output")] {
             t.check_rows(rows, what)?;
             ensure!(
                 t.cols == dim,
@@ -676,15 +835,7 @@ impl Backend for CudaBackend {
                 t.cols
             );
         }
-        self.launch_add_rms_norm(
-            residual.ptr(),
-            delta.map(CudaTensor::ptr),
-            weight.buffer.ptr(),
-            out.ptr(),
-            rows,
-            dim,
-            eps,
-        )
+        self.launch_rms_norm(x.ptr(), weight.buffer.ptr(), out.ptr(), rows, dim, eps)
     }
 
     fn matmul(
@@ -707,57 +858,8 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         x.check_bf16("matmul input")?;
         x.check_rows(rows, "matmul input")?;
-        let mut pairs = Vec::with_capacity(outputs.len());
-        for (w, out) in outputs.iter() {
-            let (n, k, pair) = w.matrix()?;
-            out.check_rows(rows, "matmul output")?;
-            ensure!(
-                x.cols == k && out.cols == n,
-                "matmul shape mismatch: x has {} columns, weight {} is [{n}, {k}], out has {} \
-                 columns",
-                x.cols,
-                w.name,
-                out.cols
-            );
-            pairs.push(pair);
-        }
-        let Some(&pair) = pairs.first() else {
-            return Ok(());
-        };
-        if pairs.iter().any(|&p| p != pair) {
-            // Weights stored differently do not share one input: one at a time.
-            for (w, out) in outputs.iter_mut() {
-                self.matmul_many(x, &mut [(*w, &mut **out)], rows)?;
-            }
-            return Ok(());
-        }
-        let (input, k) = if pair {
-            let doubled = self.scratch_buffer(|s| &mut s.pair_input, rows * 2 * x.cols * 2)?;
-            self.launch_duplicate_columns(x.ptr(), doubled, rows, x.cols)?;
-            (doubled, 2 * x.cols)
-        } else {
-            (x.ptr(), x.cols)
-        };
-        let all_bf16 = outputs.iter().all(|(_, o)| o.dtype == ActivationType::Bf16);
-        if rows == 1 && all_bf16 {
-            for group in outputs.chunks(3) {
-                let targets: Vec<(u64, u64, usize)> = group
-                    .iter()
-                    .map(|(w, o)| (w.buffer.ptr(), o.ptr(), o.cols))
-                    .collect();
-                self.launch_matvec(input, &targets, k, false)?;
-            }
-            return Ok(());
-        }
-        for (w, out) in outputs.iter() {
-            let (n, f32_out) = (out.cols, out.dtype == ActivationType::F32);
-            if rows == 1 {
-                self.launch_matvec(input, &[(w.buffer.ptr(), out.ptr(), n)], k, f32_out)?;
-            } else {
-                self.launch_matmul_mma(input, w.buffer.ptr(), out.ptr(), rows, n, k, f32_out)?;
-            }
-        }
-        Ok(())
+        let projections = projections(outputs, rows, x.cols, false)?;
+        self.launch_projections(MatmulInput::Bf16 { x: x.ptr() }, x.cols, rows, &projections)
     }
 
     fn rope(
@@ -916,28 +1018,79 @@ impl Backend for CudaBackend {
             gate.cols,
             up.cols
         );
-        self.launch_swiglu(gate.ptr(), up.ptr(), rows * gate.cols)
+        self.launch_swiglu(gate.ptr(), up.ptr(), gate.ptr(), rows * gate.cols)
     }
 
-    fn copy_rows(
+    /// One row: a matvec that normalises x while it stages it (no norm launch).
+    fn rms_norm_matmul_many(
         &self,
-        src: &CudaTensor,
-        src_row: usize,
-        dst: &mut CudaTensor,
-        dst_row: usize,
-        rows: usize,
+        x: &CudaTensor,
+        x_rows: Range<usize>,
+        norm: &CudaWeight,
+        eps: f32,
+        outputs: &mut [(&CudaWeight, &mut CudaTensor)],
     ) -> Result<()> {
-        src.check_bf16("copy_rows source")?;
-        dst.check_bf16("copy_rows destination")?;
-        src.check_rows(src_row + rows, "copy_rows source")?;
-        dst.check_rows(dst_row + rows, "copy_rows destination")?;
+        let dim = norm.vector()?;
+        x.check_f32("rms_norm_matmul_many input")?;
+        x.check_rows(x_rows.end, "rms_norm_matmul_many input")?;
         ensure!(
-            src.cols == dst.cols,
-            "copy_rows between tensors of {} and {} columns",
-            src.cols,
-            dst.cols
+            x.cols == dim,
+            "rms_norm_matmul_many: the input has {} columns, norm weight {dim}",
+            x.cols
         );
-        self.launch_copy(src.row_ptr(src_row), dst.row_ptr(dst_row), rows * src.cols)
+        let rows = x_rows.len();
+        let projections = projections(outputs, rows, dim, false)?;
+        let input = MatmulInput::RmsNorm {
+            residual: x.row_ptr(x_rows.start),
+            weight: norm.buffer.ptr(),
+            eps,
+        };
+        self.launch_projections(input, dim, rows, &projections)
+    }
+
+    /// One row: the matvec adds each product to the residual as it stores it.
+    fn matmul_add(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        rows: usize,
+        residual: &mut CudaTensor,
+    ) -> Result<()> {
+        x.check_bf16("matmul_add input")?;
+        x.check_rows(rows, "matmul_add input")?;
+        let projections = projections(&[(w, residual)], rows, x.cols, true)?;
+        self.launch_projections(MatmulInput::Bf16 { x: x.ptr() }, x.cols, rows, &projections)
+    }
+
+    /// One row: a matvec that applies the SwiGLU while it stages its input and adds each
+    /// product to the residual (no SwiGLU launch).
+    fn swiglu_matmul_add(
+        &self,
+        gate: &CudaTensor,
+        up: &CudaTensor,
+        w: &CudaWeight,
+        rows: usize,
+        residual: &mut CudaTensor,
+    ) -> Result<()> {
+        for (t, what) in [
+            (gate, "swiglu_matmul_add gate"),
+            (up, "swiglu_matmul_add up"),
+        ] {
+            t.check_bf16(what)?;
+            t.check_rows(rows, what)?;
+        }
+        ensure!(
+            gate.cols == up.cols,
+            "swiglu_matmul_add: gate has {} columns, up {}",
+            gate.cols,
+            up.cols
+        );
+        let projections = projections(&[(w, residual)], rows, gate.cols, true)?;
+        let input = MatmulInput::Swiglu {
+            gate: gate.ptr(),
+            up: up.ptr(),
+        };
+        self.launch_projections(input, gate.cols, rows, &projections)
     }
 
     fn read_rows(&self, x: &CudaTensor, first: usize, rows: usize) -> Result<Vec<f32>> {
@@ -958,7 +1111,7 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn argmax(&self, logits: &CudaTensor, row: usize, bias: Option<&CudaWeight>) -> Result<u32> {
+    fn argmax(&self, logits: &CudaTensor, row: usize, bias: Option<&CudaWeight>) -> Result<()> {
         logits.check_f32("argmax")?;
         logits.check_rows(row + 1, "argmax")?;
         if let Some(b) = bias {
@@ -971,18 +1124,26 @@ impl Backend for CudaBackend {
         }
         let values = self.scratch_buffer(|s| &mut s.argmax_values, ARGMAX_PARTIALS * 4)?;
         let indices = self.scratch_buffer(|s| &mut s.argmax_indices, ARGMAX_PARTIALS * 4)?;
+        let blocks_done = self.scratch_buffer_init(|s| &mut s.argmax_blocks_done, 4, true)?;
         let id = self.scratch_buffer(|s| &mut s.argmax_id, 4)?;
         self.launch_argmax(
             logits.row_ptr(row),
             bias.map(|b| b.buffer.ptr()),
             values,
             indices,
+            blocks_done,
             id,
             logits.cols,
-        )?;
+        )
+    }
+
+    fn read_argmax(&self) -> Result<u32> {
         let mut out = [0u32; 1];
         let scratch = self.scratch.borrow();
-        let buffer = scratch.argmax_id.as_ref().expect("allocated above");
+        let buffer = scratch
+            .argmax_id
+            .as_ref()
+            .context("read_argmax before any argmax chose an id")?;
         self.copy_dtoh(buffer, 0, bytemuck::cast_slice_mut(&mut out))?;
         Ok(out[0])
     }

@@ -353,6 +353,21 @@ pub trait Device: Send + Sync {
     /// Opts the kernel into `bytes` of dynamic shared memory above the default 48 KiB.
     fn set_max_dynamic_shared(&self, kernel: &str, bytes: u32) -> Result<()>;
 
+    /// Streaming multiprocessors of the device (the emulator: of the GPU it models, see
+    /// [`super::emu::emulated_sm`]).
+    fn multiprocessors(&self) -> u32;
+
+    /// How many blocks of `kernel` with `threads_per_block` threads and `dynamic_shared_bytes`
+    /// one multiprocessor holds at once (`cuOccupancyMaxActiveBlocksPerMultiprocessor`); 0 when
+    /// not even one fits. Times [`Device::multiprocessors`], the largest grid that is resident
+    /// all at once.
+    fn max_active_blocks_per_multiprocessor(
+        &self,
+        kernel: &str,
+        threads_per_block: u32,
+        dynamic_shared_bytes: u32,
+    ) -> Result<u32>;
+
     /// Waits for all issued work; reports errors of asynchronous work.
     fn synchronize(&self) -> Result<()>;
 

@@ -387,6 +387,33 @@ impl Device for GpuDevice {
         Ok(())
     }
 
+    fn multiprocessors(&self) -> u32 {
+        self.multiprocessors as u32
+    }
+
+    fn max_active_blocks_per_multiprocessor(
+        &self,
+        kernel: &str,
+        threads_per_block: u32,
+        dynamic_shared_bytes: u32,
+    ) -> Result<u32> {
+        let (index, _) = kernel_signature(kernel)?;
+        let function = self.function(index)?;
+        self.ctx.bind_to_thread()?;
+        function
+            .occupancy_max_active_blocks_per_multiprocessor(
+                threads_per_block,
+                dynamic_shared_bytes as usize,
+                None,
+            )
+            .with_context(|| {
+                format!(
+                    "cuOccupancyMaxActiveBlocksPerMultiprocessor of `{kernel}` ({threads_per_block} \
+                     threads, {dynamic_shared_bytes} bytes of dynamic shared memory)"
+                )
+            })
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.ensure_not_capturing("synchronize")?;
         self.stream

@@ -67,6 +67,8 @@ pub struct StepRecorder {
     captured: Option<(Vec<Launch>, Graph)>,
     /// Why the capture failed; no capture is tried again.
     capture_error: Option<String>,
+    /// Kernels and launch configurations of the latest step that recorded to its end.
+    last_step: Vec<(&'static str, LaunchConfig)>,
     pub stats: GraphStats,
 }
 
@@ -85,6 +87,12 @@ impl StepRecorder {
     /// Why graph capture failed, if it did (steps then run launch by launch).
     pub fn capture_error(&self) -> Option<&str> {
         self.capture_error.as_deref()
+    }
+
+    /// The launches of the latest step that recorded to its end (kernel, grid and block), in
+    /// order, whether they were replayed, captured or launched (empty before the first).
+    pub fn last_step(&self) -> &[(&'static str, LaunchConfig)] {
+        &self.last_step
     }
 
     /// Records `launch` if a step is recording, else issues it.
@@ -134,6 +142,7 @@ impl StepRecorder {
             self.stats.steps_launched += 1;
             return Ok(self.step_start.take());
         };
+        self.last_step = list.iter().map(|l| (l.kernel, l.config)).collect();
         let graphs = self.graphs && self.capture_error.is_none();
         if let (true, Some((launches, graph))) = (graphs, &self.captured) {
             if *launches == list {
@@ -249,6 +258,12 @@ mod tests {
             Ok(())
         }
         fn set_max_dynamic_shared(&self, _: &str, _: u32) -> Result<()> {
+            unimplemented!()
+        }
+        fn multiprocessors(&self) -> u32 {
+            unimplemented!()
+        }
+        fn max_active_blocks_per_multiprocessor(&self, _: &str, _: u32, _: u32) -> Result<u32> {
             unimplemented!()
         }
         fn synchronize(&self) -> Result<()> {

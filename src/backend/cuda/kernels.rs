@@ -5,7 +5,7 @@
 use super::backend::CudaBackend;
 use super::device::{KernelArg, LaunchConfig};
 use crate::kv::KvLayout;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// A size as a kernel's `int` argument.
 fn int(value: usize, what: &str) -> Result<KernelArg> {
@@ -40,9 +40,6 @@ const NORM_THREADS: u32 = 256;
 // matmul.cu
 const MATVEC_THREADS: u32 = 256;
 const MATVEC_WARPS: usize = 8;
-/// Enough blocks to fill every SM of an H100 (132 SMs x 8 resident blocks); the warps of a
-/// smaller grid stride over the remaining rows.
-const MATVEC_MAX_BLOCKS: usize = 1056;
 const MATMUL_BM: usize = 128;
 const MATMUL_BN: usize = 128;
 const MATMUL_BK: usize = 32;
@@ -79,8 +76,36 @@ pub const PREFILL_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
 // sampling.cu
 const ARGMAX_THREADS: u32 = 256;
-/// Stage-one blocks of argmax: 64 x 256 threads cover a 128k vocabulary in 8 strides.
+/// Most blocks of argmax: 64 x 256 threads cover a 128k vocabulary in 8 strides.
 pub const ARGMAX_PARTIALS: usize = 64;
+
+/// Where a matmul's products land.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum MatmulOutput {
+    /// out = x · wᵀ in bf16.
+    Bf16,
+    /// out = x · wᵀ in f32 (logits).
+    F32,
+    /// out += x · wᵀ in f32 (the residual stream).
+    AddF32,
+}
+
+/// What a matmul's input `[rows, k]` is. A matvec's blocks compute it while they stage it;
+/// for many rows it is computed into a buffer first (`rms_norm_f32_to_bf16`, `swiglu_bf16`).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum MatmulInput {
+    /// x bf16, as stored.
+    Bf16 { x: u64 },
+    /// rmsnorm(residual) * weight, rounded to bf16: residual (the f32 residual stream) and
+    /// weight f32.
+    RmsNorm {
+        residual: u64,
+        weight: u64,
+        eps: f32,
+    },
+    /// silu(gate) * up rounded to bf16: gate and up bf16.
+    Swiglu { gate: u64, up: u64 },
+}
 
 impl CudaBackend {
     /// `table_cols`: `hidden`, or `2 * hidden` for a table of bf16 pairs.
@@ -132,24 +157,10 @@ impl CudaBackend {
         )
     }
 
-    pub(super) fn launch_copy(&self, src: u64, dst: u64, count: usize) -> Result<()> {
-        let grid = blocks((count / 8).div_ceil(COPY_THREADS), "copy")?;
-        self.launch(
-            "copy_bf16",
-            LaunchConfig::linear(grid, COPY_THREADS as u32, 0),
-            vec![
-                KernelArg::Ptr(src),
-                KernelArg::Ptr(dst),
-                int(count, "copy count")?,
-            ],
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn launch_add_rms_norm(
+    /// out[r] = rmsnorm(x[r]) * weight in bf16 for r < rows (x f32, `[rows, dim]`).
+    pub(super) fn launch_rms_norm(
         &self,
-        residual: u64,
-        delta: Option<u64>,
+        x: u64,
         weight: u64,
         out: u64,
         rows: usize,
@@ -157,11 +168,10 @@ impl CudaBackend {
         eps: f32,
     ) -> Result<()> {
         self.launch(
-            "add_rms_norm_f32_to_bf16",
+            "rms_norm_f32_to_bf16",
             LaunchConfig::linear(blocks(rows, "rms norm")?, NORM_THREADS, 0),
             vec![
-                KernelArg::Ptr(residual),
-                KernelArg::Ptr(delta.unwrap_or(0)),
+                KernelArg::Ptr(x),
                 KernelArg::Ptr(weight),
                 KernelArg::Ptr(out),
                 int(dim, "norm dim")?,
@@ -170,40 +180,74 @@ impl CudaBackend {
         )
     }
 
-    /// out_i[n_i] = w_i[n_i, :] . x (one row) for up to three (w_i, out_i, n_i) sharing x, in
-    /// one launch; `f32_out` (logits) takes one target.
+    /// out_i[n_i] = w_i[n_i, :] . input (one row) for up to three (w_i, out_i, n_i) sharing the
+    /// input, in one launch; an f32 output (stored or added) takes one target. `pair`: the
+    /// weights are bf16 pairs `[n_i, 2k]`. The grid is the blocks resident at once (the
+    /// occupancy API times the SM count), fewer when the rows need fewer.
     pub(super) fn launch_matvec(
         &self,
-        x: u64,
+        input: MatmulInput,
         targets: &[(u64, u64, usize)],
         k: usize,
-        f32_out: bool,
+        pair: bool,
+        output: MatmulOutput,
     ) -> Result<()> {
+        use MatmulInput as In;
+        use MatmulOutput as Out;
+        let (kernel, slots, mut args) = match (input, output) {
+            (In::Bf16 { x }, Out::Bf16) => ("matvec_bf16", 3, vec![KernelArg::Ptr(x)]),
+            (In::Bf16 { x }, Out::F32) => ("matvec_bf16_out_f32", 1, vec![KernelArg::Ptr(x)]),
+            (In::Bf16 { x }, Out::AddF32) => ("matvec_bf16_add_f32", 1, vec![KernelArg::Ptr(x)]),
+            (
+                In::RmsNorm {
+                    residual,
+                    weight,
+                    eps,
+                },
+                Out::Bf16 | Out::F32,
+            ) => (
+                if output == Out::Bf16 {
+                    "matvec_rms_norm_bf16"
+                } else {
+                    "matvec_rms_norm_bf16_out_f32"
+                },
+                if output == Out::Bf16 { 3 } else { 1 },
+                vec![
+                    KernelArg::Ptr(residual),
+                    KernelArg::Ptr(weight),
+                    KernelArg::F32(eps),
+                ],
+            ),
+            (In::Swiglu { gate, up }, Out::AddF32) => (
+                "matvec_swiglu_bf16_add_f32",
+                1,
+                vec![KernelArg::Ptr(gate), KernelArg::Ptr(up)],
+            ),
+            (input, output) => bail!("no matvec kernel stages {input:?} into {output:?} outputs"),
+        };
         ensure!(
-            (1..=if f32_out { 1 } else { 3 }).contains(&targets.len()),
-            "matvec: {} weights in one launch",
+            (1..=slots).contains(&targets.len()),
+            "matvec `{kernel}`: {} weights in one launch, it takes 1 to {slots}",
             targets.len()
         );
-        let rows: usize = targets.iter().map(|t| t.2).sum();
-        let grid = rows.div_ceil(MATVEC_WARPS).min(MATVEC_MAX_BLOCKS);
-        let shared = u32::try_from(k * 2).context("matvec: input row too long")?;
-        let config = LaunchConfig::linear(blocks(grid, "matvec")?, MATVEC_THREADS, shared);
-        let mut args = vec![KernelArg::Ptr(x)];
-        if f32_out {
-            let (w, out, n) = targets[0];
-            args.extend([KernelArg::Ptr(w), KernelArg::Ptr(out), int(n, "matvec n")?]);
-            args.push(int(k, "matvec k")?);
-            return self.launch("matvec_bf16_out_f32", config, args);
-        }
-        for slot in 0..3 {
+        let weight_cols = if pair { 2 * k } else { k };
+        for slot in 0..slots {
             let (w, out, n) = targets.get(slot).copied().unwrap_or((0, 0, 0));
             args.extend([KernelArg::Ptr(w), KernelArg::Ptr(out), int(n, "matvec n")?]);
         }
-        args.push(int(k, "matvec k")?);
-        self.launch("matvec_bf16", config, args)
+        args.extend([
+            int(k, "matvec k")?,
+            int(weight_cols, "matvec weight columns")?,
+        ]);
+        let shared = u32::try_from(weight_cols * 2).context("matvec: input row too long")?;
+        let rows: usize = targets.iter().map(|t| t.2).sum();
+        let resident = self.resident_blocks(kernel, MATVEC_THREADS, shared)?;
+        let grid = rows.div_ceil(MATVEC_WARPS).min(resident);
+        let config = LaunchConfig::linear(blocks(grid, "matvec")?, MATVEC_THREADS, shared);
+        self.launch(kernel, config, args)
     }
 
-    /// out[m, n] = a[m, :] . w[n, :] on tensor cores.
+    /// out[m, n] = a[m, :] . w[n, :] (or +=, see [`MatmulOutput`]) on tensor cores.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_matmul_mma(
         &self,
@@ -213,7 +257,7 @@ impl CudaBackend {
         m: usize,
         n: usize,
         k: usize,
-        f32_out: bool,
+        output: MatmulOutput,
     ) -> Result<()> {
         let shared = (MATMUL_STAGES * (MATMUL_BM + MATMUL_BN) * MATMUL_BK * 2) as u32;
         let config = LaunchConfig {
@@ -226,10 +270,10 @@ impl CudaBackend {
             shared_mem_bytes: shared,
         };
         self.launch(
-            if f32_out {
-                "matmul_mma_bf16_out_f32"
-            } else {
-                "matmul_mma_bf16"
+            match output {
+                MatmulOutput::Bf16 => "matmul_mma_bf16",
+                MatmulOutput::F32 => "matmul_mma_bf16_out_f32",
+                MatmulOutput::AddF32 => "matmul_mma_bf16_add_f32",
             },
             config,
             vec![
@@ -424,7 +468,8 @@ impl CudaBackend {
         )
     }
 
-    pub(super) fn launch_swiglu(&self, gate: u64, up: u64, count: usize) -> Result<()> {
+    /// out = silu(gate) * up for `count` bf16 values (out may be gate).
+    pub(super) fn launch_swiglu(&self, gate: u64, up: u64, out: u64, count: usize) -> Result<()> {
         let grid = blocks((count / 8).div_ceil(ELEMENTWISE_THREADS), "swiglu")?;
         self.launch(
             "swiglu_bf16",
@@ -432,12 +477,14 @@ impl CudaBackend {
             vec![
                 KernelArg::Ptr(gate),
                 KernelArg::Ptr(up),
+                KernelArg::Ptr(out),
                 int(count, "swiglu count")?,
             ],
         )
     }
 
-    /// Two-stage argmax of `count` f32 logits (+ bias); the id lands in `id`.
+    /// The argmax of `count` f32 logits (+ bias) in one launch; the id lands in `id`.
+    /// `blocks_done` is a zeroed u32 that the kernel leaves zeroed.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_argmax(
         &self,
@@ -445,6 +492,7 @@ impl CudaBackend {
         bias: Option<u64>,
         partial_values: u64,
         partial_indices: u64,
+        blocks_done: u64,
         id: u64,
         count: usize,
     ) -> Result<()> {
@@ -452,24 +500,16 @@ impl CudaBackend {
             .div_ceil(ARGMAX_THREADS as usize * 8)
             .clamp(1, ARGMAX_PARTIALS);
         self.launch(
-            "argmax_partial_f32",
+            "argmax_f32",
             LaunchConfig::linear(partials as u32, ARGMAX_THREADS, 0),
             vec![
                 KernelArg::Ptr(logits),
                 KernelArg::Ptr(bias.unwrap_or(0)),
                 KernelArg::Ptr(partial_values),
                 KernelArg::Ptr(partial_indices),
-                int(count, "argmax count")?,
-            ],
-        )?;
-        self.launch(
-            "argmax_final",
-            LaunchConfig::linear(1, ARGMAX_THREADS, 0),
-            vec![
-                KernelArg::Ptr(partial_values),
-                KernelArg::Ptr(partial_indices),
+                KernelArg::Ptr(blocks_done),
                 KernelArg::Ptr(id),
-                int(partials, "argmax partials")?,
+                int(count, "argmax count")?,
             ],
         )
     }
