@@ -337,6 +337,14 @@ impl CudaBackend {
         })
     }
 
+    /// The arena of a KV pool as bf16 bits `[chunks, chunk elements]` (tests: what kv_append
+    /// wrote where).
+    pub fn read_kv_arena(&self, memory: &CudaKvMemory) -> Result<Vec<u16>> {
+        let mut bits = vec![0u16; memory.arena.len() / 2];
+        self.copy_dtoh(&memory.arena, 0, bytemuck::cast_slice_mut(&mut bits))?;
+        Ok(bits)
+    }
+
     /// An f32 buffer (as from `alloc_precise`) holding `values` `[rows, cols]` (tests, benches).
     pub fn upload_precise(&self, rows: usize, cols: usize, values: &[f32]) -> Result<CudaTensor> {
         ensure!(
