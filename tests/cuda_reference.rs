@@ -2,7 +2,8 @@
 //! transformers' float32 outputs on the tiny checkpoints of tests/fixtures: the checks of
 //! kvlab::selftest::reference (the same code `kvlab selftest` runs on a GPU), teacher-forced so
 //! that every step's logits are compared, for every cache strategy; graphs replaying exactly what
-//! launches compute; and what the emulator alone can stage: a driver that refuses graph capture.
+//! launches compute; sequences batched into the same steps; and what the emulator alone can
+//! stage: a driver that refuses graph capture.
 
 mod common;
 
@@ -24,7 +25,11 @@ fn reference_check(name: &str) {
 #[test]
 fn every_reference_check_of_the_selftest_has_a_test() {
     let mut names = MODELS.to_vec();
-    names.extend(["chunks_smaller_than_the_prompt", "graphs_replay_launches"]);
+    names.extend([
+        "chunks_smaller_than_the_prompt",
+        "graphs_replay_launches",
+        "batched_sequences",
+    ]);
     common::assert_group_is("reference", &names);
 }
 
@@ -51,6 +56,11 @@ fn dynamic_cache_with_chunks_smaller_than_the_prompt() {
 #[test]
 fn graphs_replay_exactly_what_launches_compute() {
     reference_check("graphs_replay_launches");
+}
+
+#[test]
+fn batched_sequences_follow_the_reference() {
+    reference_check("batched_sequences");
 }
 
 #[test]

@@ -256,17 +256,36 @@ mod tests {
         let refused = |change: &dyn Fn(&mut StepView), chunks: usize, says: &str| {
             let mut bad = view();
             change(&mut bad);
-            let error = bad.check_fits(&good.layout, chunks).unwrap_err().to_string();
+            let error = bad
+                .check_fits(&good.layout, chunks)
+                .unwrap_err()
+                .to_string();
             assert!(error.contains(says), "{error:?} does not say {says:?}");
         };
         refused(&|_| {}, 3, "chunk 3 is outside an arena of 3 chunks");
-        refused(&|v| v.block_table.truncate(2), 4, "block table of 1 entries");
+        refused(
+            &|v| v.block_table.truncate(2),
+            4,
+            "block table of 1 entries",
+        );
         refused(&|v| v.row_seq[3] = 2, 4, "sequence 2 of 2");
-        refused(&|v| v.row_seq[2] = 1, 4, "step row 2: outside the rows 3..4");
-        refused(&|v| v.row_pos[1] = 9, 4, "position 9, but its sequence 0 is at 6");
+        refused(
+            &|v| v.row_seq[2] = 1,
+            4,
+            "step row 2: outside the rows 3..4",
+        );
+        refused(
+            &|v| v.row_pos[1] = 9,
+            4,
+            "position 9, but its sequence 0 is at 6",
+        );
         refused(&|v| v.seqs[1].rows = 2, 4, "rows 3..5 of a step of 4");
         refused(&|v| v.seqs[1].block_tokens = 8, 4, "blocks of 8 positions");
-        refused(&|v| v.row_pos.push(1), 4, "4 row sequences for 5 row positions");
+        refused(
+            &|v| v.row_pos.push(1),
+            4,
+            "4 row sequences for 5 row positions",
+        );
         let mut other = view();
         other.layout.head_dim = 16;
         assert!(other.check_fits(&good.layout, 4).is_err());
