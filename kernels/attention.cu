@@ -362,7 +362,7 @@ extern "C" __global__ void attention_prefill_hd128_bf16(const bf16* q,         /
 // Positions per split are a multiple of this, so short sequences use few splits.
 #define DECODE_SPLIT_QUANTUM 32
 
-// Positions per split for a sequence of kv_len positions; the same formula in both kernels.
+// Positions per split for a sequence of kv_len positions; every block of the sequence computes it.
 __device__ __forceinline__ int decode_split_len(int kv_len, int num_splits) {
     const int even = (kv_len + num_splits - 1) / num_splits;
     return (even + DECODE_SPLIT_QUANTUM - 1) / DECODE_SPLIT_QUANTUM * DECODE_SPLIT_QUANTUM;
