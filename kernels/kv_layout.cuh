@@ -5,7 +5,9 @@
 // order, same formulas for `kv_offset_in_block` (`KvLayout::offset_in_block`), `kv_locate`
 // (`StepView::locate`) and `kv_row_offset` (`StepView::row_offset`). The static_asserts below
 // and their twins in src/kv/layout.rs and src/kv/step.rs catch a field added on one side only;
-// the selftest's kernel checks compare every kernel that reads them with the CPU backend.
+// src/backend/cuda/kernels.rs checks the KV_LAYOUT_*, KV_DTYPE_* and KV_PART_* values below
+// against the Rust enums (build.rs turns them into Rust constants); the selftest's kernel checks
+// compare every kernel that reads them with the CPU backend.
 //
 // The arena of a pool is `[chunks][chunk_elems]` entries (bf16 on CUDA): chunk `c` starts at
 // entry `c * kv_chunk_elems(layout)`. A *block* is one sequence's positions in one chunk
