@@ -276,6 +276,8 @@ extern "C" __global__ void matvec_swiglu_bf16_add_f32(const bf16* gate,  // [k]
 #define MATMUL_WARP_N 32
 #define MATMUL_CHUNKS_PER_ROW (MATMUL_BK / 8)
 #define MATMUL_STAGE_ELEMS ((MATMUL_BM + MATMUL_BN) * MATMUL_BK)
+// Dynamic shared memory of a launch: MATMUL_STAGES stages of bf16.
+#define MATMUL_SHARED_BYTES (MATMUL_STAGES * MATMUL_STAGE_ELEMS * 2)
 
 // Stage buffer: a tile [MATMUL_BM][MATMUL_BK] then a w tile [MATMUL_BN][MATMUL_BK], swizzled.
 __device__ __forceinline__ void matmul_load_stage(bf16* stage, const bf16* __restrict__ a,

@@ -2,8 +2,9 @@
 //! transformers' float32 outputs on the tiny checkpoints of tests/fixtures: the checks of
 //! kvlab::selftest::reference (the same code `kvlab selftest` runs on a GPU), teacher-forced so
 //! that every step's logits are compared, for every cache strategy; graphs replaying exactly what
-//! launches compute; what the emulator alone can stage: a driver that refuses graph capture; and
-//! what a decode token costs the host: its launches, copies and synchronizations.
+//! launches compute; sequences batched into the same steps; what the emulator alone can stage:
+//! a driver that refuses graph capture; and what a decode token costs the host: its launches,
+//! copies and synchronizations.
 
 mod common;
 
@@ -34,6 +35,7 @@ fn every_reference_check_of_the_selftest_has_a_test() {
     names.extend([
         "chunks_smaller_than_the_prompt",
         "graphs_replay_launches",
+        "batched_sequences",
         "prefix_reuse",
     ]);
     common::assert_group_is("reference", &names);
@@ -62,6 +64,11 @@ fn dynamic_cache_with_chunks_smaller_than_the_prompt() {
 #[test]
 fn graphs_replay_exactly_what_launches_compute() {
     reference_check("graphs_replay_launches");
+}
+
+#[test]
+fn batched_sequences_follow_the_reference() {
+    reference_check("batched_sequences");
 }
 
 #[test]
@@ -292,7 +299,7 @@ fn a_decode_token_of_llama_3_2_1b_is_115_launches_in_one_graph_and_3_copies() {
             "matvec_rms_norm_bf16",
             "rope_half_split_bf16",
             "kv_append_bf16",
-            "attention_decode_contiguous_bf16",
+            "attention_decode_bf16",
             "matvec_bf16_add_f32",
             "matvec_rms_norm_bf16",
             "matvec_swiglu_bf16_add_f32",

@@ -7,7 +7,8 @@ use super::{Check, Context};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::Backend;
-use crate::kv::KvDtype;
+use crate::backend::KvStore;
+use crate::kv::{KvDtype, KvLayout, KvPart, LayoutKind, SeqId, SeqStep, StepView};
 use crate::model::config::Config;
 use crate::model::weights::{Checkpoint, HostTensor};
 use crate::roofline::fixture::{filled_cache, KvShape};
@@ -94,6 +95,36 @@ pub const CHECKS: &[Check] = &[
         group: "kernels",
         name: "decode_attention_splits",
         run: decode_attention_splits_a_long_sequence,
+    },
+    Check {
+        group: "kernels",
+        name: "rope_kv_append_batch",
+        run: rope_and_kv_append_of_several_sequences,
+    },
+    Check {
+        group: "kernels",
+        name: "batch_attention_gqa1_hd16",
+        run: batch_attention_gqa1_head_dim_16,
+    },
+    Check {
+        group: "kernels",
+        name: "batch_attention_gqa3_hd32",
+        run: batch_attention_gqa3_head_dim_32,
+    },
+    Check {
+        group: "kernels",
+        name: "batch_attention_gqa4_hd64_long",
+        run: batch_attention_gqa4_head_dim_64_long,
+    },
+    Check {
+        group: "kernels",
+        name: "batch_attention_gqa8_hd64",
+        run: batch_attention_gqa8_head_dim_64,
+    },
+    Check {
+        group: "kernels",
+        name: "batch_attention_gqa9_hd128",
+        run: batch_attention_gqa9_head_dim_128,
     },
     Check {
         group: "kernels",
@@ -917,6 +948,378 @@ fn decode_attention_splits_a_long_sequence(ctx: &Context) -> Result<String> {
             (KvShape::Contiguous, &[290, 1, 1], 8),
             (KvShape::Chunked(7), &[290, 1], 8),
         ],
+    )
+}
+
+/// Step views over one arena for rope and kv_append, built by hand: three sequences whose block
+/// tables are shuffled chunk ids (chunked) or runs far apart (contiguous), at positions near
+/// 0, around a chunk boundary and past 4000, with rows in the step's order C, A, B.
+fn hand_built_view(layout: KvLayout, rng: &mut StdRng) -> StepView {
+    // (start, rows) of sequences C, A, B.
+    let parts = [(0u32, 1u32), (4000, 3), (250, 13)];
+    let chunk_tokens = layout.chunk_tokens;
+    let mut seqs = Vec::new();
+    let (mut row_seq, mut row_pos, mut block_table) = (Vec::new(), Vec::new(), Vec::new());
+    let mut chunks: Vec<u32> = (0..HAND_BUILT_CHUNKS as u32).collect();
+    for i in (1..chunks.len()).rev() {
+        chunks.swap(i, rng.random_range(0..=i));
+    }
+    // Contiguous runs: C at chunk 0, A at 20 (16 chunks), B at 3 (2 chunks).
+    let runs = [(0u32, 1u32), (20, 16), (3, 2)];
+    for (index, (&(start, rows), &(run_start, run_chunks))) in parts.iter().zip(&runs).enumerate() {
+        let (table, block_tokens): (Vec<u32>, u32) = match layout.kind() {
+            LayoutKind::Chunked => {
+                let entries = (start + rows).div_ceil(chunk_tokens) as usize;
+                (chunks.drain(..entries).collect(), chunk_tokens)
+            }
+            LayoutKind::Contiguous => (vec![run_start], run_chunks * chunk_tokens),
+        };
+        seqs.push(SeqStep {
+            first_row: row_pos.len() as u32,
+            rows,
+            start,
+            table_start: block_table.len() as u32,
+            block_tokens,
+        });
+        block_table.extend(table);
+        row_seq.extend(std::iter::repeat_n(index as u32, rows as usize));
+        row_pos.extend(start..start + rows);
+    }
+    StepView {
+        layout,
+        seqs,
+        row_seq,
+        row_pos,
+        block_table,
+    }
+}
+
+/// Chunks of the arena of [`hand_built_view`].
+const HAND_BUILT_CHUNKS: usize = 40;
+
+fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
+    let mut rng = StdRng::seed_from_u64(10);
+    let cfg = attention_config(ctx, 6, 2, 32)?;
+    let (cpu, cuda) = (CpuBackend::new(), ctx.backend(CudaOptions::default())?);
+    let inv_freq = cfg.rope_inv_freq();
+    let (cf, gf) = (
+        cpu.upload_vector(&inv_freq)?,
+        cuda.upload_vector(&inv_freq)?,
+    );
+    let (kv_dim, head_dim) = (cfg.kv_dim(), cfg.head_dim);
+    for kind in [LayoutKind::Chunked, LayoutKind::Contiguous] {
+        let layout = KvLayout::new(kind, KvDtype::Bf16, 2, cfg.num_kv_heads, head_dim, 256)?;
+        let view = hand_built_view(layout, &mut rng);
+        let rows = view.rows();
+        let mut cpu_memory = cpu.alloc_kv_memory(&layout, HAND_BUILT_CHUNKS)?;
+        let mut gpu_memory = cuda.alloc_kv_memory(&layout, HAND_BUILT_CHUNKS)?;
+        cpu.set_kv_step(&mut cpu_memory, &view)?;
+        cuda.set_kv_step(&mut gpu_memory, &view)?;
+
+        let q = randn(&mut rng, rows * cfg.q_dim(), 1.0);
+        let k = randn(&mut rng, rows * kv_dim, 1.0);
+        let (mut cq, mut ck) = (cpu_tensor(cfg.q_dim(), &q), cpu_tensor(kv_dim, &k));
+        let mut gq = cuda.upload_tensor(rows, cfg.q_dim(), &q)?;
+        let mut gk = cuda.upload_tensor(rows, kv_dim, &k)?;
+        cpu.rope(&mut cq, &mut ck, &cf, &cpu_memory, &view)?;
+        cuda.rope(&mut gq, &mut gk, &gf, &gpu_memory, &view)?;
+        let what = format!("{kind:?} rope of rows at positions {:?}", view.row_pos);
+        check_close(
+            &format!("{what}: q"),
+            &cuda.read_rows(&gq, 0, rows)?,
+            &cq.data,
+            1e-3,
+            RTOL_BF16_OUTPUT,
+        )?;
+        check_close(
+            &format!("{what}: k"),
+            &cuda.read_rows(&gk, 0, rows)?,
+            &ck.data,
+            1e-3,
+            RTOL_BF16_OUTPUT,
+        )?;
+
+        // kv_append stores bf16 inputs unchanged: each row's K and V must sit, bit for bit,
+        // where the view's own formula (StepView::row_offset, the CPU's) puts them.
+        let v = randn(&mut rng, rows * kv_dim, 1.0);
+        let (gk, gv) = (
+            cuda.upload_tensor(rows, kv_dim, &k)?,
+            cuda.upload_tensor(rows, kv_dim, &v)?,
+        );
+        let layer = 1;
+        cuda.kv_append(&mut gpu_memory, &view, layer, &gk, &gv)?;
+        let arena = cuda.read_kv_arena(&gpu_memory)?;
+        for row in 0..rows {
+            let seq = &view.seqs[view.row_seq[row] as usize];
+            let pos = view.row_pos[row] as usize;
+            for (part, values) in [(KvPart::Key, &k), (KvPart::Value, &v)] {
+                for head in 0..cfg.num_kv_heads {
+                    let at = view.row_offset(seq, layer, part, head, pos);
+                    let want = &values[(row * cfg.num_kv_heads + head) * head_dim..][..head_dim];
+                    let got = &arena[at..at + head_dim];
+                    ensure!(
+                        got.iter()
+                            .zip(want)
+                            .all(|(&g, &w)| g == bf16::from_f32(w).to_bits()),
+                        "{kind:?} kv_append: row {row} ({part:?}, head {head}, position {pos}) is \
+                         not at arena entry {at}"
+                    );
+                }
+            }
+        }
+
+        // A view that reaches outside the arena, or whose rows contradict their sequences, is
+        // refused before any kernel reads it.
+        let mut outside = view.clone();
+        *outside.block_table.last_mut().expect("a table") = HAND_BUILT_CHUNKS as u32;
+        let mut stray_row = view.clone();
+        stray_row.row_seq[0] = 3;
+        let mut wrong_position = view.clone();
+        wrong_position.row_pos[2] += 1;
+        for (bad, expected) in [
+            (&outside, "outside an arena"),
+            (&stray_row, "sequence 3 of 3"),
+            (&wrong_position, "position"),
+        ] {
+            match cuda.set_kv_step(&mut gpu_memory, bad) {
+                Ok(()) => bail!("{kind:?}: set_kv_step accepted a bad view ({expected})"),
+                Err(error) => ensure!(
+                    error.to_string().contains(expected),
+                    "{kind:?}: set_kv_step's error {error:#} does not say {expected:?}"
+                ),
+            }
+        }
+    }
+    Ok("3 sequences, shuffled tables and far runs, bad views refused".into())
+}
+
+/// A step of several sequences: their lengths before it (written by kv_append alone, in ragged
+/// multi-sequence steps that interleave their chunks), then steps giving each sequence's rows
+/// (0: not in that step).
+struct BatchCase<'a> {
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    shape: KvShape,
+    lengths: &'a [usize],
+    steps: &'a [&'a [usize]],
+    decode_splits: usize,
+}
+
+/// Runs the same ragged steps of several sequences through the CPU and the CUDA backend (one
+/// pool each, making the same decisions) and compares the attention of every row of every
+/// step; layer 0 holds other K/V than the layer attended (1). Sequences of one row in a step
+/// run the decode kernel, the others the prefill kernel, in the same step.
+fn check_batch_attention(ctx: &Context, case: BatchCase) -> Result<()> {
+    let BatchCase {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        shape,
+        lengths,
+        steps,
+        decode_splits,
+    } = case;
+    let mut rng = StdRng::seed_from_u64((num_heads * 1000 + head_dim * 10 + lengths.len()) as u64);
+    let cfg = attention_config(ctx, num_heads, num_kv_heads, head_dim)?;
+    let cpu = CpuBackend::new();
+    let cuda = ctx.backend(CudaOptions {
+        decode_splits,
+        ..CudaOptions::default()
+    })?;
+    // Contiguous runs grow in units of 8 positions, so a run is longer than its sequence.
+    let unit = match shape {
+        KvShape::Contiguous => 8,
+        KvShape::Chunked(n) => n,
+    };
+    let totals: Vec<usize> = (0..lengths.len())
+        .map(|i| lengths[i] + steps.iter().map(|rows| rows[i]).sum::<usize>())
+        .collect();
+    let chunks = totals
+        .iter()
+        .map(|&t| t.max(1).div_ceil(unit))
+        .sum::<usize>();
+    let layout = KvLayout::new(shape.kind(), KvDtype::Bf16, 2, num_kv_heads, head_dim, unit)?;
+    let mut cpu_store = KvStore::new(&cpu, layout, chunks, false)?;
+    let mut gpu_store = KvStore::new(&cuda, layout, chunks, false)?;
+    let mut seqs = Vec::new();
+    for &total in &totals {
+        let id = cpu_store.pool.new_sequence(Some(total.max(1)))?;
+        ensure!(gpu_store.pool.new_sequence(Some(total.max(1)))? == id);
+        seqs.push(id);
+    }
+
+    // One step on both backends: `rows[i]` rows of sequence i; `attend` also runs attention of
+    // layer 1 and compares it.
+    let mut run_step = |rows: &[usize], attend: bool| -> Result<()> {
+        let members: Vec<(SeqId, usize)> = seqs
+            .iter()
+            .zip(rows)
+            .filter(|(_, &r)| r > 0)
+            .map(|(&id, &r)| (id, r))
+            .collect();
+        let cpu_view = cpu_store.prepare_step(&cpu, &members)?;
+        let gpu_view = gpu_store.prepare_step(&cuda, &members)?;
+        ensure!(cpu_view == gpu_view, "the two pools made different steps");
+        let total_rows = cpu_view.rows();
+        cpu.set_kv_step(&mut cpu_store.memory, &cpu_view)?;
+        cuda.set_kv_step(&mut gpu_store.memory, &cpu_view)?;
+        for layer in [0, 1] {
+            let k = randn(&mut rng, total_rows * cfg.kv_dim(), 1.0);
+            let v = randn(&mut rng, total_rows * cfg.kv_dim(), 1.0);
+            let (ck, cv) = (cpu_tensor(cfg.kv_dim(), &k), cpu_tensor(cfg.kv_dim(), &v));
+            let gk = cuda.upload_tensor(total_rows, cfg.kv_dim(), &k)?;
+            let gv = cuda.upload_tensor(total_rows, cfg.kv_dim(), &v)?;
+            cpu.kv_append(&mut cpu_store.memory, &cpu_view, layer, &ck, &cv)?;
+            cuda.kv_append(&mut gpu_store.memory, &cpu_view, layer, &gk, &gv)?;
+        }
+        if attend {
+            let q = randn(&mut rng, total_rows * cfg.q_dim(), 1.0);
+            let cq = cpu_tensor(cfg.q_dim(), &q);
+            let gq = cuda.upload_tensor(total_rows, cfg.q_dim(), &q)?;
+            let mut co = cpu.alloc(total_rows, cfg.q_dim())?;
+            let mut go = cuda.alloc(total_rows, cfg.q_dim())?;
+            cpu.attention(&cq, &cpu_store.memory, &cpu_view, 1, num_heads, &mut co)?;
+            cuda.attention(&gq, &gpu_store.memory, &cpu_view, 1, num_heads, &mut go)?;
+            let got = cuda.read_rows(&go, 0, total_rows)?;
+            // As check_attention: probabilities enter p.v as bf16 in the prefill kernel.
+            for seq in &cpu_view.seqs {
+                let cols = cfg.q_dim();
+                let span = seq.first_row as usize * cols..seq.end_row() * cols;
+                check_close(
+                    &format!(
+                        "attention heads {num_heads}/{num_kv_heads} head_dim {head_dim} {shape} \
+                         splits {decode_splits}, step {rows:?}: the sequence at positions {}..{}",
+                        seq.start,
+                        seq.end()
+                    ),
+                    &got[span.clone()],
+                    &co.data[span],
+                    4e-3,
+                    RTOL_TWO_ROUNDINGS,
+                )?;
+            }
+        }
+        for &(id, r) in &members {
+            cpu_store.pool.commit(id, &vec![0; r])?;
+            gpu_store.pool.commit(id, &vec![0; r])?;
+        }
+        Ok(())
+    };
+
+    // The lengths, written by steps of every sequence still short of its length, in pieces of
+    // different sizes so that the sequences' chunks interleave in the arena.
+    let mut written = vec![0; lengths.len()];
+    for round in 0.. {
+        let rows: Vec<usize> = (0..lengths.len())
+            .map(|i| (lengths[i] - written[i]).min(FILL_PIECE + 37 * ((round + i) % 5)))
+            .collect();
+        if rows.iter().all(|&r| r == 0) {
+            break;
+        }
+        run_step(&rows, false)?;
+        written.iter_mut().zip(&rows).for_each(|(w, r)| *w += r);
+    }
+    for rows in steps {
+        run_step(rows, true)?;
+    }
+    Ok(())
+}
+
+/// Rows of a filling step of one sequence, before the per-round variation.
+const FILL_PIECE: usize = 29;
+
+/// Both layouts of one shape: lengths, steps and splits.
+fn batch_cases(
+    ctx: &Context,
+    (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
+    chunk_tokens: usize,
+    lengths: &[usize],
+    steps: &[&[usize]],
+    decode_splits: usize,
+) -> Result<String> {
+    for shape in [KvShape::Contiguous, KvShape::Chunked(chunk_tokens)] {
+        check_batch_attention(
+            ctx,
+            BatchCase {
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                shape,
+                lengths,
+                steps,
+                decode_splits,
+            },
+        )?;
+    }
+    Ok(format!(
+        "{} sequences of {lengths:?} positions, {} steps, contiguous and chunks of {chunk_tokens}",
+        lengths.len(),
+        steps.len()
+    ))
+}
+
+// Each batch has decode-only steps, steps that mix decode rows with prefill chunks (which cross
+// chunk boundaries and start sequences from nothing), and sequences sitting steps out.
+
+fn batch_attention_gqa1_head_dim_16(ctx: &Context) -> Result<String> {
+    batch_cases(
+        ctx,
+        (4, 4, 16),
+        7,
+        &[1, 130, 45, 0],
+        &[&[1, 1, 1, 0], &[1, 20, 1, 9], &[0, 1, 33, 1], &[1, 1, 1, 1]],
+        4,
+    )
+}
+
+fn batch_attention_gqa3_head_dim_32(ctx: &Context) -> Result<String> {
+    batch_cases(
+        ctx,
+        (6, 2, 32),
+        16,
+        &[300, 2, 77],
+        &[&[1, 1, 1], &[40, 1, 1], &[1, 50, 2], &[1, 1, 0]],
+        8,
+    )
+}
+
+fn batch_attention_gqa4_head_dim_64_long(ctx: &Context) -> Result<String> {
+    // Lengths up to 3000 with the default 32 splits: decode splits of 96 positions.
+    batch_cases(
+        ctx,
+        (8, 2, 64),
+        16,
+        &[3000, 1, 640, 17, 0],
+        &[
+            &[1, 1, 1, 1, 0],
+            &[40, 1, 1, 100, 20],
+            &[1, 1, 1, 1, 1],
+            &[1, 70, 1, 0, 1],
+        ],
+        32,
+    )
+}
+
+fn batch_attention_gqa8_head_dim_64(ctx: &Context) -> Result<String> {
+    batch_cases(
+        ctx,
+        (8, 1, 64),
+        16,
+        &[200, 33, 1],
+        &[&[1, 1, 1], &[17, 1, 3], &[1, 1, 1]],
+        5,
+    )
+}
+
+fn batch_attention_gqa9_head_dim_128(ctx: &Context) -> Result<String> {
+    batch_cases(
+        ctx,
+        (9, 1, 128),
+        7,
+        &[90, 5, 1],
+        &[&[1, 1, 1], &[1, 12, 40], &[1, 1, 1]],
+        3,
     )
 }
 

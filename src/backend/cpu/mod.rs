@@ -239,7 +239,10 @@ impl Backend for CpuBackend {
     }
 
     fn set_kv_step(&self, memory: &mut CpuKvMemory, step: &StepView) -> Result<()> {
-        check_step(&memory.layout, memory.alloc.size(), step)
+        step.check_fits(
+            &memory.layout,
+            memory.alloc.size() / memory.layout.chunk_bytes(),
+        )
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32], out: &mut CpuTensor) -> Result<()> {
@@ -564,43 +567,6 @@ fn attend<E: attention::KvElement + bytemuck::Pod>(
         num_heads,
     };
     attention::attention(&input, plans, out);
-}
-
-/// Checks that a step view fits the arena it will be read through: every block it lists lies
-/// inside the arena and each sequence's positions fit its blocks, so that no op reads or writes
-/// outside the memory.
-fn check_step(layout: &KvLayout, arena_bytes: usize, step: &StepView) -> Result<()> {
-    ensure!(
-        step.layout == *layout,
-        "a step view of another KV layout ({:?}) over this arena ({layout:?})",
-        step.layout
-    );
-    let chunks = arena_bytes / layout.chunk_bytes();
-    for (index, seq) in step.seqs.iter().enumerate() {
-        let block_chunks = (seq.block_tokens as usize).div_ceil(layout.chunk_tokens());
-        let entries = match layout.kind() {
-            crate::kv::LayoutKind::Contiguous => {
-                ensure!(
-                    seq.end() <= seq.block_tokens as usize,
-                    "step sequence {index}: positions up to {} in a run of {}",
-                    seq.end(),
-                    seq.block_tokens
-                );
-                1
-            }
-            crate::kv::LayoutKind::Chunked => seq.end().div_ceil(layout.chunk_tokens()),
-        };
-        let table = step
-            .block_table
-            .get(seq.table_start as usize..seq.table_start as usize + entries)
-            .ok_or_else(|| {
-                anyhow::anyhow!("step sequence {index}: its block table is shorter than {entries}")
-            })?;
-        if let Some(&bad) = table.iter().find(|&&c| c as usize + block_chunks > chunks) {
-            bail!("step sequence {index}: chunk {bad} is outside an arena of {chunks} chunks");
-        }
-    }
-    Ok(())
 }
 
 /// g = silu(g) · u = g / (1 + e^-g) · u, with the vectorisable [`simd::exp`] (libm's `exp` is a

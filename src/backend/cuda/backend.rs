@@ -3,18 +3,28 @@
 //!
 //! Storage is bf16 (weights, matmul inputs, KV); the residual stream, the sublayer outputs added
 //! to it, the logits, norm weights and RoPE frequencies are f32; every kernel accumulates in f32.
-//! Positions, lengths and chunk tables live in device memory and are written by copies before a
-//! step's launches, which is what lets a decode step run as a CUDA graph (see [`super::graph`]).
+//!
+//! KV memory: a pool's arena is one device buffer (`CudaKvMemory`); the kernels take its
+//! address, its [`KvLayout`] by value (contiguous or chunked, read by the kernels from the
+//! layout itself) and the step view (`StepView::packed`: the step's sequences, each row's
+//! sequence and position, the block tables), which [`Backend::set_kv_step`] checks against the
+//! arena and copies to device memory before the step's first launch. A step may hold rows of
+//! many sequences: rope and kv_append work per row; attention sends sequences of several rows to
+//! the prefill kernel and sequences of one row to the decode kernel (one launch for all of
+//! them). Because positions, lengths and block tables are read from device memory, a decode
+//! step with the same sequences' count and buffers repeats the previous step's launches exactly,
+//! which is what lets it run as a CUDA graph (see [`super::graph`]).
 
 use super::device::{Device, KernelArg, LaunchConfig};
 use super::graph::{GraphStats, Launch, StepRecorder};
+use super::kernels::constants::DECODE_MAX_SPLITS;
 use super::kernels::{
-    decode_attention_groups, DecodePartials, MatmulInput, MatmulOutput, ARGMAX_PARTIALS,
-    DECODE_MAX_SPLITS, PREFILL_HEAD_DIMS,
+    decode_attention_groups, prefill_attention_kernel, prefill_attention_tiles, DecodePartials,
+    DeviceStep, KvArena, MatmulInput, MatmulOutput, ARGMAX_PARTIALS,
 };
 use super::memory::{MemoryLedger, MemoryReport, MemoryUse, TrackedBuffer};
 use crate::backend::{Backend, BackendInfo};
-use crate::kv::{ChunkCopy, KvDtype, KvLayout, LayoutKind, StepView};
+use crate::kv::{ChunkCopy, KvDtype, KvLayout, StepView};
 use crate::model::weights::HostTensor;
 use crate::model::DType;
 use anyhow::{bail, ensure, Context, Result};
@@ -149,21 +159,49 @@ impl CudaWeight {
     }
 }
 
-/// A KV pool's arena on the device, and the step's sequence as the kernels read it: the base
-/// address of each of its blocks and its first position and rows.
+/// A KV pool's arena on the device, and the step view its kernels read.
 pub struct CudaKvMemory {
     layout: KvLayout,
+    /// `[chunks, chunk_bytes]`: the pool's arena.
     arena: TrackedBuffer,
-    /// `[table_capacity]` u64: base address of each block of the step's sequence.
-    block_addresses: TrackedBuffer,
-    table_capacity: usize,
-    /// What the device table holds, to copy only new entries.
-    uploaded: Vec<u64>,
-    /// `[2]` i32: the step's first position and row count.
-    step: TrackedBuffer,
-    /// Positions per block of the step's sequence: `chunk_tokens`, or its run's capacity.
-    block_tokens: u32,
+    /// The step's packed view (`StepView::packed`), as the kernels read it. Grown geometrically
+    /// and otherwise kept: recorded launches carry its address, so a decode step replays the
+    /// previous step's graph as long as the address stays (a growth prevents one replay).
+    step_words: TrackedBuffer,
+    /// The view last set ([`Backend::set_kv_step`]): what `step_words` holds, checked against the
+    /// arena. The ops' launches are sized from it.
+    step: StepView,
 }
+
+impl CudaKvMemory {
+    fn arena(&self) -> KvArena {
+        KvArena {
+            address: self.arena.ptr(),
+            layout: self.layout,
+        }
+    }
+
+    /// The view set for this step as the kernels take it; `step` must be that view.
+    fn device_step(&self, step: &StepView, what: &str) -> Result<DeviceStep> {
+        ensure!(
+            *step == self.step,
+            "{what}: the step view differs from the one set by set_kv_step ({} rows of {} \
+             sequences set, {} rows of {} passed)",
+            self.step.rows(),
+            self.step.seqs.len(),
+            step.rows(),
+            step.seqs.len()
+        );
+        Ok(DeviceStep {
+            address: self.step_words.ptr(),
+            num_seqs: step.seqs.len(),
+            rows: step.rows(),
+        })
+    }
+}
+
+/// Words of a fresh step-view buffer: a step of a few sequences of some hundred chunks each.
+const STEP_WORDS_INITIAL: usize = 1024;
 
 /// Buffers reused by every step, grown on demand.
 #[derive(Default)]
@@ -242,12 +280,6 @@ impl CudaBackend {
         }
     }
 
-    pub fn set_decode_splits(&self, splits: usize) -> Result<()> {
-        check_decode_splits(splits)?;
-        self.options.borrow_mut().decode_splits = splits;
-        Ok(())
-    }
-
     /// How steps ran: launched kernel by kernel, captured, replayed.
     pub fn graph_stats(&self) -> GraphStats {
         self.recorder.borrow().stats
@@ -313,6 +345,14 @@ impl CudaBackend {
                 pair: false,
             },
         })
+    }
+
+    /// The arena of a KV pool as bf16 bits `[chunks, chunk elements]` (tests: what kv_append
+    /// wrote where).
+    pub fn read_kv_arena(&self, memory: &CudaKvMemory) -> Result<Vec<u16>> {
+        let mut bits = vec![0u16; memory.arena.len() / 2];
+        self.copy_dtoh(&memory.arena, 0, bytemuck::cast_slice_mut(&mut bits))?;
+        Ok(bits)
     }
 
     /// An f32 buffer (as from `alloc_precise`) holding `values` `[rows, cols]` (tests, benches).
@@ -690,42 +730,48 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_kv_memory(&self, layout: &KvLayout, chunks: usize) -> Result<CudaKvMemory> {
-        let head_dim = layout.head_dim as usize;
-        ensure!(
-            PREFILL_HEAD_DIMS.contains(&head_dim),
-            "the CUDA attention kernels support head_dim {PREFILL_HEAD_DIMS:?}, not {head_dim}"
-        );
+        prefill_attention_kernel(layout.head_dim as usize)?;
         ensure!(
             layout.dtype() == KvDtype::Bf16,
             "the CUDA kernels store KV as bf16, not {}",
             layout.dtype()
         );
-        let table_capacity = match layout.kind() {
-            LayoutKind::Chunked => chunks,
-            LayoutKind::Contiguous => 1,
-        };
+        let bytes = chunks
+            .checked_mul(layout.chunk_bytes())
+            .filter(|&b| b > 0)
+            .with_context(|| format!("a KV arena of {chunks} chunks has no valid size"))?;
         Ok(CudaKvMemory {
             layout: *layout,
-            arena: self.tracked(MemoryUse::KvCache, chunks * layout.chunk_bytes())?,
-            block_addresses: self.tracked(MemoryUse::KvCache, table_capacity * 8)?,
-            table_capacity,
-            uploaded: Vec::new(),
-            step: self.tracked(MemoryUse::KvCache, 8)?,
-            block_tokens: layout.chunk_tokens,
+            arena: self.tracked(MemoryUse::KvCache, bytes)?,
+            step_words: self.tracked(MemoryUse::KvCache, STEP_WORDS_INITIAL * 4)?,
+            step: StepView {
+                layout: *layout,
+                seqs: Vec::new(),
+                row_seq: Vec::new(),
+                row_pos: Vec::new(),
+                block_table: Vec::new(),
+            },
         })
     }
 
     fn copy_kv_chunks(&self, memory: &mut CudaKvMemory, copies: &[ChunkCopy]) -> Result<()> {
         let chunk_bytes = memory.layout.chunk_bytes();
+        let chunks = memory.arena.len() / chunk_bytes;
         for copy in copies {
+            let (src, dst) = (copy.src as usize, copy.dst as usize);
+            ensure!(
+                src < chunks && dst < chunks,
+                "KV chunk copy {src} -> {dst} outside an arena of {chunks} chunks"
+            );
+            // Ordered after the launches recorded so far, as every copy.
             self.recorder
                 .borrow_mut()
                 .flush_recording(self.device.as_ref())?;
             self.device.copy_dtod(
                 memory.arena.buffer(),
-                copy.src as usize * chunk_bytes,
+                src * chunk_bytes,
                 memory.arena.buffer(),
-                copy.dst as usize * chunk_bytes,
+                dst * chunk_bytes,
                 chunk_bytes,
             )?;
         }
@@ -733,58 +779,26 @@ impl Backend for CudaBackend {
     }
 
     fn set_kv_step(&self, memory: &mut CudaKvMemory, step: &StepView) -> Result<()> {
-        ensure!(
-            step.layout == memory.layout,
-            "a step view of another KV layout over this arena"
-        );
-        let [seq] = step.seqs[..] else {
-            bail!(
-                "the CUDA kernels take one sequence per step, not {}",
-                step.seqs.len()
-            );
-        };
-        let chunk_bytes = memory.layout.chunk_bytes() as u64;
-        let arena_chunks = memory.arena.len() / chunk_bytes as usize;
-        let entries = match memory.layout.kind() {
-            LayoutKind::Contiguous => 1,
-            LayoutKind::Chunked => seq.end().div_ceil(memory.layout.chunk_tokens()),
-        };
-        let table = &step.block_table[seq.table_start as usize..][..entries];
-        ensure!(
-            entries <= memory.table_capacity,
-            "{entries} KV blocks exceed the table's {} entries",
-            memory.table_capacity
-        );
-        let block_chunks = (seq.block_tokens as usize).div_ceil(memory.layout.chunk_tokens());
-        if let Some(&bad) = table
-            .iter()
-            .find(|&&c| c as usize + block_chunks > arena_chunks)
-        {
-            bail!("KV chunk {bad} is outside an arena of {arena_chunks} chunks");
-        }
-        let addresses: Vec<u64> = table
-            .iter()
-            .map(|&c| memory.arena.ptr() + c as u64 * chunk_bytes)
-            .collect();
-        let first_new = addresses
-            .iter()
-            .zip(&memory.uploaded)
-            .position(|(a, b)| a != b)
-            .unwrap_or(memory.uploaded.len().min(addresses.len()));
-        if first_new < addresses.len() {
-            self.copy_htod(
-                &memory.block_addresses,
-                first_new * 8,
-                bytemuck::cast_slice(&addresses[first_new..]),
+        step.check_fits(
+            &memory.layout,
+            memory.arena.len() / memory.layout.chunk_bytes(),
+        )?;
+        let words = step.packed();
+        let bytes: &[u8] = bytemuck::cast_slice(&words);
+        if bytes.len() > memory.step_words.len() {
+            // The new buffer is written (which issues the launches recorded so far) before
+            // the old one is freed.
+            let grown = self.tracked(
+                MemoryUse::KvCache,
+                bytes.len().max(2 * memory.step_words.len()),
             )?;
+            self.copy_htod(&grown, 0, bytes)?;
+            memory.step_words = grown;
+        } else {
+            self.copy_htod(&memory.step_words, 0, bytes)?;
         }
-        memory.uploaded = addresses;
-        memory.block_tokens = seq.block_tokens;
-        let step_words = [
-            i32::try_from(seq.start).context("position beyond i32")?,
-            i32::try_from(seq.rows).context("step rows beyond i32")?,
-        ];
-        self.copy_htod(&memory.step, 0, bytemuck::cast_slice(&step_words))
+        memory.step.clone_from(step);
+        Ok(())
     }
 
     fn embed(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaTensor) -> Result<()> {
@@ -887,11 +901,8 @@ impl Backend for CudaBackend {
             q.ptr(),
             k.ptr(),
             inv_freq.buffer.ptr(),
-            memory.step.ptr(),
-            rows,
-            q.cols / head_dim,
-            k.cols / head_dim,
-            head_dim,
+            memory.device_step(step, "rope")?,
+            (q.cols / head_dim, k.cols / head_dim, head_dim),
         )
     }
 
@@ -923,12 +934,9 @@ impl Backend for CudaBackend {
         self.launch_kv_append(
             k.ptr(),
             v.ptr(),
-            memory.block_addresses.ptr(),
-            memory.step.ptr(),
-            rows,
+            memory.arena(),
+            memory.device_step(step, "kv_append")?,
             layer,
-            &layout,
-            memory.block_tokens,
         )
     }
 
@@ -946,8 +954,8 @@ impl Backend for CudaBackend {
         let head_dim = layout.head_dim as usize;
         let kv_heads = layout.num_kv_heads as usize;
         ensure!(
-            num_heads.is_multiple_of(kv_heads),
-            "{num_heads} query heads do not share {kv_heads} KV heads evenly"
+            num_heads > 0 && num_heads.is_multiple_of(kv_heads),
+            "attention: {num_heads} query heads do not share {kv_heads} KV heads evenly"
         );
         for (t, what) in [(q, "attention q"), (&*out, "attention output")] {
             t.check_bf16(what)?;
@@ -958,53 +966,55 @@ impl Backend for CudaBackend {
                 t.cols
             );
         }
-        if rows > 1 {
-            return self.launch_attention_prefill(
+        let device_step = memory.device_step(step, "attention")?;
+        // Sequences of several rows (prefill chunks) go to the prefill kernel and sequences of
+        // one row (decode) to the decode kernel, both in the same step when it mixes them: in
+        // the prefill kernel a decode row would fill 1/16 to 1/64 of its tile's tensor-core
+        // rows and stream its whole context through one block per KV head, where the decode
+        // kernel splits the context over many blocks (flash-decoding). Each kernel skips the
+        // other's sequences; their output rows are disjoint.
+        let tiles = prefill_attention_tiles(step, num_heads / kv_heads);
+        if tiles > 0 {
+            self.launch_attention_prefill(
                 q.ptr(),
-                memory.block_addresses.ptr(),
-                memory.step.ptr(),
+                memory.arena(),
+                device_step,
                 out.ptr(),
-                rows,
+                tiles,
                 num_heads,
                 layer,
-                &layout,
-                memory.block_tokens,
-            );
+            )?;
         }
-        let splits = self.options.borrow().decode_splits;
-        let partials = DecodePartials {
-            acc: self.scratch_buffer(|s| &mut s.decode_acc, num_heads * splits * head_dim * 4)?,
-            max_sum: self.scratch_buffer(|s| &mut s.decode_max_sum, num_heads * splits * 2 * 4)?,
-            split_counters: self.scratch_buffer_init(
-                |s| &mut s.decode_counters,
-                decode_attention_groups(num_heads, &layout) * 4,
-                true,
-            )?,
-        };
-        // The contiguous layout's one block is read directly.
-        let (kv, chunked) = match layout.kind() {
-            LayoutKind::Contiguous => (
-                *memory
-                    .uploaded
-                    .first()
-                    .context("decode attention before the step's view was set")?,
-                false,
-            ),
-            LayoutKind::Chunked => (memory.block_addresses.ptr(), true),
-        };
-        self.launch_attention_decode(
-            q.ptr(),
-            kv,
-            chunked,
-            memory.step.ptr(),
-            partials,
-            out.ptr(),
-            num_heads,
-            layer,
-            &layout,
-            memory.block_tokens,
-            splits,
-        )
+        if step.seqs.iter().any(|seq| seq.rows == 1) {
+            let num_seqs = step.seqs.len();
+            let splits = self.options.borrow().decode_splits;
+            let partials = DecodePartials {
+                acc: self.scratch_buffer(
+                    |s| &mut s.decode_acc,
+                    num_seqs * num_heads * splits * head_dim * 4,
+                )?,
+                max_sum: self.scratch_buffer(
+                    |s| &mut s.decode_max_sum,
+                    num_seqs * num_heads * splits * 2 * 4,
+                )?,
+                split_counters: self.scratch_buffer_init(
+                    |s| &mut s.decode_counters,
+                    num_seqs * decode_attention_groups(num_heads, &layout) * 4,
+                    true,
+                )?,
+            };
+            self.launch_attention_decode(
+                q.ptr(),
+                memory.arena(),
+                device_step,
+                partials,
+                out.ptr(),
+                num_heads,
+                layer,
+                splits,
+            )?;
+        }
+        Ok(())
     }
 
     fn swiglu(&self, gate: &mut CudaTensor, up: &CudaTensor, rows: usize) -> Result<()> {

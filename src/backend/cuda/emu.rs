@@ -33,9 +33,9 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use super::device::{
-    check_kernel_args, check_launch_limits, check_max_dynamic_shared, kernel_signature, Device,
-    DeviceBuffer, DeviceMemory, Event, Graph, KernelArg, LaunchConfig, ParamKind, StreamKind,
-    KERNELS, WORK_STREAM,
+    argument_slots, check_kernel_args, check_launch_limits, check_max_dynamic_shared,
+    kernel_signature, Device, DeviceBuffer, DeviceMemory, Event, Graph, KernelArg, LaunchConfig,
+    ParamKind, StreamKind, KERNELS, WORK_STREAM,
 };
 
 /// The GPU the emulator answers occupancy queries for: an H100 SXM's 132 SMs with compute
@@ -279,7 +279,11 @@ impl EmuDevice {
         let signature = &KERNELS[kernel];
         let state = self.state();
         let mut buffers = Vec::new();
-        for (index, (param, &address)) in signature.params.iter().zip(slots).enumerate() {
+        let mut slot = 0;
+        for (index, param) in signature.params.iter().enumerate() {
+            let first_slot = slot;
+            slot += param.kind.slots();
+            let address = slots[first_slot];
             if param.kind != ParamKind::Ptr || address == 0 {
                 continue;
             }
@@ -558,7 +562,7 @@ impl Device for EmuDevice {
         let launch = RecordedLaunch {
             kernel: index,
             config,
-            slots: args.iter().map(KernelArg::slot).collect(),
+            slots: argument_slots(args),
         };
         let buffers = self.argument_buffers(index, &launch.slots)?;
         if let Some(capture) = self.state().capture.as_mut() {

@@ -6,10 +6,11 @@
 //! buffers) means the graph replays exactly the work this step asked for, and it is launched;
 //! a list equal to the previous step's is captured into a new graph first; anything else is
 //! launched one kernel at a time. Decode steps of the static and the dynamic cache repeat their
-//! list exactly, because every kernel reads positions, lengths and the chunk table from device
-//! memory, which the host updates with copies before the step's launches. A step whose buffers
-//! changed (a new cache, larger activations, the no-cache strategy's growing recompute) simply
-//! does not match, so a stale graph can never run.
+//! list exactly, because every kernel reads the step view (positions, lengths, block tables)
+//! from device memory, which the host updates with copies before the step's launches; so does
+//! any step with the same rows per sequence as the previous one, over the same sequences' count.
+//! A step whose buffers changed (a new cache, larger activations, a step-view buffer grown, the
+//! no-cache strategy's growing recompute) simply does not match, so a stale graph can never run.
 //!
 //! Copies run when they are issued. A copy issued after a launch was recorded would run before
 //! it, so the step gives up recording: the launches recorded so far are issued, then the copy,
