@@ -17,7 +17,7 @@ fn kernel_check(name: &str) {
 }
 
 /// The kernel checks this file runs, one test each (below).
-const KERNEL_CHECKS: [&str; 23] = [
+const KERNEL_CHECKS: [&str; 24] = [
     "embedding_gather",
     "rms_norm",
     "matvec",
@@ -34,6 +34,7 @@ const KERNEL_CHECKS: [&str; 23] = [
     "attention_gqa9_hd128",
     "decode_attention_splits",
     "rope_kv_append_batch",
+    "rope_kv_append_fused",
     "batch_attention_gqa1_hd16",
     "batch_attention_gqa3_hd32",
     "batch_attention_gqa4_hd64_long",
@@ -126,6 +127,11 @@ fn decode_attention_splits_a_long_sequence() {
 #[test]
 fn rope_and_kv_append_of_several_sequences() {
     kernel_check("rope_kv_append_batch");
+}
+
+#[test]
+fn rope_and_kv_append_in_one_pass() {
+    kernel_check("rope_kv_append_fused");
 }
 
 #[test]

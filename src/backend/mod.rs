@@ -56,7 +56,7 @@ pub trait Backend: Sized {
     /// Copies whole chunks inside the arena, in order (the pool's copy-on-write).
     fn copy_kv_chunks(&self, memory: &mut Self::KvMemory, copies: &[ChunkCopy]) -> Result<()>;
     /// Called at the start of each forward step, before its first launch: the rows, positions
-    /// and block tables that `rope`, `kv_append` and `attention` will read.
+    /// and block tables that `rope`, `kv_append`, `rope_kv_append` and `attention` will read.
     fn set_kv_step(&self, memory: &mut Self::KvMemory, step: &StepView) -> Result<()>;
 
     /// out[r, :] = table[ids[r], :] (out: the residual stream, from `alloc_precise`)
@@ -112,6 +112,21 @@ pub trait Backend: Sized {
         layer: usize,
         k: &Self::Tensor,
         v: &Self::Tensor,
+    ) -> Result<()>;
+    /// Rotates q in place as `rope` does, and writes k rotated the same way and v
+    /// `[rows, num_kv_heads * head_dim]` for `layer` at each row's position of its sequence, as
+    /// `kv_append` does; k itself is only read. Equals `rope`, then `kv_append` of the rotated k:
+    /// the forward pass's one op between the projections and attention (one launch on CUDA).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_append(
+        &self,
+        q: &mut Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        inv_freq: &Self::Weight,
+        memory: &mut Self::KvMemory,
+        step: &StepView,
+        layer: usize,
     ) -> Result<()>;
     /// Causal GQA attention of the step's queries `[rows, num_heads * head_dim]`: each row over
     /// the positions of its own sequence up to its own; out has q's shape.

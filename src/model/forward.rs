@@ -13,7 +13,8 @@
 //! ```
 //! Each norm is one op with the projections that read it (`rms_norm_matmul_many`: h is never
 //! stored), and each residual add one op with the projection it adds (`matmul_add`,
-//! `swiglu_matmul_add`), so that a CUDA decode step needs no launches for norms, adds or copies.
+//! `swiglu_matmul_add`), and RoPE one op with the append it feeds (`rope_kv_append`), so that a
+//! CUDA decode step needs no launches for norms, adds, copies or RoPE alone.
 
 use super::config::Config;
 use super::gguf::{llama, GgufFile};
@@ -151,8 +152,7 @@ impl<B: Backend> Model<B> {
                 (&lw.v_proj, &mut act.v),
             ];
             b.rms_norm_matmul_many(&act.x, 0..rows, &lw.input_layernorm, eps, qkv)?;
-            b.rope(&mut act.q, &mut act.k, &self.inv_freq, kv, step)?;
-            b.kv_append(kv, step, layer, &act.k, &act.v)?;
+            b.rope_kv_append(&mut act.q, &act.k, &act.v, &self.inv_freq, kv, step, layer)?;
             b.attention(&act.q, kv, step, layer, cfg.num_heads, &mut act.attn)?;
             b.matmul_add(&act.attn, &lw.o_proj, rows, &mut act.x)?;
 

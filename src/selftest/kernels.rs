@@ -103,6 +103,11 @@ pub const CHECKS: &[Check] = &[
     },
     Check {
         group: "kernels",
+        name: "rope_kv_append_fused",
+        run: rope_and_kv_append_in_one_pass,
+    },
+    Check {
+        group: "kernels",
         name: "batch_attention_gqa1_hd16",
         run: batch_attention_gqa1_head_dim_16,
     },
@@ -952,26 +957,34 @@ fn decode_attention_splits_a_long_sequence(ctx: &Context) -> Result<String> {
 }
 
 /// Step views over one arena for rope and kv_append, built by hand: three sequences whose block
-/// tables are shuffled chunk ids (chunked) or runs far apart (contiguous), at positions near
-/// 0, around a chunk boundary and past 4000, with rows in the step's order C, A, B.
-fn hand_built_view(layout: KvLayout, rng: &mut StdRng) -> StepView {
+/// tables are shuffled chunk ids (chunked) or runs apart from one another (contiguous), at
+/// positions near 0, around position 256 (a chunk boundary for every power-of-two chunk up to
+/// 256) and past 4000, with rows in the step's order C, A, B. Returns the view and the chunks of
+/// its arena.
+fn hand_built_view(layout: KvLayout, rng: &mut StdRng) -> (StepView, usize) {
     // (start, rows) of sequences C, A, B.
     let parts = [(0u32, 1u32), (4000, 3), (250, 13)];
     let chunk_tokens = layout.chunk_tokens;
+    let chunks_of = |&(start, rows): &(u32, u32)| (start + rows).div_ceil(chunk_tokens);
+    // Contiguous runs in the arena's order C, B, A, a free chunk or two between them.
+    let [c, a, b] = parts.each_ref().map(chunks_of);
+    let runs = [(0, c), (c + 3 + b, a), (c + 1, b)];
+    let chunks = match layout.kind() {
+        LayoutKind::Chunked => (c + a + b + 2) as usize,
+        LayoutKind::Contiguous => (c + 3 + b + a + 1) as usize,
+    };
+    let mut shuffled: Vec<u32> = (0..chunks as u32).collect();
+    for i in (1..shuffled.len()).rev() {
+        shuffled.swap(i, rng.random_range(0..=i));
+    }
     let mut seqs = Vec::new();
     let (mut row_seq, mut row_pos, mut block_table) = (Vec::new(), Vec::new(), Vec::new());
-    let mut chunks: Vec<u32> = (0..HAND_BUILT_CHUNKS as u32).collect();
-    for i in (1..chunks.len()).rev() {
-        chunks.swap(i, rng.random_range(0..=i));
-    }
-    // Contiguous runs: C at chunk 0, A at 20 (16 chunks), B at 3 (2 chunks).
-    let runs = [(0u32, 1u32), (20, 16), (3, 2)];
     for (index, (&(start, rows), &(run_start, run_chunks))) in parts.iter().zip(&runs).enumerate() {
         let (table, block_tokens): (Vec<u32>, u32) = match layout.kind() {
-            LayoutKind::Chunked => {
-                let entries = (start + rows).div_ceil(chunk_tokens) as usize;
-                (chunks.drain(..entries).collect(), chunk_tokens)
-            }
+            LayoutKind::Chunked => (
+                shuffled.drain(..run_chunks as usize).collect(),
+                chunk_tokens,
+            ),
             LayoutKind::Contiguous => (vec![run_start], run_chunks * chunk_tokens),
         };
         seqs.push(SeqStep {
@@ -985,17 +998,15 @@ fn hand_built_view(layout: KvLayout, rng: &mut StdRng) -> StepView {
         row_seq.extend(std::iter::repeat_n(index as u32, rows as usize));
         row_pos.extend(start..start + rows);
     }
-    StepView {
+    let view = StepView {
         layout,
         seqs,
         row_seq,
         row_pos,
         block_table,
-    }
+    };
+    (view, chunks)
 }
-
-/// Chunks of the arena of [`hand_built_view`].
-const HAND_BUILT_CHUNKS: usize = 40;
 
 fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
     let mut rng = StdRng::seed_from_u64(10);
@@ -1009,10 +1020,10 @@ fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
     let (kv_dim, head_dim) = (cfg.kv_dim(), cfg.head_dim);
     for kind in [LayoutKind::Chunked, LayoutKind::Contiguous] {
         let layout = KvLayout::new(kind, KvDtype::Bf16, 2, cfg.num_kv_heads, head_dim, 256)?;
-        let view = hand_built_view(layout, &mut rng);
+        let (view, chunks) = hand_built_view(layout, &mut rng);
         let rows = view.rows();
-        let mut cpu_memory = cpu.alloc_kv_memory(&layout, HAND_BUILT_CHUNKS)?;
-        let mut gpu_memory = cuda.alloc_kv_memory(&layout, HAND_BUILT_CHUNKS)?;
+        let mut cpu_memory = cpu.alloc_kv_memory(&layout, chunks)?;
+        let mut gpu_memory = cuda.alloc_kv_memory(&layout, chunks)?;
         cpu.set_kv_step(&mut cpu_memory, &view)?;
         cuda.set_kv_step(&mut gpu_memory, &view)?;
 
@@ -1071,7 +1082,7 @@ fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
         // A view that reaches outside the arena, or whose rows contradict their sequences, is
         // refused before any kernel reads it.
         let mut outside = view.clone();
-        *outside.block_table.last_mut().expect("a table") = HAND_BUILT_CHUNKS as u32;
+        *outside.block_table.last_mut().expect("a table") = chunks as u32;
         let mut stray_row = view.clone();
         stray_row.row_seq[0] = 3;
         let mut wrong_position = view.clone();
@@ -1091,6 +1102,149 @@ fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
         }
     }
     Ok("3 sequences, shuffled tables and far runs, bad views refused".into())
+}
+
+/// RoPE and the append in one op (`rope_kv_append`, the forward pass's) against the two ops it
+/// replaces, on each backend, over the hand-built views of several sequences (shuffled tables,
+/// far runs, rows crossing chunk boundaries) in chunks of 256, 16 and 7 and in contiguous runs:
+/// q and the arena must be bit-identical to `rope` then `kv_append` of the rotated k, on the
+/// device and on the CPU (whose f32 arena is the reference compared with transformers); the
+/// device's rotated rows must match the CPU's within a bf16 rounding.
+fn rope_and_kv_append_in_one_pass(ctx: &Context) -> Result<String> {
+    let mut rng = StdRng::seed_from_u64(11);
+    let cfg = attention_config(ctx, 6, 2, 32)?;
+    let (cpu, cuda) = (CpuBackend::new(), ctx.backend(CudaOptions::default())?);
+    let inv_freq = cfg.rope_inv_freq();
+    let (cf, gf) = (
+        cpu.upload_vector(&inv_freq)?,
+        cuda.upload_vector(&inv_freq)?,
+    );
+    let (q_dim, kv_dim, head_dim) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+    let layer = 1;
+    for (kind, chunk_tokens) in [
+        (LayoutKind::Chunked, 256),
+        (LayoutKind::Chunked, 16),
+        (LayoutKind::Chunked, 7),
+        (LayoutKind::Contiguous, 256),
+    ] {
+        let what = format!("{kind:?} in chunks of {chunk_tokens}");
+        let (view, chunks) = hand_built_view(
+            KvLayout::new(
+                kind,
+                KvDtype::Bf16,
+                2,
+                cfg.num_kv_heads,
+                head_dim,
+                chunk_tokens,
+            )?,
+            &mut rng,
+        );
+        let rows = view.rows();
+        let q = randn(&mut rng, rows * q_dim, 1.0);
+        let k = randn(&mut rng, rows * kv_dim, 1.0);
+        let v = randn(&mut rng, rows * kv_dim, 1.0);
+
+        // The device: fused and unfused, each into its own arena.
+        let (mut fused, mut unfused) = (
+            cuda.alloc_kv_memory(&view.layout, chunks)?,
+            cuda.alloc_kv_memory(&view.layout, chunks)?,
+        );
+        let mut fused_q = cuda.upload_tensor(rows, q_dim, &q)?;
+        let (gk, gv) = (
+            cuda.upload_tensor(rows, kv_dim, &k)?,
+            cuda.upload_tensor(rows, kv_dim, &v)?,
+        );
+        cuda.set_kv_step(&mut fused, &view)?;
+        cuda.rope_kv_append(&mut fused_q, &gk, &gv, &gf, &mut fused, &view, layer)?;
+        let mut unfused_q = cuda.upload_tensor(rows, q_dim, &q)?;
+        let mut rotated_k = cuda.upload_tensor(rows, kv_dim, &k)?;
+        cuda.set_kv_step(&mut unfused, &view)?;
+        cuda.rope(&mut unfused_q, &mut rotated_k, &gf, &unfused, &view)?;
+        cuda.kv_append(&mut unfused, &view, layer, &rotated_k, &gv)?;
+        let device_q = cuda.read_rows(&fused_q, 0, rows)?;
+        ensure!(
+            device_q == cuda.read_rows(&unfused_q, 0, rows)?,
+            "{what}: the device's q differs from rope's"
+        );
+        let arena = cuda.read_kv_arena(&fused)?;
+        ensure!(
+            arena == cuda.read_kv_arena(&unfused)?,
+            "{what}: the device's arena differs from rope then kv_append"
+        );
+
+        // The CPU, f32 entries: fused and unfused, bit for bit.
+        let cpu_layout = KvLayout {
+            dtype: KvDtype::F32 as u32,
+            ..view.layout
+        };
+        let cpu_view = StepView {
+            layout: cpu_layout,
+            ..view.clone()
+        };
+        let (mut cpu_fused, mut cpu_unfused) = (
+            cpu.alloc_kv_memory(&cpu_layout, chunks)?,
+            cpu.alloc_kv_memory(&cpu_layout, chunks)?,
+        );
+        let (mut cq, ck, cv) = (
+            cpu_tensor(q_dim, &q),
+            cpu_tensor(kv_dim, &k),
+            cpu_tensor(kv_dim, &v),
+        );
+        cpu.set_kv_step(&mut cpu_fused, &cpu_view)?;
+        cpu.rope_kv_append(&mut cq, &ck, &cv, &cf, &mut cpu_fused, &cpu_view, layer)?;
+        let (mut cq_unfused, mut ck_rotated) = (cpu_tensor(q_dim, &q), cpu_tensor(kv_dim, &k));
+        cpu.set_kv_step(&mut cpu_unfused, &cpu_view)?;
+        cpu.rope(
+            &mut cq_unfused,
+            &mut ck_rotated,
+            &cf,
+            &cpu_unfused,
+            &cpu_view,
+        )?;
+        cpu.kv_append(&mut cpu_unfused, &cpu_view, layer, &ck_rotated, &cv)?;
+        ensure!(
+            cq.data == cq_unfused.data && ck.data == k,
+            "{what}: the CPU's q differs from rope's, or k was changed"
+        );
+        ensure!(
+            cpu_fused.bytes() == cpu_unfused.bytes(),
+            "{what}: the CPU's arena differs from rope then kv_append"
+        );
+
+        // The device against the CPU: q, and every row where the view puts it.
+        check_close(
+            &format!("{what}: q"),
+            &device_q,
+            &cq.data,
+            1e-3,
+            RTOL_BF16_OUTPUT,
+        )?;
+        let cpu_arena: &[f32] = bytemuck::cast_slice(cpu_fused.bytes());
+        for row in 0..rows {
+            let seq = &view.seqs[view.row_seq[row] as usize];
+            let pos = view.row_pos[row] as usize;
+            for part in [KvPart::Key, KvPart::Value] {
+                for head in 0..cfg.num_kv_heads {
+                    let at = view.row_offset(seq, layer, part, head, pos);
+                    let got: Vec<f32> = arena[at..at + head_dim]
+                        .iter()
+                        .map(|&b| bf16::from_bits(b).to_f32())
+                        .collect();
+                    check_close(
+                        &format!("{what}: row {row} ({part:?}, head {head}, position {pos})"),
+                        &got,
+                        &cpu_arena[at..at + head_dim],
+                        1e-3,
+                        RTOL_BF16_OUTPUT,
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(
+        "3 sequences; chunks of 256, 16 and 7, contiguous runs; bit-identical to rope + kv_append"
+            .into(),
+    )
 }
 
 /// A step of several sequences: their lengths before it (written by kv_append alone, in ragged

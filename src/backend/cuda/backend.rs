@@ -9,7 +9,8 @@
 //! layout itself) and the step view (`StepView::packed`: the step's sequences, each row's
 //! sequence and position, the block tables), which [`Backend::set_kv_step`] checks against the
 //! arena and copies to device memory before the step's first launch. A step may hold rows of
-//! many sequences: rope and kv_append work per row; attention sends sequences of several rows to
+//! many sequences: rope and kv_append (one launch in the forward pass: `rope_kv_append`) work
+//! per row; attention sends sequences of several rows to
 //! the prefill kernel and sequences of one row to the decode kernel (one launch for all of
 //! them). Because positions, lengths and block tables are read from device memory, a decode
 //! step with the same sequences' count and buffers repeats the previous step's launches exactly,
@@ -936,6 +937,58 @@ impl Backend for CudaBackend {
             v.ptr(),
             memory.arena(),
             memory.device_step(step, "kv_append")?,
+            layer,
+        )
+    }
+
+    fn rope_kv_append(
+        &self,
+        q: &mut CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        inv_freq: &CudaWeight,
+        memory: &mut CudaKvMemory,
+        step: &StepView,
+        layer: usize,
+    ) -> Result<()> {
+        let layout = memory.layout;
+        let rows = step.rows();
+        let head_dim = layout.head_dim as usize;
+        let kv_dim = layout.num_kv_heads as usize * head_dim;
+        ensure!(
+            2 * inv_freq.vector()? == head_dim,
+            "rope_kv_append: {} RoPE frequencies for heads of {head_dim}",
+            inv_freq.vector()?
+        );
+        q.check_bf16("rope_kv_append q")?;
+        q.check_rows(rows, "rope_kv_append q")?;
+        ensure!(
+            q.cols.is_multiple_of(head_dim),
+            "rope_kv_append: q has {} columns, not whole heads of {head_dim}",
+            q.cols
+        );
+        for (t, what) in [(k, "k"), (v, "v")] {
+            t.check_bf16(what)?;
+            t.check_rows(rows, what)?;
+            ensure!(
+                t.cols == kv_dim,
+                "rope_kv_append: {what} has {} columns, the cache {kv_dim}",
+                t.cols
+            );
+        }
+        ensure!(
+            layer < layout.num_layers as usize,
+            "rope_kv_append: layer {layer} of {}",
+            layout.num_layers
+        );
+        self.launch_rope_kv_append(
+            q.ptr(),
+            k.ptr(),
+            v.ptr(),
+            inv_freq.buffer.ptr(),
+            memory.arena(),
+            memory.device_step(step, "rope_kv_append")?,
+            q.cols / head_dim,
             layer,
         )
     }

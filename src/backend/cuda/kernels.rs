@@ -393,6 +393,46 @@ impl CudaBackend {
         )
     }
 
+    /// Rotates q in place and writes k, rotated, and v `[rows, num_kv_heads * head_dim]` of
+    /// `layer` into the arena, each row at its sequence's position: RoPE and the append in one
+    /// launch.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_rope_kv_append(
+        &self,
+        q: u64,
+        k: u64,
+        v: u64,
+        inv_freq: u64,
+        arena: KvArena,
+        step: DeviceStep,
+        num_heads: usize,
+        layer: usize,
+    ) -> Result<()> {
+        let layout = arena.layout;
+        let heads = num_heads + 2 * layout.num_kv_heads as usize;
+        let pairs = step.rows * heads * (layout.head_dim as usize / 2);
+        let mut args = vec![
+            KernelArg::Ptr(q),
+            KernelArg::Ptr(k),
+            KernelArg::Ptr(v),
+            KernelArg::Ptr(inv_freq),
+            KernelArg::Ptr(arena.address),
+            KernelArg::KvLayout(layout),
+            KernelArg::Ptr(step.address),
+        ];
+        args.extend(step.args()?);
+        args.extend([int(num_heads, "num_heads")?, KernelArg::U32(layer as u32)]);
+        self.launch(
+            "rope_kv_append_bf16",
+            LaunchConfig::linear(
+                blocks(pairs.div_ceil(ELEMENTWISE_THREADS), "rope and kv append")?,
+                ELEMENTWISE_THREADS as u32,
+                0,
+            ),
+            args,
+        )
+    }
+
     /// Flash attention of the step's sequences of more than one row: `tiles` blocks of query
     /// rows ([`prefill_attention_tiles`]) per KV head.
     #[allow(clippy::too_many_arguments)]
