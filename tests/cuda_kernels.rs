@@ -17,7 +17,7 @@ fn kernel_check(name: &str) {
 }
 
 /// The kernel checks this file runs, one test each (below).
-const KERNEL_CHECKS: [&str; 24] = [
+const KERNEL_CHECKS: [&str; 25] = [
     "embedding_gather",
     "rms_norm",
     "matvec",
@@ -40,6 +40,7 @@ const KERNEL_CHECKS: [&str; 24] = [
     "batch_attention_gqa4_hd64_long",
     "batch_attention_gqa8_hd64",
     "batch_attention_gqa9_hd128",
+    "decode_attention_long",
     "swiglu",
     "argmax",
 ];
@@ -157,6 +158,11 @@ fn batch_attention_gqa8_head_dim_64() {
 #[test]
 fn batch_attention_gqa9_head_dim_128() {
     kernel_check("batch_attention_gqa9_hd128");
+}
+
+#[test]
+fn decode_attention_at_long_contexts() {
+    kernel_check("decode_attention_long");
 }
 
 #[test]

@@ -133,6 +133,11 @@ pub const CHECKS: &[Check] = &[
     },
     Check {
         group: "kernels",
+        name: "decode_attention_long",
+        run: decode_attention_at_long_contexts,
+    },
+    Check {
+        group: "kernels",
         name: "swiglu",
         run: swiglu_in_place,
     },
@@ -742,6 +747,11 @@ fn several_weights_of_one_input(ctx: &Context) -> Result<String> {
     Ok("3 groups".into())
 }
 
+/// How a check names its split count.
+fn splits_text(decode_splits: Option<usize>) -> String {
+    decode_splits.map_or("from the context".into(), |n| n.to_string())
+}
+
 /// A config with the attention shape under test (the rest from a tiny fixture).
 fn attention_config(
     ctx: &Context,
@@ -809,7 +819,8 @@ struct AttentionCase<'a> {
     head_dim: usize,
     shape: KvShape,
     steps: &'a [usize],
-    decode_splits: usize,
+    /// The grid's splits; None: chosen from the context.
+    decode_splits: Option<usize>,
 }
 
 /// Appends the same K/V to a CPU and a device cache step by step and compares attention after
@@ -862,7 +873,8 @@ fn check_attention(ctx: &Context, case: AttentionCase) -> Result<()> {
         check_close(
             &format!(
                 "attention heads {num_heads}/{num_kv_heads} head_dim {head_dim} {shape} \
-                 splits {decode_splits}: positions {start}..{}",
+                 splits {}: positions {start}..{}",
+                splits_text(decode_splits),
                 start + rows
             ),
             &cuda.read_rows(&go, 0, rows)?,
@@ -875,14 +887,14 @@ fn check_attention(ctx: &Context, case: AttentionCase) -> Result<()> {
 }
 
 // Every configuration has a prefill step that sees more positions than one K/V tile (64, or
-// 32 at head_dim 128) and a decode step whose split covers more positions than a block reads
-// at once (64 at head_dim 16, 32 at 32, 16 at 64): both online softmaxes rescale.
+// 32 at head_dim 128) and a decode step whose split covers more positions than a block loads
+// at once (256 at head_dim 16, 128 at 32, 64 at 64, 32 at 128): both online softmaxes rescale.
 
 /// Two cases of one shape: (layout, steps, splits) each.
 fn attention_cases(
     ctx: &Context,
     (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
-    cases: [(KvShape, &[usize], usize); 2],
+    cases: [(KvShape, &[usize], Option<usize>); 2],
 ) -> Result<String> {
     for (shape, steps, decode_splits) in cases {
         check_attention(
@@ -905,8 +917,8 @@ fn attention_gqa1_head_dim_16(ctx: &Context) -> Result<String> {
         ctx,
         (4, 4, 16),
         [
-            (KvShape::Contiguous, &[45, 11, 1, 1], 4),
-            (KvShape::Chunked(7), &[130, 11, 1], 1),
+            (KvShape::Contiguous, &[45, 11, 1, 1], Some(4)),
+            (KvShape::Chunked(7), &[300, 11, 1], Some(1)),
         ],
     )
 }
@@ -916,8 +928,8 @@ fn attention_gqa3_head_dim_32(ctx: &Context) -> Result<String> {
         ctx,
         (6, 2, 32),
         [
-            (KvShape::Contiguous, &[1, 1, 30, 1], 2),
-            (KvShape::Chunked(7), &[1, 44, 40, 1, 1], 1),
+            (KvShape::Contiguous, &[1, 1, 30, 1], Some(2)),
+            (KvShape::Chunked(7), &[1, 44, 140, 1, 1], Some(1)),
         ],
     )
 }
@@ -927,8 +939,8 @@ fn attention_gqa4_head_dim_64(ctx: &Context) -> Result<String> {
         ctx,
         (8, 2, 64),
         [
-            (KvShape::Contiguous, &[45, 30, 1], 1),
-            (KvShape::Chunked(16), &[45, 11, 1], 3),
+            (KvShape::Contiguous, &[45, 30, 1], Some(1)),
+            (KvShape::Chunked(16), &[45, 11, 1], Some(3)),
         ],
     )
 }
@@ -938,20 +950,20 @@ fn attention_gqa9_head_dim_128(ctx: &Context) -> Result<String> {
         ctx,
         (9, 1, 128),
         [
-            (KvShape::Contiguous, &[20, 30, 1], 3),
-            (KvShape::Chunked(7), &[20, 1, 1], 3),
+            (KvShape::Contiguous, &[20, 30, 1], Some(1)),
+            (KvShape::Chunked(7), &[20, 1, 1], Some(3)),
         ],
     )
 }
 
 fn decode_attention_splits_a_long_sequence(ctx: &Context) -> Result<String> {
-    // 290 positions in splits of 64 (5 of 8 splits active), through both layouts.
+    // 290 positions in splits of 64 (5 of 8 splits active; 70 in chunks of 7), both layouts.
     attention_cases(
         ctx,
         (8, 2, 64),
         [
-            (KvShape::Contiguous, &[290, 1, 1], 8),
-            (KvShape::Chunked(7), &[290, 1], 8),
+            (KvShape::Contiguous, &[290, 1, 1], Some(8)),
+            (KvShape::Chunked(7), &[290, 1], Some(8)),
         ],
     )
 }
@@ -1257,7 +1269,8 @@ struct BatchCase<'a> {
     shape: KvShape,
     lengths: &'a [usize],
     steps: &'a [&'a [usize]],
-    decode_splits: usize,
+    /// The grid's splits; None: chosen from the context.
+    decode_splits: Option<usize>,
 }
 
 /// Runs the same ragged steps of several sequences through the CPU and the CUDA backend (one
@@ -1343,7 +1356,8 @@ fn check_batch_attention(ctx: &Context, case: BatchCase) -> Result<()> {
                 check_close(
                     &format!(
                         "attention heads {num_heads}/{num_kv_heads} head_dim {head_dim} {shape} \
-                         splits {decode_splits}, step {rows:?}: the sequence at positions {}..{}",
+                         splits {}, step {rows:?}: the sequence at positions {}..{}",
+                        splits_text(decode_splits),
                         seq.start,
                         seq.end()
                     ),
@@ -1390,7 +1404,7 @@ fn batch_cases(
     chunk_tokens: usize,
     lengths: &[usize],
     steps: &[&[usize]],
-    decode_splits: usize,
+    decode_splits: Option<usize>,
 ) -> Result<String> {
     for shape in [KvShape::Contiguous, KvShape::Chunked(chunk_tokens)] {
         check_batch_attention(
@@ -1423,7 +1437,7 @@ fn batch_attention_gqa1_head_dim_16(ctx: &Context) -> Result<String> {
         7,
         &[1, 130, 45, 0],
         &[&[1, 1, 1, 0], &[1, 20, 1, 9], &[0, 1, 33, 1], &[1, 1, 1, 1]],
-        4,
+        Some(4),
     )
 }
 
@@ -1434,7 +1448,7 @@ fn batch_attention_gqa3_head_dim_32(ctx: &Context) -> Result<String> {
         16,
         &[300, 2, 77],
         &[&[1, 1, 1], &[40, 1, 1], &[1, 50, 2], &[1, 1, 0]],
-        8,
+        Some(8),
     )
 }
 
@@ -1451,7 +1465,7 @@ fn batch_attention_gqa4_head_dim_64_long(ctx: &Context) -> Result<String> {
             &[1, 1, 1, 1, 1],
             &[1, 70, 1, 0, 1],
         ],
-        32,
+        Some(32),
     )
 }
 
@@ -1462,7 +1476,7 @@ fn batch_attention_gqa8_head_dim_64(ctx: &Context) -> Result<String> {
         16,
         &[200, 33, 1],
         &[&[1, 1, 1], &[17, 1, 3], &[1, 1, 1]],
-        5,
+        Some(5),
     )
 }
 
@@ -1473,7 +1487,36 @@ fn batch_attention_gqa9_head_dim_128(ctx: &Context) -> Result<String> {
         7,
         &[90, 5, 1],
         &[&[1, 1, 1], &[1, 12, 40], &[1, 1, 1]],
-        3,
+        Some(3),
+    )
+}
+
+fn decode_attention_at_long_contexts(ctx: &Context) -> Result<String> {
+    // The split count chosen from the step's longest context: 64 at 8191 and 8192 positions,
+    // 128 at 8193 and 16384; splits of 128 positions, a power of two inside chunks of 256.
+    batch_cases(
+        ctx,
+        (8, 2, 64),
+        256,
+        &[8190, 16383, 300],
+        &[&[1, 0, 1], &[1, 0, 1], &[1, 1, 1]],
+        None,
+    )?;
+    // One split over more chunks than a block keeps at once (DECODE_TABLE_WINDOW): the table
+    // read in windows, positions located by division (chunks of 7) and by shift (chunks of 4).
+    batch_cases(
+        ctx,
+        (8, 2, 64),
+        7,
+        &[700, 64, 1],
+        &[&[1, 1, 1], &[1, 3, 1]],
+        Some(1),
+    )?;
+    batch_cases(ctx, (6, 2, 32), 4, &[600, 2], &[&[1, 1], &[1, 1]], Some(2))?;
+    Ok(
+        "contexts of 8191 to 16384 with the context's split count, one or two splits over 100 to \
+        175 chunks of 7 and 4"
+            .into(),
     )
 }
 

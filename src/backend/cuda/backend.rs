@@ -20,8 +20,9 @@ use super::device::{Device, KernelArg, LaunchConfig};
 use super::graph::{GraphStats, Launch, StepRecorder};
 use super::kernels::constants::DECODE_MAX_SPLITS;
 use super::kernels::{
-    decode_attention_groups, prefill_attention_kernel, prefill_attention_tiles, DecodePartials,
-    DeviceStep, KvArena, MatmulInput, MatmulOutput, ARGMAX_PARTIALS,
+    decode_attention_groups, decode_attention_splits, prefill_attention_kernel,
+    prefill_attention_tiles, DecodePartials, DeviceStep, KvArena, MatmulInput, MatmulOutput,
+    ARGMAX_PARTIALS,
 };
 use super::memory::{MemoryLedger, MemoryReport, MemoryUse, TrackedBuffer};
 use crate::backend::{Backend, BackendInfo};
@@ -41,16 +42,17 @@ use std::sync::Arc;
 pub struct CudaOptions {
     /// Run repeated decode steps as CUDA graphs (`--no-graphs` measures what they buy).
     pub graphs: bool,
-    /// Ranges the sequence is cut into by decode attention (flash-decoding). A split covers at
-    /// least 32 positions, so short sequences use fewer.
-    pub decode_splits: usize,
+    /// Most ranges decode attention cuts a sequence into (flash-decoding: the launch's grid);
+    /// None chooses them from the step's longest context (`decode_attention_splits`). A split
+    /// covers at least 32 positions, so short sequences use fewer.
+    pub decode_splits: Option<usize>,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
         CudaOptions {
             graphs: true,
-            decode_splits: 32,
+            decode_splits: None,
         }
     }
 }
@@ -245,7 +247,9 @@ pub struct CudaBackend {
 impl CudaBackend {
     /// A backend over `device`; `name` is what reports call it ("cuda" or "emu").
     pub fn new(device: Arc<dyn Device>, name: &str, options: CudaOptions) -> Result<Self> {
-        check_decode_splits(options.decode_splits)?;
+        if let Some(splits) = options.decode_splits {
+            check_decode_splits(splits)?;
+        }
         Ok(CudaBackend {
             device,
             name: name.to_string(),
@@ -1038,9 +1042,19 @@ impl Backend for CudaBackend {
                 layer,
             )?;
         }
-        if step.seqs.iter().any(|seq| seq.rows == 1) {
+        let longest_decode = step
+            .seqs
+            .iter()
+            .filter(|seq| seq.rows == 1)
+            .map(|seq| seq.end())
+            .max();
+        if let Some(longest) = longest_decode {
             let num_seqs = step.seqs.len();
-            let splits = self.options.borrow().decode_splits;
+            let splits = self
+                .options
+                .borrow()
+                .decode_splits
+                .unwrap_or_else(|| decode_attention_splits(longest));
             let partials = DecodePartials {
                 acc: self.scratch_buffer(
                     |s| &mut s.decode_acc,

@@ -73,13 +73,28 @@ impl DeviceStep {
 }
 
 /// Device scratch of decode attention: `acc` `[num_seqs, num_heads, splits, head_dim]` f32,
-/// `max_sum` `[num_seqs, num_heads, splits, 2]` f32, `split_counters` one zeroed u32 per block
-/// of the grid's (y, z) plane.
+/// `max_sum` `[num_seqs, num_heads, splits, 2]` f32 (splits: the grid's), `split_counters` one
+/// zeroed u32 per block of the grid's (y, z) plane.
 #[derive(Clone, Copy)]
 pub(super) struct DecodePartials {
     pub acc: u64,
     pub max_sum: u64,
     pub split_counters: u64,
+}
+
+/// Positions per split that decode attention aims at once a sequence is long enough for 32
+/// splits of them: the split count doubles with the context from 4096 positions.
+const DECODE_SPLIT_POSITIONS: usize = 128;
+
+/// The most splits of decode attention (its grid's x) for a step whose longest one-row sequence
+/// holds `kv_len` positions: 32 up to 4096 positions, 64 up to 8192, then DECODE_MAX_SPLITS
+/// (128): splits of at most 128 positions up to 16k, 256 at 32k. Short sequences use fewer of
+/// the grid's splits (at least DECODE_SPLIT_QUANTUM positions each).
+pub(super) fn decode_attention_splits(kv_len: usize) -> usize {
+    kv_len
+        .div_ceil(DECODE_SPLIT_POSITIONS)
+        .next_power_of_two()
+        .clamp(32, DECODE_MAX_SPLITS)
 }
 
 /// Head tiles of decode attention per sequence: a KV head's query heads in tiles of
@@ -469,8 +484,8 @@ impl CudaBackend {
     }
 
     /// Split-sequence decode attention of the step's sequences of one row, all in one launch,
-    /// merged in the kernel; `split_counters` holds `num_seqs` x [`decode_attention_groups`]
-    /// zeros.
+    /// each cut into at most `num_splits` ranges aligned to its chunks, merged in the kernel;
+    /// `split_counters` holds `num_seqs` x [`decode_attention_groups`] zeros.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_attention_decode(
         &self,
@@ -511,11 +526,7 @@ impl CudaBackend {
             KernelArg::Ptr(out),
         ];
         args.extend(step.args()?);
-        args.extend([
-            int(num_heads, "num_heads")?,
-            KernelArg::U32(layer as u32),
-            int(num_splits, "decode splits")?,
-        ]);
+        args.extend([int(num_heads, "num_heads")?, KernelArg::U32(layer as u32)]);
         self.launch("attention_decode_bf16", config, args)
     }
 
@@ -561,5 +572,18 @@ impl CudaBackend {
                 int(count, "argmax count")?,
             ],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_attention_takes_more_splits_as_the_context_grows() {
+        let splits: Vec<usize> = [1, 4096, 4097, 8192, 8193, 16384, 131072]
+            .map(decode_attention_splits)
+            .to_vec();
+        assert_eq!(splits, [32, 32, 64, 64, 128, 128, 128]);
     }
 }
