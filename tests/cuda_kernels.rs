@@ -17,7 +17,7 @@ fn kernel_check(name: &str) {
 }
 
 /// The kernel checks this file runs, one test each (below).
-const KERNEL_CHECKS: [&str; 25] = [
+const KERNEL_CHECKS: [&str; 26] = [
     "embedding_gather",
     "rms_norm",
     "matvec",
@@ -43,6 +43,7 @@ const KERNEL_CHECKS: [&str; 25] = [
     "decode_attention_long",
     "swiglu",
     "argmax",
+    "chosen_ids",
 ];
 
 #[test]
@@ -173,6 +174,11 @@ fn swiglu_in_place() {
 #[test]
 fn argmax_on_device_matches_the_cpu_scan() {
     kernel_check("argmax");
+}
+
+#[test]
+fn chosen_ids_stay_on_the_backend() {
+    kernel_check("chosen_ids");
 }
 
 fn emu(options: CudaOptions) -> CudaBackend {

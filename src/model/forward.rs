@@ -128,7 +128,6 @@ impl<B: Backend> Model<B> {
         act: &mut Activations<B>,
         logit_rows: LogitRows,
     ) -> Result<()> {
-        let cfg = &self.config;
         let rows = ids.len();
         if rows == 0 {
             bail!("forward pass over zero tokens");
@@ -143,8 +142,44 @@ impl<B: Backend> Model<B> {
             );
         }
         b.set_kv_step(kv, step)?;
+        b.embed(&self.weights.embed_tokens, ids, &mut act.x)?;
+        self.layers_and_logits(b, kv, step, act, logit_rows)
+    }
+
+    /// One decode step of a run whose tokens stay on the backend: the input of the one row of
+    /// the step's one sequence is the id the backend chose last (`embed_chosen`), and `step` is
+    /// the view the backend holds (set by the caller with `set_kv_step` before the run's first
+    /// step, then advanced by `argmax_advance` after each). The logits land in `act.logits`.
+    pub fn forward_chosen(
+        &self,
+        b: &B,
+        kv: &mut B::KvMemory,
+        step: &StepView,
+        act: &mut Activations<B>,
+    ) -> Result<()> {
+        if step.rows() != 1 || step.seqs.len() != 1 {
+            bail!(
+                "a decode step on chosen ids takes one row of one sequence, not {} rows of {}",
+                step.rows(),
+                step.seqs.len()
+            );
+        }
+        b.embed_chosen(&self.weights.embed_tokens, &mut act.x)?;
+        self.layers_and_logits(b, kv, step, act, LogitRows::Last)
+    }
+
+    /// The layers over the embedded rows of `step` in `act.x`, then the logits.
+    fn layers_and_logits(
+        &self,
+        b: &B,
+        kv: &mut B::KvMemory,
+        step: &StepView,
+        act: &mut Activations<B>,
+        logit_rows: LogitRows,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let rows = step.rows();
         let (w, eps) = (&self.weights, cfg.rms_norm_eps);
-        b.embed(&w.embed_tokens, ids, &mut act.x)?;
         for (layer, lw) in w.layers.iter().enumerate() {
             let qkv = &mut [
                 (&lw.q_proj, &mut act.q),

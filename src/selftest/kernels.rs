@@ -7,7 +7,7 @@ use super::{Check, Context};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::Backend;
-use crate::backend::KvStore;
+use crate::backend::{KvStore, CHOSEN_IDS_KEPT};
 use crate::kv::{KvDtype, KvLayout, KvPart, LayoutKind, SeqId, SeqStep, StepView};
 use crate::model::config::Config;
 use crate::model::weights::{Checkpoint, HostTensor};
@@ -145,6 +145,11 @@ pub const CHECKS: &[Check] = &[
         group: "kernels",
         name: "argmax",
         run: argmax_on_device_matches_the_cpu_scan,
+    },
+    Check {
+        group: "kernels",
+        name: "chosen_ids",
+        run: chosen_ids_stay_on_the_backend,
     },
 ];
 
@@ -1518,6 +1523,101 @@ fn decode_attention_at_long_contexts(ctx: &Context) -> Result<String> {
         175 chunks of 7 and 4"
             .into(),
     )
+}
+
+/// The ids argmax chooses stay on the backend: `read_chosen` gives the latest ones in order (a
+/// ring of CHOSEN_IDS_KEPT that wraps), `embed_chosen` embeds the latest as `embed` does, and
+/// `argmax_advance` moves the one-row sequences of a step view on by one position where the
+/// kernels read it, as `StepView::advance` does on the host, until a position needs a chunk its
+/// block table lacks: then the device refuses the view.
+fn chosen_ids_stay_on_the_backend(ctx: &Context) -> Result<String> {
+    let mut rng = StdRng::seed_from_u64(12);
+    let (vocab, hidden) = (777, 64);
+    let (cpu, cuda) = (CpuBackend::new(), ctx.backend(CudaOptions::default())?);
+    let logits = randn(&mut rng, vocab, 1.0);
+    let (cl, gl) = (
+        cpu_tensor(vocab, &logits),
+        cuda.upload_precise(1, vocab, &logits)?,
+    );
+    let mut chosen = Vec::new();
+    for i in 0..CHOSEN_IDS_KEPT + 6 {
+        let mut peaked = logits.clone();
+        let id = i * 11 % vocab;
+        peaked[id] = 10.0;
+        cuda.argmax(&cuda.upload_precise(1, vocab, &peaked)?, 0, None)?;
+        cpu.argmax(&cpu_tensor(vocab, &peaked), 0, None)?;
+        chosen.push(id as u32);
+    }
+    for n in [1, 3, CHOSEN_IDS_KEPT] {
+        let latest = &chosen[chosen.len() - n..];
+        let (device, host) = (cuda.read_chosen(n)?, cpu.read_chosen(n)?);
+        ensure!(
+            device == latest && host == latest,
+            "the latest {n} chosen ids: {device:?} on the device, {host:?} on the CPU, {latest:?} \
+             chosen"
+        );
+    }
+    for error in [
+        cuda.read_chosen(CHOSEN_IDS_KEPT + 1),
+        cpu.read_chosen(CHOSEN_IDS_KEPT + 1),
+    ] {
+        ensure!(
+            error.is_err_and(|e| e.to_string().contains("asked for")),
+            "more ids than are kept were read"
+        );
+    }
+
+    let table = randn(&mut rng, vocab * hidden, 1.0);
+    let ckpt = TestCheckpoint::new(BF16, &[("embed", vec![vocab, hidden], &table)])?;
+    let host = ckpt.tensor("embed", &[vocab, hidden])?;
+    let (cw, gw) = (cpu.upload_weight(&host)?, cuda.upload_weight(&host)?);
+    let (mut co, mut go, mut ge) = (
+        cpu.alloc_precise(1, hidden)?,
+        cuda.alloc_precise(1, hidden)?,
+        cuda.alloc_precise(1, hidden)?,
+    );
+    cpu.embed_chosen(&cw, &mut co)?;
+    cuda.embed_chosen(&gw, &mut go)?;
+    cuda.embed(&gw, &chosen[chosen.len() - 1..], &mut ge)?;
+    let device = cuda.read_rows(&go, 0, 1)?;
+    ensure!(
+        device == cuda.read_rows(&ge, 0, 1)?,
+        "embed_chosen differs from embed of the id"
+    );
+    check_close("embed_chosen", &device, &co.data, 0.0, 0.0)?;
+
+    // Sequence C of the hand-built view (one row at position 0, one chunk of 16) moves to
+    // 1, .., 16; sequences A and B (several rows) stay. Position 16 needs a second chunk.
+    let layout = KvLayout::new(LayoutKind::Chunked, KvDtype::Bf16, 2, 2, 32, 16)?;
+    let (mut view, chunks) = hand_built_view(layout, &mut rng);
+    let mut cpu_view = view.clone();
+    let mut gm = cuda.alloc_kv_memory(&layout, chunks)?;
+    let mut cm = cpu.alloc_kv_memory(&layout, chunks)?;
+    cuda.set_kv_step(&mut gm, &view)?;
+    cpu.set_kv_step(&mut cm, &view)?;
+    for position in 1..=16u32 {
+        cuda.argmax_advance(&gl, 0, None, &mut gm, &mut view)?;
+        cpu.argmax_advance(&cl, 0, None, &mut cm, &mut cpu_view)?;
+        let device = cuda.read_kv_step(&gm)?;
+        ensure!(
+            (view.seqs[0].start, view.row_pos[0]) == (position, position)
+                && view == cpu_view
+                && device == view.packed(),
+            "advance to position {position}: the device's view {device:?}, the host's {:?}",
+            view.packed()
+        );
+    }
+    match cuda.argmax_advance(&gl, 0, None, &mut gm, &mut view) {
+        Ok(()) => bail!("a view advanced past its block table was used"),
+        Err(error) => ensure!(
+            error.to_string().contains("no longer fits"),
+            "the refusal of a view past its table: {error:#}"
+        ),
+    }
+    Ok(format!(
+        "{} choices through a ring of {CHOSEN_IDS_KEPT}, the latest embedded, 16 advances",
+        chosen.len()
+    ))
 }
 
 fn swiglu_in_place(ctx: &Context) -> Result<String> {

@@ -6,14 +6,15 @@ pub mod attention;
 pub mod matmul;
 pub mod simd;
 
-use super::{Backend, BackendInfo};
+use super::{Backend, BackendInfo, CHOSEN_IDS_KEPT};
 use crate::kv::{ChunkCopy, KvDtype, KvLayout, KvPart, StepView};
 use crate::model::weights::HostTensor;
 use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
 use matmul::MatRef;
 use rayon::prelude::*;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::ops::Range;
 
 /// A weight on the CPU: matrices stay in the mapping, vectors become f32.
@@ -125,8 +126,8 @@ pub struct CpuBackend {
     /// before its add), kept between calls so that a decode step allocates nothing.
     input_scratch: Cell<Vec<f32>>,
     product_scratch: Cell<Vec<f32>>,
-    /// The id chosen by the latest `argmax`.
-    chosen: Cell<Option<u32>>,
+    /// The ids chosen by the latest `argmax` calls, oldest first (at most CHOSEN_IDS_KEPT).
+    chosen: RefCell<VecDeque<u32>>,
 }
 
 impl CpuBackend {
@@ -135,7 +136,7 @@ impl CpuBackend {
             threads: rayon::current_num_threads(),
             input_scratch: Cell::default(),
             product_scratch: Cell::default(),
-            chosen: Cell::default(),
+            chosen: RefCell::default(),
         }
     }
 
@@ -327,6 +328,15 @@ impl Backend for CpuBackend {
             matmul::row_to_f32(w, id as usize, &mut out.data[r * w.cols..(r + 1) * w.cols]);
         }
         Ok(())
+    }
+
+    fn embed_chosen(&self, table: &CpuWeight, out: &mut CpuTensor) -> Result<()> {
+        let id = *self
+            .chosen
+            .borrow()
+            .back()
+            .context("embed_chosen before any argmax chose an id")?;
+        self.embed(table, &[id], out)
     }
 
     fn rms_norm(
@@ -609,14 +619,36 @@ impl Backend for CpuBackend {
                 best = (i, v);
             }
         }
-        self.chosen.set(Some(best.0 as u32));
+        let mut chosen = self.chosen.borrow_mut();
+        if chosen.len() == CHOSEN_IDS_KEPT {
+            chosen.pop_front();
+        }
+        chosen.push_back(best.0 as u32);
         Ok(())
     }
 
-    fn read_argmax(&self) -> Result<u32> {
-        self.chosen
-            .get()
-            .context("read_argmax before any argmax chose an id")
+    fn argmax_advance(
+        &self,
+        logits: &CpuTensor,
+        row: usize,
+        bias: Option<&CpuWeight>,
+        _memory: &mut CpuKvMemory,
+        step: &mut StepView,
+    ) -> Result<()> {
+        // The ops read the view they are given: advancing it is all there is to do.
+        self.argmax(logits, row, bias)?;
+        step.advance();
+        Ok(())
+    }
+
+    fn read_chosen(&self, n: usize) -> Result<Vec<u32>> {
+        let chosen = self.chosen.borrow();
+        ensure!(
+            (1..=chosen.len()).contains(&n),
+            "{n} chosen ids asked for; argmax has chosen {} (the latest {CHOSEN_IDS_KEPT} are kept)",
+            chosen.len()
+        );
+        Ok(chosen.range(chosen.len() - n..).copied().collect())
     }
 
     fn synchronize(&self) -> Result<()> {

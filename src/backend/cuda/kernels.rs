@@ -189,6 +189,31 @@ impl CudaBackend {
         )
     }
 
+    /// out `[1, hidden]` = the row of the id argmax chose last (`chosen`: the argmax's count and
+    /// ring of `ring` ids).
+    pub(super) fn launch_embedding_gather_chosen(
+        &self,
+        table: u64,
+        chosen: u64,
+        out: u64,
+        (hidden, table_cols): (usize, usize),
+        ring: usize,
+    ) -> Result<()> {
+        let threads = (hidden / 8).clamp(32, 256) as u32;
+        self.launch(
+            "embedding_gather_chosen_bf16_to_f32",
+            LaunchConfig::linear(1, threads, 0),
+            vec![
+                KernelArg::Ptr(table),
+                KernelArg::Ptr(chosen),
+                KernelArg::Ptr(out),
+                int(hidden, "hidden")?,
+                int(table_cols, "table columns")?,
+                int(ring, "chosen ids kept")?,
+            ],
+        )
+    }
+
     /// dst `[rows, 2 * cols]` = src `[rows, cols]` twice side by side.
     pub(super) fn launch_duplicate_columns(
         &self,
@@ -545,32 +570,43 @@ impl CudaBackend {
         )
     }
 
-    /// The argmax of `count` f32 logits (+ bias) in one launch; the id lands in `id`.
-    /// `blocks_done` is a zeroed u32 that the kernel leaves zeroed.
+    /// The argmax of `count` f32 logits (+ bias) in one launch; the id is appended to `chosen`
+    /// (a count, then a ring of `ring` ids). With `advance`, the kernel then moves the step
+    /// view's one-row sequences on by one position. `blocks_done` is a zeroed u32 that the kernel
+    /// leaves zeroed.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_argmax(
         &self,
         logits: u64,
         bias: Option<u64>,
-        partial_values: u64,
-        partial_indices: u64,
-        blocks_done: u64,
-        id: u64,
+        (partial_values, partial_indices, blocks_done): (u64, u64, u64),
+        chosen: u64,
+        ring: usize,
+        advance: Option<DeviceStep>,
         count: usize,
     ) -> Result<()> {
         let partials = count.div_ceil(ARGMAX_THREADS * 8).clamp(1, ARGMAX_PARTIALS);
+        let step = advance.unwrap_or(DeviceStep {
+            address: 0,
+            num_seqs: 0,
+            rows: 0,
+        });
+        let mut args = vec![
+            KernelArg::Ptr(logits),
+            KernelArg::Ptr(bias.unwrap_or(0)),
+            KernelArg::Ptr(partial_values),
+            KernelArg::Ptr(partial_indices),
+            KernelArg::Ptr(blocks_done),
+            KernelArg::Ptr(chosen),
+            KernelArg::Ptr(step.address),
+            int(count, "argmax count")?,
+            int(ring, "chosen ids kept")?,
+        ];
+        args.extend(step.args()?);
         self.launch(
             "argmax_f32",
             LaunchConfig::linear(partials as u32, ARGMAX_THREADS as u32, 0),
-            vec![
-                KernelArg::Ptr(logits),
-                KernelArg::Ptr(bias.unwrap_or(0)),
-                KernelArg::Ptr(partial_values),
-                KernelArg::Ptr(partial_indices),
-                KernelArg::Ptr(blocks_done),
-                KernelArg::Ptr(id),
-                int(count, "argmax count")?,
-            ],
+            args,
         )
     }
 }
