@@ -629,8 +629,10 @@ fn decode_steps(
     let cfg = &model.config;
     println!(
         "1. decode steps ({} timed after {DECODE_WARMUP}; device time from CUDA events around \
-         each step's device work)",
-        plan.decode_steps
+         each step's device work; graphs on / off: the host's token and step view copied in \
+         before every step; runs{}: that many steps on the device's own ids between two reads)",
+        plan.decode_steps,
+        backend.decode_window()
     );
     println!(
         "{:>8} {:<12} {:<7} {:>11} {:>15} {:>13} {:>9} {:>8} {:>12}",
@@ -660,22 +662,39 @@ fn decode_steps(
             backend.kv_dtypes()[0].bytes(),
         );
         for &shape in &plan.layouts {
-            for graphs in [true, false] {
+            // Graphs on and off with the host's token and view copied in before every step, then
+            // runs of decode_window steps on the device's own ids (as generation decodes).
+            let window = backend.decode_window();
+            for (graphs, runs) in [(true, false), (false, false), (true, true)] {
                 backend.set_graphs(graphs);
                 let drift = DECODE_WARMUP + plan.decode_steps;
                 let mut step = DecodeStep::with_drift(backend, model, shape, context, drift)?;
-                for _ in 0..DECODE_WARMUP {
-                    step.run(backend)?;
+                if runs {
+                    step.run_on_device(backend, DECODE_WARMUP)?;
+                } else {
+                    for _ in 0..DECODE_WARMUP {
+                        step.run(backend)?;
+                    }
                 }
                 backend.synchronize()?;
                 backend.take_step_device_seconds()?;
                 let before = backend.graph_stats();
                 let mut wall = Vec::with_capacity(plan.decode_steps);
-                for _ in 0..plan.decode_steps {
+                while wall.len() < plan.decode_steps {
+                    let steps = if runs {
+                        window.min(plan.decode_steps - wall.len())
+                    } else {
+                        1
+                    };
                     let t = Instant::now();
-                    step.run(backend)?;
+                    if runs {
+                        step.run_on_device(backend, steps)?;
+                    } else {
+                        step.run(backend)?;
+                    }
                     backend.synchronize()?;
-                    wall.push(t.elapsed().as_secs_f64());
+                    let seconds = t.elapsed().as_secs_f64() / steps as f64;
+                    wall.extend(std::iter::repeat_n(seconds, steps));
                 }
                 let device = Spread::of(&backend.take_step_device_seconds()?);
                 let wall = Spread::of(&wall);
@@ -684,7 +703,11 @@ fn decode_steps(
                 println!(
                     "{context:>8} {:<12} {:<7} {:>11.0} {:>15.1} {:>13.0} {gbps:>9.0} {:>7.0}% {:>12}",
                     shape.to_string(),
-                    if graphs { "on" } else { "off" },
+                    match (graphs, runs) {
+                        (true, true) => format!("runs{window}"),
+                        (true, false) => "on".into(),
+                        (false, _) => "off".into(),
+                    },
                     1.0 / wall.median,
                     device.median * 1e6,
                     1.0 / device.median,
@@ -693,6 +716,7 @@ fn decode_steps(
                 );
                 rows.push(json!({
                     "context": context, "layout": shape.to_string(), "graphs": graphs,
+                    "device_token_runs": runs.then_some(window),
                     "wall_seconds": wall, "device_seconds": device,
                     "wall_tokens_per_second": 1.0 / wall.median,
                     "device_tokens_per_second": 1.0 / device.median,

@@ -11,12 +11,14 @@
 //   exists in memory. Query rows interleave the heads of the GQA group
 //   (row = token * group + head in group) so that the group shares every K/V tile.
 // - attention_decode_bf16: sequences of one row (decode), all of them in one launch over
-//   (split, KV head and head tile, sequence). Flash-decoding: each sequence is cut into
-//   `num_splits` ranges, each block reduces one range for up to DECODE_HEADS_PER_BLOCK query
-//   heads of one KV head (the heads share each K/V load), and the last block of a head group to
-//   finish merges the ranges (no second launch). Lengths, positions and block tables are read
-//   from device memory and the grid depends only on `num_splits` and the number of sequences,
-//   so a recorded decode step replays unchanged as its sequences grow.
+//   (split, KV head and head tile, sequence). Flash-decoding: each sequence is cut into up to
+//   gridDim.x ranges aligned to its chunks, each block reduces one range for up to
+//   DECODE_HEADS_PER_BLOCK query heads of one KV head (the heads share each K/V load), every
+//   lane with the K and V rows of several positions in flight, and the last block of a head
+//   group to finish merges the ranges (no second launch). Lengths, positions and block tables
+//   are read from device memory and the grid depends only on the split count (which the host
+//   raises at long contexts) and the number of sequences, so a recorded decode step replays
+//   unchanged as its sequences grow.
 // Softmax runs in base 2: scores are scaled by log2(e) / sqrt(head_dim) once, then exp2.
 #include "common.cuh"
 #include "kv_layout.cuh"
@@ -358,24 +360,44 @@ extern "C" __global__ void attention_prefill_hd128_bf16(const bf16* q,         /
 #define DECODE_WARPS (DECODE_THREADS / WARP_SIZE)
 #define DECODE_HEADS_PER_BLOCK 4
 #define DECODE_MAX_HEAD_DIM 256
-#define DECODE_MAX_SPLITS 64
+#define DECODE_MAX_SPLITS 128
 // Positions per split are a multiple of this, so short sequences use few splits.
 #define DECODE_SPLIT_QUANTUM 32
+// Positions each lane loads (a 16-byte vector of K and one of V each) before it uses any.
+#define DECODE_ROWS_IN_FLIGHT 4
+// Chunks whose bases a block keeps in shared memory at once.
+#define DECODE_TABLE_WINDOW 64
 
-// Positions per split for a sequence of kv_len positions; every block of the sequence computes it.
-__device__ __forceinline__ int decode_split_len(int kv_len, int num_splits) {
-    const int even = (kv_len + num_splits - 1) / num_splits;
-    return (even + DECODE_SPLIT_QUANTUM - 1) / DECODE_SPLIT_QUANTUM * DECODE_SPLIT_QUANTUM;
+static_assert(DECODE_MAX_SPLITS <= DECODE_THREADS, "the merge gives each split one thread");
+
+// Positions per split of a sequence of kv_len positions cut into at most max_splits ranges
+// (the launch's gridDim.x): a multiple of DECODE_SPLIT_QUANTUM and, in the chunked layout,
+// aligned to chunks: whole chunks when a split is as long as a chunk, else a power of two that
+// divides a power-of-two chunk, so that a split never straddles a chunk boundary it need not.
+// Every block of the sequence computes the same.
+__device__ __forceinline__ int decode_split_len(int kv_len, int max_splits, const KvLayout& layout) {
+    const int even = (kv_len + max_splits - 1) / max_splits;
+    int len = (even + DECODE_SPLIT_QUANTUM - 1) / DECODE_SPLIT_QUANTUM * DECODE_SPLIT_QUANTUM;
+    if (layout.kind == KV_LAYOUT_CHUNKED) {
+        const int chunk = (int)layout.chunk_tokens;
+        if (len >= chunk) {
+            len = (len + chunk - 1) / chunk * chunk;
+        } else if ((chunk & (chunk - 1)) == 0) {
+            int power = DECODE_SPLIT_QUANTUM;
+            while (power < len) {
+                power <<= 1;
+            }
+            len = power;
+        }
+    }
+    return len;
 }
 
-// The 16-byte vectors of the head_dim row of (layer, part, head) at position `pos` of `seq`.
-template <unsigned KIND>
-__device__ __forceinline__ const uint4* decode_kv_row(const bf16* arena, const KvLayout& layout,
-                                                      const uint32_t* block_table, const KvSeqStep& seq,
-                                                      unsigned layer, unsigned part, unsigned head, int pos) {
-    return reinterpret_cast<const uint4*>(arena +
-                                          kv_row_offset<KIND>(layout, block_table, seq, layer, part, head, (unsigned)pos));
-}
+// How a decode block finds the K row of a position (its V row sits a fixed distance after it):
+// one base for the whole contiguous run, or the bases of the chunks of the current window of
+// the block table, read once per chunk into shared memory, and the position's chunk and slot
+// by shift and mask (power-of-two chunks) or by division.
+enum DecodeAddressing { DECODE_CONTIGUOUS, DECODE_CHUNKS_BY_SHIFT, DECODE_CHUNKS_BY_DIVISION };
 
 // Folds (other_max, other_sum, other_acc) into (max, sum, acc): two partial softmax states.
 __device__ __forceinline__ void decode_merge_state(float& max, float& sum, float acc[8], float other_max,
@@ -394,35 +416,67 @@ __device__ __forceinline__ void decode_merge_state(float& max, float& sum, float
     }
 }
 
-// Shared memory of a decode block, declared once by the entry point (both layouts' code uses it).
+// Shared memory of a decode block, declared once by the entry point (every addressing's code
+// uses it).
 struct DecodeShared {
     float warp_acc[DECODE_WARPS][DECODE_HEADS_PER_BLOCK][DECODE_MAX_HEAD_DIM];
     float warp_max[DECODE_WARPS][DECODE_HEADS_PER_BLOCK];
     float warp_sum[DECODE_WARPS][DECODE_HEADS_PER_BLOCK];
+    // Entry offset of the K row of slot 0 of (layer, KV head) in each chunk of the window.
+    uint64_t chunk_base[DECODE_TABLE_WINDOW];
+    float reduce[DECODE_WARPS][DECODE_HEADS_PER_BLOCK];
     float split_weight[DECODE_HEADS_PER_BLOCK][DECODE_MAX_SPLITS];
     bool is_last_block;
 };
 
+// values[h] reduced over the block (the largest, or the sum) for every head h; every thread gets
+// the results. Contains barriers: every thread of the block calls it.
+template <bool LARGEST>
+__device__ __forceinline__ void decode_block_reduce(DecodeShared& shared, float values[DECODE_HEADS_PER_BLOCK]) {
+    const int warp = threadIdx.x / WARP_SIZE;
+#pragma unroll
+    for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+        values[h] = LARGEST ? warp_reduce_max(values[h]) : warp_reduce_sum(values[h]);
+        if (threadIdx.x % WARP_SIZE == 0) {
+            shared.reduce[warp][h] = values[h];
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+        float value = shared.reduce[0][h];
+#pragma unroll
+        for (int w = 1; w < DECODE_WARPS; ++w) {
+            value = LARGEST ? fmaxf(value, shared.reduce[w][h]) : value + shared.reduce[w][h];
+        }
+        values[h] = value;
+    }
+    __syncthreads();
+}
+
 // One block: split blockIdx.x of the one-row sequence blockIdx.z, for the head tile blockIdx.y
 // (a KV head's query heads in tiles of DECODE_HEADS_PER_BLOCK). Each row of head_dim is read by
-// `lanes_per_row` = head_dim / 8 lanes, one 16-byte vector each; a warp covers
-// 32 / lanes_per_row positions per step. head_dim is a power of two in [16, 256].
-template <unsigned KIND>
+// `lanes_per_row` = head_dim / 8 lanes, one 16-byte vector each, so a warp covers
+// `rows_per_warp` = 32 / lanes_per_row positions per load, and every lane issues the loads of
+// DECODE_ROWS_IN_FLIGHT positions (rows_per_warp apart) before it uses one: a warp keeps
+// DECODE_ROWS_IN_FLIGHT x 1 KiB of K and V in flight. head_dim is a power of two in [16, 256].
+template <int ADDRESSING>
 __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, const bf16* q, const bf16* arena,
                                                        const KvLayout& layout, const uint32_t* step,
                                                        float* partial_acc, float* partial_max_sum,
                                                        unsigned* split_counters, bf16* out, int num_seqs, int rows,
-                                                       int num_heads, unsigned layer, int num_splits) {
+                                                       int num_heads, unsigned layer) {
     const KvStepView view = kv_step_view(step, num_seqs, rows);
     const int seq_index = blockIdx.z;
     const KvSeqStep seq = view.seqs[seq_index];
     if (seq.rows != 1) {
         return;  // the whole block: a sequence of several rows is attention_prefill's
     }
-    const unsigned head_dim = layout.head_dim;
+    const int head_dim = (int)layout.head_dim;
     const int kv_len = (int)seq.start + 1;
+    const int max_splits = (int)gridDim.x;
     const int split = blockIdx.x;
-    const int split_len = decode_split_len(kv_len, num_splits);
+    const int split_len = decode_split_len(kv_len, max_splits, layout);
     const int begin = split * split_len;
     const int end = min(kv_len, begin + split_len);
     if (begin >= end) {
@@ -437,15 +491,26 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
     const uint64_t row_elems = (uint64_t)seq.first_row * num_heads * head_dim;
     q += row_elems;
     out += row_elems;
-    const uint64_t first_seq_slot = (uint64_t)seq_index * num_heads * num_splits;
+    const uint64_t first_seq_slot = (uint64_t)seq_index * num_heads * max_splits;
     unsigned* split_counter = split_counters + (uint64_t)seq_index * gridDim.y + blockIdx.y;
 
     const int warp = threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
-    const int lanes_per_row = (int)head_dim / 8;
+    const int lanes_per_row = head_dim / 8;
     const int rows_per_warp = WARP_SIZE / lanes_per_row;
     const int row_in_warp = lane / lanes_per_row;
     const int vector = lane % lanes_per_row;  // this lane's 8 dimensions: 8 * vector ..
+    const int warp_span = rows_per_warp * DECODE_ROWS_IN_FLIGHT;  // positions a warp loads at once
+    const int block_span = DECODE_WARPS * warp_span;
+
+    // Inside a block (a chunk, or the contiguous run) the K rows of (layer, kv_head) follow one
+    // another head_dim apart from `head_offset`; each V row sits `value_offset` after its K row.
+    const uint64_t head_offset = kv_offset_in_block(layout, layer, KV_PART_KEY, kv_head, 0, seq.block_tokens);
+    const uint64_t value_offset =
+        kv_offset_in_block(layout, layer, KV_PART_VALUE, kv_head, 0, seq.block_tokens) - head_offset;
+    const uint32_t* table = view.block_table + seq.table_start;
+    const unsigned chunk_tokens = layout.chunk_tokens;
+    const unsigned chunk_shift = (unsigned)(__ffs((int)chunk_tokens) - 1);
 
     const float scale = LOG2_E / sqrtf((float)head_dim);
     float q_reg[DECODE_HEADS_PER_BLOCK][8];
@@ -469,49 +534,105 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
         }
     }
 
-    // The loop bound is uniform across the warp (the shuffles need every lane); lanes past the
-    // range load nothing and skip the update.
-    const int step_positions = DECODE_WARPS * rows_per_warp;
-    for (int base = begin + warp * rows_per_warp; base < end; base += step_positions) {
-        const int pos = base + row_in_warp;
-        const bool valid = pos < end;
-        uint4 k_vec = make_uint4(0u, 0u, 0u, 0u);
-        uint4 v_vec = make_uint4(0u, 0u, 0u, 0u);
-        if (valid) {
-            k_vec = decode_kv_row<KIND>(arena, layout, view.block_table, seq, layer, KV_PART_KEY, kv_head, pos)[vector];
-            v_vec = decode_kv_row<KIND>(arena, layout, view.block_table, seq, layer, KV_PART_VALUE, kv_head, pos)[vector];
-        }
-        const uint32_t k_words[4] = {k_vec.x, k_vec.y, k_vec.z, k_vec.w};
-        const uint32_t v_words[4] = {v_vec.x, v_vec.y, v_vec.z, v_vec.w};
-        float v_val[8];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            v_val[2 * i] = bf16x2_lo_to_f32(v_words[i]);
-            v_val[2 * i + 1] = bf16x2_hi_to_f32(v_words[i]);
-        }
-#pragma unroll
-        for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
-            float score = 0.0f;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                score = fmaf(q_reg[h][2 * i], bf16x2_lo_to_f32(k_words[i]), score);
-                score = fmaf(q_reg[h][2 * i + 1], bf16x2_hi_to_f32(k_words[i]), score);
+    // The split in windows of whole table entries (contiguous: one window). The loop bounds are
+    // uniform across the block (the barriers need every thread) and a warp's tile bound across
+    // the warp (the shuffles need every lane); lanes past the window load nothing and skip the
+    // update.
+    for (int window = begin; window < end;) {
+        int window_end = end;
+        uint64_t run_base = 0;  // contiguous: the K row of position 0
+        int first_entry = 0;
+        if constexpr (ADDRESSING == DECODE_CONTIGUOUS) {
+            run_base = table[0] * kv_chunk_elems(layout) + head_offset;
+        } else {
+            first_entry = ADDRESSING == DECODE_CHUNKS_BY_SHIFT ? window >> chunk_shift : window / (int)chunk_tokens;
+            const int last_entry = ADDRESSING == DECODE_CHUNKS_BY_SHIFT ? (end - 1) >> chunk_shift
+                                                                        : (end - 1) / (int)chunk_tokens;
+            const int entries = min(DECODE_TABLE_WINDOW, last_entry - first_entry + 1);
+            window_end = min(end, (first_entry + entries) * (int)chunk_tokens);
+            __syncthreads();  // every warp is done with the previous window's bases
+            for (int e = threadIdx.x; e < entries; e += DECODE_THREADS) {
+                shared.chunk_base[e] = table[first_entry + e] * kv_chunk_elems(layout) + head_offset;
             }
-            for (int offset = lanes_per_row / 2; offset > 0; offset >>= 1) {
-                score += __shfl_xor_sync(FULL_WARP_MASK, score, offset);
+            __syncthreads();
+        }
+        for (int tile = window + warp * warp_span; tile < window_end; tile += block_span) {
+            uint4 k_vec[DECODE_ROWS_IN_FLIGHT], v_vec[DECODE_ROWS_IN_FLIGHT];
+#pragma unroll
+            for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
+                const int pos = tile + r * rows_per_warp + row_in_warp;
+                k_vec[r] = make_uint4(0u, 0u, 0u, 0u);
+                v_vec[r] = make_uint4(0u, 0u, 0u, 0u);
+                if (pos < window_end) {
+                    uint64_t row;
+                    if constexpr (ADDRESSING == DECODE_CONTIGUOUS) {
+                        row = run_base + (uint64_t)pos * head_dim;
+                    } else if constexpr (ADDRESSING == DECODE_CHUNKS_BY_SHIFT) {
+                        row = shared.chunk_base[(pos >> chunk_shift) - first_entry] +
+                              (uint64_t)(pos & (chunk_tokens - 1)) * head_dim;
+                    } else {
+                        row = shared.chunk_base[pos / (int)chunk_tokens - first_entry] +
+                              (uint64_t)(pos % (int)chunk_tokens) * head_dim;
+                    }
+                    k_vec[r] = reinterpret_cast<const uint4*>(arena + row)[vector];
+                    v_vec[r] = reinterpret_cast<const uint4*>(arena + row + value_offset)[vector];
+                }
             }
-            if (valid && h < heads_here) {
-                const float new_max = fmaxf(max[h], score);
+            float score[DECODE_ROWS_IN_FLIGHT][DECODE_HEADS_PER_BLOCK];
+#pragma unroll
+            for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
+                const uint32_t k_words[4] = {k_vec[r].x, k_vec[r].y, k_vec[r].z, k_vec[r].w};
+#pragma unroll
+                for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+                    float dot = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        dot = fmaf(q_reg[h][2 * i], bf16x2_lo_to_f32(k_words[i]), dot);
+                        dot = fmaf(q_reg[h][2 * i + 1], bf16x2_hi_to_f32(k_words[i]), dot);
+                    }
+                    for (int offset = lanes_per_row / 2; offset > 0; offset >>= 1) {
+                        dot += __shfl_xor_sync(FULL_WARP_MASK, dot, offset);
+                    }
+                    score[r][h] = dot;
+                }
+            }
+            // The online softmax over this lane's positions: one rescale per head for all of them.
+#pragma unroll
+            for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+                float tile_max = negative_infinity();
+#pragma unroll
+                for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
+                    if (tile + r * rows_per_warp + row_in_warp < window_end) {
+                        tile_max = fmaxf(tile_max, score[r][h]);
+                    }
+                }
+                if (h >= heads_here || tile_max == negative_infinity()) {
+                    continue;  // a padding head, or no position of this lane in the window
+                }
+                const float new_max = fmaxf(max[h], tile_max);
                 const float alpha = exp2f(max[h] - new_max);
-                const float p = exp2f(score - new_max);
                 max[h] = new_max;
-                sum[h] = sum[h] * alpha + p;
+                sum[h] *= alpha;
 #pragma unroll
                 for (int d = 0; d < 8; ++d) {
-                    acc[h][d] = fmaf(p, v_val[d], acc[h][d] * alpha);
+                    acc[h][d] *= alpha;
+                }
+#pragma unroll
+                for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
+                    if (tile + r * rows_per_warp + row_in_warp < window_end) {
+                        const float p = exp2f(score[r][h] - new_max);
+                        sum[h] += p;
+                        const uint32_t v_words[4] = {v_vec[r].x, v_vec[r].y, v_vec[r].z, v_vec[r].w};
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            acc[h][2 * i] = fmaf(p, bf16x2_lo_to_f32(v_words[i]), acc[h][2 * i]);
+                            acc[h][2 * i + 1] = fmaf(p, bf16x2_hi_to_f32(v_words[i]), acc[h][2 * i + 1]);
+                        }
+                    }
                 }
             }
         }
+        window = window_end;
     }
 
     // Fold the warp's rows into its first row (lanes 0 .. lanes_per_row - 1).
@@ -544,9 +665,9 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
     __syncthreads();
 
     // Fold the warps: one thread per (head, dimension); the split's unnormalised state goes out.
-    for (int item = threadIdx.x; item < heads_here * (int)head_dim; item += DECODE_THREADS) {
-        const int h = item / (int)head_dim;
-        const int d = item % (int)head_dim;
+    for (int item = threadIdx.x; item < heads_here * head_dim; item += DECODE_THREADS) {
+        const int h = item / head_dim;
+        const int d = item % head_dim;
         float block_max = negative_infinity();
 #pragma unroll
         for (int w = 0; w < DECODE_WARPS; ++w) {
@@ -560,7 +681,7 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
             block_sum += shared.warp_sum[w][h] * weight;
             block_acc += shared.warp_acc[w][h][d] * weight;
         }
-        const uint64_t slot = first_seq_slot + (uint64_t)(first_head + h) * num_splits + split;
+        const uint64_t slot = first_seq_slot + (uint64_t)(first_head + h) * max_splits + split;
         partial_acc[slot * head_dim + d] = block_acc;
         if (d == 0) {
             partial_max_sum[2 * slot] = block_max;
@@ -580,34 +701,57 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
     if (!shared.is_last_block) {
         return;
     }
-    // Other blocks' partials are read past L1 (volatile): they were written on other SMs.
-    const volatile float* all_acc = partial_acc;
-    const volatile float* all_max_sum = partial_max_sum;
-    if ((int)threadIdx.x < heads_here) {
-        const int h = threadIdx.x;
-        const uint64_t first_slot = first_seq_slot + (uint64_t)(first_head + h) * num_splits;
-        float overall_max = negative_infinity();
-        for (int s = 0; s < active_splits; ++s) {
-            overall_max = fmaxf(overall_max, all_max_sum[2 * (first_slot + s)]);
-        }
-        float total_sum = 0.0f;
-        for (int s = 0; s < active_splits; ++s) {
-            const float weight = exp2f(all_max_sum[2 * (first_slot + s)] - overall_max);
-            shared.split_weight[h][s] = weight;
-            total_sum += all_max_sum[2 * (first_slot + s) + 1] * weight;
-        }
-        for (int s = 0; s < active_splits; ++s) {
-            shared.split_weight[h][s] /= total_sum;
+    // Each split's weight, all splits at once: thread s reads split s of every head (other
+    // blocks' partials, read past L1: they were written on other SMs).
+    const int s = threadIdx.x;
+    float split_max[DECODE_HEADS_PER_BLOCK], split_sum[DECODE_HEADS_PER_BLOCK];
+#pragma unroll
+    for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+        const bool present = h < heads_here && s < active_splits;
+        const uint64_t slot = first_seq_slot + (uint64_t)(first_head + h) * max_splits + s;
+        split_max[h] = present ? load_past_l1(partial_max_sum + 2 * slot) : negative_infinity();
+        split_sum[h] = present ? load_past_l1(partial_max_sum + 2 * slot + 1) : 0.0f;
+    }
+    float overall_max[DECODE_HEADS_PER_BLOCK], weighted_sum[DECODE_HEADS_PER_BLOCK];
+#pragma unroll
+    for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+        overall_max[h] = split_max[h];
+    }
+    decode_block_reduce<true>(shared, overall_max);
+#pragma unroll
+    for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+        // Every active split saw at least one position: its max is finite.
+        split_max[h] = split_max[h] == negative_infinity() ? 0.0f : exp2f(split_max[h] - overall_max[h]);
+        weighted_sum[h] = split_sum[h] * split_max[h];
+    }
+    decode_block_reduce<false>(shared, weighted_sum);
+    if (s < active_splits) {
+#pragma unroll
+        for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+            shared.split_weight[h][s] = split_max[h] / weighted_sum[h];
         }
     }
     __syncthreads();
-    for (int item = threadIdx.x; item < heads_here * (int)head_dim; item += DECODE_THREADS) {
-        const int h = item / (int)head_dim;
-        const int d = item % (int)head_dim;
-        const uint64_t first_slot = first_seq_slot + (uint64_t)(first_head + h) * num_splits;
+    for (int item = threadIdx.x; item < heads_here * head_dim; item += DECODE_THREADS) {
+        const int h = item / head_dim;
+        const int d = item % head_dim;
+        const float* first = partial_acc + (first_seq_slot + (uint64_t)(first_head + h) * max_splits) * head_dim + d;
         float value = 0.0f;
-        for (int s = 0; s < active_splits; ++s) {
-            value += all_acc[(first_slot + s) * head_dim + d] * shared.split_weight[h][s];
+        int t = 0;
+        // Four loads in flight at a time.
+        for (; t + 4 <= active_splits; t += 4) {
+            float part[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                part[u] = load_past_l1(first + (uint64_t)(t + u) * head_dim);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                value += part[u] * shared.split_weight[h][t + u];
+            }
+        }
+        for (; t < active_splits; ++t) {
+            value += load_past_l1(first + (uint64_t)t * head_dim) * shared.split_weight[h][t];
         }
         out[(uint64_t)(first_head + h) * head_dim + d] = f32_to_bf16(value);
     }
@@ -617,26 +761,30 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
 }
 
 // Decode attention of every sequence of the step with one row, in one launch; sequences of
-// several rows are left alone (attention_prefill_hd* computes them). Grid (num_splits,
+// several rows are left alone (attention_prefill_hd* computes them). Grid (max_splits,
 // num_kv_heads * ceil(group / DECODE_HEADS_PER_BLOCK), num_seqs), block DECODE_THREADS,
-// num_splits <= DECODE_MAX_SPLITS. split_counters start at zero and are left at zero.
+// max_splits <= DECODE_MAX_SPLITS: each sequence is cut into splits of decode_split_len
+// positions, as many as needed up to gridDim.x. split_counters start at zero and are left at
+// zero.
 extern "C" __global__ void attention_decode_bf16(const bf16* q,            // [rows, num_heads, head_dim]
                                                  const bf16* arena,        // [chunks, chunk elements] of layout
                                                  KvLayout layout,          // the arena's geometry, by value
                                                  const uint32_t* step,     // packed step view [5 num_seqs + 2 rows + table]
-                                                 float* partial_acc,       // [num_seqs, num_heads, num_splits, head_dim]
-                                                 float* partial_max_sum,   // [num_seqs, num_heads, num_splits, 2]
+                                                 float* partial_acc,       // [num_seqs, num_heads, gridDim.x, head_dim]
+                                                 float* partial_max_sum,   // [num_seqs, num_heads, gridDim.x, 2]
                                                  unsigned* split_counters, // [num_seqs, gridDim.y]
                                                  bf16* out,                // [rows, num_heads, head_dim]
-                                                 int num_seqs, int rows, int num_heads, unsigned layer,
-                                                 int num_splits) {
+                                                 int num_seqs, int rows, int num_heads, unsigned layer) {
     __shared__ DecodeShared shared;
-    if (layout.kind == KV_LAYOUT_CHUNKED) {
-        attention_decode_split<KV_LAYOUT_CHUNKED>(shared, q, arena, layout, step, partial_acc, partial_max_sum,
-                                                  split_counters, out, num_seqs, rows, num_heads, layer, num_splits);
+    if (layout.kind != KV_LAYOUT_CHUNKED) {
+        attention_decode_split<DECODE_CONTIGUOUS>(shared, q, arena, layout, step, partial_acc, partial_max_sum,
+                                                  split_counters, out, num_seqs, rows, num_heads, layer);
+    } else if ((layout.chunk_tokens & (layout.chunk_tokens - 1)) == 0) {
+        attention_decode_split<DECODE_CHUNKS_BY_SHIFT>(shared, q, arena, layout, step, partial_acc, partial_max_sum,
+                                                       split_counters, out, num_seqs, rows, num_heads, layer);
     } else {
-        attention_decode_split<KV_LAYOUT_CONTIGUOUS>(shared, q, arena, layout, step, partial_acc, partial_max_sum,
-                                                     split_counters, out, num_seqs, rows, num_heads, layer,
-                                                     num_splits);
+        attention_decode_split<DECODE_CHUNKS_BY_DIVISION>(shared, q, arena, layout, step, partial_acc,
+                                                          partial_max_sum, split_counters, out, num_seqs, rows,
+                                                          num_heads, layer);
     }
 }

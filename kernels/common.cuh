@@ -162,6 +162,19 @@ __device__ __forceinline__ float warp_reduce_max(float value) {
     return value;
 }
 
+// A global load that bypasses L1 (ld.global.cg): a value another block wrote during this launch
+// and made visible with __threadfence (a split reduction's partials). Issue several before using
+// the first to have them in flight together.
+__device__ __forceinline__ float load_past_l1(const float* address) {
+#ifdef KVLAB_EMU
+    return *reinterpret_cast<const volatile float*>(address);
+#else
+    float value;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(value) : "l"(address) : "memory");
+    return value;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tensor cores and async copies (sm_80+). All are warp-collective except cp.async.
 //

@@ -3,7 +3,8 @@
 // step, which the CPU code and the kernels both read, so that the contiguous and the chunked
 // layout differ in one place only. THE TWO SIDES MUST CHANGE TOGETHER: same fields in the same
 // order, same formulas for `kv_offset_in_block` (`KvLayout::offset_in_block`), `kv_locate`
-// (`StepView::locate`) and `kv_row_offset` (`StepView::row_offset`). The static_asserts below
+// (`StepView::locate`), `kv_row_offset` (`StepView::row_offset`) and `kv_step_advance`
+// (`StepView::advance`). The static_asserts below
 // and their twins in src/kv/layout.rs and src/kv/step.rs catch a field added on one side only;
 // src/backend/cuda/kernels.rs checks the KV_LAYOUT_*, KV_DTYPE_* and KV_PART_* values below
 // against the Rust enums (build.rs turns them into Rust constants); the selftest's kernel checks
@@ -93,6 +94,17 @@ __device__ __forceinline__ KvStepView kv_step_view(const uint32_t* packed, int n
     view.row_pos = view.row_seq + rows;
     view.block_table = view.row_pos + rows;
     return view;
+}
+
+// Moves sequence `seq` of the packed view on by one position if it has one row: the view of the
+// next decode step (`StepView::advance`). The chunks of its new position must be in its block
+// table already (the host reserves a run's chunks before its first step).
+__device__ __forceinline__ void kv_step_advance(uint32_t* packed, int num_seqs, int rows, int seq) {
+    KvSeqStep* seqs = reinterpret_cast<KvSeqStep*>(packed);
+    if (seqs[seq].rows == 1) {
+        seqs[seq].start += 1;
+        packed[5 * (uint64_t)num_seqs + rows + seqs[seq].first_row] += 1;
+    }
 }
 
 // Entries one position occupies across all layers, K and V (`KvLayout::elems_per_token`).

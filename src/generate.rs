@@ -1,6 +1,13 @@
 //! Generation: prefill, then greedy decode one token at a time, outside the model.
 //! Times are taken after the backend synchronizes, so they hold for asynchronous devices too.
 //!
+//! Decode steps run in runs of [`Backend::decode_window`] steps whose tokens stay on the
+//! backend: each step embeds the id the previous one chose and advances the positions itself,
+//! and the host reads the run's ids once at its end (16 on CUDA, where a recorded step then
+//! replays with no copy between tokens; 1 on the CPU). The chunks of a run's positions are
+//! reserved before it, and the steps it kept are committed after it. Teacher forcing
+//! (`feed_ids`), kept step logits and the no-cache strategy decode one host round trip a token.
+//!
 //! The engine keeps one KV pool (a [`KvStore`]) for the layout the calls ask for, and, with a
 //! `+reuse` strategy, each conversation's sequence between calls: the next prompt's longest
 //! common token prefix with what the sequence holds is kept and only the rest is prefilled
@@ -124,10 +131,11 @@ pub struct Generation {
     pub prefill_seconds: f64,
     /// The remaining tokens.
     pub decode_seconds: f64,
-    /// Each decode step's time (tokens 2..).
+    /// Each decode step's time (tokens 2..); the steps of a run on the backend's own ids
+    /// (`Backend::decode_window` steps between reads) each get an equal share of its time.
     pub step_seconds: Vec<f64>,
     /// Device time of each forward pass (prefill first) where the backend measures it (CUDA
-    /// events); empty on the CPU.
+    /// events); empty on the CPU. Steps run past a stop token are not listed.
     pub device_step_seconds: Vec<f64>,
     pub stopped_on_eos: bool,
     /// Accounting of the KV memory this call used (the no-cache strategy: its transient buffers).
@@ -326,6 +334,80 @@ impl<B: Backend> Engine<B> {
         backend.read_argmax()
     }
 
+    /// `steps` decode steps of `seq` whose tokens stay on the backend: the first step's input
+    /// is the id the backend chose last, each step's choice is the next one's input, the
+    /// positions advance on the backend (a CUDA graph replays every step with no copy), and the
+    /// host reads the `steps` chosen ids once, at the end. Their positions are reserved, not
+    /// committed: the caller commits the steps it keeps (`ChunkPool::commit_first`).
+    fn decode_run(&mut self, seq: SeqId, steps: usize) -> Result<Vec<u32>> {
+        self.activations(1, LogitRows::Last)?;
+        let act = self.activations.as_mut().expect("allocated above");
+        let (backend, model, bias) = (&self.backend, &self.model, self.logit_bias.as_ref());
+        let store = &mut self.kv.as_mut().context("no KV pool")?.1;
+        let mut view = store.prepare_decode(backend, &[seq], steps)?;
+        let memory = &mut store.memory;
+        backend.set_kv_step(memory, &view)?;
+        for _ in 0..steps {
+            backend.run_step(&mut || {
+                model.forward_chosen(backend, memory, &view, act)?;
+                backend.argmax_advance(&act.logits, 0, bias, memory, &mut view)
+            })?;
+        }
+        backend.read_chosen(steps)
+    }
+
+    /// The decode steps of `seq` after the prompt chose `first` (handed out already), in runs
+    /// of up to `decode_window` steps (`decode_run`): after each run the host hands out its
+    /// ids, stops at a stop token or at `max_new_tokens` (steps a run made past a stop token are
+    /// dropped), and commits the positions of the steps it keeps.
+    fn decode_in_runs(
+        &mut self,
+        seq: SeqId,
+        first: u32,
+        opts: &GenerateOptions,
+        gen: &mut Generation,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<()> {
+        let mut input = first;
+        loop {
+            let steps = (opts.max_new_tokens - gen.new_ids.len()).min(self.backend.decode_window());
+            let run_start = Instant::now();
+            let chosen = self.decode_run(seq, steps)?;
+            let step_seconds = run_start.elapsed().as_secs_f64() / steps as f64;
+            // Step i of the run read `input` (i = 0) or chosen[i - 1], and chose chosen[i].
+            let mut kept = steps;
+            let mut done = false;
+            for (i, &id) in chosen.iter().enumerate() {
+                gen.new_ids.push(id);
+                on_token(id);
+                if self.finished(gen, opts, id) {
+                    (kept, done) = (i + 1, true);
+                    break;
+                }
+            }
+            let inputs: Vec<u32> = std::iter::once(input)
+                .chain(chosen[..kept - 1].iter().copied())
+                .collect();
+            self.pool_mut()?.commit_first(seq, &inputs)?;
+            gen.step_seconds
+                .extend(std::iter::repeat_n(step_seconds, kept));
+            if done {
+                return Ok(());
+            }
+            input = chosen[steps - 1];
+        }
+    }
+
+    /// Whether `id`, just handed out, ends the generation (and says so in `gen`).
+    fn finished(&self, gen: &mut Generation, opts: &GenerateOptions, id: u32) -> bool {
+        let done =
+            gen.new_ids.len() == opts.max_new_tokens || (!opts.ignore_eos && self.is_stop(id));
+        if done {
+            gen.stopped_on_eos = self.is_stop(id);
+        }
+        done
+    }
+
     /// The sequence a call runs in, and what of the prompt it already holds: the conversation's
     /// kept sequence up to its common prefix with `prompt`, or a new sequence (sharing what the
     /// prefix index finds, for `dynamic+reuse`).
@@ -402,6 +484,10 @@ impl<B: Backend> Engine<B> {
 
     fn pool(&self) -> Result<&ChunkPool> {
         Ok(&self.kv.as_ref().context("no KV pool")?.1.pool)
+    }
+
+    fn pool_mut(&mut self) -> Result<&mut ChunkPool> {
+        Ok(&mut self.kv.as_mut().context("no KV pool")?.1.pool)
     }
 }
 
@@ -567,6 +653,10 @@ impl<B: Backend> Generator for Engine<B> {
                 }
             }
         };
+        // Decode steps run on the backend's own ids (`decode_in_runs`) unless the host must see
+        // each step: teacher forcing feeds its ids, kept logits are read every step, and the
+        // no-cache strategy recomputes the whole sequence.
+        let on_device = cached.is_some() && opts.feed_ids.is_none() && !keep;
         let result = (|| -> Result<()> {
             let prefill_rows = match (cached, reuse) {
                 (Some(_), Some(r)) => r.prefilled_tokens,
@@ -591,11 +681,11 @@ impl<B: Backend> Generator for Engine<B> {
                 gen.new_ids.push(next);
                 sequence.push(fed);
                 on_token(next);
-                if gen.new_ids.len() == opts.max_new_tokens
-                    || (!opts.ignore_eos && self.is_stop(next))
-                {
-                    gen.stopped_on_eos = self.is_stop(next);
+                if self.finished(&mut gen, opts, next) {
                     break;
+                }
+                if let (Some(seq), true) = (cached, on_device) {
+                    return self.decode_in_runs(seq, next, opts, &mut gen, on_token);
                 }
                 let step_start = Instant::now();
                 next = forward(
@@ -655,6 +745,8 @@ impl<B: Backend> Generator for Engine<B> {
         result?;
         gen.reuse = reuse;
         gen.device_step_seconds = self.backend.take_step_device_seconds()?;
+        // Steps a run of decode steps made past a stop token chose nothing handed out.
+        gen.device_step_seconds.truncate(gen.new_ids.len());
         gen.step_logits = step_logits;
         Ok(gen)
     }

@@ -17,7 +17,7 @@ fn kernel_check(name: &str) {
 }
 
 /// The kernel checks this file runs, one test each (below).
-const KERNEL_CHECKS: [&str; 23] = [
+const KERNEL_CHECKS: [&str; 26] = [
     "embedding_gather",
     "rms_norm",
     "matvec",
@@ -34,13 +34,16 @@ const KERNEL_CHECKS: [&str; 23] = [
     "attention_gqa9_hd128",
     "decode_attention_splits",
     "rope_kv_append_batch",
+    "rope_kv_append_fused",
     "batch_attention_gqa1_hd16",
     "batch_attention_gqa3_hd32",
     "batch_attention_gqa4_hd64_long",
     "batch_attention_gqa8_hd64",
     "batch_attention_gqa9_hd128",
+    "decode_attention_long",
     "swiglu",
     "argmax",
+    "chosen_ids",
 ];
 
 #[test]
@@ -129,6 +132,11 @@ fn rope_and_kv_append_of_several_sequences() {
 }
 
 #[test]
+fn rope_and_kv_append_in_one_pass() {
+    kernel_check("rope_kv_append_fused");
+}
+
+#[test]
 fn batch_attention_gqa1_head_dim_16() {
     kernel_check("batch_attention_gqa1_hd16");
 }
@@ -154,6 +162,11 @@ fn batch_attention_gqa9_head_dim_128() {
 }
 
 #[test]
+fn decode_attention_at_long_contexts() {
+    kernel_check("decode_attention_long");
+}
+
+#[test]
 fn swiglu_in_place() {
     kernel_check("swiglu");
 }
@@ -161,6 +174,11 @@ fn swiglu_in_place() {
 #[test]
 fn argmax_on_device_matches_the_cpu_scan() {
     kernel_check("argmax");
+}
+
+#[test]
+fn chosen_ids_stay_on_the_backend() {
+    kernel_check("chosen_ids");
 }
 
 fn emu(options: CudaOptions) -> CudaBackend {

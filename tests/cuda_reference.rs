@@ -36,6 +36,7 @@ fn every_reference_check_of_the_selftest_has_a_test() {
         "chunks_smaller_than_the_prompt",
         "graphs_replay_launches",
         "batched_sequences",
+        "device_token_runs",
         "prefix_reuse",
     ]);
     common::assert_group_is("reference", &names);
@@ -74,6 +75,11 @@ fn batched_sequences_follow_the_reference() {
 #[test]
 fn prefix_reuse_equals_re_prefilling() {
     reference_check("prefix_reuse");
+}
+
+#[test]
+fn decode_runs_on_device_ids_equal_one_round_trip_a_token() {
+    reference_check("device_token_runs");
 }
 
 #[test]
@@ -256,19 +262,16 @@ fn same_layer(l: &LayerWeights<HostTensor>) -> LayerWeights<HostTensor> {
     }
 }
 
-#[test]
-fn a_decode_token_of_llama_3_2_1b_is_115_launches_in_one_graph_and_3_copies() {
-    // Llama-3.2-1B's 16 layers of bf16 weights (the tiny fixture's 3 repeated; the list of
-    // launches depends on the layer count only): one embedding gather, 7 launches a layer, the
-    // final norm with the logits, and the argmax. Before the fusions of issue 20: 1 + 16 x 10 +
-    // 3 = 164 in the graph and 2 argmax launches after it.
+/// Llama-3.2-1B's 16 layers of bf16 weights (the tiny fixture's 3 repeated; the list of
+/// launches depends on the layer count only) on a counting emulator, with `options`.
+fn llama_3_2_1b_layers(options: CudaOptions) -> (Engine<CudaBackend>, Arc<HostTraffic>) {
     const LAYERS: usize = 16;
     let traffic = Arc::new(HostTraffic::default());
     let device = CountingDevice {
         inner: EmuDevice::new().unwrap(),
         traffic: traffic.clone(),
     };
-    let backend = CudaBackend::new(Arc::new(device), "emu", CudaOptions::default()).unwrap();
+    let backend = CudaBackend::new(Arc::new(device), "emu", options).unwrap();
     let dir = common::fixture(MODELS[0]);
     let mut config = Config::from_dir(&dir).unwrap();
     let mut host = ModelWeights::<HostTensor>::load(&dir, &config).unwrap();
@@ -277,11 +280,89 @@ fn a_decode_token_of_llama_3_2_1b_is_115_launches_in_one_graph_and_3_copies() {
         .collect();
     config.num_layers = LAYERS;
     let model = Model::from_host(&backend, config, &host).unwrap();
-    let mut engine = Engine::new(backend, model);
+    (Engine::new(backend, model), traffic)
+}
+
+/// The kernels of one decode step of the 16 layers, the first being `embedding`: one embedding
+/// gather, 6 launches a layer, the final norm with the logits, and the argmax: 1 + 16 x 6 + 2 =
+/// 99. Before issue 20: 1 + 16 x 10 + 3 = 164 in the graph and 2 argmax launches after it;
+/// after its phase A, 1 + 16 x 7 + 2 = 115 (RoPE and the append were two launches).
+fn decode_step_kernels(embedding: &'static str) -> Vec<&'static str> {
+    let mut expected = vec![embedding];
+    for _ in 0..16 {
+        expected.extend([
+            "matvec_rms_norm_bf16",
+            "rope_kv_append_bf16",
+            "attention_decode_bf16",
+            "matvec_bf16_add_f32",
+            "matvec_rms_norm_bf16",
+            "matvec_swiglu_bf16_add_f32",
+        ]);
+    }
+    expected.extend(["matvec_rms_norm_bf16_out_f32", "argmax_f32"]);
+    assert_eq!(expected.len(), 99);
+    expected
+}
+
+fn last_step_kernels(engine: &Engine<CudaBackend>) -> Vec<&'static str> {
+    engine
+        .backend
+        .last_step_launches()
+        .iter()
+        .map(|(kernel, _)| *kernel)
+        .collect()
+}
+
+#[test]
+fn a_decode_token_of_llama_3_2_1b_is_99_launches_in_one_graph_and_a_copy_each_way_a_run() {
+    // Decode steps in runs of 8 on the device's own ids: between two reads of the chosen ids
+    // the host launches the step's graph 8 times and copies nothing.
+    let (mut engine, traffic) = llama_3_2_1b_layers(CudaOptions {
+        decode_window: 8,
+        ..CudaOptions::default()
+    });
+    let opts = GenerateOptions {
+        max_new_tokens: 1 + 3 * 8,
+        strategy: Strategy::Static,
+        ignore_eos: true,
+        ..GenerateOptions::default()
+    };
+    // The host's calls up to each token; a run's 8 tokens arrive together after it.
+    let mut at_token = Vec::new();
+    engine
+        .generate(&[1, 500, 7, 999], &opts, &mut |_| {
+            at_token.push(traffic.snapshot())
+        })
+        .unwrap();
+    // 24 decode steps: the first launched, the second captured, the other 22 replayed.
+    assert_eq!(engine.backend.graph_stats().graphs_replayed, 22);
+    assert_eq!(
+        last_step_kernels(&engine),
+        decode_step_kernels("embedding_gather_chosen_bf16_to_f32")
+    );
+    // The third run, all replays: 8 graph launches, the step view of the run to the device
+    // (its positions and reserved chunks), the 8 chosen ids back; the read is the only wait.
+    let run: Vec<u64> = at_token[16]
+        .iter()
+        .zip(&at_token[24])
+        .map(|(before, after)| after - before)
+        .collect();
+    assert_eq!(
+        run,
+        [0, 8, 1, 1, 0],
+        "launches, graph launches, copies to the device and to the host, synchronizes"
+    );
+}
+
+#[test]
+fn a_teacher_forced_token_of_llama_3_2_1b_is_99_launches_in_one_graph_and_3_copies() {
+    // Teacher forcing feeds the host's ids: one round trip a token.
+    let (mut engine, traffic) = llama_3_2_1b_layers(CudaOptions::default());
     let opts = GenerateOptions {
         max_new_tokens: 6,
         strategy: Strategy::Static,
         ignore_eos: true,
+        feed_ids: Some(vec![3; 6]),
         ..GenerateOptions::default()
     };
     // The host's calls up to each token; tokens 4.. come from replayed graphs.
@@ -292,31 +373,12 @@ fn a_decode_token_of_llama_3_2_1b_is_115_launches_in_one_graph_and_3_copies() {
         })
         .unwrap();
     assert_eq!(engine.backend.graph_stats().graphs_replayed, 3);
-
-    let mut expected = vec!["embedding_gather_bf16_to_f32"];
-    for _ in 0..LAYERS {
-        expected.extend([
-            "matvec_rms_norm_bf16",
-            "rope_half_split_bf16",
-            "kv_append_bf16",
-            "attention_decode_bf16",
-            "matvec_bf16_add_f32",
-            "matvec_rms_norm_bf16",
-            "matvec_swiglu_bf16_add_f32",
-        ]);
-    }
-    expected.extend(["matvec_rms_norm_bf16_out_f32", "argmax_f32"]);
-    let launched: Vec<&str> = engine
-        .backend
-        .last_step_launches()
-        .iter()
-        .map(|(kernel, _)| *kernel)
-        .collect();
-    assert_eq!(launched, expected);
-    assert_eq!(launched.len(), 115);
-
-    // A replayed token: one graph launch, the token id and the step's position to the device,
-    // the chosen id back, and generate's synchronize.
+    assert_eq!(
+        last_step_kernels(&engine),
+        decode_step_kernels("embedding_gather_bf16_to_f32")
+    );
+    // A replayed token: one graph launch, the token id and the step's view to the device, the
+    // chosen id back, and generate's synchronize.
     for (before, after) in at_token.iter().zip(&at_token[1..]).skip(3) {
         let step: Vec<u64> = before.iter().zip(after).map(|(b, a)| a - b).collect();
         assert_eq!(

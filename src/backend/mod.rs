@@ -13,6 +13,10 @@ use crate::model::weights::HostTensor;
 use anyhow::{Context, Result};
 use std::ops::Range;
 
+/// Ids a backend keeps of its latest `argmax` choices for [`Backend::read_chosen`]: the most
+/// decode steps a generation runs before it reads their ids ([`Backend::decode_window`]).
+pub const CHOSEN_IDS_KEPT: usize = 64;
+
 /// What a backend says about itself in reports.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BackendInfo {
@@ -56,11 +60,14 @@ pub trait Backend: Sized {
     /// Copies whole chunks inside the arena, in order (the pool's copy-on-write).
     fn copy_kv_chunks(&self, memory: &mut Self::KvMemory, copies: &[ChunkCopy]) -> Result<()>;
     /// Called at the start of each forward step, before its first launch: the rows, positions
-    /// and block tables that `rope`, `kv_append` and `attention` will read.
+    /// and block tables that `rope`, `kv_append`, `rope_kv_append` and `attention` will read.
     fn set_kv_step(&self, memory: &mut Self::KvMemory, step: &StepView) -> Result<()>;
 
     /// out[r, :] = table[ids[r], :] (out: the residual stream, from `alloc_precise`)
     fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor) -> Result<()>;
+    /// out[0] = table[the id chosen by the latest `argmax`] (out: the residual stream): the input
+    /// of a decode step whose token never went to the host.
+    fn embed_chosen(&self, table: &Self::Weight, out: &mut Self::Tensor) -> Result<()>;
     /// out[r] = rmsnorm(x[r]) * weight for r < rows (x: the residual stream, from
     /// `alloc_precise`; out from `alloc`).
     fn rms_norm(
@@ -112,6 +119,21 @@ pub trait Backend: Sized {
         layer: usize,
         k: &Self::Tensor,
         v: &Self::Tensor,
+    ) -> Result<()>;
+    /// Rotates q in place as `rope` does, and writes k rotated the same way and v
+    /// `[rows, num_kv_heads * head_dim]` for `layer` at each row's position of its sequence, as
+    /// `kv_append` does; k itself is only read. Equals `rope`, then `kv_append` of the rotated k:
+    /// the forward pass's one op between the projections and attention (one launch on CUDA).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_append(
+        &self,
+        q: &mut Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        inv_freq: &Self::Weight,
+        memory: &mut Self::KvMemory,
+        step: &StepView,
+        layer: usize,
     ) -> Result<()>;
     /// Causal GQA attention of the step's queries `[rows, num_heads * head_dim]`: each row over
     /// the positions of its own sequence up to its own; out has q's shape.
@@ -171,9 +193,32 @@ pub trait Backend: Sized {
     /// `run_step` it is part of the step (a CUDA graph replays it); [`Backend::read_argmax`]
     /// brings the id to the host.
     fn argmax(&self, logits: &Self::Tensor, row: usize, bias: Option<&Self::Weight>) -> Result<()>;
-    /// The id chosen by the latest `argmax`, once it is done: only these 4 bytes leave the
-    /// device.
-    fn read_argmax(&self) -> Result<u32>;
+    /// `argmax`, then every sequence of one row in `step` moves on by one position
+    /// ([`StepView::advance`]), in `step` and where the ops read the view (device memory on
+    /// CUDA): the next decode step's positions need no copy from the host. Its chunks must be
+    /// in the view's block tables already ([`KvStore::prepare_decode`] reserves a run's). A
+    /// backend may do both in one pass (CUDA: the argmax's last block advances the view).
+    fn argmax_advance(
+        &self,
+        logits: &Self::Tensor,
+        row: usize,
+        bias: Option<&Self::Weight>,
+        memory: &mut Self::KvMemory,
+        step: &mut StepView,
+    ) -> Result<()>;
+    /// The ids chosen by the latest `n` `argmax` calls (`n` at most [`CHOSEN_IDS_KEPT`]),
+    /// oldest first, once they are done: only these `4 n` bytes (and a count) leave the device.
+    fn read_chosen(&self, n: usize) -> Result<Vec<u32>>;
+    /// The id chosen by the latest `argmax`, once it is done.
+    fn read_argmax(&self) -> Result<u32> {
+        Ok(self.read_chosen(1)?[0])
+    }
+    /// Decode steps a generation runs before it reads their ids (`read_chosen`): 1 where
+    /// reading an id costs nothing (the CPU; a step run past a stop token is wasted work), more
+    /// where each read is a round trip to a device, at most [`CHOSEN_IDS_KEPT`].
+    fn decode_window(&self) -> usize {
+        1
+    }
     /// Waits for queued work (a no-op on the CPU); timings are taken after it.
     fn synchronize(&self) -> Result<()>;
 
@@ -229,5 +274,25 @@ impl<B: Backend> KvStore<B> {
             }
         }
         self.pool.step_view(steps)
+    }
+
+    /// Reserves `steps` new positions for each sequence (one a decode step), makes the copies,
+    /// and returns the view of the first step: one row each, with the block tables of all the
+    /// reserved positions, so that the backend can advance it step by step itself
+    /// ([`Backend::argmax_advance`]). The caller commits the steps it keeps
+    /// ([`ChunkPool::commit_first`]).
+    pub fn prepare_decode(
+        &mut self,
+        backend: &B,
+        seqs: &[SeqId],
+        steps: usize,
+    ) -> Result<StepView> {
+        for &id in seqs {
+            let copies = self.pool.reserve(id, steps)?;
+            if !copies.is_empty() {
+                backend.copy_kv_chunks(&mut self.memory, &copies)?;
+            }
+        }
+        self.pool.decode_view(seqs)
     }
 }

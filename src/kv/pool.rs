@@ -618,9 +618,53 @@ impl ChunkPool {
         Ok(())
     }
 
+    /// The first `tokens.len()` of the rows reserved for a sequence were written and are kept
+    /// (a run of decode steps that stopped at a stop token): they are committed as [`commit`]
+    /// does, and the room reserved past them is let go.
+    ///
+    /// [`commit`]: ChunkPool::commit
+    pub fn commit_first(&mut self, id: SeqId, tokens: &[u32]) -> Result<()> {
+        let seq = self.seq_mut(id)?;
+        ensure!(
+            tokens.len() <= seq.pending,
+            "{id}: {} tokens committed of {} reserved rows",
+            tokens.len(),
+            seq.pending
+        );
+        seq.pending = tokens.len();
+        self.commit(id, tokens)?;
+        let len = self.seq_len(id)?;
+        self.truncate(id, len)
+    }
+
     /// The step view of `steps` (sequence, rows), each reserved for exactly those rows; the
     /// sequences' rows follow one another in this order.
     pub fn step_view(&self, steps: &[(SeqId, usize)]) -> Result<StepView> {
+        for &(id, rows) in steps {
+            let pending = self.seq(id)?.pending;
+            ensure!(
+                rows > 0 && rows == pending,
+                "{id}: a step of {rows} rows, but {pending} were reserved"
+            );
+        }
+        self.view_of(steps)
+    }
+
+    /// The view of a run of decode steps of `ids`: one row each, at the first of the positions
+    /// reserved for it, with the block table of all of them, so that the view advanced step by
+    /// step ([`StepView::advance`]) finds every chunk the run writes.
+    pub fn decode_view(&self, ids: &[SeqId]) -> Result<StepView> {
+        for &id in ids {
+            ensure!(
+                self.seq(id)?.pending > 0,
+                "{id}: a run of decode steps needs reserved positions"
+            );
+        }
+        let steps: Vec<(SeqId, usize)> = ids.iter().map(|&id| (id, 1)).collect();
+        self.view_of(&steps)
+    }
+
+    fn view_of(&self, steps: &[(SeqId, usize)]) -> Result<StepView> {
         let mut view = StepView {
             layout: self.layout,
             seqs: Vec::with_capacity(steps.len()),
@@ -630,11 +674,6 @@ impl ChunkPool {
         };
         for (index, &(id, rows)) in steps.iter().enumerate() {
             let seq = self.seq(id)?;
-            ensure!(
-                rows > 0 && rows == seq.pending,
-                "{id}: a step of {rows} rows, but {} were reserved",
-                seq.pending
-            );
             let block_tokens = match seq.run_chunks {
                 0 => self.layout.chunk_tokens(),
                 run => run * self.layout.chunk_tokens(),

@@ -108,11 +108,25 @@ impl StepView {
         }
     }
 
+    /// Moves every sequence of one row on by one position: the view of the next decode step,
+    /// which a backend can run without a copy from the host if the chunks of the new positions
+    /// are in the block tables already (`check_fits` says whether they are). Mirrored by
+    /// `kv_step_advance` in kernels/kv_layout.cuh.
+    pub fn advance(&mut self) {
+        for seq in &mut self.seqs {
+            if seq.rows == 1 {
+                seq.start += 1;
+                self.row_pos[seq.first_row as usize] += 1;
+            }
+        }
+    }
+
     /// Checks that the view is well formed and fits an arena of `arena_chunks` chunks of
     /// `layout`, so that no op reads or writes outside the arena or the view (the kernels index
     /// both without checks): every row belongs to the sequence whose rows enclose it, at that
     /// sequence's next position; the sequences' rows do not overlap; positions fit an `i32`;
-    /// every block a sequence's positions need is listed and lies inside the arena.
+    /// every block a sequence's positions need is listed, before the next sequence's table, and
+    /// lies inside the arena.
     pub fn check_fits(&self, layout: &KvLayout, arena_chunks: usize) -> Result<()> {
         ensure!(
             self.layout == *layout,
@@ -179,6 +193,18 @@ impl StepView {
                     (end as usize).div_ceil(chunk_tokens)
                 }
             };
+            // A table may list more than the positions need (a run of decode steps reserves its
+            // chunks ahead), but never reaches into the next sequence's.
+            let table_end = self
+                .seqs
+                .get(index + 1)
+                .map_or(self.block_table.len(), |next| next.table_start as usize);
+            ensure!(
+                seq.table_start as usize + entries <= table_end,
+                "step sequence {index}: its block table of {entries} entries from entry {} reaches \
+                 into the next sequence's, from entry {table_end}",
+                seq.table_start
+            );
             let block_chunks = (seq.block_tokens as usize).div_ceil(chunk_tokens);
             let table = self
                 .block_table
@@ -250,6 +276,26 @@ mod tests {
     }
 
     #[test]
+    fn an_advanced_view_moves_one_row_sequences_and_fits_while_their_tables_last() {
+        // A at 5..8 (3 rows) stays; B (one row) moves from position 0 to 1, 2, 3, all in its
+        // one chunk; position 4 would need a second entry in B's table.
+        let mut view = view();
+        let layout = view.layout;
+        for expected in 1..=3 {
+            view.advance();
+            assert_eq!(
+                (view.seqs[0].start, view.row_pos[..3].to_vec()),
+                (5, vec![5, 6, 7])
+            );
+            assert_eq!((view.seqs[1].start, view.row_pos[3]), (expected, expected));
+            view.check_fits(&layout, 4).unwrap();
+        }
+        view.advance();
+        let error = view.check_fits(&layout, 4).unwrap_err().to_string();
+        assert!(error.contains("block table of 2 entries"), "{error}");
+    }
+
+    #[test]
     fn views_that_would_reach_outside_the_arena_or_contradict_their_rows_are_refused() {
         let good = view();
         good.check_fits(&good.layout, 4).unwrap();
@@ -281,6 +327,17 @@ mod tests {
         );
         refused(&|v| v.seqs[1].rows = 2, 4, "rows 3..5 of a step of 4");
         refused(&|v| v.seqs[1].block_tokens = 8, 4, "blocks of 8 positions");
+        refused(
+            &|v| {
+                v.seqs[0].rows = 1;
+                v.seqs[0].start = 8;
+                v.row_seq = vec![0, 1];
+                v.row_pos = vec![8, 0];
+                v.seqs[1].first_row = 1;
+            },
+            4,
+            "reaches into the next sequence's, from entry 2",
+        );
         refused(
             &|v| v.row_pos.push(1),
             4,

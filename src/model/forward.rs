@@ -13,7 +13,8 @@
 //! ```
 //! Each norm is one op with the projections that read it (`rms_norm_matmul_many`: h is never
 //! stored), and each residual add one op with the projection it adds (`matmul_add`,
-//! `swiglu_matmul_add`), so that a CUDA decode step needs no launches for norms, adds or copies.
+//! `swiglu_matmul_add`), and RoPE one op with the append it feeds (`rope_kv_append`), so that a
+//! CUDA decode step needs no launches for norms, adds, copies or RoPE alone.
 
 use super::config::Config;
 use super::gguf::{llama, GgufFile};
@@ -127,7 +128,6 @@ impl<B: Backend> Model<B> {
         act: &mut Activations<B>,
         logit_rows: LogitRows,
     ) -> Result<()> {
-        let cfg = &self.config;
         let rows = ids.len();
         if rows == 0 {
             bail!("forward pass over zero tokens");
@@ -142,8 +142,44 @@ impl<B: Backend> Model<B> {
             );
         }
         b.set_kv_step(kv, step)?;
+        b.embed(&self.weights.embed_tokens, ids, &mut act.x)?;
+        self.layers_and_logits(b, kv, step, act, logit_rows)
+    }
+
+    /// One decode step of a run whose tokens stay on the backend: the input of the one row of
+    /// the step's one sequence is the id the backend chose last (`embed_chosen`), and `step` is
+    /// the view the backend holds (set by the caller with `set_kv_step` before the run's first
+    /// step, then advanced by `argmax_advance` after each). The logits land in `act.logits`.
+    pub fn forward_chosen(
+        &self,
+        b: &B,
+        kv: &mut B::KvMemory,
+        step: &StepView,
+        act: &mut Activations<B>,
+    ) -> Result<()> {
+        if step.rows() != 1 || step.seqs.len() != 1 {
+            bail!(
+                "a decode step on chosen ids takes one row of one sequence, not {} rows of {}",
+                step.rows(),
+                step.seqs.len()
+            );
+        }
+        b.embed_chosen(&self.weights.embed_tokens, &mut act.x)?;
+        self.layers_and_logits(b, kv, step, act, LogitRows::Last)
+    }
+
+    /// The layers over the embedded rows of `step` in `act.x`, then the logits.
+    fn layers_and_logits(
+        &self,
+        b: &B,
+        kv: &mut B::KvMemory,
+        step: &StepView,
+        act: &mut Activations<B>,
+        logit_rows: LogitRows,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let rows = step.rows();
         let (w, eps) = (&self.weights, cfg.rms_norm_eps);
-        b.embed(&w.embed_tokens, ids, &mut act.x)?;
         for (layer, lw) in w.layers.iter().enumerate() {
             let qkv = &mut [
                 (&lw.q_proj, &mut act.q),
@@ -151,8 +187,7 @@ impl<B: Backend> Model<B> {
                 (&lw.v_proj, &mut act.v),
             ];
             b.rms_norm_matmul_many(&act.x, 0..rows, &lw.input_layernorm, eps, qkv)?;
-            b.rope(&mut act.q, &mut act.k, &self.inv_freq, kv, step)?;
-            b.kv_append(kv, step, layer, &act.k, &act.v)?;
+            b.rope_kv_append(&mut act.q, &act.k, &act.v, &self.inv_freq, kv, step, layer)?;
             b.attention(&act.q, kv, step, layer, cfg.num_heads, &mut act.attn)?;
             b.matmul_add(&act.attn, &lw.o_proj, rows, &mut act.x)?;
 

@@ -208,6 +208,9 @@ impl<'m, B: Backend> DecodeStep<'m, B> {
         drift: usize,
     ) -> Result<Self> {
         let cfg = &model.config;
+        let act = Activations::new(backend, cfg, 1, 1)?;
+        // A first choice, for `run_on_device`'s first step to embed.
+        backend.argmax(&act.logits, 0, None)?;
         Ok(DecodeStep {
             model,
             shape,
@@ -221,8 +224,28 @@ impl<'m, B: Backend> DecodeStep<'m, B> {
                 context.max(1) - 1,
                 drift + 1,
             )?,
-            act: Activations::new(backend, cfg, 1, 1)?,
+            act,
         })
+    }
+
+    /// `steps` decode steps in one run on the backend's own ids, as generation runs the steps
+    /// between two reads of the chosen ids (`Backend::decode_window`): the view set once and
+    /// advanced by the backend, each step's input the previous step's choice, the ids read once
+    /// at the end.
+    pub fn run_on_device(&mut self, backend: &B, steps: usize) -> Result<()> {
+        let (model, cache, act) = (self.model, &mut self.cache, &mut self.act);
+        let mut view = cache.store.prepare_decode(backend, &[cache.seq], steps)?;
+        let memory = &mut cache.store.memory;
+        backend.set_kv_step(memory, &view)?;
+        for _ in 0..steps {
+            backend.run_step(&mut || {
+                model.forward_chosen(backend, memory, &view, act)?;
+                backend.argmax_advance(&act.logits, 0, None, memory, &mut view)
+            })?;
+        }
+        // The pool's ids are placeholders, as `run`'s are: the cost does not depend on them.
+        let chosen = backend.read_chosen(steps)?;
+        cache.store.pool.commit_first(cache.seq, &chosen)
     }
 
     /// Refills the cache when the context has drifted by `drift`; call it outside the timing.

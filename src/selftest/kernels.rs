@@ -7,7 +7,7 @@ use super::{Check, Context};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::Backend;
-use crate::backend::KvStore;
+use crate::backend::{KvStore, CHOSEN_IDS_KEPT};
 use crate::kv::{KvDtype, KvLayout, KvPart, LayoutKind, SeqId, SeqStep, StepView};
 use crate::model::config::Config;
 use crate::model::weights::{Checkpoint, HostTensor};
@@ -103,6 +103,11 @@ pub const CHECKS: &[Check] = &[
     },
     Check {
         group: "kernels",
+        name: "rope_kv_append_fused",
+        run: rope_and_kv_append_in_one_pass,
+    },
+    Check {
+        group: "kernels",
         name: "batch_attention_gqa1_hd16",
         run: batch_attention_gqa1_head_dim_16,
     },
@@ -128,6 +133,11 @@ pub const CHECKS: &[Check] = &[
     },
     Check {
         group: "kernels",
+        name: "decode_attention_long",
+        run: decode_attention_at_long_contexts,
+    },
+    Check {
+        group: "kernels",
         name: "swiglu",
         run: swiglu_in_place,
     },
@@ -135,6 +145,11 @@ pub const CHECKS: &[Check] = &[
         group: "kernels",
         name: "argmax",
         run: argmax_on_device_matches_the_cpu_scan,
+    },
+    Check {
+        group: "kernels",
+        name: "chosen_ids",
+        run: chosen_ids_stay_on_the_backend,
     },
 ];
 
@@ -737,6 +752,11 @@ fn several_weights_of_one_input(ctx: &Context) -> Result<String> {
     Ok("3 groups".into())
 }
 
+/// How a check names its split count.
+fn splits_text(decode_splits: Option<usize>) -> String {
+    decode_splits.map_or("from the context".into(), |n| n.to_string())
+}
+
 /// A config with the attention shape under test (the rest from a tiny fixture).
 fn attention_config(
     ctx: &Context,
@@ -804,7 +824,8 @@ struct AttentionCase<'a> {
     head_dim: usize,
     shape: KvShape,
     steps: &'a [usize],
-    decode_splits: usize,
+    /// The grid's splits; None: chosen from the context.
+    decode_splits: Option<usize>,
 }
 
 /// Appends the same K/V to a CPU and a device cache step by step and compares attention after
@@ -857,7 +878,8 @@ fn check_attention(ctx: &Context, case: AttentionCase) -> Result<()> {
         check_close(
             &format!(
                 "attention heads {num_heads}/{num_kv_heads} head_dim {head_dim} {shape} \
-                 splits {decode_splits}: positions {start}..{}",
+                 splits {}: positions {start}..{}",
+                splits_text(decode_splits),
                 start + rows
             ),
             &cuda.read_rows(&go, 0, rows)?,
@@ -870,14 +892,14 @@ fn check_attention(ctx: &Context, case: AttentionCase) -> Result<()> {
 }
 
 // Every configuration has a prefill step that sees more positions than one K/V tile (64, or
-// 32 at head_dim 128) and a decode step whose split covers more positions than a block reads
-// at once (64 at head_dim 16, 32 at 32, 16 at 64): both online softmaxes rescale.
+// 32 at head_dim 128) and a decode step whose split covers more positions than a block loads
+// at once (256 at head_dim 16, 128 at 32, 64 at 64, 32 at 128): both online softmaxes rescale.
 
 /// Two cases of one shape: (layout, steps, splits) each.
 fn attention_cases(
     ctx: &Context,
     (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
-    cases: [(KvShape, &[usize], usize); 2],
+    cases: [(KvShape, &[usize], Option<usize>); 2],
 ) -> Result<String> {
     for (shape, steps, decode_splits) in cases {
         check_attention(
@@ -900,8 +922,8 @@ fn attention_gqa1_head_dim_16(ctx: &Context) -> Result<String> {
         ctx,
         (4, 4, 16),
         [
-            (KvShape::Contiguous, &[45, 11, 1, 1], 4),
-            (KvShape::Chunked(7), &[130, 11, 1], 1),
+            (KvShape::Contiguous, &[45, 11, 1, 1], Some(4)),
+            (KvShape::Chunked(7), &[300, 11, 1], Some(1)),
         ],
     )
 }
@@ -911,8 +933,8 @@ fn attention_gqa3_head_dim_32(ctx: &Context) -> Result<String> {
         ctx,
         (6, 2, 32),
         [
-            (KvShape::Contiguous, &[1, 1, 30, 1], 2),
-            (KvShape::Chunked(7), &[1, 44, 40, 1, 1], 1),
+            (KvShape::Contiguous, &[1, 1, 30, 1], Some(2)),
+            (KvShape::Chunked(7), &[1, 44, 140, 1, 1], Some(1)),
         ],
     )
 }
@@ -922,8 +944,8 @@ fn attention_gqa4_head_dim_64(ctx: &Context) -> Result<String> {
         ctx,
         (8, 2, 64),
         [
-            (KvShape::Contiguous, &[45, 30, 1], 1),
-            (KvShape::Chunked(16), &[45, 11, 1], 3),
+            (KvShape::Contiguous, &[45, 30, 1], Some(1)),
+            (KvShape::Chunked(16), &[45, 11, 1], Some(3)),
         ],
     )
 }
@@ -933,45 +955,53 @@ fn attention_gqa9_head_dim_128(ctx: &Context) -> Result<String> {
         ctx,
         (9, 1, 128),
         [
-            (KvShape::Contiguous, &[20, 30, 1], 3),
-            (KvShape::Chunked(7), &[20, 1, 1], 3),
+            (KvShape::Contiguous, &[20, 30, 1], Some(1)),
+            (KvShape::Chunked(7), &[20, 1, 1], Some(3)),
         ],
     )
 }
 
 fn decode_attention_splits_a_long_sequence(ctx: &Context) -> Result<String> {
-    // 290 positions in splits of 64 (5 of 8 splits active), through both layouts.
+    // 290 positions in splits of 64 (5 of 8 splits active; 70 in chunks of 7), both layouts.
     attention_cases(
         ctx,
         (8, 2, 64),
         [
-            (KvShape::Contiguous, &[290, 1, 1], 8),
-            (KvShape::Chunked(7), &[290, 1], 8),
+            (KvShape::Contiguous, &[290, 1, 1], Some(8)),
+            (KvShape::Chunked(7), &[290, 1], Some(8)),
         ],
     )
 }
 
 /// Step views over one arena for rope and kv_append, built by hand: three sequences whose block
-/// tables are shuffled chunk ids (chunked) or runs far apart (contiguous), at positions near
-/// 0, around a chunk boundary and past 4000, with rows in the step's order C, A, B.
-fn hand_built_view(layout: KvLayout, rng: &mut StdRng) -> StepView {
+/// tables are shuffled chunk ids (chunked) or runs apart from one another (contiguous), at
+/// positions near 0, around position 256 (a chunk boundary for every power-of-two chunk up to
+/// 256) and past 4000, with rows in the step's order C, A, B. Returns the view and the chunks of
+/// its arena.
+fn hand_built_view(layout: KvLayout, rng: &mut StdRng) -> (StepView, usize) {
     // (start, rows) of sequences C, A, B.
     let parts = [(0u32, 1u32), (4000, 3), (250, 13)];
     let chunk_tokens = layout.chunk_tokens;
+    let chunks_of = |&(start, rows): &(u32, u32)| (start + rows).div_ceil(chunk_tokens);
+    // Contiguous runs in the arena's order C, B, A, a free chunk or two between them.
+    let [c, a, b] = parts.each_ref().map(chunks_of);
+    let runs = [(0, c), (c + 3 + b, a), (c + 1, b)];
+    let chunks = match layout.kind() {
+        LayoutKind::Chunked => (c + a + b + 2) as usize,
+        LayoutKind::Contiguous => (c + 3 + b + a + 1) as usize,
+    };
+    let mut shuffled: Vec<u32> = (0..chunks as u32).collect();
+    for i in (1..shuffled.len()).rev() {
+        shuffled.swap(i, rng.random_range(0..=i));
+    }
     let mut seqs = Vec::new();
     let (mut row_seq, mut row_pos, mut block_table) = (Vec::new(), Vec::new(), Vec::new());
-    let mut chunks: Vec<u32> = (0..HAND_BUILT_CHUNKS as u32).collect();
-    for i in (1..chunks.len()).rev() {
-        chunks.swap(i, rng.random_range(0..=i));
-    }
-    // Contiguous runs: C at chunk 0, A at 20 (16 chunks), B at 3 (2 chunks).
-    let runs = [(0u32, 1u32), (20, 16), (3, 2)];
     for (index, (&(start, rows), &(run_start, run_chunks))) in parts.iter().zip(&runs).enumerate() {
         let (table, block_tokens): (Vec<u32>, u32) = match layout.kind() {
-            LayoutKind::Chunked => {
-                let entries = (start + rows).div_ceil(chunk_tokens) as usize;
-                (chunks.drain(..entries).collect(), chunk_tokens)
-            }
+            LayoutKind::Chunked => (
+                shuffled.drain(..run_chunks as usize).collect(),
+                chunk_tokens,
+            ),
             LayoutKind::Contiguous => (vec![run_start], run_chunks * chunk_tokens),
         };
         seqs.push(SeqStep {
@@ -985,17 +1015,15 @@ fn hand_built_view(layout: KvLayout, rng: &mut StdRng) -> StepView {
         row_seq.extend(std::iter::repeat_n(index as u32, rows as usize));
         row_pos.extend(start..start + rows);
     }
-    StepView {
+    let view = StepView {
         layout,
         seqs,
         row_seq,
         row_pos,
         block_table,
-    }
+    };
+    (view, chunks)
 }
-
-/// Chunks of the arena of [`hand_built_view`].
-const HAND_BUILT_CHUNKS: usize = 40;
 
 fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
     let mut rng = StdRng::seed_from_u64(10);
@@ -1009,10 +1037,10 @@ fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
     let (kv_dim, head_dim) = (cfg.kv_dim(), cfg.head_dim);
     for kind in [LayoutKind::Chunked, LayoutKind::Contiguous] {
         let layout = KvLayout::new(kind, KvDtype::Bf16, 2, cfg.num_kv_heads, head_dim, 256)?;
-        let view = hand_built_view(layout, &mut rng);
+        let (view, chunks) = hand_built_view(layout, &mut rng);
         let rows = view.rows();
-        let mut cpu_memory = cpu.alloc_kv_memory(&layout, HAND_BUILT_CHUNKS)?;
-        let mut gpu_memory = cuda.alloc_kv_memory(&layout, HAND_BUILT_CHUNKS)?;
+        let mut cpu_memory = cpu.alloc_kv_memory(&layout, chunks)?;
+        let mut gpu_memory = cuda.alloc_kv_memory(&layout, chunks)?;
         cpu.set_kv_step(&mut cpu_memory, &view)?;
         cuda.set_kv_step(&mut gpu_memory, &view)?;
 
@@ -1071,7 +1099,7 @@ fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
         // A view that reaches outside the arena, or whose rows contradict their sequences, is
         // refused before any kernel reads it.
         let mut outside = view.clone();
-        *outside.block_table.last_mut().expect("a table") = HAND_BUILT_CHUNKS as u32;
+        *outside.block_table.last_mut().expect("a table") = chunks as u32;
         let mut stray_row = view.clone();
         stray_row.row_seq[0] = 3;
         let mut wrong_position = view.clone();
@@ -1093,6 +1121,149 @@ fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
     Ok("3 sequences, shuffled tables and far runs, bad views refused".into())
 }
 
+/// RoPE and the append in one op (`rope_kv_append`, the forward pass's) against the two ops it
+/// replaces, on each backend, over the hand-built views of several sequences (shuffled tables,
+/// far runs, rows crossing chunk boundaries) in chunks of 256, 16 and 7 and in contiguous runs:
+/// q and the arena must be bit-identical to `rope` then `kv_append` of the rotated k, on the
+/// device and on the CPU (whose f32 arena is the reference compared with transformers); the
+/// device's rotated rows must match the CPU's within a bf16 rounding.
+fn rope_and_kv_append_in_one_pass(ctx: &Context) -> Result<String> {
+    let mut rng = StdRng::seed_from_u64(11);
+    let cfg = attention_config(ctx, 6, 2, 32)?;
+    let (cpu, cuda) = (CpuBackend::new(), ctx.backend(CudaOptions::default())?);
+    let inv_freq = cfg.rope_inv_freq();
+    let (cf, gf) = (
+        cpu.upload_vector(&inv_freq)?,
+        cuda.upload_vector(&inv_freq)?,
+    );
+    let (q_dim, kv_dim, head_dim) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+    let layer = 1;
+    for (kind, chunk_tokens) in [
+        (LayoutKind::Chunked, 256),
+        (LayoutKind::Chunked, 16),
+        (LayoutKind::Chunked, 7),
+        (LayoutKind::Contiguous, 256),
+    ] {
+        let what = format!("{kind:?} in chunks of {chunk_tokens}");
+        let (view, chunks) = hand_built_view(
+            KvLayout::new(
+                kind,
+                KvDtype::Bf16,
+                2,
+                cfg.num_kv_heads,
+                head_dim,
+                chunk_tokens,
+            )?,
+            &mut rng,
+        );
+        let rows = view.rows();
+        let q = randn(&mut rng, rows * q_dim, 1.0);
+        let k = randn(&mut rng, rows * kv_dim, 1.0);
+        let v = randn(&mut rng, rows * kv_dim, 1.0);
+
+        // The device: fused and unfused, each into its own arena.
+        let (mut fused, mut unfused) = (
+            cuda.alloc_kv_memory(&view.layout, chunks)?,
+            cuda.alloc_kv_memory(&view.layout, chunks)?,
+        );
+        let mut fused_q = cuda.upload_tensor(rows, q_dim, &q)?;
+        let (gk, gv) = (
+            cuda.upload_tensor(rows, kv_dim, &k)?,
+            cuda.upload_tensor(rows, kv_dim, &v)?,
+        );
+        cuda.set_kv_step(&mut fused, &view)?;
+        cuda.rope_kv_append(&mut fused_q, &gk, &gv, &gf, &mut fused, &view, layer)?;
+        let mut unfused_q = cuda.upload_tensor(rows, q_dim, &q)?;
+        let mut rotated_k = cuda.upload_tensor(rows, kv_dim, &k)?;
+        cuda.set_kv_step(&mut unfused, &view)?;
+        cuda.rope(&mut unfused_q, &mut rotated_k, &gf, &unfused, &view)?;
+        cuda.kv_append(&mut unfused, &view, layer, &rotated_k, &gv)?;
+        let device_q = cuda.read_rows(&fused_q, 0, rows)?;
+        ensure!(
+            device_q == cuda.read_rows(&unfused_q, 0, rows)?,
+            "{what}: the device's q differs from rope's"
+        );
+        let arena = cuda.read_kv_arena(&fused)?;
+        ensure!(
+            arena == cuda.read_kv_arena(&unfused)?,
+            "{what}: the device's arena differs from rope then kv_append"
+        );
+
+        // The CPU, f32 entries: fused and unfused, bit for bit.
+        let cpu_layout = KvLayout {
+            dtype: KvDtype::F32 as u32,
+            ..view.layout
+        };
+        let cpu_view = StepView {
+            layout: cpu_layout,
+            ..view.clone()
+        };
+        let (mut cpu_fused, mut cpu_unfused) = (
+            cpu.alloc_kv_memory(&cpu_layout, chunks)?,
+            cpu.alloc_kv_memory(&cpu_layout, chunks)?,
+        );
+        let (mut cq, ck, cv) = (
+            cpu_tensor(q_dim, &q),
+            cpu_tensor(kv_dim, &k),
+            cpu_tensor(kv_dim, &v),
+        );
+        cpu.set_kv_step(&mut cpu_fused, &cpu_view)?;
+        cpu.rope_kv_append(&mut cq, &ck, &cv, &cf, &mut cpu_fused, &cpu_view, layer)?;
+        let (mut cq_unfused, mut ck_rotated) = (cpu_tensor(q_dim, &q), cpu_tensor(kv_dim, &k));
+        cpu.set_kv_step(&mut cpu_unfused, &cpu_view)?;
+        cpu.rope(
+            &mut cq_unfused,
+            &mut ck_rotated,
+            &cf,
+            &cpu_unfused,
+            &cpu_view,
+        )?;
+        cpu.kv_append(&mut cpu_unfused, &cpu_view, layer, &ck_rotated, &cv)?;
+        ensure!(
+            cq.data == cq_unfused.data && ck.data == k,
+            "{what}: the CPU's q differs from rope's, or k was changed"
+        );
+        ensure!(
+            cpu_fused.bytes() == cpu_unfused.bytes(),
+            "{what}: the CPU's arena differs from rope then kv_append"
+        );
+
+        // The device against the CPU: q, and every row where the view puts it.
+        check_close(
+            &format!("{what}: q"),
+            &device_q,
+            &cq.data,
+            1e-3,
+            RTOL_BF16_OUTPUT,
+        )?;
+        let cpu_arena: &[f32] = bytemuck::cast_slice(cpu_fused.bytes());
+        for row in 0..rows {
+            let seq = &view.seqs[view.row_seq[row] as usize];
+            let pos = view.row_pos[row] as usize;
+            for part in [KvPart::Key, KvPart::Value] {
+                for head in 0..cfg.num_kv_heads {
+                    let at = view.row_offset(seq, layer, part, head, pos);
+                    let got: Vec<f32> = arena[at..at + head_dim]
+                        .iter()
+                        .map(|&b| bf16::from_bits(b).to_f32())
+                        .collect();
+                    check_close(
+                        &format!("{what}: row {row} ({part:?}, head {head}, position {pos})"),
+                        &got,
+                        &cpu_arena[at..at + head_dim],
+                        1e-3,
+                        RTOL_BF16_OUTPUT,
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(
+        "3 sequences; chunks of 256, 16 and 7, contiguous runs; bit-identical to rope + kv_append"
+            .into(),
+    )
+}
+
 /// A step of several sequences: their lengths before it (written by kv_append alone, in ragged
 /// multi-sequence steps that interleave their chunks), then steps giving each sequence's rows
 /// (0: not in that step).
@@ -1103,7 +1274,8 @@ struct BatchCase<'a> {
     shape: KvShape,
     lengths: &'a [usize],
     steps: &'a [&'a [usize]],
-    decode_splits: usize,
+    /// The grid's splits; None: chosen from the context.
+    decode_splits: Option<usize>,
 }
 
 /// Runs the same ragged steps of several sequences through the CPU and the CUDA backend (one
@@ -1189,7 +1361,8 @@ fn check_batch_attention(ctx: &Context, case: BatchCase) -> Result<()> {
                 check_close(
                     &format!(
                         "attention heads {num_heads}/{num_kv_heads} head_dim {head_dim} {shape} \
-                         splits {decode_splits}, step {rows:?}: the sequence at positions {}..{}",
+                         splits {}, step {rows:?}: the sequence at positions {}..{}",
+                        splits_text(decode_splits),
                         seq.start,
                         seq.end()
                     ),
@@ -1236,7 +1409,7 @@ fn batch_cases(
     chunk_tokens: usize,
     lengths: &[usize],
     steps: &[&[usize]],
-    decode_splits: usize,
+    decode_splits: Option<usize>,
 ) -> Result<String> {
     for shape in [KvShape::Contiguous, KvShape::Chunked(chunk_tokens)] {
         check_batch_attention(
@@ -1269,7 +1442,7 @@ fn batch_attention_gqa1_head_dim_16(ctx: &Context) -> Result<String> {
         7,
         &[1, 130, 45, 0],
         &[&[1, 1, 1, 0], &[1, 20, 1, 9], &[0, 1, 33, 1], &[1, 1, 1, 1]],
-        4,
+        Some(4),
     )
 }
 
@@ -1280,7 +1453,7 @@ fn batch_attention_gqa3_head_dim_32(ctx: &Context) -> Result<String> {
         16,
         &[300, 2, 77],
         &[&[1, 1, 1], &[40, 1, 1], &[1, 50, 2], &[1, 1, 0]],
-        8,
+        Some(8),
     )
 }
 
@@ -1297,7 +1470,7 @@ fn batch_attention_gqa4_head_dim_64_long(ctx: &Context) -> Result<String> {
             &[1, 1, 1, 1, 1],
             &[1, 70, 1, 0, 1],
         ],
-        32,
+        Some(32),
     )
 }
 
@@ -1308,7 +1481,7 @@ fn batch_attention_gqa8_head_dim_64(ctx: &Context) -> Result<String> {
         16,
         &[200, 33, 1],
         &[&[1, 1, 1], &[17, 1, 3], &[1, 1, 1]],
-        5,
+        Some(5),
     )
 }
 
@@ -1319,8 +1492,132 @@ fn batch_attention_gqa9_head_dim_128(ctx: &Context) -> Result<String> {
         7,
         &[90, 5, 1],
         &[&[1, 1, 1], &[1, 12, 40], &[1, 1, 1]],
-        3,
+        Some(3),
     )
+}
+
+fn decode_attention_at_long_contexts(ctx: &Context) -> Result<String> {
+    // The split count chosen from the step's longest context: 64 at 8191 and 8192 positions,
+    // 128 at 8193 and 16384; splits of 128 positions, a power of two inside chunks of 256.
+    batch_cases(
+        ctx,
+        (8, 2, 64),
+        256,
+        &[8190, 16383, 300],
+        &[&[1, 0, 1], &[1, 0, 1], &[1, 1, 1]],
+        None,
+    )?;
+    // One split over more chunks than a block keeps at once (DECODE_TABLE_WINDOW): the table
+    // read in windows, positions located by division (chunks of 7) and by shift (chunks of 4).
+    batch_cases(
+        ctx,
+        (8, 2, 64),
+        7,
+        &[700, 64, 1],
+        &[&[1, 1, 1], &[1, 3, 1]],
+        Some(1),
+    )?;
+    batch_cases(ctx, (6, 2, 32), 4, &[600, 2], &[&[1, 1], &[1, 1]], Some(2))?;
+    Ok(
+        "contexts of 8191 to 16384 with the context's split count, one or two splits over 100 to \
+        175 chunks of 7 and 4"
+            .into(),
+    )
+}
+
+/// The ids argmax chooses stay on the backend: `read_chosen` gives the latest ones in order (a
+/// ring of CHOSEN_IDS_KEPT that wraps), `embed_chosen` embeds the latest as `embed` does, and
+/// `argmax_advance` moves the one-row sequences of a step view on by one position where the
+/// kernels read it, as `StepView::advance` does on the host, until a position needs a chunk its
+/// block table lacks: then the device refuses the view.
+fn chosen_ids_stay_on_the_backend(ctx: &Context) -> Result<String> {
+    let mut rng = StdRng::seed_from_u64(12);
+    let (vocab, hidden) = (777, 64);
+    let (cpu, cuda) = (CpuBackend::new(), ctx.backend(CudaOptions::default())?);
+    let logits = randn(&mut rng, vocab, 1.0);
+    let (cl, gl) = (
+        cpu_tensor(vocab, &logits),
+        cuda.upload_precise(1, vocab, &logits)?,
+    );
+    let mut chosen = Vec::new();
+    for i in 0..CHOSEN_IDS_KEPT + 6 {
+        let mut peaked = logits.clone();
+        let id = i * 11 % vocab;
+        peaked[id] = 10.0;
+        cuda.argmax(&cuda.upload_precise(1, vocab, &peaked)?, 0, None)?;
+        cpu.argmax(&cpu_tensor(vocab, &peaked), 0, None)?;
+        chosen.push(id as u32);
+    }
+    for n in [1, 3, CHOSEN_IDS_KEPT] {
+        let latest = &chosen[chosen.len() - n..];
+        let (device, host) = (cuda.read_chosen(n)?, cpu.read_chosen(n)?);
+        ensure!(
+            device == latest && host == latest,
+            "the latest {n} chosen ids: {device:?} on the device, {host:?} on the CPU, {latest:?} \
+             chosen"
+        );
+    }
+    for error in [
+        cuda.read_chosen(CHOSEN_IDS_KEPT + 1),
+        cpu.read_chosen(CHOSEN_IDS_KEPT + 1),
+    ] {
+        ensure!(
+            error.is_err_and(|e| e.to_string().contains("asked for")),
+            "more ids than are kept were read"
+        );
+    }
+
+    let table = randn(&mut rng, vocab * hidden, 1.0);
+    let ckpt = TestCheckpoint::new(BF16, &[("embed", vec![vocab, hidden], &table)])?;
+    let host = ckpt.tensor("embed", &[vocab, hidden])?;
+    let (cw, gw) = (cpu.upload_weight(&host)?, cuda.upload_weight(&host)?);
+    let (mut co, mut go, mut ge) = (
+        cpu.alloc_precise(1, hidden)?,
+        cuda.alloc_precise(1, hidden)?,
+        cuda.alloc_precise(1, hidden)?,
+    );
+    cpu.embed_chosen(&cw, &mut co)?;
+    cuda.embed_chosen(&gw, &mut go)?;
+    cuda.embed(&gw, &chosen[chosen.len() - 1..], &mut ge)?;
+    let device = cuda.read_rows(&go, 0, 1)?;
+    ensure!(
+        device == cuda.read_rows(&ge, 0, 1)?,
+        "embed_chosen differs from embed of the id"
+    );
+    check_close("embed_chosen", &device, &co.data, 0.0, 0.0)?;
+
+    // Sequence C of the hand-built view (one row at position 0, one chunk of 16) moves to
+    // 1, .., 16; sequences A and B (several rows) stay. Position 16 needs a second chunk.
+    let layout = KvLayout::new(LayoutKind::Chunked, KvDtype::Bf16, 2, 2, 32, 16)?;
+    let (mut view, chunks) = hand_built_view(layout, &mut rng);
+    let mut cpu_view = view.clone();
+    let mut gm = cuda.alloc_kv_memory(&layout, chunks)?;
+    let mut cm = cpu.alloc_kv_memory(&layout, chunks)?;
+    cuda.set_kv_step(&mut gm, &view)?;
+    cpu.set_kv_step(&mut cm, &view)?;
+    for position in 1..=16u32 {
+        cuda.argmax_advance(&gl, 0, None, &mut gm, &mut view)?;
+        cpu.argmax_advance(&cl, 0, None, &mut cm, &mut cpu_view)?;
+        let device = cuda.read_kv_step(&gm)?;
+        ensure!(
+            (view.seqs[0].start, view.row_pos[0]) == (position, position)
+                && view == cpu_view
+                && device == view.packed(),
+            "advance to position {position}: the device's view {device:?}, the host's {:?}",
+            view.packed()
+        );
+    }
+    match cuda.argmax_advance(&gl, 0, None, &mut gm, &mut view) {
+        Ok(()) => bail!("a view advanced past its block table was used"),
+        Err(error) => ensure!(
+            error.to_string().contains("no longer fits"),
+            "the refusal of a view past its table: {error:#}"
+        ),
+    }
+    Ok(format!(
+        "{} choices through a ring of {CHOSEN_IDS_KEPT}, the latest embedded, 16 advances",
+        chosen.len()
+    ))
 }
 
 fn swiglu_in_place(ctx: &Context) -> Result<String> {

@@ -48,6 +48,11 @@ pub const CHECKS: &[Check] = &[
         name: "batched_sequences",
         run: batched_sequences_follow_the_reference,
     },
+    Check {
+        group: "reference",
+        name: "device_token_runs",
+        run: device_token_runs_equal_host_round_trips,
+    },
 ];
 
 /// Largest difference allowed between the device's logits and transformers' float32 ones.
@@ -234,6 +239,152 @@ fn graphs_replay_exactly_what_launches_compute(ctx: &Context) -> Result<String> 
         "the no-cache strategy captured: {stats:?}"
     );
     Ok("static and dynamic (chunks of 7), bit-identical".into())
+}
+
+/// Decode steps in runs on the device's own ids (`CudaOptions::decode_window` of 1, 5 and 16
+/// steps between reads) against one host round trip a token (kept step logits make generate
+/// read every step): the same ids, with and without a stop token inside a run, and the same
+/// sequence in the pool after the call (positions, chunks, and, through a conversation's next
+/// turn, the committed token ids), for the static cache, the dynamic one in chunks of 7 (new
+/// chunks inside runs) and dynamic+reuse (full chunks registered after a run). Every run
+/// replays the graph from the third decode step on.
+fn device_token_runs_equal_host_round_trips(ctx: &Context) -> Result<String> {
+    let reference = RefGeneration::load(&ctx.fixtures.join(MODELS[0]))?;
+    let prompt = &reference.prompt_ids;
+    let mut notes = Vec::new();
+    for (strategy, chunk_tokens) in [
+        (Strategy::Static, 256),
+        (Strategy::Dynamic, 7),
+        (Strategy::DynamicReuse, 7),
+    ] {
+        let base_opts = GenerateOptions {
+            max_new_tokens: reference.max_new_tokens,
+            strategy,
+            chunk_tokens,
+            ignore_eos: true,
+            conversation: strategy.reuses().then_some(1),
+            ..GenerateOptions::default()
+        };
+        // One call, then (reuse) the conversation's next turn: how much of it was found cached.
+        let call = |engine: &mut Engine<CudaBackend>,
+                    opts: &GenerateOptions,
+                    stop: Option<u32>|
+         -> Result<(Generation, Option<usize>)> {
+            engine.clear_kv_cache()?;
+            engine.model.config.stop_token_ids = stop.into_iter().collect();
+            let opts = GenerateOptions {
+                ignore_eos: stop.is_none(),
+                ..opts.clone()
+            };
+            let gen = engine.generate(prompt, &opts, &mut |_| {})?;
+            let reused = match opts.conversation {
+                Some(_) => {
+                    let next: Vec<u32> = prompt.iter().chain(&gen.new_ids).copied().collect();
+                    let turn = GenerateOptions {
+                        max_new_tokens: 1,
+                        ..opts.clone()
+                    };
+                    let again = engine.generate(&next, &turn, &mut |_| {})?;
+                    again.reuse.map(|r| r.reused_tokens)
+                }
+                None => None,
+            };
+            Ok((gen, reused))
+        };
+        let mut host = engine(ctx, MODELS[0], CudaOptions::default())?;
+        let per_token = GenerateOptions {
+            keep_step_logits: true,
+            ..base_opts.clone()
+        };
+        let (full, full_reused) = call(&mut host, &per_token, None)?;
+        // The first id that is not the first one, as a stop token: inside a run of 5 or 16
+        // (the fixture's ids: 12 times 486, then 628).
+        let (stop_at, &stop) = full
+            .new_ids
+            .iter()
+            .enumerate()
+            .find(|&(_, &id)| id != full.new_ids[0])
+            .context("the fixture's generation repeats one id: no stop token to place")?;
+        let (stopped, stopped_reused) = call(&mut host, &per_token, Some(stop))?;
+        ensure!(
+            stopped.stopped_on_eos && stopped.new_ids.len() == stop_at + 1,
+            "{strategy}: the stop token {stop} (id {stop_at}) did not stop the per-token \
+             generation there: {:?}",
+            stopped.new_ids
+        );
+        let same_sequence = |a: &Generation, b: &Generation| {
+            (
+                a.kv.tokens,
+                a.kv.chunks,
+                a.kv.reserved_bytes,
+                a.kv.live_bytes,
+            ) == (
+                b.kv.tokens,
+                b.kv.chunks,
+                b.kv.reserved_bytes,
+                b.kv.live_bytes,
+            )
+        };
+        for window in [1, 5, 16] {
+            let what = format!("{strategy} chunks of {chunk_tokens}, runs of {window}");
+            let mut device = engine(
+                ctx,
+                MODELS[0],
+                CudaOptions {
+                    decode_window: window,
+                    ..CudaOptions::default()
+                },
+            )?;
+            let (gen, reused) = call(&mut device, &base_opts, None)?;
+            ensure!(
+                gen.new_ids == full.new_ids,
+                "{what}: ids {:?}, one round trip a token {:?}",
+                gen.new_ids,
+                full.new_ids
+            );
+            ensure!(
+                same_sequence(&gen, &full) && reused == full_reused,
+                "{what}: the sequence holds {:?} (next turn reused {reused:?}), one round trip a \
+                 token {:?} ({full_reused:?})",
+                gen.kv,
+                full.kv
+            );
+            let decode_steps = gen.new_ids.len() as u64 - 1;
+            let stats = device.backend.graph_stats();
+            ensure!(
+                stats.graphs_replayed >= decode_steps - 2 && stats.capture_failures == 0,
+                "{what}: {stats:?} for {decode_steps} decode steps"
+            );
+            ensure!(
+                gen.device_step_seconds.len() == gen.new_ids.len()
+                    && gen.step_seconds.len() == gen.new_ids.len() - 1,
+                "{what}: {} device and {} host step times for {} ids",
+                gen.device_step_seconds.len(),
+                gen.step_seconds.len(),
+                gen.new_ids.len()
+            );
+            let (gen, reused) = call(&mut device, &base_opts, Some(stop))?;
+            ensure!(
+                gen.new_ids == stopped.new_ids && gen.stopped_on_eos,
+                "{what}, stop token {stop}: ids {:?}, one round trip a token {:?}",
+                gen.new_ids,
+                stopped.new_ids
+            );
+            ensure!(
+                same_sequence(&gen, &stopped) && reused == stopped_reused,
+                "{what}, stop token {stop}: the sequence holds {:?} (next turn reused \
+                 {reused:?}), one round trip a token {:?} ({stopped_reused:?})",
+                gen.kv,
+                stopped.kv
+            );
+        }
+        notes.push(format!(
+            "{strategy}: {} ids, stopped after {}",
+            full.new_ids.len(),
+            stopped.new_ids.len()
+        ));
+    }
+    Ok(notes.join("; "))
 }
 
 /// Steps of each batched sequence of [`batched_sequences_follow_the_reference`]: the step it

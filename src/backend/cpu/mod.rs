@@ -6,14 +6,15 @@ pub mod attention;
 pub mod matmul;
 pub mod simd;
 
-use super::{Backend, BackendInfo};
+use super::{Backend, BackendInfo, CHOSEN_IDS_KEPT};
 use crate::kv::{ChunkCopy, KvDtype, KvLayout, KvPart, StepView};
 use crate::model::weights::HostTensor;
 use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
 use matmul::MatRef;
 use rayon::prelude::*;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::ops::Range;
 
 /// A weight on the CPU: matrices stay in the mapping, vectors become f32.
@@ -84,7 +85,8 @@ impl CpuKvMemory {
         })
     }
 
-    fn bytes(&self) -> &[u8] {
+    /// The arena's bytes (tests: what was written where).
+    pub fn bytes(&self) -> &[u8] {
         // SAFETY: `alloc.size()` initialised (zeroed) bytes owned by self.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.alloc.size()) }
     }
@@ -92,6 +94,22 @@ impl CpuKvMemory {
     fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as above, borrowed mutably through &mut self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.alloc.size()) }
+    }
+
+    /// Writes one `head_dim` row at element offset `at`, in the arena's element type.
+    fn store_row(&mut self, at: usize, row: &[f32]) {
+        match self.layout.dtype() {
+            KvDtype::F32 => {
+                let arena: &mut [f32] = bytemuck::cast_slice_mut(self.bytes_mut());
+                arena[at..at + row.len()].copy_from_slice(row);
+            }
+            KvDtype::Bf16 => {
+                let arena: &mut [bf16] = bytemuck::cast_slice_mut(self.bytes_mut());
+                for (d, &s) in arena[at..at + row.len()].iter_mut().zip(row) {
+                    *d = bf16::from_f32(s);
+                }
+            }
+        }
     }
 }
 
@@ -108,8 +126,8 @@ pub struct CpuBackend {
     /// before its add), kept between calls so that a decode step allocates nothing.
     input_scratch: Cell<Vec<f32>>,
     product_scratch: Cell<Vec<f32>>,
-    /// The id chosen by the latest `argmax`.
-    chosen: Cell<Option<u32>>,
+    /// The ids chosen by the latest `argmax` calls, oldest first (at most CHOSEN_IDS_KEPT).
+    chosen: RefCell<VecDeque<u32>>,
 }
 
 impl CpuBackend {
@@ -118,7 +136,7 @@ impl CpuBackend {
             threads: rayon::current_num_threads(),
             input_scratch: Cell::default(),
             product_scratch: Cell::default(),
-            chosen: Cell::default(),
+            chosen: RefCell::default(),
         }
     }
 
@@ -156,6 +174,59 @@ fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
                 *o = w * (x * scale);
             }
         });
+}
+
+/// cos and sin of RoPE's angles at `position`, as transformers computes them: angle =
+/// float32(position) * inv_freq in float32, its cos and sin.
+fn rope_cos_sin(inv_freq: &[f32], position: u32) -> (Vec<f32>, Vec<f32>) {
+    inv_freq
+        .iter()
+        .map(|f| {
+            let angle = (position as f32 * f) as f64;
+            (angle.cos() as f32, angle.sin() as f32)
+        })
+        .unzip()
+}
+
+/// Rotates one head `[2 * cos.len()]` in place, half-split (`rotate_half`) layout.
+fn rotate_half(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let (x1, x2) = head.split_at_mut(cos.len());
+    for i in 0..cos.len() {
+        let (a, b) = (x1[i], x2[i]);
+        x1[i] = a * cos[i] - b * sin[i];
+        x2[i] = b * cos[i] + a * sin[i];
+    }
+}
+
+/// Fails unless k and v `[step rows, num_kv_heads * head_dim]` fit the cache of `memory` and
+/// `layer` is one of its layers.
+fn check_kv_rows(
+    memory: &CpuKvMemory,
+    step: &StepView,
+    layer: usize,
+    k: &CpuTensor,
+    v: &CpuTensor,
+    what: &str,
+) -> Result<()> {
+    let layout = memory.layout;
+    let kv_dim = layout.num_kv_heads as usize * layout.head_dim as usize;
+    ensure!(
+        k.cols == kv_dim && v.cols == kv_dim,
+        "{what}: k has {} and v {} columns, the cache {kv_dim}",
+        k.cols,
+        v.cols
+    );
+    ensure!(
+        layer < layout.num_layers as usize,
+        "{what}: layer {layer} of a cache of {} layers",
+        layout.num_layers
+    );
+    let rows = step.rows();
+    ensure!(
+        k.data.len() >= rows * kv_dim && v.data.len() >= rows * kv_dim,
+        "{what}: a step of {rows} rows does not fit k or v"
+    );
+    Ok(())
 }
 
 impl Default for CpuBackend {
@@ -259,6 +330,15 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn embed_chosen(&self, table: &CpuWeight, out: &mut CpuTensor) -> Result<()> {
+        let id = *self
+            .chosen
+            .borrow()
+            .back()
+            .context("embed_chosen before any argmax chose an id")?;
+        self.embed(table, &[id], out)
+    }
+
     fn rms_norm(
         &self,
         x: &CpuTensor,
@@ -312,25 +392,13 @@ impl Backend for CpuBackend {
         step: &StepView,
     ) -> Result<()> {
         let inv_freq = inv_freq.vector()?;
-        let half = inv_freq.len();
+        let head_dim = 2 * inv_freq.len();
         for (r, &position) in step.row_pos.iter().enumerate() {
-            // transformers: angle = float32(position) * inv_freq in float32; cos/sin of that angle.
-            let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
-                .iter()
-                .map(|f| {
-                    let angle = (position as f32 * f) as f64;
-                    (angle.cos() as f32, angle.sin() as f32)
-                })
-                .unzip();
+            let (cos, sin) = rope_cos_sin(inv_freq, position);
             for t in [&mut *q, &mut *k] {
                 let cols = t.cols;
-                for head in t.data[r * cols..(r + 1) * cols].chunks_mut(2 * half) {
-                    let (x1, x2) = head.split_at_mut(half);
-                    for i in 0..half {
-                        let (a, b) = (x1[i], x2[i]);
-                        x1[i] = a * cos[i] - b * sin[i];
-                        x2[i] = b * cos[i] + a * sin[i];
-                    }
+                for head in t.data[r * cols..(r + 1) * cols].chunks_mut(head_dim) {
+                    rotate_half(head, &cos, &sin);
                 }
             }
         }
@@ -345,45 +413,62 @@ impl Backend for CpuBackend {
         k: &CpuTensor,
         v: &CpuTensor,
     ) -> Result<()> {
-        let layout = memory.layout;
-        let head_dim = layout.head_dim as usize;
-        let kv_dim = layout.num_kv_heads as usize * head_dim;
-        ensure!(
-            k.cols == kv_dim && v.cols == kv_dim,
-            "kv_append: k has {} and v {} columns, the cache {kv_dim}",
-            k.cols,
-            v.cols
-        );
-        ensure!(
-            layer < layout.num_layers as usize,
-            "kv_append: layer {layer} of a cache of {} layers",
-            layout.num_layers
-        );
-        let rows = step.rows();
-        ensure!(
-            k.data.len() >= rows * kv_dim && v.data.len() >= rows * kv_dim,
-            "kv_append: a step of {rows} rows does not fit k or v"
-        );
-        for r in 0..rows {
+        check_kv_rows(memory, step, layer, k, v, "kv_append")?;
+        let head_dim = memory.layout.head_dim as usize;
+        for r in 0..step.rows() {
             let seq = &step.seqs[step.row_seq[r] as usize];
             let pos = step.row_pos[r] as usize;
             for (part, src) in [(KvPart::Key, k), (KvPart::Value, v)] {
-                for head in 0..layout.num_kv_heads as usize {
-                    let dst = step.row_offset(seq, layer, part, head, pos);
-                    let src = &src.data[r * kv_dim + head * head_dim..][..head_dim];
-                    match layout.dtype() {
-                        KvDtype::F32 => {
-                            let arena: &mut [f32] = bytemuck::cast_slice_mut(memory.bytes_mut());
-                            arena[dst..dst + head_dim].copy_from_slice(src);
-                        }
-                        KvDtype::Bf16 => {
-                            let arena: &mut [bf16] = bytemuck::cast_slice_mut(memory.bytes_mut());
-                            for (d, &s) in arena[dst..dst + head_dim].iter_mut().zip(src) {
-                                *d = bf16::from_f32(s);
-                            }
-                        }
-                    }
+                for (head, row) in src.data[r * src.cols..(r + 1) * src.cols]
+                    .chunks(head_dim)
+                    .enumerate()
+                {
+                    memory.store_row(step.row_offset(seq, layer, part, head, pos), row);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    fn rope_kv_append(
+        &self,
+        q: &mut CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        inv_freq: &CpuWeight,
+        memory: &mut CpuKvMemory,
+        step: &StepView,
+        layer: usize,
+    ) -> Result<()> {
+        check_kv_rows(memory, step, layer, k, v, "rope_kv_append")?;
+        let inv_freq = inv_freq.vector()?;
+        let head_dim = memory.layout.head_dim as usize;
+        ensure!(
+            2 * inv_freq.len() == head_dim,
+            "rope_kv_append: {} RoPE frequencies for heads of {head_dim}",
+            inv_freq.len()
+        );
+        check_shape(q, step.rows(), q.cols, "rope_kv_append q")?;
+        let mut rotated = vec![0.0; head_dim];
+        for r in 0..step.rows() {
+            let seq = &step.seqs[step.row_seq[r] as usize];
+            let pos = step.row_pos[r];
+            let (cos, sin) = rope_cos_sin(inv_freq, pos);
+            let cols = q.cols;
+            for head in q.data[r * cols..(r + 1) * cols].chunks_mut(head_dim) {
+                rotate_half(head, &cos, &sin);
+            }
+            let (k_row, v_row) = (r * k.cols..(r + 1) * k.cols, r * v.cols..(r + 1) * v.cols);
+            for (head, (k_head, v_head)) in k.data[k_row]
+                .chunks(head_dim)
+                .zip(v.data[v_row].chunks(head_dim))
+                .enumerate()
+            {
+                rotated.copy_from_slice(k_head);
+                rotate_half(&mut rotated, &cos, &sin);
+                let at = |part| step.row_offset(seq, layer, part, head, pos as usize);
+                memory.store_row(at(KvPart::Key), &rotated);
+                memory.store_row(at(KvPart::Value), v_head);
             }
         }
         Ok(())
@@ -534,14 +619,36 @@ impl Backend for CpuBackend {
                 best = (i, v);
             }
         }
-        self.chosen.set(Some(best.0 as u32));
+        let mut chosen = self.chosen.borrow_mut();
+        if chosen.len() == CHOSEN_IDS_KEPT {
+            chosen.pop_front();
+        }
+        chosen.push_back(best.0 as u32);
         Ok(())
     }
 
-    fn read_argmax(&self) -> Result<u32> {
-        self.chosen
-            .get()
-            .context("read_argmax before any argmax chose an id")
+    fn argmax_advance(
+        &self,
+        logits: &CpuTensor,
+        row: usize,
+        bias: Option<&CpuWeight>,
+        _memory: &mut CpuKvMemory,
+        step: &mut StepView,
+    ) -> Result<()> {
+        // The ops read the view they are given: advancing it is all there is to do.
+        self.argmax(logits, row, bias)?;
+        step.advance();
+        Ok(())
+    }
+
+    fn read_chosen(&self, n: usize) -> Result<Vec<u32>> {
+        let chosen = self.chosen.borrow();
+        ensure!(
+            (1..=chosen.len()).contains(&n),
+            "{n} chosen ids asked for; argmax has chosen {} (the latest {CHOSEN_IDS_KEPT} are kept)",
+            chosen.len()
+        );
+        Ok(chosen.range(chosen.len() - n..).copied().collect())
     }
 
     fn synchronize(&self) -> Result<()> {

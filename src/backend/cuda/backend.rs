@@ -9,7 +9,8 @@
 //! layout itself) and the step view (`StepView::packed`: the step's sequences, each row's
 //! sequence and position, the block tables), which [`Backend::set_kv_step`] checks against the
 //! arena and copies to device memory before the step's first launch. A step may hold rows of
-//! many sequences: rope and kv_append work per row; attention sends sequences of several rows to
+//! many sequences: rope and kv_append (one launch in the forward pass: `rope_kv_append`) work
+//! per row; attention sends sequences of several rows to
 //! the prefill kernel and sequences of one row to the decode kernel (one launch for all of
 //! them). Because positions, lengths and block tables are read from device memory, a decode
 //! step with the same sequences' count and buffers repeats the previous step's launches exactly,
@@ -19,11 +20,12 @@ use super::device::{Device, KernelArg, LaunchConfig};
 use super::graph::{GraphStats, Launch, StepRecorder};
 use super::kernels::constants::DECODE_MAX_SPLITS;
 use super::kernels::{
-    decode_attention_groups, prefill_attention_kernel, prefill_attention_tiles, DecodePartials,
-    DeviceStep, KvArena, MatmulInput, MatmulOutput, ARGMAX_PARTIALS,
+    decode_attention_groups, decode_attention_splits, prefill_attention_kernel,
+    prefill_attention_tiles, DecodePartials, DeviceStep, KvArena, MatmulInput, MatmulOutput,
+    ARGMAX_PARTIALS,
 };
 use super::memory::{MemoryLedger, MemoryReport, MemoryUse, TrackedBuffer};
-use crate::backend::{Backend, BackendInfo};
+use crate::backend::{Backend, BackendInfo, CHOSEN_IDS_KEPT};
 use crate::kv::{ChunkCopy, KvDtype, KvLayout, StepView};
 use crate::model::weights::HostTensor;
 use crate::model::DType;
@@ -40,16 +42,21 @@ use std::sync::Arc;
 pub struct CudaOptions {
     /// Run repeated decode steps as CUDA graphs (`--no-graphs` measures what they buy).
     pub graphs: bool,
-    /// Ranges the sequence is cut into by decode attention (flash-decoding). A split covers at
-    /// least 32 positions, so short sequences use fewer.
-    pub decode_splits: usize,
+    /// Most ranges decode attention cuts a sequence into (flash-decoding: the launch's grid);
+    /// None chooses them from the step's longest context (`decode_attention_splits`). A split
+    /// covers at least 32 positions, so short sequences use fewer.
+    pub decode_splits: Option<usize>,
+    /// Decode steps a generation runs before it reads their ids ([`Backend::decode_window`]):
+    /// between reads the tokens stay on the device, and a recorded step replays with no copy.
+    pub decode_window: usize,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
         CudaOptions {
             graphs: true,
-            decode_splits: 32,
+            decode_splits: None,
+            decode_window: 16,
         }
     }
 }
@@ -168,9 +175,12 @@ pub struct CudaKvMemory {
     /// and otherwise kept: recorded launches carry its address, so a decode step replays the
     /// previous step's graph as long as the address stays (a growth prevents one replay).
     step_words: TrackedBuffer,
-    /// The view last set ([`Backend::set_kv_step`]): what `step_words` holds, checked against the
-    /// arena. The ops' launches are sized from it.
+    /// The view last set ([`Backend::set_kv_step`]) or advanced ([`Backend::argmax_advance`]):
+    /// what `step_words` holds once the queued work is done. The ops' launches are sized from it.
     step: StepView,
+    /// Why `step` does not fit the arena, once an advance took it past its block tables: no op
+    /// may read it then (the kernels index the view without checks).
+    unfit: Option<String>,
 }
 
 impl CudaKvMemory {
@@ -183,6 +193,9 @@ impl CudaKvMemory {
 
     /// The view set for this step as the kernels take it; `step` must be that view.
     fn device_step(&self, step: &StepView, what: &str) -> Result<DeviceStep> {
+        if let Some(why) = &self.unfit {
+            bail!("{what}: the step view, advanced on the device, no longer fits its arena: {why}");
+        }
         ensure!(
             *step == self.step,
             "{what}: the step view differs from the one set by set_kv_step ({} rows of {} \
@@ -218,11 +231,11 @@ struct Scratch {
     /// A many-row matmul input read twice `[rows, 2 * k]`, for weights stored as bf16 pairs.
     pair_input: Option<TrackedBuffer>,
     /// Argmax partials `[ARGMAX_PARTIALS]` f32 + u32, its zeroed u32 block counter, and the
-    /// chosen id.
+    /// chosen ids `[1 + CHOSEN_IDS_KEPT]` u32 (how many were chosen, then a ring of the latest).
     argmax_values: Option<TrackedBuffer>,
     argmax_indices: Option<TrackedBuffer>,
     argmax_blocks_done: Option<TrackedBuffer>,
-    argmax_id: Option<TrackedBuffer>,
+    chosen_ids: Option<TrackedBuffer>,
     /// Buffers replaced while a step records: its recorded launches may use them, so they live
     /// until the step's work is issued.
     retired: Vec<TrackedBuffer>,
@@ -244,7 +257,14 @@ pub struct CudaBackend {
 impl CudaBackend {
     /// A backend over `device`; `name` is what reports call it ("cuda" or "emu").
     pub fn new(device: Arc<dyn Device>, name: &str, options: CudaOptions) -> Result<Self> {
-        check_decode_splits(options.decode_splits)?;
+        if let Some(splits) = options.decode_splits {
+            check_decode_splits(splits)?;
+        }
+        ensure!(
+            (1..=CHOSEN_IDS_KEPT).contains(&options.decode_window),
+            "a decode window of 1 to {CHOSEN_IDS_KEPT} steps, not {}",
+            options.decode_window
+        );
         Ok(CudaBackend {
             device,
             name: name.to_string(),
@@ -353,6 +373,14 @@ impl CudaBackend {
         let mut bits = vec![0u16; memory.arena.len() / 2];
         self.copy_dtoh(&memory.arena, 0, bytemuck::cast_slice_mut(&mut bits))?;
         Ok(bits)
+    }
+
+    /// The step view of a KV pool as the kernels read it now (`StepView::packed`'s words; tests:
+    /// what an advance on the device made of it).
+    pub fn read_kv_step(&self, memory: &CudaKvMemory) -> Result<Vec<u32>> {
+        let mut words = vec![0u32; memory.step.packed().len()];
+        self.copy_dtoh(&memory.step_words, 0, bytemuck::cast_slice_mut(&mut words))?;
+        Ok(words)
     }
 
     /// An f32 buffer (as from `alloc_precise`) holding `values` `[rows, cols]` (tests, benches).
@@ -475,6 +503,43 @@ impl CudaBackend {
         self.copy_htod(&buffer, 0, bytemuck::cast_slice(values))
             .with_context(|| format!("uploading {name}"))?;
         Ok(buffer)
+    }
+
+    /// The argmax of row `row` of `logits` (+ bias), appended to the chosen ids; with `advance`,
+    /// the kernel then moves that step view on.
+    fn queue_argmax(
+        &self,
+        logits: &CudaTensor,
+        row: usize,
+        bias: Option<&CudaWeight>,
+        advance: Option<DeviceStep>,
+    ) -> Result<()> {
+        logits.check_f32("argmax")?;
+        logits.check_rows(row + 1, "argmax")?;
+        if let Some(b) = bias {
+            let len = b.vector()?;
+            ensure!(
+                len == logits.cols,
+                "logit mask of {len} entries for {} logits",
+                logits.cols
+            );
+        }
+        let partials = (
+            self.scratch_buffer(|s| &mut s.argmax_values, ARGMAX_PARTIALS * 4)?,
+            self.scratch_buffer(|s| &mut s.argmax_indices, ARGMAX_PARTIALS * 4)?,
+            self.scratch_buffer_init(|s| &mut s.argmax_blocks_done, 4, true)?,
+        );
+        let chosen =
+            self.scratch_buffer_init(|s| &mut s.chosen_ids, (1 + CHOSEN_IDS_KEPT) * 4, true)?;
+        self.launch_argmax(
+            logits.row_ptr(row),
+            bias.map(|b| b.buffer.ptr()),
+            partials,
+            chosen,
+            CHOSEN_IDS_KEPT,
+            advance,
+            logits.cols,
+        )
     }
 
     /// Launches `projections` of `rows` rows of `input` (`[rows, k]`). One row: matvecs that
@@ -751,6 +816,7 @@ impl Backend for CudaBackend {
                 row_pos: Vec::new(),
                 block_table: Vec::new(),
             },
+            unfit: None,
         })
     }
 
@@ -798,6 +864,7 @@ impl Backend for CudaBackend {
             self.copy_htod(&memory.step_words, 0, bytes)?;
         }
         memory.step.clone_from(step);
+        memory.unfit = None;
         Ok(())
     }
 
@@ -827,6 +894,32 @@ impl Backend for CudaBackend {
             ids.len(),
             hidden,
             table_cols,
+        )
+    }
+
+    fn embed_chosen(&self, table: &CudaWeight, out: &mut CudaTensor) -> Result<()> {
+        let (_, hidden, pair) = table.matrix()?;
+        out.check_f32("embed_chosen output")?;
+        out.check_rows(1, "embed_chosen")?;
+        ensure!(
+            out.cols == hidden,
+            "embed_chosen: table rows of {hidden}, output of {} columns",
+            out.cols
+        );
+        let chosen = self
+            .scratch
+            .borrow()
+            .chosen_ids
+            .as_ref()
+            .map(TrackedBuffer::ptr)
+            .context("embed_chosen before any argmax chose an id")?;
+        let table_cols = if pair { 2 * hidden } else { hidden };
+        self.launch_embedding_gather_chosen(
+            table.buffer.ptr(),
+            chosen,
+            out.ptr(),
+            (hidden, table_cols),
+            CHOSEN_IDS_KEPT,
         )
     }
 
@@ -940,6 +1033,58 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn rope_kv_append(
+        &self,
+        q: &mut CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        inv_freq: &CudaWeight,
+        memory: &mut CudaKvMemory,
+        step: &StepView,
+        layer: usize,
+    ) -> Result<()> {
+        let layout = memory.layout;
+        let rows = step.rows();
+        let head_dim = layout.head_dim as usize;
+        let kv_dim = layout.num_kv_heads as usize * head_dim;
+        ensure!(
+            2 * inv_freq.vector()? == head_dim,
+            "rope_kv_append: {} RoPE frequencies for heads of {head_dim}",
+            inv_freq.vector()?
+        );
+        q.check_bf16("rope_kv_append q")?;
+        q.check_rows(rows, "rope_kv_append q")?;
+        ensure!(
+            q.cols.is_multiple_of(head_dim),
+            "rope_kv_append: q has {} columns, not whole heads of {head_dim}",
+            q.cols
+        );
+        for (t, what) in [(k, "k"), (v, "v")] {
+            t.check_bf16(what)?;
+            t.check_rows(rows, what)?;
+            ensure!(
+                t.cols == kv_dim,
+                "rope_kv_append: {what} has {} columns, the cache {kv_dim}",
+                t.cols
+            );
+        }
+        ensure!(
+            layer < layout.num_layers as usize,
+            "rope_kv_append: layer {layer} of {}",
+            layout.num_layers
+        );
+        self.launch_rope_kv_append(
+            q.ptr(),
+            k.ptr(),
+            v.ptr(),
+            inv_freq.buffer.ptr(),
+            memory.arena(),
+            memory.device_step(step, "rope_kv_append")?,
+            q.cols / head_dim,
+            layer,
+        )
+    }
+
     fn attention(
         &self,
         q: &CudaTensor,
@@ -985,9 +1130,19 @@ impl Backend for CudaBackend {
                 layer,
             )?;
         }
-        if step.seqs.iter().any(|seq| seq.rows == 1) {
+        let longest_decode = step
+            .seqs
+            .iter()
+            .filter(|seq| seq.rows == 1)
+            .map(|seq| seq.end())
+            .max();
+        if let Some(longest) = longest_decode {
             let num_seqs = step.seqs.len();
-            let splits = self.options.borrow().decode_splits;
+            let splits = self
+                .options
+                .borrow()
+                .decode_splits
+                .unwrap_or_else(|| decode_attention_splits(longest));
             let partials = DecodePartials {
                 acc: self.scratch_buffer(
                     |s| &mut s.decode_acc,
@@ -1122,40 +1277,51 @@ impl Backend for CudaBackend {
     }
 
     fn argmax(&self, logits: &CudaTensor, row: usize, bias: Option<&CudaWeight>) -> Result<()> {
-        logits.check_f32("argmax")?;
-        logits.check_rows(row + 1, "argmax")?;
-        if let Some(b) = bias {
-            let len = b.vector()?;
-            ensure!(
-                len == logits.cols,
-                "logit mask of {len} entries for {} logits",
-                logits.cols
-            );
-        }
-        let values = self.scratch_buffer(|s| &mut s.argmax_values, ARGMAX_PARTIALS * 4)?;
-        let indices = self.scratch_buffer(|s| &mut s.argmax_indices, ARGMAX_PARTIALS * 4)?;
-        let blocks_done = self.scratch_buffer_init(|s| &mut s.argmax_blocks_done, 4, true)?;
-        let id = self.scratch_buffer(|s| &mut s.argmax_id, 4)?;
-        self.launch_argmax(
-            logits.row_ptr(row),
-            bias.map(|b| b.buffer.ptr()),
-            values,
-            indices,
-            blocks_done,
-            id,
-            logits.cols,
-        )
+        self.queue_argmax(logits, row, bias, None)
     }
 
-    fn read_argmax(&self) -> Result<u32> {
-        let mut out = [0u32; 1];
+    fn argmax_advance(
+        &self,
+        logits: &CudaTensor,
+        row: usize,
+        bias: Option<&CudaWeight>,
+        memory: &mut CudaKvMemory,
+        step: &mut StepView,
+    ) -> Result<()> {
+        let device_step = memory.device_step(step, "argmax_advance")?;
+        self.queue_argmax(logits, row, bias, Some(device_step))?;
+        step.advance();
+        memory.step.advance();
+        let chunks = memory.arena.len() / memory.layout.chunk_bytes();
+        memory.unfit = memory
+            .step
+            .check_fits(&memory.layout, chunks)
+            .err()
+            .map(|e| format!("{e:#}"));
+        Ok(())
+    }
+
+    fn read_chosen(&self, n: usize) -> Result<Vec<u32>> {
         let scratch = self.scratch.borrow();
         let buffer = scratch
-            .argmax_id
+            .chosen_ids
             .as_ref()
-            .context("read_argmax before any argmax chose an id")?;
-        self.copy_dtoh(buffer, 0, bytemuck::cast_slice_mut(&mut out))?;
-        Ok(out[0])
+            .context("read_chosen before any argmax chose an id")?;
+        let mut words = vec![0u32; 1 + CHOSEN_IDS_KEPT];
+        self.copy_dtoh(buffer, 0, bytemuck::cast_slice_mut(&mut words))?;
+        let count = words[0] as usize;
+        ensure!(
+            n >= 1 && n <= count.min(CHOSEN_IDS_KEPT),
+            "{n} chosen ids asked for; argmax has chosen {count} (the latest {CHOSEN_IDS_KEPT} \
+             are kept)"
+        );
+        Ok((count - n..count)
+            .map(|i| words[1 + i % CHOSEN_IDS_KEPT])
+            .collect())
+    }
+
+    fn decode_window(&self) -> usize {
+        self.options.borrow().decode_window
     }
 
     fn synchronize(&self) -> Result<()> {

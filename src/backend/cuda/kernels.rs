@@ -73,13 +73,28 @@ impl DeviceStep {
 }
 
 /// Device scratch of decode attention: `acc` `[num_seqs, num_heads, splits, head_dim]` f32,
-/// `max_sum` `[num_seqs, num_heads, splits, 2]` f32, `split_counters` one zeroed u32 per block
-/// of the grid's (y, z) plane.
+/// `max_sum` `[num_seqs, num_heads, splits, 2]` f32 (splits: the grid's), `split_counters` one
+/// zeroed u32 per block of the grid's (y, z) plane.
 #[derive(Clone, Copy)]
 pub(super) struct DecodePartials {
     pub acc: u64,
     pub max_sum: u64,
     pub split_counters: u64,
+}
+
+/// Positions per split that decode attention aims at once a sequence is long enough for 32
+/// splits of them: the split count doubles with the context from 4096 positions.
+const DECODE_SPLIT_POSITIONS: usize = 128;
+
+/// The most splits of decode attention (its grid's x) for a step whose longest one-row sequence
+/// holds `kv_len` positions: 32 up to 4096 positions, 64 up to 8192, then DECODE_MAX_SPLITS
+/// (128): splits of at most 128 positions up to 16k, 256 at 32k. Short sequences use fewer of
+/// the grid's splits (at least DECODE_SPLIT_QUANTUM positions each).
+pub(super) fn decode_attention_splits(kv_len: usize) -> usize {
+    kv_len
+        .div_ceil(DECODE_SPLIT_POSITIONS)
+        .next_power_of_two()
+        .clamp(32, DECODE_MAX_SPLITS)
 }
 
 /// Head tiles of decode attention per sequence: a KV head's query heads in tiles of
@@ -170,6 +185,31 @@ impl CudaBackend {
                 KernelArg::Ptr(out),
                 int(hidden, "hidden")?,
                 int(table_cols, "table columns")?,
+            ],
+        )
+    }
+
+    /// out `[1, hidden]` = the row of the id argmax chose last (`chosen`: the argmax's count and
+    /// ring of `ring` ids).
+    pub(super) fn launch_embedding_gather_chosen(
+        &self,
+        table: u64,
+        chosen: u64,
+        out: u64,
+        (hidden, table_cols): (usize, usize),
+        ring: usize,
+    ) -> Result<()> {
+        let threads = (hidden / 8).clamp(32, 256) as u32;
+        self.launch(
+            "embedding_gather_chosen_bf16_to_f32",
+            LaunchConfig::linear(1, threads, 0),
+            vec![
+                KernelArg::Ptr(table),
+                KernelArg::Ptr(chosen),
+                KernelArg::Ptr(out),
+                int(hidden, "hidden")?,
+                int(table_cols, "table columns")?,
+                int(ring, "chosen ids kept")?,
             ],
         )
     }
@@ -393,6 +433,46 @@ impl CudaBackend {
         )
     }
 
+    /// Rotates q in place and writes k, rotated, and v `[rows, num_kv_heads * head_dim]` of
+    /// `layer` into the arena, each row at its sequence's position: RoPE and the append in one
+    /// launch.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_rope_kv_append(
+        &self,
+        q: u64,
+        k: u64,
+        v: u64,
+        inv_freq: u64,
+        arena: KvArena,
+        step: DeviceStep,
+        num_heads: usize,
+        layer: usize,
+    ) -> Result<()> {
+        let layout = arena.layout;
+        let heads = num_heads + 2 * layout.num_kv_heads as usize;
+        let pairs = step.rows * heads * (layout.head_dim as usize / 2);
+        let mut args = vec![
+            KernelArg::Ptr(q),
+            KernelArg::Ptr(k),
+            KernelArg::Ptr(v),
+            KernelArg::Ptr(inv_freq),
+            KernelArg::Ptr(arena.address),
+            KernelArg::KvLayout(layout),
+            KernelArg::Ptr(step.address),
+        ];
+        args.extend(step.args()?);
+        args.extend([int(num_heads, "num_heads")?, KernelArg::U32(layer as u32)]);
+        self.launch(
+            "rope_kv_append_bf16",
+            LaunchConfig::linear(
+                blocks(pairs.div_ceil(ELEMENTWISE_THREADS), "rope and kv append")?,
+                ELEMENTWISE_THREADS as u32,
+                0,
+            ),
+            args,
+        )
+    }
+
     /// Flash attention of the step's sequences of more than one row: `tiles` blocks of query
     /// rows ([`prefill_attention_tiles`]) per KV head.
     #[allow(clippy::too_many_arguments)]
@@ -429,8 +509,8 @@ impl CudaBackend {
     }
 
     /// Split-sequence decode attention of the step's sequences of one row, all in one launch,
-    /// merged in the kernel; `split_counters` holds `num_seqs` x [`decode_attention_groups`]
-    /// zeros.
+    /// each cut into at most `num_splits` ranges aligned to its chunks, merged in the kernel;
+    /// `split_counters` holds `num_seqs` x [`decode_attention_groups`] zeros.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_attention_decode(
         &self,
@@ -471,11 +551,7 @@ impl CudaBackend {
             KernelArg::Ptr(out),
         ];
         args.extend(step.args()?);
-        args.extend([
-            int(num_heads, "num_heads")?,
-            KernelArg::U32(layer as u32),
-            int(num_splits, "decode splits")?,
-        ]);
+        args.extend([int(num_heads, "num_heads")?, KernelArg::U32(layer as u32)]);
         self.launch("attention_decode_bf16", config, args)
     }
 
@@ -494,32 +570,56 @@ impl CudaBackend {
         )
     }
 
-    /// The argmax of `count` f32 logits (+ bias) in one launch; the id lands in `id`.
-    /// `blocks_done` is a zeroed u32 that the kernel leaves zeroed.
+    /// The argmax of `count` f32 logits (+ bias) in one launch; the id is appended to `chosen`
+    /// (a count, then a ring of `ring` ids). With `advance`, the kernel then moves the step
+    /// view's one-row sequences on by one position. `blocks_done` is a zeroed u32 that the kernel
+    /// leaves zeroed.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_argmax(
         &self,
         logits: u64,
         bias: Option<u64>,
-        partial_values: u64,
-        partial_indices: u64,
-        blocks_done: u64,
-        id: u64,
+        (partial_values, partial_indices, blocks_done): (u64, u64, u64),
+        chosen: u64,
+        ring: usize,
+        advance: Option<DeviceStep>,
         count: usize,
     ) -> Result<()> {
         let partials = count.div_ceil(ARGMAX_THREADS * 8).clamp(1, ARGMAX_PARTIALS);
+        let step = advance.unwrap_or(DeviceStep {
+            address: 0,
+            num_seqs: 0,
+            rows: 0,
+        });
+        let mut args = vec![
+            KernelArg::Ptr(logits),
+            KernelArg::Ptr(bias.unwrap_or(0)),
+            KernelArg::Ptr(partial_values),
+            KernelArg::Ptr(partial_indices),
+            KernelArg::Ptr(blocks_done),
+            KernelArg::Ptr(chosen),
+            KernelArg::Ptr(step.address),
+            int(count, "argmax count")?,
+            int(ring, "chosen ids kept")?,
+        ];
+        args.extend(step.args()?);
         self.launch(
             "argmax_f32",
             LaunchConfig::linear(partials as u32, ARGMAX_THREADS as u32, 0),
-            vec![
-                KernelArg::Ptr(logits),
-                KernelArg::Ptr(bias.unwrap_or(0)),
-                KernelArg::Ptr(partial_values),
-                KernelArg::Ptr(partial_indices),
-                KernelArg::Ptr(blocks_done),
-                KernelArg::Ptr(id),
-                int(count, "argmax count")?,
-            ],
+            args,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_attention_takes_more_splits_as_the_context_grows() {
+        let splits: Vec<usize> = [1, 4096, 4097, 8192, 8193, 16384, 131072]
+            .map(decode_attention_splits)
+            .to_vec();
+        assert_eq!(splits, [32, 32, 64, 64, 128, 128, 128]);
     }
 }

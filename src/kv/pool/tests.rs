@@ -331,3 +331,40 @@ fn check(
         }
     }
 }
+
+#[test]
+fn a_run_of_decode_steps_reserves_ahead_and_gives_back_what_it_did_not_keep() {
+    // Chunks of 4; a sequence of 6 positions reserves 7 more for a run (chunks for 13): the
+    // run's view has one row at position 6 and the 4 chunks of all 13. Three steps kept.
+    let mut pool = ChunkPool::new(layout(LayoutKind::Chunked, 4), 8, true).unwrap();
+    let a = pool.new_sequence(None).unwrap();
+    append(&mut pool, a, &[1, 2, 3, 4, 5, 6]).unwrap();
+    pool.reserve(a, 7).unwrap();
+    let view = pool.decode_view(&[a]).unwrap();
+    assert_eq!(
+        (view.rows(), view.row_pos[0], view.seqs[0].start),
+        (1, 6, 6)
+    );
+    assert_eq!(view.block_table, pool.seq_table(a).unwrap());
+    assert_eq!(view.block_table.len(), 4);
+    let mut last = view.clone();
+    for _ in 0..6 {
+        last.advance();
+    }
+    last.check_fits(&layout(LayoutKind::Chunked, 4), 8).unwrap();
+    assert!(pool.commit_first(a, &[7; 8]).is_err(), "more than reserved");
+    pool.commit_first(a, &[7, 8, 9]).unwrap();
+    assert_eq!(pool.seq_tokens(a).unwrap(), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(pool.seq_table(a).unwrap().len(), 3);
+    let s = pool.stats();
+    assert_eq!((s.reserved_bytes, s.live_bytes), (3 * 4 * 64, 9 * 64));
+    // The two full chunks are in the prefix index; nothing is pending any more.
+    let b = pool.new_sequence(None).unwrap();
+    assert_eq!(
+        pool.match_prefix(b, &[1, 2, 3, 4, 5, 6, 7, 8, 9], 9)
+            .unwrap()
+            .reused,
+        8
+    );
+    assert!(pool.decode_view(&[a]).is_err());
+}
