@@ -164,6 +164,119 @@ unsafe fn dot_rows<E: Avx2Elem, const R: usize>(
     sums
 }
 
+/// Decode kernel for several rows of x (one step of several sequences): out[i, r] =
+/// W[r, ..] · x[i, ..] for every r in `rows` and i < m, each row of x arranged by
+/// [`arrange_x_for_load16`] when E::LOAD16_EVEN_ODD. Each weight row is read from memory once
+/// for all rows of x: two weight rows at a time (from the two halves of the range, far apart
+/// in memory as in [`matvec_rows`]) against groups of up to four rows of x, the two weight rows
+/// staying in L1 from one group to the next.
+///
+/// # Safety
+/// AVX2, FMA and F16C are present; `w` is consistent, x.len() == m * w.cols, `rows` lies
+/// inside w's rows, `out` is [m, w.rows] and no other thread writes the columns `rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn matvec_rows_multi<E: Avx2Elem>(
+    x: &[f32],
+    m: usize,
+    w: MatRef,
+    rows: Range<usize>,
+    out: SharedOut,
+) {
+    debug_assert!(x.len() == m * w.cols && rows.end <= w.rows);
+    let cols = w.cols;
+    let half = rows.len() / 2;
+    let pairs = (0..half).map(|i| [rows.start + i, rows.start + half + i]);
+    for pair in pairs {
+        for_x_groups::<E, 2>(x, m, cols, w, pair, out);
+    }
+    if rows.len() % 2 == 1 {
+        for_x_groups::<E, 1>(x, m, cols, w, [rows.end - 1], out);
+    }
+}
+
+/// out[i, rows[j]] = W[rows[j], ..] · x[i, ..] for every i < m, in groups of up to four rows of x.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn for_x_groups<E: Avx2Elem, const R: usize>(
+    x: &[f32],
+    m: usize,
+    cols: usize,
+    w: MatRef,
+    rows: [usize; R],
+    out: SharedOut,
+) {
+    let store = |first: usize, sums: &[[f32; R]]| {
+        for (i, row_sums) in sums.iter().enumerate() {
+            for (&row, &sum) in rows.iter().zip(row_sums) {
+                *out.ptr.add((first + i) * w.rows + row) = sum;
+            }
+        }
+    };
+    for first in (0..m).step_by(4) {
+        let group = &x[first * cols..];
+        match m - first {
+            1 => store(first, &dot_rows_multi::<E, R, 1>(group, cols, w, rows)),
+            2 => store(first, &dot_rows_multi::<E, R, 2>(group, cols, w, rows)),
+            3 => store(first, &dot_rows_multi::<E, R, 3>(group, cols, w, rows)),
+            _ => store(first, &dot_rows_multi::<E, R, 4>(group, cols, w, rows)),
+        }
+    }
+}
+
+/// W[rows[j], ..] · x[i, ..] for each of the R weight rows and the first M rows of `x` (rows of
+/// `cols`): R x M accumulators (8 at R = 2, M = 4), R weight loads and M x loads per 16 columns.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_rows_multi<E: Avx2Elem, const R: usize, const M: usize>(
+    x: &[f32],
+    cols: usize,
+    w: MatRef,
+    rows: [usize; R],
+) -> [[f32; R]; M] {
+    let row_bytes = cols * E::BYTES;
+    // Each row is [cols] of E; in bounds because every row < w.rows (caller).
+    let starts = rows.map(|r| w.data.as_ptr().add(r * row_bytes));
+    // x holds at least M rows of cols (caller).
+    let x_rows: [*const f32; M] = std::array::from_fn(|i| x.as_ptr().add(i * cols));
+    let mut acc = [[_mm256_setzero_ps(); R]; M];
+    let mut c = 0;
+    while c + 16 <= cols {
+        let ws = starts.map(|start| E::load16(start.add(c * E::BYTES)));
+        for (x_row, acc_i) in x_rows.iter().zip(acc.iter_mut()) {
+            let x_a = _mm256_loadu_ps(x_row.add(c));
+            let x_b = _mm256_loadu_ps(x_row.add(c + 8));
+            for ((w_a, w_b), acc_ir) in ws.iter().zip(acc_i.iter_mut()) {
+                *acc_ir = _mm256_fmadd_ps(*w_b, x_b, _mm256_fmadd_ps(*w_a, x_a, *acc_ir));
+            }
+        }
+        c += 16;
+    }
+    if c + 8 <= cols {
+        let ws = starts.map(|start| E::load8(start.add(c * E::BYTES)));
+        for (x_row, acc_i) in x_rows.iter().zip(acc.iter_mut()) {
+            let x_lo = _mm256_loadu_ps(x_row.add(c));
+            for (w_lo, acc_ir) in ws.iter().zip(acc_i.iter_mut()) {
+                *acc_ir = _mm256_fmadd_ps(*w_lo, x_lo, *acc_ir);
+            }
+        }
+        c += 8;
+    }
+    let mut sums = [[0.0; R]; M];
+    for (i, sums_i) in sums.iter_mut().enumerate() {
+        let x_tail = &x[i * cols + c..(i + 1) * cols];
+        for ((sum, acc_ir), &row) in sums_i.iter_mut().zip(&acc[i]).zip(&rows) {
+            *sum = horizontal_sum(*acc_ir);
+            for (&xv, wb) in x_tail
+                .iter()
+                .zip(w.row(row)[c * E::BYTES..].chunks_exact(E::BYTES))
+            {
+                *sum += xv * E::to_f32(wb);
+            }
+        }
+    }
+    sums
+}
+
 /// Prefill kernel for the output columns of `panels` (see [`super::for_each_tile`]).
 ///
 /// # Safety
