@@ -23,7 +23,7 @@ mod prefix;
 mod step;
 
 pub use layout::{KvDtype, KvLayout, KvPart, LayoutKind};
-pub use pool::{ChunkCopy, ChunkPool, PoolStats, PrefixMatch, SeqId, SeqStats};
+pub use pool::{ChunkCopy, ChunkPool, PoolExhausted, PoolStats, PrefixMatch, SeqId, SeqStats};
 pub use prefix::ChainKey;
 pub use step::{SeqStep, StepView};
 

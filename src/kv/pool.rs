@@ -12,7 +12,7 @@
 
 use super::prefix::{chain_key, ChainKey, PrefixIndex, ROOT};
 use super::{KvLayout, LayoutKind, SeqStep, StepView};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -26,6 +26,16 @@ impl std::fmt::Display for SeqId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "sequence {}", self.0)
     }
+}
+
+/// The pool has too few free (or idle, evictable) chunks for a reservation: an error a
+/// scheduler can act on (free some and retry), unlike a request the pool can never serve.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PoolExhausted {
+    /// Chunks the reservation lacked.
+    pub missing_chunks: usize,
+    message: String,
 }
 
 /// Copy chunk `src` to chunk `dst` (whole chunks) before the step that writes `dst`.
@@ -323,8 +333,9 @@ impl ChunkPool {
                 let start = u32::try_from(run)
                     .ok()
                     .and_then(|run| self.take_run(run))
-                    .with_context(|| {
-                        format!(
+                    .ok_or_else(|| PoolExhausted {
+                        missing_chunks: run.saturating_sub(self.free_chunks()).max(1),
+                        message: format!(
                             "the KV pool has no free contiguous run of {positions} positions \
                              ({:.2} MiB): {} of its {} are free (budget: {}; raise --kv-budget \
                              or lower --max-context)",
@@ -332,7 +343,7 @@ impl ChunkPool {
                             self.free_chunks(),
                             self.num_chunks(),
                             self.budget_text()
-                        )
+                        ),
                     })?;
                 for chunk in start..start + run as u32 {
                     self.add_ref(chunk);
@@ -523,7 +534,7 @@ impl ChunkPool {
         let wanted = new_chunks + usize::from(copy_from.is_some());
         let available = self.free_chunks() + self.idle.len();
         if wanted > available {
-            bail!(self.exhausted(id, wanted - available));
+            return Err(self.exhausted(id, wanted - available).into());
         }
         let mut copies = Vec::new();
         if let Some((at, chunk)) = copy_from {
@@ -551,17 +562,20 @@ impl ChunkPool {
         Ok(copies)
     }
 
-    fn exhausted(&self, id: SeqId, missing: usize) -> String {
-        format!(
-            "the KV pool is exhausted: {id} needs {missing} more chunk(s) of {} positions \
-             ({:.2} MiB), but every chunk is held by a sequence ({} sequences hold {:.2} MiB; \
-             budget: {}); raise --kv-budget",
-            self.layout.chunk_tokens,
-            (missing * self.layout.chunk_bytes()) as f64 / MIB,
-            self.seqs.iter().flatten().count(),
-            (self.held_chunks * self.layout.chunk_bytes()) as f64 / MIB,
-            self.budget_text()
-        )
+    fn exhausted(&self, id: SeqId, missing: usize) -> PoolExhausted {
+        PoolExhausted {
+            missing_chunks: missing,
+            message: format!(
+                "the KV pool is exhausted: {id} needs {missing} more chunk(s) of {} positions \
+                 ({:.2} MiB), but every chunk is held by a sequence ({} sequences hold {:.2} \
+                 MiB; budget: {}); raise --kv-budget",
+                self.layout.chunk_tokens,
+                (missing * self.layout.chunk_bytes()) as f64 / MIB,
+                self.seqs.iter().flatten().count(),
+                (self.held_chunks * self.layout.chunk_bytes()) as f64 / MIB,
+                self.budget_text()
+            ),
+        }
     }
 
     /// The step's rows are written: `tokens` (as many as reserved) become the sequence's next

@@ -9,7 +9,7 @@
 //!     x += attention(q, cache)·Woᵀ
 //!     h = rmsnorm(x) · post_attention_layernorm
 //!     x += (silu(h·Wgateᵀ) * h·Wupᵀ)·Wdownᵀ
-//! logits = (rmsnorm(x) · norm)·lm_headᵀ            [rows or 1, vocab]
+//! logits = (rmsnorm(x) · norm)·lm_headᵀ            [rows, or one per sequence, vocab]
 //! ```
 //! The residual add is fused into the next norm (`add_rms_norm`), so `x` is updated lazily.
 
@@ -35,13 +35,15 @@ pub struct Model<B: Backend> {
 /// Which rows of the final hidden state become logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitRows {
-    /// Only the last row (generation).
-    Last,
+    /// The last row of each sequence of the step (generation): logits row `i` is that of
+    /// `step.seqs[i]`.
+    LastOfEachSequence,
     /// Every row (prompt logits for comparisons).
     All,
 }
 
-/// Activation buffers for steps of up to `capacity` rows, allocated once and reused.
+/// Activation buffers for steps of up to `capacity` rows and `logit_rows` rows of logits,
+/// allocated once and reused.
 pub struct Activations<B: Backend> {
     capacity: usize,
     logit_rows: usize,
@@ -54,7 +56,7 @@ pub struct Activations<B: Backend> {
     delta: B::Tensor,      // sublayer output to add to x [rows, hidden]
     gate: B::Tensor,       // [rows, intermediate], then silu(gate) * up
     up: B::Tensor,         // [rows, intermediate]
-    last: B::Tensor,       // the last row of h [1, hidden]
+    last: B::Tensor,       // the last row of each sequence's h [logit_rows, hidden]
     pub logits: B::Tensor, // [logit_rows, vocab]
 }
 
@@ -73,7 +75,7 @@ impl<B: Backend> Activations<B> {
             delta: b.alloc_precise(capacity, h)?,
             gate: b.alloc(capacity, ff)?,
             up: b.alloc(capacity, ff)?,
-            last: b.alloc(1, h)?,
+            last: b.alloc(logit_rows, h)?,
             logits: b.alloc_precise(logit_rows, cfg.vocab_size)?,
         })
     }
@@ -82,8 +84,19 @@ impl<B: Backend> Activations<B> {
         self.capacity
     }
 
-    pub fn fits(&self, rows: usize, logits: LogitRows) -> bool {
-        rows <= self.capacity && (logits == LogitRows::Last || rows <= self.logit_rows)
+    /// Rows of logits it holds: steps of up to this many sequences (or rows, for
+    /// [`LogitRows::All`]).
+    pub fn logit_capacity(&self) -> usize {
+        self.logit_rows
+    }
+
+    /// Whether a step of `rows` rows over `sequences` sequences fits.
+    pub fn fits(&self, rows: usize, sequences: usize, logits: LogitRows) -> bool {
+        let logit_rows = match logits {
+            LogitRows::LastOfEachSequence => sequences,
+            LogitRows::All => rows,
+        };
+        rows <= self.capacity && logit_rows <= self.logit_rows
     }
 }
 
@@ -120,8 +133,8 @@ impl<B: Backend> Model<B> {
 
     /// Runs `ids` through the model, one row each, at the rows, positions and sequences of
     /// `step` (which the KV pool reserved), writing their K/V into `kv`. The caller commits the
-    /// step to the pool afterwards. Logits land in `act.logits`: one row per input row, or only
-    /// the last.
+    /// step to the pool afterwards. Logits land in `act.logits`: one row per input row, or the
+    /// last row of each sequence.
     pub fn forward(
         &self,
         b: &B,
@@ -139,10 +152,13 @@ impl<B: Backend> Model<B> {
         if rows != step.rows() {
             bail!("{rows} token ids for a step of {} rows", step.rows());
         }
-        if !act.fits(rows, logit_rows) {
+        if !act.fits(rows, step.seqs.len(), logit_rows) {
             bail!(
-                "a step of {rows} rows does not fit activations sized for {}",
-                act.capacity
+                "a step of {rows} rows over {} sequences does not fit activations sized for {} \
+                 rows and {} rows of logits",
+                step.seqs.len(),
+                act.capacity,
+                act.logit_rows
             );
         }
         b.set_kv_step(kv, step)?;
@@ -194,9 +210,12 @@ impl<B: Backend> Model<B> {
         let head = w.output_projection();
         match logit_rows {
             LogitRows::All => b.matmul(&act.h, head, rows, &mut act.logits),
-            LogitRows::Last => {
-                b.copy_rows(&act.h, rows - 1, &mut act.last, 0, 1)?;
-                b.matmul(&act.last, head, 1, &mut act.logits)
+            LogitRows::LastOfEachSequence => {
+                for (i, seq) in step.seqs.iter().enumerate() {
+                    let last_row = (seq.first_row + seq.rows) as usize - 1;
+                    b.copy_rows(&act.h, last_row, &mut act.last, i, 1)?;
+                }
+                b.matmul(&act.last, head, step.seqs.len(), &mut act.logits)
             }
         }
     }

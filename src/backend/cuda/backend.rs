@@ -1015,6 +1015,10 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn max_step_sequences(&self) -> Option<usize> {
+        Some(1)
+    }
+
     fn take_step_device_seconds(&self) -> Result<Vec<f64>> {
         let events = std::mem::take(&mut *self.step_events.borrow_mut());
         events
