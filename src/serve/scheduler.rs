@@ -446,10 +446,7 @@ impl Scheduler {
                     plan.copies.extend(copies);
                     return Ok(true);
                 }
-                Err(e) => match e.downcast::<PoolExhausted>() {
-                    Ok(exhausted) => exhausted,
-                    Err(e) => return Err(e),
-                },
+                Err(e) => e.downcast::<PoolExhausted>()?,
             };
             if self.release_oldest_kept(pool)? {
                 continue;
