@@ -29,6 +29,9 @@ pub use step::{SeqStep, StepView};
 
 use serde::{Deserialize, Serialize};
 
+/// Bytes in a MiB, for the reports of KV memory.
+pub const MIB: f64 = (1u64 << 20) as f64;
+
 /// What the forward pass keeps between tokens, and whether it keeps it between calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 pub enum Strategy {

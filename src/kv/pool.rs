@@ -16,7 +16,7 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-const MIB: f64 = (1u64 << 20) as f64;
+use super::MIB;
 
 /// A sequence of the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -318,6 +318,12 @@ impl ChunkPool {
         self.free.values().map(|&n| n as usize).sum()
     }
 
+    /// Chunks a reservation can take now: the free ones and the cached idle ones (evicted when
+    /// taken).
+    pub fn available_chunks(&self) -> usize {
+        self.free_chunks() + self.idle.len()
+    }
+
     // --- sequences ----------------------------------------------------------------------------
 
     /// A new, empty sequence. Contiguous layout: its run of `capacity` positions (rounded up to
@@ -532,7 +538,7 @@ impl ChunkPool {
             .filter(|&(_, c)| self.refs[c as usize] > 1 || self.index.contains(c));
         let new_chunks = (len + rows).div_ceil(chunk_tokens) - seq.table.len();
         let wanted = new_chunks + usize::from(copy_from.is_some());
-        let available = self.free_chunks() + self.idle.len();
+        let available = self.available_chunks();
         if wanted > available {
             return Err(self.exhausted(id, wanted - available).into());
         }

@@ -21,10 +21,12 @@
 //! 3. **Waiting requests, first come first served**, while rows are left: the static mode
 //!    reserves the sequence's maximum context (its prompt + max new tokens, or `max_context`)
 //!    as one contiguous run when it is admitted, as preallocating servers do, and admits no
-//!    one once no run fits; the paged mode admits a request when the chunks of its first rows
-//!    fit, and takes the rest on demand. A request that does not fit waits at the head of the
-//!    queue (no request overtakes it), and no request is admitted in a step that preempted one
-//!    (it would take back the memory just freed).
+//!    one once no run fits; the paged mode admits a request when the chunks of its whole
+//!    prompt fit beside what the running requests still need for theirs (as vLLM's
+//!    `can_allocate`; admitting on its first chunk alone would preempt it again at its next
+//!    one), reserves its first rows, and takes the rest on demand. A request that does not fit
+//!    waits at the head of the queue (no request overtakes it), and no request is admitted in
+//!    a step that preempted one (it would take back the memory just freed).
 //!
 //! With prefix reuse, a conversation keeps its sequence between turns: its next request takes
 //! the kept sequence's longest common prefix with the new prompt (the static mode: while the
@@ -41,7 +43,7 @@ use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
-const MIB: f64 = (1u64 << 20) as f64;
+use crate::kv::MIB;
 
 /// How the pool gives sequences their memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -519,6 +521,23 @@ impl Scheduler {
             return Ok(None);
         };
         let rows = (active.tokens.len() - reuse.reused_tokens).min(budget);
+        if pool.layout().kind() == LayoutKind::Chunked {
+            let chunk_tokens = pool.layout().chunk_tokens();
+            let own = (active.tokens.len().div_ceil(chunk_tokens))
+                .saturating_sub(pool.seq_table(seq)?.len());
+            loop {
+                let wanted = own + self.outstanding_chunks(pool)?;
+                if wanted <= pool.available_chunks() {
+                    break;
+                }
+                if !self.release_oldest_kept(pool)? {
+                    // Its full chunks stay cached (prefix reuse) for when it fits.
+                    pool.release(seq)?;
+                    self.waiting.push_front(active);
+                    return Ok(None);
+                }
+            }
+        }
         loop {
             match pool.reserve(seq, rows) {
                 Ok(copies) => {
@@ -555,6 +574,23 @@ impl Scheduler {
         self.running.push(active);
         plan.entries.push(self.entry(self.running.len() - 1, rows));
         Ok(Some(rows))
+    }
+
+    /// Chunks the running requests' sequences still lack for the tokens they know of (the
+    /// rest of a prompt being prefilled; a decoding one's next chunk at a boundary).
+    fn outstanding_chunks(&self, pool: &ChunkPool) -> Result<usize> {
+        let chunk_tokens = pool.layout().chunk_tokens();
+        let mut chunks = 0;
+        for active in &self.running {
+            let seq = active.seq.expect("a running request has a sequence");
+            let held = pool.seq_table(seq)?.len();
+            chunks += active
+                .tokens
+                .len()
+                .div_ceil(chunk_tokens)
+                .saturating_sub(held);
+        }
+        Ok(chunks)
     }
 
     /// The sequence a request runs in: its conversation's kept one (up to the common prefix)
