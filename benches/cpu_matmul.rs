@@ -6,9 +6,10 @@
 //! - `matvec_bf16` (m = 1): bytes of weights streamed from memory per second, to read against
 //!   read_bandwidth. Napkin math: a decode token reads ~2.5 GB of weights, so 40 GB/s is ~16
 //!   tokens/s;
-//! - `batched_decode_bf16` (m = 1, 2, 4, 8, 16, 32): the products of a decode step of m
-//!   sequences, weights streamed from memory as in `matvec_bf16`; bytes of weights per second,
-//!   so that a flat rate means m rows cost what one costs;
+//! - `batched_decode_bf16` (m = 1, 2, .., 128): the products of a decode step of m sequences,
+//!   weights streamed from memory as in `matvec_bf16`; bytes of weights per second, so that a
+//!   flat rate means m rows cost what one costs (up to m = 32 the streaming kernel, then the
+//!   blocked one);
 //! - `matmul_bf16` (m = 16, 128, 512): elements/s = FLOP/s (2 m rows cols per product), to read
 //!   against fma_peak.
 //!
@@ -172,7 +173,11 @@ fn bench_matvec(c: &mut Criterion) {
 
 fn bench_batched_decode(c: &mut Criterion) {
     let mut g = group(c, "batched_decode_bf16");
-    let m_values: &[usize] = if quick() { &[8] } else { &[1, 2, 4, 8, 16, 32] };
+    let m_values: &[usize] = if quick() {
+        &[8]
+    } else {
+        &[1, 2, 4, 8, 16, 32, 64, 128]
+    };
     // gate_up: the largest matrix of a layer. Windows of one buffer larger than the L3 cache, as
     // in bench_matvec, so every call streams its weights from memory.
     let (name, rows, cols) = LLAMA_1B_SHAPES[2];

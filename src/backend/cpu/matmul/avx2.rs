@@ -165,11 +165,10 @@ unsafe fn dot_rows<E: Avx2Elem, const R: usize>(
 }
 
 /// Decode kernel for several rows of x (one step of several sequences): out[i, r] =
-/// W[r, ..] · x[i, ..] for every r in `rows` and i < m, each row of x arranged by
-/// [`arrange_x_for_load16`] when E::LOAD16_EVEN_ODD. Each weight row is read from memory once
-/// for all rows of x: two weight rows at a time (from the two halves of the range, far apart
-/// in memory as in [`matvec_rows`]) against groups of up to four rows of x, the two weight rows
-/// staying in L1 from one group to the next.
+/// W[r, ..] · x[i, ..] for every r in `rows` and i < m, x in its natural order. Each weight row
+/// is read from memory once for all rows of x: three weight rows at a time (from the three
+/// thirds of the range, far apart in memory as in [`matvec_rows`]) against groups of up to
+/// four rows of x, the weight rows staying in L1 from one group to the next.
 ///
 /// # Safety
 /// AVX2, FMA and F16C are present; `w` is consistent, x.len() == m * w.cols, `rows` lies
@@ -183,14 +182,13 @@ pub(super) unsafe fn matvec_rows_multi<E: Avx2Elem>(
     out: SharedOut,
 ) {
     debug_assert!(x.len() == m * w.cols && rows.end <= w.rows);
-    let cols = w.cols;
-    let half = rows.len() / 2;
-    let pairs = (0..half).map(|i| [rows.start + i, rows.start + half + i]);
-    for pair in pairs {
-        for_x_groups::<E, 2>(x, m, cols, w, pair, out);
+    let third = rows.len() / 3;
+    for i in 0..third {
+        let triple = [0, 1, 2].map(|t| rows.start + t * third + i);
+        for_x_groups::<E, 3>(x, m, w, triple, out);
     }
-    if rows.len() % 2 == 1 {
-        for_x_groups::<E, 1>(x, m, cols, w, [rows.end - 1], out);
+    for row in rows.start + 3 * third..rows.end {
+        for_x_groups::<E, 1>(x, m, w, [row], out);
     }
 }
 
@@ -200,7 +198,6 @@ pub(super) unsafe fn matvec_rows_multi<E: Avx2Elem>(
 unsafe fn for_x_groups<E: Avx2Elem, const R: usize>(
     x: &[f32],
     m: usize,
-    cols: usize,
     w: MatRef,
     rows: [usize; R],
     out: SharedOut,
@@ -212,27 +209,29 @@ unsafe fn for_x_groups<E: Avx2Elem, const R: usize>(
             }
         }
     };
+    let cols = w.cols;
     for first in (0..m).step_by(4) {
         let group = &x[first * cols..];
         match m - first {
-            1 => store(first, &dot_rows_multi::<E, R, 1>(group, cols, w, rows)),
-            2 => store(first, &dot_rows_multi::<E, R, 2>(group, cols, w, rows)),
-            3 => store(first, &dot_rows_multi::<E, R, 3>(group, cols, w, rows)),
-            _ => store(first, &dot_rows_multi::<E, R, 4>(group, cols, w, rows)),
+            1 => store(first, &dot_rows_multi::<E, R, 1>(group, w, rows)),
+            2 => store(first, &dot_rows_multi::<E, R, 2>(group, w, rows)),
+            3 => store(first, &dot_rows_multi::<E, R, 3>(group, w, rows)),
+            _ => store(first, &dot_rows_multi::<E, R, 4>(group, w, rows)),
         }
     }
 }
 
 /// W[rows[j], ..] · x[i, ..] for each of the R weight rows and the first M rows of `x` (rows of
-/// `cols`): R x M accumulators (8 at R = 2, M = 4), R weight loads and M x loads per 16 columns.
+/// w.cols), eight columns at a time: R x M independent accumulators (12 at R = 3, M = 4: with
+/// the 3 weight vectors and one x vector, the 16 ymm registers), one FMA each per step.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn dot_rows_multi<E: Avx2Elem, const R: usize, const M: usize>(
     x: &[f32],
-    cols: usize,
     w: MatRef,
     rows: [usize; R],
 ) -> [[f32; R]; M] {
+    let cols = w.cols;
     let row_bytes = cols * E::BYTES;
     // Each row is [cols] of E; in bounds because every row < w.rows (caller).
     let starts = rows.map(|r| w.data.as_ptr().add(r * row_bytes));
@@ -240,23 +239,12 @@ unsafe fn dot_rows_multi<E: Avx2Elem, const R: usize, const M: usize>(
     let x_rows: [*const f32; M] = std::array::from_fn(|i| x.as_ptr().add(i * cols));
     let mut acc = [[_mm256_setzero_ps(); R]; M];
     let mut c = 0;
-    while c + 16 <= cols {
-        let ws = starts.map(|start| E::load16(start.add(c * E::BYTES)));
-        for (x_row, acc_i) in x_rows.iter().zip(acc.iter_mut()) {
-            let x_a = _mm256_loadu_ps(x_row.add(c));
-            let x_b = _mm256_loadu_ps(x_row.add(c + 8));
-            for ((w_a, w_b), acc_ir) in ws.iter().zip(acc_i.iter_mut()) {
-                *acc_ir = _mm256_fmadd_ps(*w_b, x_b, _mm256_fmadd_ps(*w_a, x_a, *acc_ir));
-            }
-        }
-        c += 16;
-    }
-    if c + 8 <= cols {
+    while c + 8 <= cols {
         let ws = starts.map(|start| E::load8(start.add(c * E::BYTES)));
         for (x_row, acc_i) in x_rows.iter().zip(acc.iter_mut()) {
-            let x_lo = _mm256_loadu_ps(x_row.add(c));
-            for (w_lo, acc_ir) in ws.iter().zip(acc_i.iter_mut()) {
-                *acc_ir = _mm256_fmadd_ps(*w_lo, x_lo, *acc_ir);
+            let xv = _mm256_loadu_ps(x_row.add(c));
+            for (wv, acc_ir) in ws.iter().zip(acc_i.iter_mut()) {
+                *acc_ir = _mm256_fmadd_ps(*wv, xv, *acc_ir);
             }
         }
         c += 8;
