@@ -491,7 +491,9 @@ impl Observer for Progress {
 
     fn preempted(&mut self, p: &PreemptionRecord) -> Result<()> {
         self.preemptions.append(p)?;
-        self.bar.println(format!(
+        // Printed even when the bar is hidden (output not a terminal): the log says it.
+        self.bar.suspend(|| {
+            eprintln!(
             "{} at {}, {:.2} s: preempted request {} ({} turn {}), {} ({} positions) released: {}",
             p.mode,
             p.load,
@@ -502,22 +504,25 @@ impl Observer for Progress {
             p.sequence,
             p.positions_freed,
             p.reason
-        ));
+        )
+        });
         Ok(())
     }
 
     fn request_finished(&mut self, record: &RequestRecord) -> Result<()> {
         self.requests.append(record)?;
         if !record.success {
-            self.bar.println(format!(
-                "{} at {}: request {} ({} turn {}) failed: {}",
-                record.mode,
-                record.load,
-                record.request,
-                record.conversation,
-                record.turn,
-                record.error
-            ));
+            self.bar.suspend(|| {
+                eprintln!(
+                    "{} at {}: request {} ({} turn {}) failed: {}",
+                    record.mode,
+                    record.load,
+                    record.request,
+                    record.conversation,
+                    record.turn,
+                    record.error
+                )
+            });
         }
         self.bar.inc(1);
         Ok(())
