@@ -203,8 +203,6 @@ pub trait Generator {
         entries: &[BatchEntry],
         keep_logits: bool,
     ) -> Result<BatchOutput>;
-    /// Sequences one step may hold on this backend (`None`: no limit).
-    fn max_step_sequences(&self) -> Option<usize>;
 }
 
 /// One sequence's rows in a batched step.
@@ -361,24 +359,20 @@ impl<B: Backend> Engine<B> {
         Ok(&mut self.kv.as_mut().expect("set above").1)
     }
 
-    /// Activations for steps of `rows` rows over `sequences` sequences; kept and reused while
+    /// Activations for steps of `rows` rows and `logit_rows` of logits; kept and reused while
     /// large enough.
-    fn activations(&mut self, rows: usize, sequences: usize, logit_rows: LogitRows) -> Result<()> {
+    fn sized_activations(&mut self, rows: usize, logit_rows: LogitRows) -> Result<()> {
         let fits = self
             .activations
             .as_ref()
-            .is_some_and(|a| a.fits(rows, sequences, logit_rows));
+            .is_some_and(|a| a.fits(rows, logit_rows));
         if !fits {
             let (old_rows, old_logits) = self
                 .activations
                 .as_ref()
                 .map_or((0, 0), |a| (a.capacity(), a.logit_capacity()));
             let capacity = rows.max(old_rows);
-            let logit_capacity = match logit_rows {
-                LogitRows::All => rows,
-                LogitRows::LastOfEachSequence => sequences,
-            }
-            .max(old_logits);
+            let logit_capacity = logit_rows.count(rows).max(old_logits);
             self.activations = None; // free before allocating the larger set
             self.activations = Some(Activations::new(
                 &self.backend,
@@ -388,6 +382,11 @@ impl<B: Backend> Engine<B> {
             )?);
         }
         Ok(())
+    }
+
+    /// The activations of the last forward pass.
+    fn activations(&self) -> Result<&Activations<B>> {
+        self.activations.as_ref().context("no forward pass has run")
     }
 
     /// One forward pass of `ids` as the next positions of `seq`; returns the chosen next token.
@@ -401,45 +400,43 @@ impl<B: Backend> Engine<B> {
     ) -> Result<u32> {
         let store = &mut self.kv.as_mut().context("no KV pool")?.1;
         let view = store.prepare_step(&self.backend, &[(seq, ids.len())])?;
-        self.forward_view(&view, &[BatchEntry { seq, ids }], logit_rows)?;
-        let act = self
-            .activations
-            .as_ref()
-            .expect("allocated by forward_view");
-        let backend = &self.backend;
         let last = if logit_rows == LogitRows::All {
             ids.len() - 1
         } else {
             0
         };
+        let id = self.forward_view(&view, ids, logit_rows, last)?;
+        let store = &mut self.kv.as_mut().context("no KV pool")?.1;
+        store.pool.commit(seq, ids)?;
+        let (backend, act) = (&self.backend, self.activations()?);
         if let Some(all) = prompt_logits {
             *all = backend.read_rows(&act.logits, 0, ids.len())?;
         }
         if let Some(keep) = keep_logits {
             keep.push(backend.read_rows(&act.logits, last, 1)?);
         }
-        backend.argmax(&act.logits, last, self.logit_bias.as_ref())
+        Ok(id)
     }
 
-    /// One forward pass over the reserved rows of `entries` (in `view`'s order), committed to
-    /// the pool afterwards; logits land in the activations' `logits`.
+    /// One forward pass of `ids` over `view` (rows the pool reserved; the caller commits them),
+    /// with the greedy choice of logits row `choose` made inside the step (so that a CUDA graph
+    /// replays it too); returns that choice. The logits stay in the activations.
     fn forward_view(
         &mut self,
         view: &StepView,
-        entries: &[BatchEntry],
+        ids: &[u32],
         logit_rows: LogitRows,
-    ) -> Result<()> {
-        let ids: Vec<u32> = entries.iter().flat_map(|e| e.ids).copied().collect();
-        self.activations(ids.len(), entries.len(), logit_rows)?;
+        choose: usize,
+    ) -> Result<u32> {
+        self.sized_activations(ids.len(), logit_rows)?;
         let act = self.activations.as_mut().expect("allocated above");
-        let (backend, model) = (&self.backend, &self.model);
-        let store = &mut self.kv.as_mut().context("no KV pool")?.1;
-        let memory = &mut store.memory;
-        backend.run_step(&mut || model.forward(backend, memory, view, &ids, act, logit_rows))?;
-        for entry in entries {
-            store.pool.commit(entry.seq, entry.ids)?;
-        }
-        Ok(())
+        let (backend, model, bias) = (&self.backend, &self.model, self.logit_bias.as_ref());
+        let memory = &mut self.kv.as_mut().context("no KV pool")?.1.memory;
+        backend.run_step(&mut || {
+            model.forward(backend, memory, view, ids, act, logit_rows)?;
+            backend.argmax(&act.logits, choose, bias)
+        })?;
+        backend.read_argmax()
     }
 
     /// The sequence a call runs in, and what of the prompt it already holds: the conversation's
@@ -580,40 +577,33 @@ impl<B: Backend> Generator for Engine<B> {
         if entries.is_empty() {
             bail!("a batched step of no sequence");
         }
-        if let Some(limit) = self.max_step_sequences() {
-            if entries.len() > limit {
-                bail!(
-                    "the {} backend runs at most {limit} sequence(s) per step, not {}",
-                    self.backend.info().name,
-                    entries.len()
-                );
-            }
-        }
         let steps: Vec<(SeqId, usize)> = entries.iter().map(|e| (e.seq, e.ids.len())).collect();
         let store = &mut self.kv.as_mut().context("no KV pool is open")?.1;
         let view = store.reserved_step(&self.backend, copies, &steps)?;
-        self.forward_view(&view, entries, LogitRows::LastOfEachSequence)?;
-        let act = self
-            .activations
-            .as_ref()
-            .expect("allocated by forward_view");
+        // Each sequence's last row at the step's end, in entry order: logits row i is entry i's.
+        let (view, order) = view.last_rows_at_end();
+        let rows: Vec<u32> = entries.iter().flat_map(|e| e.ids).copied().collect();
+        let ids: Vec<u32> = order.iter().map(|&r| rows[r]).collect();
+        let first = self.forward_view(&view, &ids, LogitRows::LastRows(entries.len()), 0)?;
+        let store = &mut self.kv.as_mut().context("no KV pool is open")?.1;
+        for entry in entries {
+            store.pool.commit(entry.seq, entry.ids)?;
+        }
+        let (backend, act) = (&self.backend, self.activations()?);
         let mut output = BatchOutput::default();
         for row in 0..entries.len() {
             if keep_logits {
-                output
-                    .logits
-                    .push(self.backend.read_rows(&act.logits, row, 1)?);
+                output.logits.push(backend.read_rows(&act.logits, row, 1)?);
             }
-            let bias = self.logit_bias.as_ref();
-            output
-                .next_ids
-                .push(self.backend.argmax(&act.logits, row, bias)?);
+            let id = if row == 0 {
+                first
+            } else {
+                backend.argmax(&act.logits, row, self.logit_bias.as_ref())?;
+                backend.read_argmax()?
+            };
+            output.next_ids.push(id);
         }
         Ok(output)
-    }
-
-    fn max_step_sequences(&self) -> Option<usize> {
-        self.backend.max_step_sequences()
     }
 
     fn generate(
@@ -653,7 +643,7 @@ impl<B: Backend> Generator for Engine<B> {
         let prompt_rows = if opts.keep_prompt_logits {
             LogitRows::All
         } else {
-            LogitRows::LastOfEachSequence
+            LogitRows::LastRows(1)
         };
         let mut step_logits = Vec::new();
         let keep = opts.keep_step_logits;
@@ -733,7 +723,7 @@ impl<B: Backend> Generator for Engine<B> {
                     self,
                     &sequence,
                     1,
-                    LogitRows::LastOfEachSequence,
+                    LogitRows::LastRows(1),
                     keep.then_some(&mut step_logits),
                     None,
                 )?;

@@ -142,7 +142,6 @@ fn run_batched(
         max_batch_tokens,
         max_context: None,
         model_positions: cfg.max_position_embeddings,
-        max_step_sequences: None,
         stop_ids: Vec::new(),
         keep_logits: true,
     })

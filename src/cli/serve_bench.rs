@@ -300,7 +300,6 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         max_batch_tokens: args.max_batch_tokens,
         max_context: args.max_context,
         model_positions: config.max_position_embeddings,
-        max_step_sequences: generator.max_step_sequences(),
         stop_ids: if ignore_eos {
             Vec::new()
         } else {
@@ -333,12 +332,6 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         if args.prefix_reuse { "on" } else { "off" },
         args.chunk_tokens
     );
-    if let Some(limit) = generator.max_step_sequences() {
-        println!(
-            "The {} backend runs {limit} sequence(s) per step: its requests take turns.",
-            engine.backend.name
-        );
-    }
     println!(
         "Results go to {} (Ctrl-C stops after the current step and still writes them).",
         dir.display()

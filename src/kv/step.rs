@@ -3,6 +3,7 @@
 //! on every backend; the CUDA kernels read its packed form (`kernels/kv_layout.cuh`).
 
 use super::{KvLayout, KvPart, LayoutKind};
+use anyhow::{bail, ensure, Context, Result};
 
 /// One sequence's part of a step, mirrored by `KvSeqStep` in `kernels/kv_layout.cuh`.
 #[repr(C)]
@@ -19,10 +20,24 @@ pub struct SeqStep {
     pub block_tokens: u32,
 }
 
+// kernels/kv_layout.cuh checks the same size and offsets of its mirror, `KvSeqStep`.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<SeqStep>() == 20);
+    assert!(offset_of!(SeqStep, first_row) == 0 && offset_of!(SeqStep, rows) == 4);
+    assert!(offset_of!(SeqStep, start) == 8 && offset_of!(SeqStep, table_start) == 12);
+    assert!(offset_of!(SeqStep, block_tokens) == 16);
+};
+
 impl SeqStep {
     /// Positions the sequence holds once the step's rows are written.
     pub fn end(&self) -> usize {
-        (self.start + self.rows) as usize
+        self.start as usize + self.rows as usize
+    }
+
+    /// One past its last row among the step's rows.
+    pub fn end_row(&self) -> usize {
+        self.first_row as usize + self.rows as usize
     }
 }
 
@@ -93,6 +108,154 @@ impl StepView {
         }
     }
 
+    /// Checks that the view is well formed and fits an arena of `arena_chunks` chunks of
+    /// `layout`, so that no op reads or writes outside the arena or the view (the kernels index
+    /// both without checks): every row belongs to the sequence whose rows enclose it, at that
+    /// sequence's next position; the sequences' rows do not overlap; positions fit an `i32`;
+    /// every block a sequence's positions need is listed and lies inside the arena.
+    pub fn check_fits(&self, layout: &KvLayout, arena_chunks: usize) -> Result<()> {
+        ensure!(
+            self.layout == *layout,
+            "a step view of another KV layout ({:?}) over this arena ({layout:?})",
+            self.layout
+        );
+        let rows = self.rows();
+        ensure!(
+            self.row_seq.len() == rows,
+            "a step view with {} row sequences for {rows} row positions",
+            self.row_seq.len()
+        );
+        for (row, (&index, &pos)) in self.row_seq.iter().zip(&self.row_pos).enumerate() {
+            let seq = self.seqs.get(index as usize).with_context(|| {
+                format!("step row {row}: sequence {index} of {}", self.seqs.len())
+            })?;
+            let in_seq = (row as u64).checked_sub(seq.first_row as u64);
+            ensure!(
+                in_seq.is_some_and(|i| i < seq.rows as u64),
+                "step row {row}: outside the rows {}..{} of its sequence {index}",
+                seq.first_row,
+                seq.first_row as u64 + seq.rows as u64
+            );
+            ensure!(
+                pos as u64 == seq.start as u64 + in_seq.unwrap_or(0),
+                "step row {row}: position {pos}, but its sequence {index} is at {}",
+                seq.start as u64 + in_seq.unwrap_or(0)
+            );
+        }
+        let chunk_tokens = layout.chunk_tokens();
+        for (index, seq) in self.seqs.iter().enumerate() {
+            let (first_row, end_row) = (seq.first_row as usize, seq.end_row());
+            ensure!(
+                seq.rows > 0 && end_row <= rows,
+                "step sequence {index}: rows {first_row}..{end_row} of a step of {rows}"
+            );
+            if let Some(other) = self.row_seq[first_row..end_row]
+                .iter()
+                .find(|&&s| s as usize != index)
+            {
+                bail!("step sequence {index}: its rows {first_row}..{end_row} hold rows of sequence {other}");
+            }
+            let end = seq.start as u64 + seq.rows as u64;
+            ensure!(
+                end <= i32::MAX as u64,
+                "step sequence {index}: positions up to {end} (at most {})",
+                i32::MAX
+            );
+            let entries = match layout.kind() {
+                LayoutKind::Contiguous => {
+                    ensure!(
+                        end <= seq.block_tokens as u64,
+                        "step sequence {index}: positions up to {end} in a run of {}",
+                        seq.block_tokens
+                    );
+                    1
+                }
+                LayoutKind::Chunked => {
+                    ensure!(
+                        seq.block_tokens as usize == chunk_tokens,
+                        "step sequence {index}: blocks of {} positions in chunks of {chunk_tokens}",
+                        seq.block_tokens
+                    );
+                    (end as usize).div_ceil(chunk_tokens)
+                }
+            };
+            let block_chunks = (seq.block_tokens as usize).div_ceil(chunk_tokens);
+            let table = self
+                .block_table
+                .get(seq.table_start as usize..)
+                .and_then(|rest| rest.get(..entries))
+                .with_context(|| {
+                    format!(
+                        "step sequence {index}: its block table of {entries} entries from entry {} \
+                         is outside the step's {}",
+                        seq.table_start,
+                        self.block_table.len()
+                    )
+                })?;
+            if let Some(&bad) = table
+                .iter()
+                .find(|&&c| c as usize + block_chunks > arena_chunks)
+            {
+                bail!(
+                    "step sequence {index}: a block of {block_chunks} chunks at chunk {bad} is \
+                     outside an arena of {arena_chunks} chunks"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The same step with the last row of each sequence after all the other rows, in the
+    /// sequences' order, so that those rows are the step's last `seqs.len()` (the forward pass
+    /// computes logits of a step's last rows only: `LogitRows::LastRows`); and, for each row of
+    /// the new view, the row of this one it is. A sequence of several rows becomes two parts:
+    /// its other rows, then (after every sequence's other rows) its last row, both over its
+    /// block table. Every row's K/V is appended before attention reads any, so the last row
+    /// still sees the rows before it. A view whose last rows already end it in order (one
+    /// sequence, or one row per sequence) comes back as it is.
+    pub fn last_rows_at_end(&self) -> (StepView, Vec<usize>) {
+        if self.seqs.len() <= 1 || self.seqs.iter().all(|s| s.rows == 1) {
+            return (self.clone(), (0..self.rows()).collect());
+        }
+        let mut view = StepView {
+            layout: self.layout,
+            seqs: Vec::with_capacity(2 * self.seqs.len()),
+            row_seq: Vec::with_capacity(self.rows()),
+            row_pos: Vec::with_capacity(self.rows()),
+            block_table: self.block_table.clone(),
+        };
+        let mut order = Vec::with_capacity(self.rows());
+        let mut add = |part: SeqStep, from_row: usize, order: &mut Vec<usize>| {
+            let index = view.seqs.len() as u32;
+            let part = SeqStep {
+                first_row: view.row_pos.len() as u32,
+                ..part
+            };
+            for row in 0..part.rows {
+                view.row_seq.push(index);
+                view.row_pos.push(part.start + row);
+                order.push(from_row + row as usize);
+            }
+            view.seqs.push(part);
+        };
+        for seq in self.seqs.iter().filter(|s| s.rows > 1) {
+            let others = SeqStep {
+                rows: seq.rows - 1,
+                ..*seq
+            };
+            add(others, seq.first_row as usize, &mut order);
+        }
+        for seq in &self.seqs {
+            let last = SeqStep {
+                rows: 1,
+                start: seq.start + seq.rows - 1,
+                ..*seq
+            };
+            add(last, seq.end_row() - 1, &mut order);
+        }
+        (view, order)
+    }
+
     /// The view as the kernels read it: `u32` words, in order the sequences (`KvSeqStep`, 5
     /// words each), `row_seq`, `row_pos`, then the block table.
     pub fn packed(&self) -> Vec<u32> {
@@ -103,5 +266,120 @@ impl StepView {
         words.extend_from_slice(&self.row_pos);
         words.extend_from_slice(&self.block_table);
         words
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::KvDtype;
+
+    /// Two sequences in chunks of 4: A at positions 5..8 (table [3, 0]), B at 0..1 (table [2]).
+    fn view() -> StepView {
+        StepView {
+            layout: KvLayout::new(LayoutKind::Chunked, KvDtype::Bf16, 2, 1, 8, 4).unwrap(),
+            seqs: vec![
+                SeqStep {
+                    first_row: 0,
+                    rows: 3,
+                    start: 5,
+                    table_start: 0,
+                    block_tokens: 4,
+                },
+                SeqStep {
+                    first_row: 3,
+                    rows: 1,
+                    start: 0,
+                    table_start: 2,
+                    block_tokens: 4,
+                },
+            ],
+            row_seq: vec![0, 0, 0, 1],
+            row_pos: vec![5, 6, 7, 0],
+            block_table: vec![3, 0, 2],
+        }
+    }
+
+    #[test]
+    fn views_that_would_reach_outside_the_arena_or_contradict_their_rows_are_refused() {
+        let good = view();
+        good.check_fits(&good.layout, 4).unwrap();
+        let refused = |change: &dyn Fn(&mut StepView), chunks: usize, says: &str| {
+            let mut bad = view();
+            change(&mut bad);
+            let error = bad
+                .check_fits(&good.layout, chunks)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(says), "{error:?} does not say {says:?}");
+        };
+        refused(&|_| {}, 3, "chunk 3 is outside an arena of 3 chunks");
+        refused(
+            &|v| v.block_table.truncate(2),
+            4,
+            "block table of 1 entries",
+        );
+        refused(&|v| v.row_seq[3] = 2, 4, "sequence 2 of 2");
+        refused(
+            &|v| v.row_seq[2] = 1,
+            4,
+            "step row 2: outside the rows 3..4",
+        );
+        refused(
+            &|v| v.row_pos[1] = 9,
+            4,
+            "position 9, but its sequence 0 is at 6",
+        );
+        refused(&|v| v.seqs[1].rows = 2, 4, "rows 3..5 of a step of 4");
+        refused(&|v| v.seqs[1].block_tokens = 8, 4, "blocks of 8 positions");
+        refused(
+            &|v| v.row_pos.push(1),
+            4,
+            "4 row sequences for 5 row positions",
+        );
+        let mut other = view();
+        other.layout.head_dim = 16;
+        assert!(other.check_fits(&good.layout, 4).is_err());
+    }
+
+    #[test]
+    fn the_last_rows_of_the_sequences_move_to_the_end() {
+        // A: rows 0..3 at 5..8, B: row 3 at 0, C: rows 4..6 at 2..4 (table [1]).
+        let mut three = view();
+        three.seqs.push(SeqStep {
+            first_row: 4,
+            rows: 2,
+            start: 2,
+            table_start: 3,
+            block_tokens: 4,
+        });
+        three.row_seq.extend([2, 2]);
+        three.row_pos.extend([2, 3]);
+        three.block_table.push(1);
+        three.check_fits(&three.layout, 4).unwrap();
+        let (moved, order) = three.last_rows_at_end();
+        moved.check_fits(&moved.layout, 4).unwrap();
+        // A's first two rows, C's first, then the last rows of A, B and C.
+        assert_eq!(order, [0, 1, 4, 2, 3, 5]);
+        assert_eq!(moved.row_pos, [5, 6, 2, 7, 0, 3]);
+        for (new_row, &old_row) in order.iter().enumerate() {
+            let old = &three.seqs[three.row_seq[old_row] as usize];
+            let new = &moved.seqs[moved.row_seq[new_row] as usize];
+            assert_eq!(moved.row_pos[new_row], three.row_pos[old_row]);
+            // Each part reads its sequence's blocks.
+            assert_eq!(new.table_start, old.table_start);
+            assert_eq!(
+                moved.locate(new, moved.row_pos[new_row] as usize),
+                three.locate(old, three.row_pos[old_row] as usize)
+            );
+        }
+        // One row per sequence, or one sequence: already in place.
+        let mut decode = three.clone();
+        decode.seqs.truncate(2);
+        decode.seqs[0].rows = 1;
+        decode.seqs[1].first_row = 1;
+        decode.row_seq = vec![0, 1];
+        decode.row_pos = vec![5, 0];
+        assert_eq!(decode.last_rows_at_end(), (decode.clone(), vec![0, 1]));
     }
 }

@@ -255,7 +255,7 @@ impl<'m, B: Backend> DecodeStep<'m, B> {
                 &view,
                 &[token],
                 act,
-                LogitRows::LastOfEachSequence,
+                LogitRows::LastRows(1),
             )
         })?;
         cache.store.pool.commit(cache.seq, &[token])

@@ -93,8 +93,6 @@ pub struct SchedulerOptions {
     pub max_context: Option<usize>,
     /// The model's `max_position_embeddings`.
     pub model_positions: usize,
-    /// Sequences per step the backend takes (`None`: no limit).
-    pub max_step_sequences: Option<usize>,
     /// Ids that end a request before its max new tokens (empty: every request generates all).
     pub stop_ids: Vec<u32>,
     /// Return the logits that chose each token (tests).
@@ -239,10 +237,6 @@ impl Scheduler {
         ensure!(
             opts.max_batch_tokens > 0,
             "--max-batch-tokens must be at least 1"
-        );
-        ensure!(
-            opts.max_step_sequences != Some(0),
-            "a backend that takes no sequence per step cannot run anything"
         );
         Ok(Scheduler {
             opts,
@@ -395,9 +389,8 @@ impl Scheduler {
     fn schedule(&mut self, pool: &mut ChunkPool) -> Result<StepPlan> {
         let mut plan = StepPlan::default();
         let mut budget = self.opts.max_batch_tokens;
-        let seq_limit = self.opts.max_step_sequences.unwrap_or(usize::MAX);
         let mut i = 0;
-        while i < self.running.len() && budget > 0 && plan.entries.len() < seq_limit {
+        while i < self.running.len() && budget > 0 {
             let active = &self.running[i];
             let rows = (active.tokens.len() - active.computed).min(budget);
             if !self.reserve_running(pool, i, rows, &mut plan)? {
@@ -407,7 +400,7 @@ impl Scheduler {
             budget -= rows;
             i += 1;
         }
-        while budget > 0 && plan.entries.len() < seq_limit && plan.preempted.is_empty() {
+        while budget > 0 && plan.preempted.is_empty() {
             match self.admit_front(pool, budget, &mut plan)? {
                 Some(rows) => budget -= rows,
                 None => break,

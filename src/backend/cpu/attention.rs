@@ -707,30 +707,25 @@ mod tests {
             want.extend(reference(q_seq, s, layer, heads, kv_heads, hd));
             first += s.rows;
         }
-        let run = |out: &mut Vec<f32>, isa: Isa, plans: &[AttentionPlan]| match dtype {
-            KvDtype::F32 => {
-                let (step, kv) = build(layout, &seqs, |x| x);
-                let input = AttentionInput {
-                    q: &q,
-                    kv: &kv,
-                    step: &step,
-                    layer,
-                    num_heads: heads,
-                };
-                attention_with(isa, &input, plans, out);
-            }
-            KvDtype::Bf16 => {
-                let (step, kv) = build(layout, &seqs, bf16::from_f32);
-                let input = AttentionInput {
-                    q: &q,
-                    kv: &kv,
-                    step: &step,
-                    layer,
-                    num_heads: heads,
-                };
-                attention_with(isa, &input, plans, out);
-            }
-        };
+        fn run<E: KvElement>(
+            layout: KvLayout,
+            seqs: &[TestSeq],
+            to_elem: impl Fn(f32) -> E,
+            (q, layer, heads): (&[f32], usize, usize),
+            isa: Isa,
+            plans: &[AttentionPlan],
+            out: &mut [f32],
+        ) {
+            let (step, kv) = build(layout, seqs, to_elem);
+            let input = AttentionInput {
+                q,
+                kv: &kv,
+                step: &step,
+                layer,
+                num_heads: heads,
+            };
+            attention_with(isa, &input, plans, out);
+        }
         for (plan, isa) in plans
             .iter()
             .flat_map(|p| Isa::ALL.iter().map(move |i| (p, *i)))
@@ -739,7 +734,11 @@ mod tests {
                 continue;
             }
             let mut out = vec![f32::NAN; rows * heads * hd];
-            run(&mut out, isa, plan);
+            let query = (q.as_slice(), layer, heads);
+            match dtype {
+                KvDtype::F32 => run(layout, &seqs, |x| x, query, isa, plan, &mut out),
+                KvDtype::Bf16 => run(layout, &seqs, bf16::from_f32, query, isa, plan, &mut out),
+            }
             let diff = out
                 .iter()
                 .zip(&want)

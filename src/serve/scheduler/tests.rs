@@ -20,7 +20,6 @@ fn options(mode: Mode, max_batch_tokens: usize) -> SchedulerOptions {
         max_batch_tokens,
         max_context: None,
         model_positions: 1 << 16,
-        max_step_sequences: None,
         stop_ids: Vec::new(),
         keep_logits: false,
     }
@@ -231,24 +230,4 @@ fn a_conversation_keeps_its_sequence_until_memory_is_needed() {
     assert_eq!((preemptions, s.kept()), (0, 1));
     s.end_conversation(&mut pool, 2).unwrap();
     assert_eq!((s.kept(), pool.stats().reserved_bytes), (0, 0));
-}
-
-#[test]
-fn a_backend_limit_of_one_sequence_runs_them_one_step_each() {
-    let mut pool = pool(LayoutKind::Chunked, 4, 100, false);
-    let mut s = Scheduler::new(SchedulerOptions {
-        max_step_sequences: Some(1),
-        ..options(Mode::Paged, 1000)
-    })
-    .unwrap();
-    for id in 0..3 {
-        s.submit(&pool, request(id, 4, 2)).unwrap();
-    }
-    let mut steps = 0;
-    while !s.is_idle() {
-        assert_eq!(step(&mut s, &mut pool).sequences, 1);
-        steps += 1;
-    }
-    // Request 0 runs its prompt and its decode before request 1 is admitted.
-    assert_eq!(steps, 6);
 }
