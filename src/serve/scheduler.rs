@@ -114,7 +114,6 @@ pub struct Request {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Admission {
     pub request: RequestId,
-    pub seq: SeqId,
     /// What of its tokens was already cached (kept or shared) and what it must compute.
     pub reuse: ReuseStats,
     /// It had been preempted before.
@@ -244,10 +243,6 @@ impl Scheduler {
             running: Vec::new(),
             kept: Vec::new(),
         })
-    }
-
-    pub fn options(&self) -> &SchedulerOptions {
-        &self.opts
     }
 
     pub fn waiting(&self) -> usize {
@@ -560,7 +555,6 @@ impl Scheduler {
         active.computed = reuse.reused_tokens;
         plan.admitted.push(Admission {
             request: active.request.id,
-            seq,
             reuse,
             readmitted,
         });

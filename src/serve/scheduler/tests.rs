@@ -99,6 +99,7 @@ fn paged_mode_takes_chunks_on_demand_and_preempts_the_newest() {
     assert_eq!(step(&mut s, &mut pool).admitted.len(), 4);
     let mut preempted = Vec::new();
     let mut finished = Vec::new();
+    let mut readmitted = Vec::new();
     while !s.is_idle() {
         let report = step(&mut s, &mut pool);
         if !report.preempted.is_empty() {
@@ -109,7 +110,14 @@ fn paged_mode_takes_chunks_on_demand_and_preempts_the_newest() {
         }
         preempted.extend(report.preempted);
         finished.extend(report.finished);
+        let again = report.admitted.iter().filter(|a| a.readmitted);
+        readmitted.extend(again.map(|a| a.request));
     }
+    // Every preempted request came back, oldest first: the newest is preempted first and each
+    // goes back to the head of the queue.
+    let mut order: Vec<RequestId> = preempted.iter().map(|p| p.request).collect();
+    order.sort();
+    assert_eq!(readmitted, order);
     // At position 8 each needs a third chunk: two are free, so the newest (3) is preempted
     // for the third request (2).
     let first = &preempted[0];
