@@ -15,7 +15,7 @@
 //! `dynamic+reuse` takes the full chunks that the prefix index finds for its prompt.
 
 use crate::backend::{Backend, BackendInfo, KvStore};
-use crate::kv::{ChunkPool, KvDtype, KvLayout, PoolStats, SeqId, Strategy};
+use crate::kv::{ChunkCopy, ChunkPool, KvDtype, KvLayout, PoolStats, SeqId, StepView, Strategy};
 use crate::model::config::Config;
 use crate::model::forward::{Activations, LogitRows, Model};
 use anyhow::{bail, Context, Result};
@@ -192,6 +192,98 @@ pub trait Generator {
     fn clear_kv_cache(&mut self) -> Result<()>;
     /// The current KV pool's accounting, if there is a pool.
     fn kv_pool_stats(&self) -> Option<PoolStats>;
+
+    // Many sequences per step (`crate::serve`): a scheduler decides through the pool which
+    // sequence holds what and which rows run, and the engine runs them.
+
+    /// The KV pool of `strategy`'s layout (the current one if it matches, as `generate` opens
+    /// it; else a new one, every kept conversation let go).
+    fn open_kv_pool(&mut self, strategy: Strategy, chunk_tokens: usize) -> Result<&mut ChunkPool>;
+    /// The current KV pool.
+    fn kv_pool_mut(&mut self) -> Result<&mut ChunkPool>;
+    /// One forward step over several sequences of the current pool: after the copy-on-write
+    /// `copies` that reserving their rows returned (in that order), each entry's ids run as the
+    /// positions after those its sequence holds, the rows are committed, and the greedy choice
+    /// after each entry's last row comes back.
+    fn forward_batch(
+        &mut self,
+        copies: &[ChunkCopy],
+        entries: &[BatchEntry],
+        keep_logits: bool,
+    ) -> Result<BatchOutput>;
+}
+
+/// One sequence's rows in a batched step.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchEntry<'a> {
+    pub seq: SeqId,
+    /// Token ids of its rows, the positions after those it holds: as many as the pool reserved.
+    pub ids: &'a [u32],
+}
+
+/// What a batched step chose.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BatchOutput {
+    /// Per entry, the greedy choice after its last row.
+    pub next_ids: Vec<u32>,
+    /// Per entry, the logits of its last row (when asked for).
+    pub logits: Vec<Vec<f32>>,
+}
+
+/// Keeps of a conversation's sequence the longest common prefix of what it holds with `prompt`
+/// (at most `prompt.len() - 1` positions: the last prompt token is always computed, its logits
+/// choose the next token), and says what was reused and what the template re-rendered.
+pub fn resume_sequence(pool: &mut ChunkPool, seq: SeqId, prompt: &[u32]) -> Result<ReuseStats> {
+    let limit = prompt.len().saturating_sub(1);
+    let cached = pool.seq_tokens(seq)?;
+    let common = cached
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let drift = cached.len() - common;
+    let reused = common.min(limit);
+    pool.truncate(seq, reused)?;
+    Ok(ReuseStats {
+        prompt_tokens: prompt.len(),
+        reused_tokens: reused,
+        prefilled_tokens: prompt.len() - reused,
+        missed_drift: drift,
+        ..Default::default()
+    })
+}
+
+/// A new sequence for `prompt` (a contiguous one holds `capacity` positions). With `reuse`, it
+/// takes the chunks the prefix index finds for the prompt (at most `prompt.len() - 1`
+/// positions) and says what it found; without, nothing is looked up.
+pub fn start_sequence(
+    pool: &mut ChunkPool,
+    capacity: usize,
+    prompt: &[u32],
+    reuse: bool,
+) -> Result<(SeqId, Option<ReuseStats>)> {
+    let seq = pool.new_sequence(Some(capacity))?;
+    if !reuse {
+        return Ok((seq, None));
+    }
+    let found = match pool.match_prefix(seq, prompt, prompt.len().saturating_sub(1)) {
+        Ok(found) => found,
+        Err(e) => {
+            pool.release(seq)?;
+            return Err(e);
+        }
+    };
+    Ok((
+        seq,
+        Some(ReuseStats {
+            prompt_tokens: prompt.len(),
+            reused_tokens: found.reused,
+            prefilled_tokens: prompt.len() - found.reused,
+            missed_granularity: found.missed_granularity,
+            missed_evicted: found.missed_evicted,
+            ..Default::default()
+        }),
+    ))
 }
 
 /// What identifies a pool: calls that agree on it share one.
@@ -275,19 +367,20 @@ impl<B: Backend> Engine<B> {
         Ok(&mut self.kv.as_mut().expect("set above").1)
     }
 
-    /// Activations for steps of `rows` rows; kept and reused while large enough.
-    fn activations(&mut self, rows: usize, logit_rows: LogitRows) -> Result<()> {
+    /// Activations for steps of `rows` rows and `logit_rows` of logits; kept and reused while
+    /// large enough.
+    fn sized_activations(&mut self, rows: usize, logit_rows: LogitRows) -> Result<()> {
         let fits = self
             .activations
             .as_ref()
             .is_some_and(|a| a.fits(rows, logit_rows));
         if !fits {
-            let capacity = rows.max(self.activations.as_ref().map_or(0, |a| a.capacity()));
-            let logit_capacity = if logit_rows == LogitRows::All {
-                capacity
-            } else {
-                1
-            };
+            let (old_rows, old_logits) = self
+                .activations
+                .as_ref()
+                .map_or((0, 0), |a| (a.capacity(), a.logit_capacity()));
+            let capacity = rows.max(old_rows);
+            let logit_capacity = logit_rows.count(rows).max(old_logits);
             self.activations = None; // free before allocating the larger set
             self.activations = Some(Activations::new(
                 &self.backend,
@@ -299,6 +392,11 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// The activations of the last forward pass.
+    fn activations(&self) -> Result<&Activations<B>> {
+        self.activations.as_ref().context("no forward pass has run")
+    }
+
     /// One forward pass of `ids` as the next positions of `seq`; returns the chosen next token.
     fn step(
         &mut self,
@@ -308,29 +406,44 @@ impl<B: Backend> Engine<B> {
         keep_logits: Option<&mut Vec<Vec<f32>>>,
         prompt_logits: Option<&mut Vec<f32>>,
     ) -> Result<u32> {
-        self.activations(ids.len(), logit_rows)?;
-        let act = self.activations.as_mut().expect("allocated above");
-        let (backend, model, bias) = (&self.backend, &self.model, self.logit_bias.as_ref());
         let store = &mut self.kv.as_mut().context("no KV pool")?.1;
-        let view = store.prepare_step(backend, &[(seq, ids.len())])?;
-        let memory = &mut store.memory;
+        let view = store.prepare_step(&self.backend, &[(seq, ids.len())])?;
         let last = if logit_rows == LogitRows::All {
             ids.len() - 1
         } else {
             0
         };
-        // The choice is part of the step, so that a CUDA graph replays it with the forward pass.
-        backend.run_step(&mut || {
-            model.forward(backend, memory, &view, ids, act, logit_rows)?;
-            backend.argmax(&act.logits, last, bias)
-        })?;
+        let id = self.forward_view(&view, ids, logit_rows, last)?;
+        let store = &mut self.kv.as_mut().context("no KV pool")?.1;
         store.pool.commit(seq, ids)?;
+        let (backend, act) = (&self.backend, self.activations()?);
         if let Some(all) = prompt_logits {
             *all = backend.read_rows(&act.logits, 0, ids.len())?;
         }
         if let Some(keep) = keep_logits {
             keep.push(backend.read_rows(&act.logits, last, 1)?);
         }
+        Ok(id)
+    }
+
+    /// One forward pass of `ids` over `view` (rows the pool reserved; the caller commits them),
+    /// with the greedy choice of logits row `choose` made inside the step (so that a CUDA graph
+    /// replays it too); returns that choice. The logits stay in the activations.
+    fn forward_view(
+        &mut self,
+        view: &StepView,
+        ids: &[u32],
+        logit_rows: LogitRows,
+        choose: usize,
+    ) -> Result<u32> {
+        self.sized_activations(ids.len(), logit_rows)?;
+        let act = self.activations.as_mut().expect("allocated above");
+        let (backend, model, bias) = (&self.backend, &self.model, self.logit_bias.as_ref());
+        let memory = &mut self.kv.as_mut().context("no KV pool")?.1.memory;
+        backend.run_step(&mut || {
+            model.forward(backend, memory, view, ids, act, logit_rows)?;
+            backend.argmax(&act.logits, choose, bias)
+        })?;
         backend.read_argmax()
     }
 
@@ -422,26 +535,8 @@ impl<B: Backend> Engine<B> {
             .filter(|_| opts.strategy.reuses())
             .and_then(|c| self.conversations.get(&c).copied());
         let pool = &mut self.kv.as_mut().context("no KV pool")?.1.pool;
-        // At least the last prompt token is computed: its logits choose the first new token.
-        let limit = prompt.len() - 1;
         if let Some(seq) = kept {
-            let cached = pool.seq_tokens(seq)?;
-            let common = cached
-                .iter()
-                .zip(prompt)
-                .take_while(|(a, b)| a == b)
-                .count();
-            let drift = cached.len() - common;
-            let reused = common.min(limit);
-            pool.truncate(seq, reused)?;
-            let stats = ReuseStats {
-                prompt_tokens: prompt.len(),
-                reused_tokens: reused,
-                prefilled_tokens: prompt.len() - reused,
-                missed_drift: drift,
-                ..Default::default()
-            };
-            return Ok((seq, Some(stats)));
+            return Ok((seq, Some(resume_sequence(pool, seq, prompt)?)));
         }
         let capacity = match (opts.max_context, opts.strategy) {
             (Some(c), _) => c,
@@ -451,31 +546,11 @@ impl<B: Backend> Engine<B> {
         if capacity > max_positions {
             bail!("max context {capacity} exceeds the model's max_position_embeddings {max_positions}");
         }
-        let seq = pool.new_sequence(Some(capacity))?;
-        if !opts.strategy.reuses() {
-            return Ok((seq, None));
-        }
-        let found = match pool.match_prefix(seq, prompt, limit) {
-            Ok(found) => found,
-            Err(e) => {
-                pool.release(seq)?;
-                return Err(e);
-            }
-        };
-        if let Some(c) = opts.conversation {
+        let (seq, reuse) = start_sequence(pool, capacity, prompt, opts.strategy.reuses())?;
+        if let Some(c) = opts.conversation.filter(|_| opts.strategy.reuses()) {
             self.conversations.insert(c, seq);
         }
-        Ok((
-            seq,
-            Some(ReuseStats {
-                prompt_tokens: prompt.len(),
-                reused_tokens: found.reused,
-                prefilled_tokens: prompt.len() - found.reused,
-                missed_granularity: found.missed_granularity,
-                missed_evicted: found.missed_evicted,
-                ..Default::default()
-            }),
-        ))
+        Ok((seq, reuse))
     }
 
     fn is_stop(&self, id: u32) -> bool {
@@ -571,6 +646,52 @@ impl<B: Backend> Generator for Engine<B> {
         self.kv.as_ref().map(|(_, store)| store.pool.stats())
     }
 
+    fn open_kv_pool(&mut self, strategy: Strategy, chunk_tokens: usize) -> Result<&mut ChunkPool> {
+        Ok(&mut self.kv_store(strategy, chunk_tokens)?.pool)
+    }
+
+    fn kv_pool_mut(&mut self) -> Result<&mut ChunkPool> {
+        Ok(&mut self.kv.as_mut().context("no KV pool is open")?.1.pool)
+    }
+
+    fn forward_batch(
+        &mut self,
+        copies: &[ChunkCopy],
+        entries: &[BatchEntry],
+        keep_logits: bool,
+    ) -> Result<BatchOutput> {
+        if entries.is_empty() {
+            bail!("a batched step of no sequence");
+        }
+        let steps: Vec<(SeqId, usize)> = entries.iter().map(|e| (e.seq, e.ids.len())).collect();
+        let store = &mut self.kv.as_mut().context("no KV pool is open")?.1;
+        let view = store.reserved_step(&self.backend, copies, &steps)?;
+        // Each sequence's last row at the step's end, in entry order: logits row i is entry i's.
+        let (view, order) = view.last_rows_at_end();
+        let rows: Vec<u32> = entries.iter().flat_map(|e| e.ids).copied().collect();
+        let ids: Vec<u32> = order.iter().map(|&r| rows[r]).collect();
+        let first = self.forward_view(&view, &ids, LogitRows::LastRows(entries.len()), 0)?;
+        let store = &mut self.kv.as_mut().context("no KV pool is open")?.1;
+        for entry in entries {
+            store.pool.commit(entry.seq, entry.ids)?;
+        }
+        let (backend, act) = (&self.backend, self.activations()?);
+        let mut output = BatchOutput::default();
+        for row in 0..entries.len() {
+            if keep_logits {
+                output.logits.push(backend.read_rows(&act.logits, row, 1)?);
+            }
+            let id = if row == 0 {
+                first
+            } else {
+                backend.argmax(&act.logits, row, self.logit_bias.as_ref())?;
+                backend.read_argmax()?
+            };
+            output.next_ids.push(id);
+        }
+        Ok(output)
+    }
+
     fn generate(
         &mut self,
         prompt: &[u32],
@@ -608,7 +729,7 @@ impl<B: Backend> Generator for Engine<B> {
         let prompt_rows = if opts.keep_prompt_logits {
             LogitRows::All
         } else {
-            LogitRows::Last
+            LogitRows::LastRows(1)
         };
         let mut step_logits = Vec::new();
         let keep = opts.keep_step_logits;
@@ -692,7 +813,7 @@ impl<B: Backend> Generator for Engine<B> {
                     self,
                     &sequence,
                     1,
-                    LogitRows::Last,
+                    LogitRows::LastRows(1),
                     keep.then_some(&mut step_logits),
                     None,
                 )?;

@@ -5,6 +5,7 @@
 //! - [`backend`]: the CPU backend and the CUDA backend (real GPU or the CPU emulator of CUDA semantics).
 //! - [`generate`]: prefill + greedy decode loop, timing, outside the model.
 //! - [`scenario`]: the study runner.
+//! - [`serve`]: many conversations at once: the continuous-batching scheduler and `serve-bench`.
 //! - [`selftest`]: the CUDA backend's checks on whichever device runs them (`kvlab selftest`).
 pub mod backend;
 pub mod generate;
@@ -15,3 +16,4 @@ pub mod roofline;
 pub mod runtime;
 pub mod scenario;
 pub mod selftest;
+pub mod serve;

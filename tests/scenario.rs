@@ -2,43 +2,15 @@
 //! tokenizer, 2 layers): the study's turn-1 prompt length, the files of a run read back, the
 //! strategies' agreement, the match with `kvlab generate`, and errors of a bad scenario file.
 
-use kvlab::model::synth::{cached_synthetic_dir, Preset, SynthOptions};
+mod common;
+
+use common::cli::{check_png, check_svg, kvlab, tiny_model, Csv};
 use kvlab::model::tokenizer::{ChatOptions, Message, Tokenizer};
+use kvlab::scenario::protocol::message;
 use kvlab::scenario::report::TURN_COLUMNS;
 use kvlab::scenario::scenarios::study_scenario;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-/// The tiny synthetic model, written once per build into Cargo's test scratch folder.
-fn tiny_model() -> PathBuf {
-    let opts = SynthOptions {
-        preset: Preset::Tiny,
-        seed: 0,
-    };
-    cached_synthetic_dir(Path::new(env!("CARGO_TARGET_TMPDIR")), &opts).expect("tiny model")
-}
-
-fn kvlab(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_kvlab"))
-        .args(args)
-        .output()
-        .expect("the kvlab binary runs");
-    if !out.status.success() {
-        eprintln!(
-            "stderr of kvlab {args:?}:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
-}
-
-fn message(role: &str, content: &str) -> Message {
-    Message {
-        role: role.into(),
-        content: content.into(),
-    }
-}
+use std::path::Path;
 
 fn first_turn(scenario: &str) -> Vec<Message> {
     let s = study_scenario(scenario).unwrap();
@@ -80,90 +52,6 @@ fn turn_one_of_insurance_claim_auto_is_152_tokens_as_in_the_study() {
         .encode_messages(&first_turn("insurance_claim_auto"), &PROMPT_OPTIONS)
         .unwrap();
     assert_eq!(real_ids, ids);
-}
-
-/// A minimal RFC 4180 reader: fields separated by commas, quoted when they hold commas,
-/// quotes or line breaks.
-fn read_csv(text: &str) -> Vec<Vec<String>> {
-    let mut rows = Vec::new();
-    let mut row = Vec::new();
-    let mut field = String::new();
-    let mut quoted = false;
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, quoted) {
-            ('"', true) if chars.peek() == Some(&'"') => {
-                field.push('"');
-                chars.next();
-            }
-            ('"', true) => quoted = false,
-            ('"', false) if field.is_empty() => quoted = true,
-            (',', false) => row.push(std::mem::take(&mut field)),
-            ('\n', false) => {
-                row.push(std::mem::take(&mut field));
-                rows.push(std::mem::take(&mut row));
-            }
-            (c, _) => field.push(c),
-        }
-    }
-    rows
-}
-
-struct Csv {
-    header: Vec<String>,
-    rows: Vec<Vec<String>>,
-}
-
-impl Csv {
-    fn read(path: &Path) -> Csv {
-        let mut rows = read_csv(&std::fs::read_to_string(path).unwrap());
-        let header = rows.remove(0);
-        Csv { header, rows }
-    }
-
-    fn get(&self, row: usize, column: &str) -> &str {
-        let i = self
-            .header
-            .iter()
-            .position(|h| h == column)
-            .unwrap_or_else(|| panic!("no column {column}"));
-        &self.rows[row][i]
-    }
-
-    fn num(&self, row: usize, column: &str) -> f64 {
-        self.get(row, column)
-            .parse()
-            .unwrap_or_else(|_| panic!("{column} of row {row} is not a number"))
-    }
-}
-
-fn check_png(path: &Path) {
-    let image = image::open(path)
-        .unwrap_or_else(|e| panic!("{} does not decode: {e}", path.display()))
-        .to_rgb8();
-    assert!(image.width() >= 600 && image.height() >= 300);
-    let colored = image
-        .pixels()
-        .filter(|p| {
-            let [r, g, b] = p.0;
-            r.abs_diff(g) > 40 || g.abs_diff(b) > 40 || r.abs_diff(b) > 40
-        })
-        .count();
-    assert!(
-        colored > 500,
-        "{} has almost no colored pixels",
-        path.display()
-    );
-}
-
-fn check_svg(path: &Path, must_say: &str) {
-    let text = std::fs::read_to_string(path).unwrap();
-    assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
-    assert!(
-        text.contains(must_say),
-        "{} lacks {must_say:?}",
-        path.display()
-    );
 }
 
 #[test]

@@ -267,11 +267,25 @@ impl<B: Backend> KvStore<B> {
     /// Reserves `rows` new positions for each sequence, makes the pool's copy-on-write copies,
     /// and returns the step's view (sequences' rows in this order).
     pub fn prepare_step(&mut self, backend: &B, steps: &[(SeqId, usize)]) -> Result<StepView> {
+        let mut copies = Vec::new();
         for &(id, rows) in steps {
-            let copies = self.pool.reserve(id, rows)?;
-            if !copies.is_empty() {
-                backend.copy_kv_chunks(&mut self.memory, &copies)?;
-            }
+            copies.extend(self.pool.reserve(id, rows)?);
+        }
+        self.reserved_step(backend, &copies, steps)
+    }
+
+    /// The view of a step whose rows the pool has reserved already (a scheduler reserves them
+    /// one sequence at a time, deciding what fits), after making the `copies` those
+    /// reservations returned, in their order (a later copy may write a chunk an earlier one
+    /// read).
+    pub fn reserved_step(
+        &mut self,
+        backend: &B,
+        copies: &[ChunkCopy],
+        steps: &[(SeqId, usize)],
+    ) -> Result<StepView> {
+        if !copies.is_empty() {
+            backend.copy_kv_chunks(&mut self.memory, copies)?;
         }
         self.pool.step_view(steps)
     }

@@ -10,7 +10,7 @@ use kvlab::scenario::plots::draw_cache_map;
 use kvlab::scenario::report::Table;
 use std::path::PathBuf;
 
-const MIB: f64 = (1u64 << 20) as f64;
+use kvlab::kv::MIB;
 /// Chunks listed one per line; longer tables show the first ones and the last.
 const MAX_LISTED_CHUNKS: usize = 12;
 

@@ -5,9 +5,13 @@ pub mod kernel_report;
 pub mod roofline;
 pub mod scenario;
 pub mod selftest;
+pub mod serve_bench;
 pub mod synth;
 
+use anyhow::Context;
 use clap::Args;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Which model, on which backend.
 #[derive(Args, Debug, Clone)]
@@ -70,6 +74,50 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         return Err(format!("{text:?} is not a positive size"));
     }
     Ok(bytes as u64)
+}
+
+/// A new results folder: `--out` (which must be absent or empty), else a dated one in results/
+/// named `<command>-<date>-<time>`.
+pub fn results_dir(out: Option<&Path>, command: &str) -> anyhow::Result<PathBuf> {
+    let dir = match out {
+        Some(dir) => {
+            let is_empty = || std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+            if dir.exists() && !is_empty() {
+                anyhow::bail!(
+                    "{} exists and is not empty; give a new folder to --out",
+                    dir.display()
+                );
+            }
+            dir.to_path_buf()
+        }
+        None => {
+            let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
+            let base = PathBuf::from("results").join(format!("{command}-{stamp}"));
+            let mut dir = base.clone();
+            let mut n = 2;
+            while dir.exists() {
+                dir = PathBuf::from(format!("{}-{n}", base.display()));
+                n += 1;
+            }
+            dir
+        }
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Raised by Ctrl-C: a long run stops after `what` is done and writes what it measured; a
+/// second Ctrl-C quits at once.
+pub fn stop_on_ctrl_c(what: &'static str) -> anyhow::Result<&'static AtomicBool> {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    ctrlc::set_handler(move || {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nStopping after {what} (Ctrl-C again quits at once).");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(&STOP)
 }
 
 impl ModelArgs {

@@ -23,11 +23,14 @@ mod prefix;
 mod step;
 
 pub use layout::{KvDtype, KvLayout, KvPart, LayoutKind};
-pub use pool::{ChunkCopy, ChunkPool, PoolStats, PrefixMatch, SeqId, SeqStats};
+pub use pool::{ChunkCopy, ChunkPool, PoolExhausted, PoolStats, PrefixMatch, SeqId, SeqStats};
 pub use prefix::ChainKey;
 pub use step::{SeqStep, StepView};
 
 use serde::{Deserialize, Serialize};
+
+/// Bytes in a MiB, for the reports of KV memory.
+pub const MIB: f64 = (1u64 << 20) as f64;
 
 /// What the forward pass keeps between tokens, and whether it keeps it between calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]

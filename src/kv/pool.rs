@@ -12,11 +12,11 @@
 
 use super::prefix::{chain_key, ChainKey, PrefixIndex, ROOT};
 use super::{KvLayout, LayoutKind, SeqStep, StepView};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-const MIB: f64 = (1u64 << 20) as f64;
+use super::MIB;
 
 /// A sequence of the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -26,6 +26,16 @@ impl std::fmt::Display for SeqId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "sequence {}", self.0)
     }
+}
+
+/// The pool has too few free (or idle, evictable) chunks for a reservation: an error a
+/// scheduler can act on (free some and retry), unlike a request the pool can never serve.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PoolExhausted {
+    /// Chunks the reservation lacked.
+    pub missing_chunks: usize,
+    message: String,
 }
 
 /// Copy chunk `src` to chunk `dst` (whole chunks) before the step that writes `dst`.
@@ -308,6 +318,12 @@ impl ChunkPool {
         self.free.values().map(|&n| n as usize).sum()
     }
 
+    /// Chunks a reservation can take now: the free ones and the cached idle ones (evicted when
+    /// taken).
+    pub fn available_chunks(&self) -> usize {
+        self.free_chunks() + self.idle.len()
+    }
+
     // --- sequences ----------------------------------------------------------------------------
 
     /// A new, empty sequence. Contiguous layout: its run of `capacity` positions (rounded up to
@@ -323,8 +339,9 @@ impl ChunkPool {
                 let start = u32::try_from(run)
                     .ok()
                     .and_then(|run| self.take_run(run))
-                    .with_context(|| {
-                        format!(
+                    .ok_or_else(|| PoolExhausted {
+                        missing_chunks: run.saturating_sub(self.free_chunks()).max(1),
+                        message: format!(
                             "the KV pool has no free contiguous run of {positions} positions \
                              ({:.2} MiB): {} of its {} are free (budget: {}; raise --kv-budget \
                              or lower --max-context)",
@@ -332,7 +349,7 @@ impl ChunkPool {
                             self.free_chunks(),
                             self.num_chunks(),
                             self.budget_text()
-                        )
+                        ),
                     })?;
                 for chunk in start..start + run as u32 {
                     self.add_ref(chunk);
@@ -521,9 +538,9 @@ impl ChunkPool {
             .filter(|&(_, c)| self.refs[c as usize] > 1 || self.index.contains(c));
         let new_chunks = (len + rows).div_ceil(chunk_tokens) - seq.table.len();
         let wanted = new_chunks + usize::from(copy_from.is_some());
-        let available = self.free_chunks() + self.idle.len();
+        let available = self.available_chunks();
         if wanted > available {
-            bail!(self.exhausted(id, wanted - available));
+            return Err(self.exhausted(id, wanted - available).into());
         }
         let mut copies = Vec::new();
         if let Some((at, chunk)) = copy_from {
@@ -551,17 +568,20 @@ impl ChunkPool {
         Ok(copies)
     }
 
-    fn exhausted(&self, id: SeqId, missing: usize) -> String {
-        format!(
-            "the KV pool is exhausted: {id} needs {missing} more chunk(s) of {} positions \
-             ({:.2} MiB), but every chunk is held by a sequence ({} sequences hold {:.2} MiB; \
-             budget: {}); raise --kv-budget",
-            self.layout.chunk_tokens,
-            (missing * self.layout.chunk_bytes()) as f64 / MIB,
-            self.seqs.iter().flatten().count(),
-            (self.held_chunks * self.layout.chunk_bytes()) as f64 / MIB,
-            self.budget_text()
-        )
+    fn exhausted(&self, id: SeqId, missing: usize) -> PoolExhausted {
+        PoolExhausted {
+            missing_chunks: missing,
+            message: format!(
+                "the KV pool is exhausted: {id} needs {missing} more chunk(s) of {} positions \
+                 ({:.2} MiB), but every chunk is held by a sequence ({} sequences hold {:.2} \
+                 MiB; budget: {}); raise --kv-budget",
+                self.layout.chunk_tokens,
+                (missing * self.layout.chunk_bytes()) as f64 / MIB,
+                self.seqs.iter().flatten().count(),
+                (self.held_chunks * self.layout.chunk_bytes()) as f64 / MIB,
+                self.budget_text()
+            ),
+        }
     }
 
     /// The step's rows are written: `tokens` (as many as reserved) become the sequence's next

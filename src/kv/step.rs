@@ -231,6 +231,57 @@ impl StepView {
         Ok(())
     }
 
+    /// The same step with the last row of each sequence after all the other rows, in the
+    /// sequences' order, so that those rows are the step's last `seqs.len()` (the forward pass
+    /// computes logits of a step's last rows only: `LogitRows::LastRows`); and, for each row of
+    /// the new view, the row of this one it is. A sequence of several rows becomes two parts:
+    /// its other rows, then (after every sequence's other rows) its last row, both over its
+    /// block table. Every row's K/V is appended before attention reads any, so the last row
+    /// still sees the rows before it. A view whose last rows already end it in order (one
+    /// sequence, or one row per sequence) comes back as it is.
+    pub fn last_rows_at_end(&self) -> (StepView, Vec<usize>) {
+        if self.seqs.len() <= 1 || self.seqs.iter().all(|s| s.rows == 1) {
+            return (self.clone(), (0..self.rows()).collect());
+        }
+        let mut view = StepView {
+            layout: self.layout,
+            seqs: Vec::with_capacity(2 * self.seqs.len()),
+            row_seq: Vec::with_capacity(self.rows()),
+            row_pos: Vec::with_capacity(self.rows()),
+            block_table: self.block_table.clone(),
+        };
+        let mut order = Vec::with_capacity(self.rows());
+        let mut add = |part: SeqStep, from_row: usize, order: &mut Vec<usize>| {
+            let index = view.seqs.len() as u32;
+            let part = SeqStep {
+                first_row: view.row_pos.len() as u32,
+                ..part
+            };
+            for row in 0..part.rows {
+                view.row_seq.push(index);
+                view.row_pos.push(part.start + row);
+                order.push(from_row + row as usize);
+            }
+            view.seqs.push(part);
+        };
+        for seq in self.seqs.iter().filter(|s| s.rows > 1) {
+            let others = SeqStep {
+                rows: seq.rows - 1,
+                ..*seq
+            };
+            add(others, seq.first_row as usize, &mut order);
+        }
+        for seq in &self.seqs {
+            let last = SeqStep {
+                rows: 1,
+                start: seq.start + seq.rows - 1,
+                ..*seq
+            };
+            add(last, seq.end_row() - 1, &mut order);
+        }
+        (view, order)
+    }
+
     /// The view as the kernels read it: `u32` words, in order the sequences (`KvSeqStep`, 5
     /// words each), `row_seq`, `row_pos`, then the block table.
     pub fn packed(&self) -> Vec<u32> {
@@ -346,5 +397,46 @@ mod tests {
         let mut other = view();
         other.layout.head_dim = 16;
         assert!(other.check_fits(&good.layout, 4).is_err());
+    }
+
+    #[test]
+    fn the_last_rows_of_the_sequences_move_to_the_end() {
+        // A: rows 0..3 at 5..8, B: row 3 at 0, C: rows 4..6 at 2..4 (table [1]).
+        let mut three = view();
+        three.seqs.push(SeqStep {
+            first_row: 4,
+            rows: 2,
+            start: 2,
+            table_start: 3,
+            block_tokens: 4,
+        });
+        three.row_seq.extend([2, 2]);
+        three.row_pos.extend([2, 3]);
+        three.block_table.push(1);
+        three.check_fits(&three.layout, 4).unwrap();
+        let (moved, order) = three.last_rows_at_end();
+        moved.check_fits(&moved.layout, 4).unwrap();
+        // A's first two rows, C's first, then the last rows of A, B and C.
+        assert_eq!(order, [0, 1, 4, 2, 3, 5]);
+        assert_eq!(moved.row_pos, [5, 6, 2, 7, 0, 3]);
+        for (new_row, &old_row) in order.iter().enumerate() {
+            let old = &three.seqs[three.row_seq[old_row] as usize];
+            let new = &moved.seqs[moved.row_seq[new_row] as usize];
+            assert_eq!(moved.row_pos[new_row], three.row_pos[old_row]);
+            // Each part reads its sequence's blocks.
+            assert_eq!(new.table_start, old.table_start);
+            assert_eq!(
+                moved.locate(new, moved.row_pos[new_row] as usize),
+                three.locate(old, three.row_pos[old_row] as usize)
+            );
+        }
+        // One row per sequence, or one sequence: already in place.
+        let mut decode = three.clone();
+        decode.seqs.truncate(2);
+        decode.seqs[0].rows = 1;
+        decode.seqs[1].first_row = 1;
+        decode.row_seq = vec![0, 1];
+        decode.row_pos = vec![5, 0];
+        assert_eq!(decode.last_rows_at_end(), (decode.clone(), vec![0, 1]));
     }
 }

@@ -9,7 +9,7 @@
 //!     x += attention(q, cache)·Woᵀ
 //!     h = rmsnorm(x) · post_attention_layernorm
 //!     x += (silu(h·Wgateᵀ) * h·Wupᵀ)·Wdownᵀ
-//! logits = (rmsnorm(x) · norm)·lm_headᵀ                  [rows or 1, vocab]
+//! logits = (rmsnorm(x) · norm)·lm_headᵀ                  [rows, or the last n, vocab]
 //! ```
 //! Each norm is one op with the projections that read it (`rms_norm_matmul_many`: h is never
 //! stored), and each residual add one op with the projection it adds (`matmul_add`,
@@ -38,13 +38,25 @@ pub struct Model<B: Backend> {
 /// Which rows of the final hidden state become logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitRows {
-    /// Only the last row (generation).
-    Last,
+    /// The step's last `n` rows (generation: each sequence's last row; a step of several
+    /// sequences puts those at its end, `StepView::last_rows_at_end`).
+    LastRows(usize),
     /// Every row (prompt logits for comparisons).
     All,
 }
 
-/// Activation buffers for steps of up to `capacity` rows, allocated once and reused.
+impl LogitRows {
+    /// Rows of logits for a step of `rows` rows.
+    pub fn count(self, rows: usize) -> usize {
+        match self {
+            LogitRows::LastRows(n) => n,
+            LogitRows::All => rows,
+        }
+    }
+}
+
+/// Activation buffers for steps of up to `capacity` rows and `logit_rows` rows of logits,
+/// allocated once and reused.
 pub struct Activations<B: Backend> {
     capacity: usize,
     logit_rows: usize,
@@ -79,8 +91,13 @@ impl<B: Backend> Activations<B> {
         self.capacity
     }
 
+    /// Rows of logits it holds.
+    pub fn logit_capacity(&self) -> usize {
+        self.logit_rows
+    }
+
     pub fn fits(&self, rows: usize, logits: LogitRows) -> bool {
-        rows <= self.capacity && (logits == LogitRows::Last || rows <= self.logit_rows)
+        rows <= self.capacity && logits.count(rows) <= self.logit_rows
     }
 }
 
@@ -117,8 +134,8 @@ impl<B: Backend> Model<B> {
 
     /// Runs `ids` through the model, one row each, at the rows, positions and sequences of
     /// `step` (which the KV pool reserved), writing their K/V into `kv`. The caller commits the
-    /// step to the pool afterwards. Logits land in `act.logits`: one row per input row, or only
-    /// the last.
+    /// step to the pool afterwards. Logits land in `act.logits`: one row per input row, or for
+    /// the last `n`.
     pub fn forward(
         &self,
         b: &B,
@@ -135,10 +152,13 @@ impl<B: Backend> Model<B> {
         if rows != step.rows() {
             bail!("{rows} token ids for a step of {} rows", step.rows());
         }
-        if !act.fits(rows, logit_rows) {
+        if !act.fits(rows, logit_rows) || logit_rows.count(rows) > rows {
             bail!(
-                "a step of {rows} rows does not fit activations sized for {}",
-                act.capacity
+                "a step of {rows} rows and {} rows of logits does not fit activations sized for \
+                 {} and {}",
+                logit_rows.count(rows),
+                act.capacity,
+                act.logit_rows
             );
         }
         b.set_kv_step(kv, step)?;
@@ -197,7 +217,7 @@ impl<B: Backend> Model<B> {
         }
         let logit_rows = match logit_rows {
             LogitRows::All => 0..rows,
-            LogitRows::Last => rows - 1..rows,
+            LogitRows::LastRows(n) => rows - n..rows,
         };
         let head = &mut [(w.output_projection(), &mut act.logits)];
         b.rms_norm_matmul_many(&act.x, logit_rows, &w.norm, eps, head)

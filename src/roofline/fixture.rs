@@ -272,7 +272,14 @@ impl<'m, B: Backend> DecodeStep<'m, B> {
         let memory = &mut cache.store.memory;
         // As generation runs a step: through run_step, which may replay a CUDA graph.
         backend.run_step(&mut || {
-            model.forward(backend, memory, &view, &[token], act, LogitRows::Last)
+            model.forward(
+                backend,
+                memory,
+                &view,
+                &[token],
+                act,
+                LogitRows::LastRows(1),
+            )
         })?;
         cache.store.pool.commit(cache.seq, &[token])
     }

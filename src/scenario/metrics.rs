@@ -122,6 +122,13 @@ pub mod process_memory {
     }
 }
 
+/// Nearest-rank percentile of ascending `sorted` values (not empty): the smallest value with at
+/// least a fraction `q` of the values at or below it.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
 /// Mean, median and 95th percentile of a column.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Distribution {
@@ -148,12 +155,12 @@ impl Distribution {
         } else {
             (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
         };
-        let p95_rank = (0.95 * n as f64).ceil() as usize;
+
         Some(Distribution {
             count: n,
             mean: sorted.iter().sum::<f64>() / n as f64,
             median,
-            p95: sorted[p95_rank.max(1) - 1],
+            p95: percentile(&sorted, 0.95),
             min: sorted[0],
             max: sorted[n - 1],
         })

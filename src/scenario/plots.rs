@@ -13,16 +13,16 @@ use plotters::style::FontStyle;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-const FONT: &str = "sans-serif";
-const MIB: f64 = (1u64 << 20) as f64;
-const CHART_SIZE: (u32, u32) = (1100, 680);
+pub(crate) const FONT: &str = "sans-serif";
+use crate::kv::MIB;
+pub(crate) const CHART_SIZE: (u32, u32) = (1100, 680);
 /// Linear y axes reach this multiple of the largest value, leaving the top for the legend.
-const LEGEND_HEADROOM: f64 = 1.5;
+pub(crate) const LEGEND_HEADROOM: f64 = 1.5;
 
-type Drawn<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+pub(crate) type Drawn<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
 /// A picture that can be drawn on any plotters backend.
-trait Figure {
+pub(crate) trait Figure {
     fn size(&self) -> (u32, u32) {
         CHART_SIZE
     }
@@ -48,7 +48,7 @@ fn register_font() -> Result<()> {
 }
 
 /// Writes `stem.png` and `stem.svg`; returns their paths.
-fn save(figure: &impl Figure, stem: &Path) -> Result<[PathBuf; 2]> {
+pub(crate) fn save(figure: &impl Figure, stem: &Path) -> Result<[PathBuf; 2]> {
     register_font()?;
     if let Some(parent) = stem.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
@@ -80,7 +80,7 @@ fn save(figure: &impl Figure, stem: &Path) -> Result<[PathBuf; 2]> {
     Ok([png, svg])
 }
 
-fn strategy_color(strategy: Strategy) -> RGBColor {
+pub(crate) fn strategy_color(strategy: Strategy) -> RGBColor {
     match strategy {
         Strategy::None => RGBColor(214, 39, 40),
         Strategy::Dynamic => RGBColor(31, 119, 180),
@@ -91,7 +91,7 @@ fn strategy_color(strategy: Strategy) -> RGBColor {
 }
 
 /// `(lo, hi)` padded by `pad` of the span (or of `hi` when the span is 0).
-fn padded(lo: f64, hi: f64, pad: f64) -> (f64, f64) {
+pub(crate) fn padded(lo: f64, hi: f64, pad: f64) -> (f64, f64) {
     let span = if hi > lo { hi - lo } else { hi.abs().max(1.0) };
     (lo - span * pad, hi + span * pad)
 }

@@ -11,16 +11,16 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-const MIB: f64 = (1u64 << 20) as f64;
+use crate::kv::MIB;
 
-/// One column of `turns.csv`: its header and how a record writes it (documented in
-/// docs/scenario.md, which a test checks against this list).
-pub struct Column {
+/// One column of a CSV file of records `R`: its header and how a record writes it (each
+/// file's columns are documented in docs/, which tests check against their lists).
+pub struct Column<R> {
     pub name: &'static str,
-    value: fn(&TurnRecord) -> String,
+    value: fn(&R) -> String,
 }
 
-const fn column(name: &'static str, value: fn(&TurnRecord) -> String) -> Column {
+pub const fn column<R>(name: &'static str, value: fn(&R) -> String) -> Column<R> {
     Column { name, value }
 }
 
@@ -29,7 +29,7 @@ fn optional<T: ToString>(value: Option<T>) -> String {
 }
 
 /// The columns of `turns.csv`, in order.
-pub const TURN_COLUMNS: &[Column] = &[
+pub const TURN_COLUMNS: &[Column<TurnRecord>] = &[
     column("scenario", |r| r.scenario.clone()),
     column("strategy", |r| r.strategy.to_string()),
     column("turn", |r| r.turn.to_string()),
@@ -100,45 +100,68 @@ fn csv_field(text: &str) -> String {
     }
 }
 
-/// `turns.csv` and `generations.jsonl`, written a turn at a time (flushed, so that a run that
-/// dies keeps every turn it finished).
+fn create_file(path: &Path) -> Result<BufWriter<File>> {
+    File::create(path)
+        .map(BufWriter::new)
+        .with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// A CSV file written a record at a time (flushed, so that a run that dies keeps every record
+/// it wrote).
+pub struct CsvFile<R: 'static> {
+    file: BufWriter<File>,
+    path: PathBuf,
+    columns: &'static [Column<R>],
+}
+
+impl<R> CsvFile<R> {
+    /// The file with its header line.
+    pub fn create(path: &Path, columns: &'static [Column<R>]) -> Result<CsvFile<R>> {
+        let mut csv = CsvFile {
+            file: create_file(path)?,
+            path: path.to_path_buf(),
+            columns,
+        };
+        let header: Vec<&str> = columns.iter().map(|c| c.name).collect();
+        csv.write_line(&header.join(","))?;
+        Ok(csv)
+    }
+
+    pub fn append(&mut self, record: &R) -> Result<()> {
+        let row: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| csv_field(&(c.value)(record)))
+            .collect();
+        self.write_line(&row.join(","))
+    }
+
+    fn write_line(&mut self, line: &str) -> Result<()> {
+        writeln!(self.file, "{line}")
+            .and_then(|()| self.file.flush())
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+/// `turns.csv` and `generations.jsonl`, written a turn at a time.
 pub struct TurnFiles {
-    csv: BufWriter<File>,
+    csv: CsvFile<TurnRecord>,
     jsonl: BufWriter<File>,
-    csv_path: PathBuf,
     jsonl_path: PathBuf,
 }
 
 impl TurnFiles {
     pub fn create(dir: &Path) -> Result<TurnFiles> {
-        let csv_path = dir.join("turns.csv");
         let jsonl_path = dir.join("generations.jsonl");
-        let open = |path: &Path| {
-            File::create(path)
-                .map(BufWriter::new)
-                .with_context(|| format!("cannot create {}", path.display()))
-        };
-        let mut files = TurnFiles {
-            csv: open(&csv_path)?,
-            jsonl: open(&jsonl_path)?,
-            csv_path,
+        Ok(TurnFiles {
+            csv: CsvFile::create(&dir.join("turns.csv"), TURN_COLUMNS)?,
+            jsonl: create_file(&jsonl_path)?,
             jsonl_path,
-        };
-        let header: Vec<&str> = TURN_COLUMNS.iter().map(|c| c.name).collect();
-        writeln!(files.csv, "{}", header.join(","))
-            .with_context(|| format!("writing {}", files.csv_path.display()))?;
-        files.csv.flush()?;
-        Ok(files)
+        })
     }
 
     pub fn append(&mut self, result: &TurnResult) -> Result<()> {
-        let row: Vec<String> = TURN_COLUMNS
-            .iter()
-            .map(|c| csv_field(&(c.value)(&result.record)))
-            .collect();
-        writeln!(self.csv, "{}", row.join(","))
-            .and_then(|()| self.csv.flush())
-            .with_context(|| format!("writing {}", self.csv_path.display()))?;
+        self.csv.append(&result.record)?;
         let line = serde_json::json!({
             "scenario": result.record.scenario,
             "strategy": result.record.strategy,
@@ -153,24 +176,18 @@ impl TurnFiles {
     }
 }
 
-/// Who ran what, for the first line of output and the top of every report.
+/// The model and backend that ran, for the first line of output and the top of every report.
 #[derive(Clone, Debug, Serialize)]
-pub struct RunInfo {
+pub struct EngineInfo {
     pub model: String,
     /// Random weights written by `kvlab synth`.
     pub synthetic: bool,
     /// Storage dtype of the checkpoint's weights (config.json), when it says.
     pub weights_dtype: Option<String>,
     pub backend: BackendInfo,
-    /// Greedy choices restricted to ordinary-text ids (the synthetic model's default).
-    pub ordinary_text_only: bool,
-    /// Which part of the study this run is ("the full study", or the subset and why).
-    pub subset: String,
-    pub scenarios: Vec<String>,
-    pub protocol: ProtocolOptions,
 }
 
-impl RunInfo {
+impl EngineInfo {
     /// One line: model, backend, device, dtypes, synthetic or not.
     pub fn headline(&self) -> String {
         format!(
@@ -188,6 +205,19 @@ impl RunInfo {
             self.backend.kv_dtype,
         )
     }
+}
+
+/// Who ran what part of the study.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunInfo {
+    #[serde(flatten)]
+    pub engine: EngineInfo,
+    /// Greedy choices restricted to ordinary-text ids (the synthetic model's default).
+    pub ordinary_text_only: bool,
+    /// Which part of the study this run is ("the full study", or the subset and why).
+    pub subset: String,
+    pub scenarios: Vec<String>,
+    pub protocol: ProtocolOptions,
 }
 
 /// Statistics of one strategy over its successful turns.
@@ -425,7 +455,7 @@ impl Summary {
         let run = &self.run;
         let mut md = String::new();
         md.push_str("# kvlab scenario results\n\n");
-        md.push_str(&format!("{}\n\n", run.headline()));
+        md.push_str(&format!("{}\n\n", run.engine.headline()));
         md.push_str(&format!(
             "- Run: {} to {}{}\n- Which: {}\n- Scenarios: {}\n- Strategies: {} (agreement is checked against `{}`)\n",
             self.started_at,

@@ -28,7 +28,12 @@ fn a_contiguous_run_is_reserved_whole_and_freed_whole() {
     let overflow = pool.reserve(a, 4).unwrap_err().to_string();
     assert!(overflow.contains("7 positions requested") && overflow.contains("holds 6"));
     // 4 chunks are left: a run of 5 does not fit, the error says how much is free.
-    let err = pool.new_sequence(Some(5)).unwrap_err().to_string();
+    let err = pool.new_sequence(Some(5)).unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<PoolExhausted>().unwrap().missing_chunks,
+        1
+    );
+    let err = err.to_string();
     assert!(err.contains("no free contiguous run of 5 positions") && err.contains("4 of its 10"));
     let b = pool.new_sequence(Some(4)).unwrap();
     pool.truncate(a, 1).unwrap();
@@ -52,7 +57,13 @@ fn chunks_come_on_demand_and_an_exhausted_pool_takes_nothing() {
     assert_eq!(pool.seq_table(a).unwrap().len(), 2);
     let b = pool.new_sequence(None).unwrap();
     let before = pool.stats();
-    let err = pool.reserve(b, 9).unwrap_err().to_string();
+    let err = pool.reserve(b, 9).unwrap_err();
+    // A scheduler tells an exhausted pool (free some, retry) from other errors by its type.
+    assert_eq!(
+        err.downcast_ref::<PoolExhausted>().unwrap().missing_chunks,
+        2
+    );
+    let err = err.to_string();
     assert!(
         err.contains("needs 2 more chunk(s)") && err.contains("raise --kv-budget"),
         "{err}"
