@@ -123,7 +123,16 @@ pub fn run(args: CacheMapArgs) -> Result<()> {
     println!(
         "\nPer layer. Each block (a chunk, or the whole run) holds every layer, ordered \
          [layer][K, V][KV head][slot][head_dim], so a row block's unwritten tail sits inside the \
-         block, before the next row block:"
+         block, before the next row block{}:",
+        if dtype.is_quantized() {
+            format!(
+                "; after the codes, each row's f32 scale, ordered [layer][K, V][KV head][slot] \
+                 ({} bytes of codes + 4 of scale per row)",
+                layout.row_code_bytes()
+            )
+        } else {
+            String::new()
+        }
     );
     let mut layers = Table::new(&[
         "layer",

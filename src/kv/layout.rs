@@ -15,27 +15,59 @@ pub enum LayoutKind {
     Chunked = 1,
 }
 
-/// Element type of K and V entries.
+/// Element type of K and V entries. The quantized types store a code per element and one f32
+/// scale per `head_dim` row (one token, one layer, K or V, one KV head): see [`super::quant`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
 #[repr(u32)]
 pub enum KvDtype {
+    #[serde(rename = "f32")]
     F32 = 0,
+    #[serde(rename = "bf16")]
     Bf16 = 1,
+    /// Symmetric int8 codes, scale = max|row| / 127.
+    #[serde(rename = "int8")]
+    Int8 = 2,
+    /// OCP fp8 E4M3FN codes, scale = max|row| / 448.
+    #[serde(rename = "fp8-e4m3")]
+    #[value(name = "fp8-e4m3")]
+    Fp8E4m3 = 3,
 }
 
 impl KvDtype {
-    pub fn bytes(self) -> usize {
+    pub const ALL: [KvDtype; 4] = [KvDtype::F32, KvDtype::Bf16, KvDtype::Int8, KvDtype::Fp8E4m3];
+
+    /// Bytes of one stored code.
+    pub fn code_bytes(self) -> usize {
         match self {
             KvDtype::F32 => 4,
             KvDtype::Bf16 => 2,
+            KvDtype::Int8 | KvDtype::Fp8E4m3 => 1,
         }
+    }
+
+    /// Bytes of the scale that each `head_dim` row carries (0: the codes are the values).
+    pub fn row_scale_bytes(self) -> usize {
+        match self {
+            KvDtype::F32 | KvDtype::Bf16 => 0,
+            KvDtype::Int8 | KvDtype::Fp8E4m3 => 4,
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self.row_scale_bytes() > 0
+    }
+
+    /// Bytes of one `head_dim` row of K or V: its codes and its scale.
+    pub fn row_bytes(self, head_dim: usize) -> usize {
+        head_dim * self.code_bytes() + self.row_scale_bytes()
     }
 
     pub fn name(self) -> &'static str {
         match self {
             KvDtype::F32 => "f32",
             KvDtype::Bf16 => "bf16",
+            KvDtype::Int8 => "int8",
+            KvDtype::Fp8E4m3 => "fp8-e4m3",
         }
     }
 }
@@ -43,6 +75,20 @@ impl KvDtype {
 impl std::fmt::Display for KvDtype {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        KvDtype::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = KvDtype::ALL.iter().map(|d| d.name()).collect();
+                anyhow::anyhow!("unknown KV dtype {s:?} (expected {})", names.join(", "))
+            })
     }
 }
 
@@ -56,13 +102,16 @@ pub enum KvPart {
 /// Geometry of one pool's arena, mirrored by `kernels/kv_layout.cuh` (same fields, same order,
 /// same formulas) and passed to the kernels as one argument.
 ///
-/// The arena is `[chunks][chunk_tokens][..]`-sized: chunk `c` starts at element
-/// `c * chunk_elems()`. A *block* is the memory of one sequence's positions in one chunk (chunked
-/// layout) or in its whole run (contiguous layout), ordered
-/// `[num_layers][2 (K, V)][num_kv_heads][block_tokens][head_dim]`: for one layer and head the
-/// block's positions are consecutive rows of `head_dim`, which is what attention streams. In the
-/// chunked layout `block_tokens = chunk_tokens`; a contiguous run of `n` chunks is one block of
-/// `n * chunk_tokens` positions, so its rows of one (layer, head) span the whole sequence.
+/// The arena is `chunks × chunk_bytes()` bytes: chunk `c` starts at byte `c * chunk_bytes()`. A
+/// *block* is the memory of one sequence's slots in one chunk (chunked layout) or in its whole
+/// run (contiguous layout): first the codes, ordered
+/// `[num_layers][2 (K, V)][num_kv_heads][block_tokens][head_dim]`, so that for one layer and head
+/// the block's slots are consecutive rows of `head_dim`, which is what attention streams; then,
+/// for the quantized types, the rows' f32 scales in the same order without `head_dim`
+/// (`[num_layers][2][num_kv_heads][block_tokens]`). In the chunked layout
+/// `block_tokens = chunk_tokens`; a contiguous run of `n` chunks is one block of
+/// `n * chunk_tokens` slots, so its rows of one (layer, head) span the whole sequence. Either way
+/// a block of `t` slots is exactly `t * bytes_per_token()` bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct KvLayout {
@@ -94,6 +143,13 @@ impl KvLayout {
         if chunk_tokens == 0 {
             bail!("--chunk-tokens must be at least 1");
         }
+        // The scales follow the codes; 4-byte codes rows keep them aligned for f32 loads.
+        if dtype.is_quantized() && !head_dim.is_multiple_of(4) {
+            bail!(
+                "--kv-dtype {dtype} keeps an f32 scale beside every row of head_dim codes, which \
+                 needs head_dim to be a multiple of 4 (this model's is {head_dim})"
+            );
+        }
         let small = |value: usize, what: &str| {
             u32::try_from(value).map_err(|_| anyhow::anyhow!("{what} = {value} is too large"))
         };
@@ -116,38 +172,47 @@ impl KvLayout {
     }
 
     pub fn dtype(&self) -> KvDtype {
-        if self.dtype == KvDtype::Bf16 as u32 {
-            KvDtype::Bf16
-        } else {
-            KvDtype::F32
-        }
+        KvDtype::ALL
+            .into_iter()
+            .find(|d| *d as u32 == self.dtype)
+            .unwrap_or(KvDtype::F32)
     }
 
     pub fn chunk_tokens(&self) -> usize {
         self.chunk_tokens as usize
     }
 
-    /// Elements that one position occupies across all layers, K and V.
-    pub fn elems_per_token(&self) -> usize {
-        self.num_layers as usize * 2 * self.num_kv_heads as usize * self.head_dim as usize
+    pub fn head_dim(&self) -> usize {
+        self.head_dim as usize
     }
 
+    /// `head_dim` rows that one position occupies: one per layer, K and V, and KV head.
+    pub fn rows_per_token(&self) -> usize {
+        self.num_layers as usize * 2 * self.num_kv_heads as usize
+    }
+
+    /// Bytes of one row's codes.
+    pub fn row_code_bytes(&self) -> usize {
+        self.head_dim() * self.dtype().code_bytes()
+    }
+
+    /// Bytes one position occupies across all layers, K and V: codes and scales.
     pub fn bytes_per_token(&self) -> usize {
-        self.elems_per_token() * self.dtype().bytes()
-    }
-
-    /// Elements in one chunk.
-    pub fn chunk_elems(&self) -> usize {
-        self.chunk_tokens() * self.elems_per_token()
+        self.rows_per_token() * self.dtype().row_bytes(self.head_dim())
     }
 
     pub fn chunk_bytes(&self) -> usize {
-        self.chunk_elems() * self.dtype().bytes()
+        self.chunk_tokens() * self.bytes_per_token()
     }
 
-    /// Element offset, inside a block of `block_tokens` positions, of the `head_dim` row of
-    /// (layer, part, head, slot).
-    pub fn offset_in_block(
+    /// Index of the (layer, part, head) rows among a block's `[layer][K, V][head]` row blocks.
+    fn row_block(&self, layer: usize, part: KvPart, head: usize) -> usize {
+        (layer * 2 + part as usize) * self.num_kv_heads as usize + head
+    }
+
+    /// Byte offset, inside a block of `block_tokens` slots, of the codes of the `head_dim` row
+    /// of (layer, part, head, slot).
+    pub fn code_offset_in_block(
         &self,
         layer: usize,
         part: KvPart,
@@ -155,9 +220,21 @@ impl KvLayout {
         slot: usize,
         block_tokens: usize,
     ) -> usize {
-        let row_block = layer * 2 + part as usize;
-        ((row_block * self.num_kv_heads as usize + head) * block_tokens + slot)
-            * self.head_dim as usize
+        (self.row_block(layer, part, head) * block_tokens + slot) * self.row_code_bytes()
+    }
+
+    /// Byte offset, inside a block of `block_tokens` slots, of the f32 scale of the row of
+    /// (layer, part, head, slot); quantized types only.
+    pub fn scale_offset_in_block(
+        &self,
+        layer: usize,
+        part: KvPart,
+        head: usize,
+        slot: usize,
+        block_tokens: usize,
+    ) -> usize {
+        let codes = block_tokens * self.rows_per_token() * self.row_code_bytes();
+        codes + (self.row_block(layer, part, head) * block_tokens + slot) * 4
     }
 }
 
@@ -166,34 +243,82 @@ mod tests {
     use super::*;
 
     #[test]
-    fn offsets_tile_a_block_exactly_once() {
-        for kind in [LayoutKind::Contiguous, LayoutKind::Chunked] {
-            let layout = KvLayout::new(kind, KvDtype::Bf16, 3, 2, 4, 5).unwrap();
-            assert_eq!(layout.kind(), kind);
-            assert_eq!(layout.dtype(), KvDtype::Bf16);
-            // A chunk is one block of chunk_tokens; a run of 3 chunks one block of 15.
-            for block_tokens in [5, 15] {
-                let mut seen = vec![false; layout.elems_per_token() * block_tokens];
-                for layer in 0..3 {
-                    for part in [KvPart::Key, KvPart::Value] {
-                        for head in 0..2 {
-                            for slot in 0..block_tokens {
-                                let off =
-                                    layout.offset_in_block(layer, part, head, slot, block_tokens);
-                                for d in 0..4 {
-                                    assert!(!seen[off + d], "element {} written twice", off + d);
-                                    seen[off + d] = true;
+    fn codes_and_scales_tile_a_block_exactly_once() {
+        for dtype in KvDtype::ALL {
+            for kind in [LayoutKind::Contiguous, LayoutKind::Chunked] {
+                let layout = KvLayout::new(kind, dtype, 3, 2, 4, 5).unwrap();
+                assert_eq!((layout.kind(), layout.dtype()), (kind, dtype));
+                let (code, scale) = (dtype.code_bytes(), dtype.row_scale_bytes());
+                // A chunk is one block of chunk_tokens; a run of 3 chunks one block of 15.
+                for block_tokens in [5, 15] {
+                    let mut seen = vec![false; layout.bytes_per_token() * block_tokens];
+                    let mut mark = |from: usize, len: usize| {
+                        for b in from..from + len {
+                            assert!(!seen[b], "{dtype} byte {b} used twice");
+                            seen[b] = true;
+                        }
+                    };
+                    for layer in 0..3 {
+                        for part in [KvPart::Key, KvPart::Value] {
+                            for head in 0..2 {
+                                for slot in 0..block_tokens {
+                                    let at = |f: fn(
+                                        &KvLayout,
+                                        usize,
+                                        KvPart,
+                                        usize,
+                                        usize,
+                                        usize,
+                                    )
+                                        -> usize| {
+                                        f(&layout, layer, part, head, slot, block_tokens)
+                                    };
+                                    mark(at(KvLayout::code_offset_in_block), 4 * code);
+                                    if scale > 0 {
+                                        let s = at(KvLayout::scale_offset_in_block);
+                                        assert_eq!(s % 4, 0, "scales are f32-aligned");
+                                        mark(s, scale);
+                                    }
                                 }
                             }
                         }
                     }
+                    assert!(seen.iter().all(|&s| s), "{dtype}: a block has unused bytes");
                 }
-                assert!(seen.iter().all(|&s| s));
             }
         }
-        let layout = KvLayout::new(LayoutKind::Chunked, KvDtype::F32, 3, 2, 4, 5).unwrap();
-        assert_eq!(layout.elems_per_token() * 5, layout.chunk_elems());
-        assert_eq!(layout.chunk_bytes(), 3 * 2 * 2 * 4 * 5 * 4);
+        let f32 = KvLayout::new(LayoutKind::Chunked, KvDtype::F32, 3, 2, 4, 5).unwrap();
+        assert_eq!(f32.chunk_bytes(), 3 * 2 * 2 * 4 * 5 * 4);
         assert!(KvLayout::new(LayoutKind::Chunked, KvDtype::F32, 3, 2, 4, 0).is_err());
+    }
+
+    #[test]
+    fn quantized_rows_are_a_quarter_of_f32_plus_their_scales() {
+        // SmolLM2-135M: 30 layers, 3 KV heads of 64.
+        let bytes = |dtype| {
+            KvLayout::new(LayoutKind::Chunked, dtype, 30, 3, 64, 16)
+                .unwrap()
+                .bytes_per_token()
+        };
+        let rows = 30 * 2 * 3;
+        assert_eq!(bytes(KvDtype::F32), rows * 64 * 4);
+        assert_eq!(bytes(KvDtype::Bf16), rows * 64 * 2);
+        for quantized in [KvDtype::Int8, KvDtype::Fp8E4m3] {
+            assert_eq!(bytes(quantized), bytes(KvDtype::F32) / 4 + rows * 4);
+        }
+        let err = KvLayout::new(LayoutKind::Chunked, KvDtype::Int8, 2, 1, 6, 16).unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("multiple of 4") && err.contains("is 6"),
+            "{err}"
+        );
+        for dtype in KvDtype::ALL {
+            assert_eq!(dtype.name().parse::<KvDtype>().unwrap(), dtype);
+        }
+        let unknown = "int4".parse::<KvDtype>().unwrap_err().to_string();
+        assert!(
+            unknown.contains("int4") && unknown.contains("fp8-e4m3"),
+            "{unknown}"
+        );
     }
 }

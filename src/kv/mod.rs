@@ -20,12 +20,13 @@ mod layout;
 pub mod map;
 mod pool;
 mod prefix;
+pub mod quant;
 mod step;
 
 pub use layout::{KvDtype, KvLayout, KvPart, LayoutKind};
 pub use pool::{ChunkCopy, ChunkPool, PoolStats, PrefixMatch, SeqId, SeqStats};
 pub use prefix::ChainKey;
-pub use step::{SeqStep, StepView};
+pub use step::{RowOffsets, SeqStep, StepView};
 
 use serde::{Deserialize, Serialize};
 

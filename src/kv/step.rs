@@ -26,6 +26,14 @@ impl SeqStep {
     }
 }
 
+/// Where one `head_dim` row of K or V sits in the arena, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowOffsets {
+    pub codes: usize,
+    /// Its f32 scale (meaningful for the quantized types only).
+    pub scale: usize,
+}
+
 /// The rows of one forward step and where their K/V live.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepView {
@@ -57,24 +65,34 @@ impl StepView {
         }
     }
 
-    /// Element offset in the arena of the `head_dim` row of (layer, part, head) at `pos` of `seq`.
-    pub fn row_offset(
+    /// Byte offsets in the arena of the codes of the `head_dim` row of (layer, part, head) at
+    /// `pos` of `seq`, and of its scale (quantized types; see [`KvLayout`]).
+    pub fn row_offsets(
         &self,
         seq: &SeqStep,
         layer: usize,
         part: KvPart,
         head: usize,
         pos: usize,
-    ) -> usize {
+    ) -> RowOffsets {
         let (chunk, slot) = self.locate(seq, pos);
-        chunk * self.layout.chunk_elems()
-            + self
-                .layout
-                .offset_in_block(layer, part, head, slot, seq.block_tokens as usize)
+        let block = chunk * self.layout.chunk_bytes();
+        let block_tokens = seq.block_tokens as usize;
+        RowOffsets {
+            codes: block
+                + self
+                    .layout
+                    .code_offset_in_block(layer, part, head, slot, block_tokens),
+            scale: block
+                + self
+                    .layout
+                    .scale_offset_in_block(layer, part, head, slot, block_tokens),
+        }
     }
 
-    /// Calls `f(first_pos, count, offset)` for each run of `range` whose rows of (layer, part,
-    /// head) are consecutive in the arena (one block), with the element offset of its first row.
+    /// Calls `f(first_pos, count, offsets)` for each run of `range` whose rows of (layer, part,
+    /// head) are consecutive in the arena (one block), with the offsets of its first row: its
+    /// codes are `count` consecutive rows from there, and so are its scales.
     pub fn for_each_run(
         &self,
         seq: &SeqStep,
@@ -82,13 +100,13 @@ impl StepView {
         part: KvPart,
         head: usize,
         range: std::ops::Range<usize>,
-        mut f: impl FnMut(usize, usize, usize),
+        mut f: impl FnMut(usize, usize, RowOffsets),
     ) {
         let mut pos = range.start;
         while pos < range.end {
             let (_, slot) = self.locate(seq, pos);
             let count = (seq.block_tokens as usize - slot).min(range.end - pos);
-            f(pos, count, self.row_offset(seq, layer, part, head, pos));
+            f(pos, count, self.row_offsets(seq, layer, part, head, pos));
             pos += count;
         }
     }

@@ -605,11 +605,11 @@ impl Figure for CacheMapFigure<'_> {
                 label_style.clone(),
             ))?;
             for block in map.blocks(chunk) {
-                // K rows darker than V rows; the hue walks through the layers.
-                let lightness = if block.part == KvPart::Key {
-                    0.38
-                } else {
-                    0.58
+                // K rows darker than V rows; the hue walks through the layers; scales pale.
+                let lightness = match (block.part, block.scales) {
+                    (_, true) => 0.82,
+                    (KvPart::Key, false) => 0.38,
+                    (KvPart::Value, false) => 0.58,
                 };
                 let color = HSLColor(block.layer as f64 / layers * 0.8, 0.65, lightness);
                 let start = block.offset_bytes as f64 / MIB;
@@ -621,17 +621,20 @@ impl Figure for CacheMapFigure<'_> {
                 ])?;
             }
         }
-        let legend = [
+        let mut legend = vec![
             (
                 "K rows written (hue = layer)",
                 HSLColor(0.0, 0.65, 0.38).to_rgba(),
             ),
             ("V rows written", HSLColor(0.0, 0.65, 0.58).to_rgba()),
-            (
-                "reserved, not written (each block's tail)",
-                unwritten.to_rgba(),
-            ),
         ];
+        if map.layout.dtype().is_quantized() {
+            legend.push(("their scales", HSLColor(0.0, 0.65, 0.82).to_rgba()));
+        }
+        legend.push((
+            "reserved, not written (each block's tail)",
+            unwritten.to_rgba(),
+        ));
         let all_chunks = map.chunks().len();
         if all_chunks > chunks.len() {
             legend_area.draw(&Text::new(

@@ -1,7 +1,8 @@
 //! Causal GQA attention on the CPU, over the arena of a KV pool through a [`StepView`]: every
 //! sequence of the step, its rows against its own positions, in either layout (a contiguous run,
-//! or chunks through a block table) and either element type (f32 or bf16, widened to f32 as it
-//! is read).
+//! or chunks through a block table) and any element type: f32 and bf16 widened to f32 as they
+//! are read, int8 and fp8 e4m3 widened the same way with each row's scale folded into its score
+//! (keys) or its softmax weight (values), so no dequantized copy of the cache is ever written.
 //!
 //! A call is cut into items (sequence, KV head, block of query rows, split of the context). An
 //! item runs an online softmax (running max `m`, running sum `l`, unnormalised output `acc`) for
@@ -19,6 +20,7 @@
 use super::simd::{exp, has_avx2_fma, Fused, MulAdd, Unfused};
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+use crate::kv::quant::{e4m3_decode, E4m3, E4M3_TO_F32_EXPONENT_SHIFT};
 use crate::kv::{KvPart, SeqStep, StepView};
 use half::bf16;
 use rayon::prelude::*;
@@ -34,18 +36,23 @@ const MIN_SPLIT: usize = 512;
 /// Items per thread the planner aims for, so that rayon can balance uneven items.
 const ITEMS_PER_THREAD: usize = 8;
 
-/// A K or V entry as the arena stores it.
-pub trait KvElement: Copy + Send + Sync + 'static {
+/// A K or V code as the arena stores it. The value of an entry is `to_f32(code)`, times its
+/// row's scale when the type is [`KvElement::SCALED`].
+pub trait KvElement: bytemuck::Pod + Send + Sync + 'static {
+    /// Whether each `head_dim` row carries an f32 scale (the quantized types).
+    const SCALED: bool;
     fn to_f32(self) -> f32;
-    /// Entries `p[0..8]` widened to f32.
+    /// Codes `p[0..8]` widened to f32 (unscaled).
     ///
     /// # Safety
-    /// `p` points at 8 readable entries, and the caller runs with AVX2 enabled.
+    /// `p` points at 8 readable codes, and the caller runs with AVX2 enabled.
     #[cfg(target_arch = "x86_64")]
     unsafe fn widen8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
 impl KvElement for f32 {
+    const SCALED: bool = false;
+
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -59,6 +66,8 @@ impl KvElement for f32 {
 }
 
 impl KvElement for bf16 {
+    const SCALED: bool = false;
+
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
@@ -74,15 +83,83 @@ impl KvElement for bf16 {
     }
 }
 
+impl KvElement for i8 {
+    const SCALED: bool = true;
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+
+    /// Sign-extend eight bytes to 32 bits, convert.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen8(p: *const i8) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+}
+
+impl KvElement for E4m3 {
+    const SCALED: bool = true;
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        e4m3_decode(self.0)
+    }
+
+    /// The code's exponent and mantissa bits placed at bit 20 of an f32 read as 2^-120 times the
+    /// value (normal and subnormal codes alike, see [`E4M3_TO_F32_EXPONENT_SHIFT`]): one multiply
+    /// restores it, the sign bit goes to bit 31. The NaN codes, never stored, would read 480.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen8(p: *const E4m3) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+        let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(codes, _mm256_set1_epi32(0x80)));
+        let bits = _mm256_slli_epi32::<20>(_mm256_and_si256(codes, _mm256_set1_epi32(0x7f)));
+        let shift = f32::from_bits(((127 + E4M3_TO_F32_EXPONENT_SHIFT) as u32) << 23);
+        let magnitude = _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(shift));
+        _mm256_or_ps(magnitude, _mm256_castsi256_ps(sign))
+    }
+}
+
 /// One attention call: the step's queries against a layer of the arena.
 pub struct AttentionInput<'a, E> {
     /// `[step rows, num_heads * head_dim]` row-major.
     pub q: &'a [f32],
-    /// The pool's arena (`chunks × chunk_elems`).
-    pub kv: &'a [E],
+    /// The pool's arena (`chunks × chunk_bytes`) as codes; the rows' codes sit at their byte
+    /// offset divided by the code's size.
+    pub codes: &'a [E],
+    /// The same arena as f32 words, for the quantized types' scales (empty for the others).
+    pub scales: &'a [f32],
     pub step: &'a StepView,
     pub layer: usize,
     pub num_heads: usize,
+}
+
+impl<'a, E: KvElement> AttentionInput<'a, E> {
+    /// The input over a pool's arena (`chunks × chunk_bytes` bytes, 4-byte aligned).
+    pub fn new(
+        q: &'a [f32],
+        arena: &'a [u8],
+        step: &'a StepView,
+        layer: usize,
+        num_heads: usize,
+    ) -> Self {
+        AttentionInput {
+            q,
+            codes: bytemuck::cast_slice(arena),
+            scales: if E::SCALED {
+                bytemuck::cast_slice(arena)
+            } else {
+                &[]
+            },
+            step,
+            layer,
+            num_heads,
+        }
+    }
 }
 
 /// How one sequence's work is cut into items.
@@ -286,24 +363,34 @@ impl<E: KvElement> Item<'_, E> {
         self.seq.start as usize + row - self.seq.first_row as usize
     }
 
-    /// Calls `f(first_pos, rows)` for each run of `range` that lies in one block, with that run's
-    /// `[n, head_dim]` rows of (layer, part, kv_head).
+    /// Calls `f(first_pos, rows, scales)` for each run of `range` that lies in one block, with
+    /// that run's `[n, head_dim]` codes of (layer, part, kv_head) and, for the quantized types,
+    /// their `[n]` scales (empty otherwise).
     #[inline(always)]
     fn for_each_run(
         &self,
         part: KvPart,
         range: std::ops::Range<usize>,
-        mut f: impl FnMut(usize, &[E]),
+        mut f: impl FnMut(usize, &[E], &[f32]),
     ) {
         let input = self.input;
         let head_dim = input.step.layout.head_dim as usize;
+        let code_bytes = std::mem::size_of::<E>();
         input.step.for_each_run(
             self.seq,
             input.layer,
             part,
             self.kv_head,
             range,
-            |pos, count, at| f(pos, &input.kv[at..at + count * head_dim]),
+            |pos, count, at| {
+                let codes = &input.codes[at.codes / code_bytes..][..count * head_dim];
+                let scales = if E::SCALED {
+                    &input.scales[at.scale / 4..][..count]
+                } else {
+                    &[]
+                };
+                f(pos, codes, scales)
+            },
         );
     }
 }
@@ -312,7 +399,7 @@ impl<E: KvElement> Item<'_, E> {
 /// the latency of the adds.
 const DOT_LANES: usize = 16;
 
-/// Σ a[i]·b[i] over equal-length slices.
+/// Σ a[i]·b[i] over equal-length slices (b's codes unscaled).
 #[inline(always)]
 fn dot<M: MulAdd, E: KvElement>(a: &[f32], b: &[E]) -> f32 {
     let mut lanes = [0.0f32; DOT_LANES];
@@ -367,12 +454,25 @@ fn axpy<M: MulAdd, E: KvElement>(y: &mut [f32], a: f32, x: &[E]) {
     }
 }
 
-/// The two inner loops of an item, over one run of positions that lie in one block.
+/// The scale of row `i` of a run: its stored scale for the quantized types, else 1.
+#[inline(always)]
+fn row_scale<E: KvElement>(scales: &[f32], i: usize) -> f32 {
+    if E::SCALED {
+        scales[i]
+    } else {
+        1.0
+    }
+}
+
+/// The two inner loops of an item, over one run of positions that lie in one block. `scales` are
+/// the run's row scales (quantized types; empty otherwise).
 trait RunKernels<E> {
-    /// out[i] = scale · q · keys[i] for each of the run's `[out.len(), head_dim]` keys.
-    fn scores(q: &[f32], keys: &[E], scale: f32, out: &mut [f32]);
-    /// acc += Σ_i weights[i] · values[i] over the run's `[weights.len(), head_dim]` values.
-    fn weighted_sum(weights: &[f32], values: &[E], acc: &mut [f32]);
+    /// out[i] = scale · row_scale[i] · q · keys[i] for each of the run's `[out.len(), head_dim]`
+    /// keys.
+    fn scores(q: &[f32], keys: &[E], scales: &[f32], scale: f32, out: &mut [f32]);
+    /// acc += Σ_i weights[i] · row_scale[i] · values[i] over the run's
+    /// `[weights.len(), head_dim]` values.
+    fn weighted_sum(weights: &[f32], values: &[E], scales: &[f32], acc: &mut [f32]);
 }
 
 /// The loops in plain Rust (any head_dim): a dot product per key, an axpy per value.
@@ -380,16 +480,20 @@ struct PlainRuns<M>(std::marker::PhantomData<M>);
 
 impl<M: MulAdd, E: KvElement> RunKernels<E> for PlainRuns<M> {
     #[inline(always)]
-    fn scores(q: &[f32], keys: &[E], scale: f32, out: &mut [f32]) {
-        for (o, key) in out.iter_mut().zip(keys.chunks_exact(q.len())) {
-            *o = dot::<M, E>(q, key) * scale;
+    fn scores(q: &[f32], keys: &[E], scales: &[f32], scale: f32, out: &mut [f32]) {
+        for (i, (o, key)) in out.iter_mut().zip(keys.chunks_exact(q.len())).enumerate() {
+            *o = dot::<M, E>(q, key) * (scale * row_scale::<E>(scales, i));
         }
     }
 
     #[inline(always)]
-    fn weighted_sum(weights: &[f32], values: &[E], acc: &mut [f32]) {
-        for (&w, value) in weights.iter().zip(values.chunks_exact(acc.len())) {
-            axpy::<M, E>(acc, w, value);
+    fn weighted_sum(weights: &[f32], values: &[E], scales: &[f32], acc: &mut [f32]) {
+        for (i, (&w, value)) in weights
+            .iter()
+            .zip(values.chunks_exact(acc.len()))
+            .enumerate()
+        {
+            axpy::<M, E>(acc, w * row_scale::<E>(scales, i), value);
         }
     }
 }
@@ -435,9 +539,10 @@ fn attend_item<E: KvElement, M: MulAdd, K: RunKernels<E>>(
                 let query = (row - first_row) * group + h;
                 let q = &q_row[(first_head + h) * head_dim..][..head_dim];
                 let s = &mut scores[..seen - tile_start];
-                item.for_each_run(KvPart::Key, tile_start..seen, |first_pos, keys| {
+                item.for_each_run(KvPart::Key, tile_start..seen, |first_pos, keys, scales| {
                     let at = first_pos - tile_start;
-                    K::scores(q, keys, scale, &mut s[at..at + keys.len() / head_dim]);
+                    let out = &mut s[at..at + keys.len() / head_dim];
+                    K::scores(q, keys, scales, scale, out);
                 });
 
                 // Online softmax: fold the tile into the running max and sum; the scores become
@@ -455,10 +560,15 @@ fn attend_item<E: KvElement, M: MulAdd, K: RunKernels<E>>(
                 r[1] += sum(s);
 
                 let acc = &mut r[2..];
-                item.for_each_run(KvPart::Value, tile_start..seen, |first_pos, values| {
-                    let at = first_pos - tile_start;
-                    K::weighted_sum(&s[at..at + values.len() / head_dim], values, acc);
-                });
+                item.for_each_run(
+                    KvPart::Value,
+                    tile_start..seen,
+                    |first_pos, values, scales| {
+                        let at = first_pos - tile_start;
+                        let weights = &s[at..at + values.len() / head_dim];
+                        K::weighted_sum(weights, values, scales, acc);
+                    },
+                );
             }
         }
         tile_start = tile_end;
@@ -525,7 +635,8 @@ fn attend_item_avx2<E: KvElement>(item: &Item<E>, partial: &mut [f32], scores: &
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::{KvDtype, KvLayout, LayoutKind};
+    use crate::backend::cpu::write_kv_row;
+    use crate::kv::{KvDtype, KvLayout, LayoutKind, RowOffsets};
 
     /// Deterministic values in [-1, 1).
     fn fill(seed: u64, n: usize) -> Vec<f32> {
@@ -541,7 +652,8 @@ mod tests {
     }
 
     /// One sequence of a test step: its first position, its rows, and its K/V
-    /// `[layers][2][kv_heads][len][hd]` (rounded to the cache's element type).
+    /// `[layers][2][kv_heads][len][hd]` (as the cache stores them, once [`build`] has written
+    /// them).
     struct TestSeq {
         start: usize,
         rows: usize,
@@ -554,14 +666,31 @@ mod tests {
         }
     }
 
+    /// The values a row of the arena holds: codes times scale, decoded one by one (the plain
+    /// reference of the kernels' dequantization).
+    fn read_kv_row(arena: &[u8], dtype: KvDtype, at: RowOffsets, hd: usize) -> Vec<f32> {
+        let codes = &arena[at.codes..at.codes + hd * dtype.code_bytes()];
+        let scale = || f32::from_ne_bytes(arena[at.scale..at.scale + 4].try_into().unwrap());
+        match dtype {
+            KvDtype::F32 => bytemuck::cast_slice::<u8, f32>(codes).to_vec(),
+            KvDtype::Bf16 => bytemuck::cast_slice::<u8, bf16>(codes)
+                .iter()
+                .map(|c| c.to_f32())
+                .collect(),
+            KvDtype::Int8 => codes.iter().map(|&c| c as i8 as f32 * scale()).collect(),
+            KvDtype::Fp8E4m3 => codes
+                .iter()
+                .map(|&c| crate::kv::quant::e4m3_decode(c) * scale())
+                .collect(),
+        }
+    }
+
     /// A step over `seqs` in `layout` whose blocks sit in the arena in reverse order (so that a
-    /// table lookup that is skipped shows), with every slot that no position owns set to NaN,
-    /// so reading past a sequence's causal limit poisons the result.
-    fn build<E: KvElement>(
-        layout: KvLayout,
-        seqs: &[TestSeq],
-        to_elem: impl Fn(f32) -> E,
-    ) -> (StepView, Vec<E>) {
+    /// table lookup that is skipped shows), each sequence's K/V written with the backend's
+    /// [`write_kv_row`] and then read back into `kv` as stored, every byte that no position owns
+    /// 0xFF (NaN as an f32 or bf16 code and as a quantized row's scale), so reading past a
+    /// sequence's causal limit poisons the result. The arena is f32 words, for alignment.
+    fn build(layout: KvLayout, seqs: &mut [TestSeq]) -> (StepView, Vec<u32>) {
         let hd = layout.head_dim as usize;
         let heads = layout.num_kv_heads as usize;
         let ct = layout.chunk_tokens();
@@ -604,17 +733,18 @@ mod tests {
                 .extend(std::iter::repeat_n(index as u32, s.rows));
             view.row_pos.extend((s.start..s.len()).map(|p| p as u32));
         }
-        let mut arena = vec![to_elem(f32::NAN); total * layout.chunk_elems()];
-        for (s, seq) in seqs.iter().zip(&view.seqs) {
+        let mut arena = vec![u32::MAX; total * layout.chunk_bytes() / 4];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut arena);
+        for (s, seq) in seqs.iter_mut().zip(&view.seqs) {
             for layer in 0..layout.num_layers as usize {
                 for (p, part) in [KvPart::Key, KvPart::Value].into_iter().enumerate() {
                     for head in 0..heads {
                         for pos in 0..s.len() {
-                            let at = view.row_offset(seq, layer, part, head, pos);
+                            let at = view.row_offsets(seq, layer, part, head, pos);
                             let src = (((layer * 2 + p) * heads + head) * s.len() + pos) * hd;
-                            for d in 0..hd {
-                                arena[at + d] = to_elem(s.kv[src + d]);
-                            }
+                            let row = &mut s.kv[src..src + hd];
+                            write_kv_row(bytes, layout.dtype(), at, row);
+                            row.copy_from_slice(&read_kv_row(bytes, layout.dtype(), at, hd));
                         }
                     }
                 }
@@ -681,22 +811,16 @@ mod tests {
         let (layers, kv_heads, layer) = (2, 2, 1);
         let heads = kv_heads * group;
         let layout = KvLayout::new(kind, dtype, layers, kv_heads, hd, chunk).unwrap();
-        let round = |x: f32| match dtype {
-            KvDtype::F32 => x,
-            KvDtype::Bf16 => bf16::from_f32(x).to_f32(),
-        };
-        let seqs: Vec<TestSeq> = shapes
+        let mut seqs: Vec<TestSeq> = shapes
             .iter()
             .enumerate()
             .map(|(i, &(start, rows))| TestSeq {
                 start,
                 rows,
-                kv: fill(11 + i as u64, layers * 2 * kv_heads * (start + rows) * hd)
-                    .into_iter()
-                    .map(round)
-                    .collect(),
+                kv: fill(11 + i as u64, layers * 2 * kv_heads * (start + rows) * hd),
             })
             .collect();
+        let (step, arena) = build(layout, &mut seqs);
         let rows: usize = shapes.iter().map(|s| s.1).sum();
         // Scaled so that softmaxes are peaked: a wrong max or rescale shows.
         let q: Vec<f32> = fill(7, rows * heads * hd).iter().map(|x| 4.0 * x).collect();
@@ -707,28 +831,42 @@ mod tests {
             want.extend(reference(q_seq, s, layer, heads, kv_heads, hd));
             first += s.rows;
         }
-        let run = |out: &mut Vec<f32>, isa: Isa, plans: &[AttentionPlan]| match dtype {
-            KvDtype::F32 => {
-                let (step, kv) = build(layout, &seqs, |x| x);
-                let input = AttentionInput {
-                    q: &q,
-                    kv: &kv,
-                    step: &step,
-                    layer,
-                    num_heads: heads,
-                };
-                attention_with(isa, &input, plans, out);
+        let arena: &[u8] = bytemuck::cast_slice(&arena);
+        let run = |out: &mut Vec<f32>, isa: Isa, plans: &[AttentionPlan]| {
+            fn go<E: KvElement>(
+                isa: Isa,
+                input: AttentionInput<E>,
+                plans: &[AttentionPlan],
+                out: &mut [f32],
+            ) {
+                attention_with(isa, &input, plans, out)
             }
-            KvDtype::Bf16 => {
-                let (step, kv) = build(layout, &seqs, bf16::from_f32);
-                let input = AttentionInput {
-                    q: &q,
-                    kv: &kv,
-                    step: &step,
-                    layer,
-                    num_heads: heads,
-                };
-                attention_with(isa, &input, plans, out);
+            let (q, step) = (q.as_slice(), &step);
+            match dtype {
+                KvDtype::F32 => go::<f32>(
+                    isa,
+                    AttentionInput::new(q, arena, step, layer, heads),
+                    plans,
+                    out,
+                ),
+                KvDtype::Bf16 => go::<bf16>(
+                    isa,
+                    AttentionInput::new(q, arena, step, layer, heads),
+                    plans,
+                    out,
+                ),
+                KvDtype::Int8 => go::<i8>(
+                    isa,
+                    AttentionInput::new(q, arena, step, layer, heads),
+                    plans,
+                    out,
+                ),
+                KvDtype::Fp8E4m3 => go::<E4m3>(
+                    isa,
+                    AttentionInput::new(q, arena, step, layer, heads),
+                    plans,
+                    out,
+                ),
             }
         };
         for (plan, isa) in plans
@@ -796,11 +934,7 @@ mod tests {
                     (LayoutKind::Chunked, 1024),
                 ] {
                     for shape in shapes {
-                        let dtype = if (group + hd + chunk) % 2 == 0 {
-                            KvDtype::F32
-                        } else {
-                            KvDtype::Bf16
-                        };
+                        let dtype = KvDtype::ALL[(group + hd + chunk) % 4];
                         check(
                             group,
                             hd,
@@ -817,8 +951,8 @@ mod tests {
     }
 
     #[test]
-    fn both_element_types_in_both_layouts() {
-        for dtype in [KvDtype::F32, KvDtype::Bf16] {
+    fn every_element_type_in_both_layouts() {
+        for dtype in KvDtype::ALL {
             for (kind, chunk) in [(LayoutKind::Contiguous, 1), (LayoutKind::Chunked, 7)] {
                 for shape in [(0, 5), (130, 1), (70, 19)] {
                     check(4, 64, kind, chunk, dtype, &[shape], &plans_for(&[shape]));
@@ -833,7 +967,7 @@ mod tests {
         // Decode rows and prefill chunks of ragged lengths, chunk boundaries mid-step.
         let shapes = [(0, 3), (40, 1), (17, 9), (600, 1), (5, 16)];
         for (kind, chunk) in [(LayoutKind::Contiguous, 1), (LayoutKind::Chunked, 8)] {
-            for dtype in [KvDtype::F32, KvDtype::Bf16] {
+            for dtype in KvDtype::ALL {
                 check(4, 32, kind, chunk, dtype, &shapes, &plans_for(&shapes));
             }
         }

@@ -1,13 +1,15 @@
-//! CPU backend: f32 activations, KV entries in f32 (default, exact against transformers' f32)
-//! or bf16, weights read in their stored dtype straight from the mmap'd checkpoint,
-//! multi-threaded with rayon.
+//! CPU backend: f32 activations, KV entries in f32 (default, exact against transformers' f32),
+//! bf16, int8 or fp8 e4m3 (quantized as they are appended, dequantized as attention reads them),
+//! weights read in their stored dtype straight from the mmap'd checkpoint, multi-threaded with
+//! rayon.
 
 pub mod attention;
 pub mod matmul;
 pub mod simd;
 
 use super::{Backend, BackendInfo};
-use crate::kv::{ChunkCopy, KvDtype, KvLayout, KvPart, StepView};
+use crate::kv::quant::{quantize_e4m3, quantize_int8, E4m3};
+use crate::kv::{ChunkCopy, KvDtype, KvLayout, KvPart, RowOffsets, StepView};
 use crate::model::weights::HostTensor;
 use anyhow::{bail, ensure, Result};
 use half::bf16;
@@ -168,7 +170,7 @@ impl Backend for CpuBackend {
     }
 
     fn kv_dtypes(&self) -> &'static [KvDtype] {
-        &[KvDtype::F32, KvDtype::Bf16]
+        &KvDtype::ALL
     }
 
     fn alloc_kv_memory(&self, layout: &KvLayout, chunks: usize) -> Result<CpuKvMemory> {
@@ -329,25 +331,15 @@ impl Backend for CpuBackend {
             k.data.len() >= rows * kv_dim && v.data.len() >= rows * kv_dim,
             "kv_append: a step of {rows} rows does not fit k or v"
         );
+        let arena = memory.bytes_mut();
         for r in 0..rows {
             let seq = &step.seqs[step.row_seq[r] as usize];
             let pos = step.row_pos[r] as usize;
             for (part, src) in [(KvPart::Key, k), (KvPart::Value, v)] {
                 for head in 0..layout.num_kv_heads as usize {
-                    let dst = step.row_offset(seq, layer, part, head, pos);
+                    let at = step.row_offsets(seq, layer, part, head, pos);
                     let src = &src.data[r * kv_dim + head * head_dim..][..head_dim];
-                    match layout.dtype() {
-                        KvDtype::F32 => {
-                            let arena: &mut [f32] = bytemuck::cast_slice_mut(memory.bytes_mut());
-                            arena[dst..dst + head_dim].copy_from_slice(src);
-                        }
-                        KvDtype::Bf16 => {
-                            let arena: &mut [bf16] = bytemuck::cast_slice_mut(memory.bytes_mut());
-                            for (d, &s) in arena[dst..dst + head_dim].iter_mut().zip(src) {
-                                *d = bf16::from_f32(s);
-                            }
-                        }
-                    }
+                    write_kv_row(arena, layout.dtype(), at, src);
                 }
             }
         }
@@ -387,28 +379,24 @@ impl Backend for CpuBackend {
         }
         let plans =
             attention::AttentionPlan::for_step(step, kv_heads, rayon::current_num_threads());
+        use attention::AttentionInput as Input;
+        let (arena, q, out) = (memory.bytes(), &q.data, &mut out.data);
         match layout.dtype() {
             KvDtype::F32 => {
-                let kv: &[f32] = bytemuck::cast_slice(memory.bytes());
-                let input = attention::AttentionInput {
-                    q: &q.data,
-                    kv,
-                    step,
-                    layer,
-                    num_heads,
-                };
-                attention::attention(&input, &plans, &mut out.data);
+                let input = Input::<f32>::new(q, arena, step, layer, num_heads);
+                attention::attention(&input, &plans, out)
             }
             KvDtype::Bf16 => {
-                let kv: &[bf16] = bytemuck::cast_slice(memory.bytes());
-                let input = attention::AttentionInput {
-                    q: &q.data,
-                    kv,
-                    step,
-                    layer,
-                    num_heads,
-                };
-                attention::attention(&input, &plans, &mut out.data);
+                let input = Input::<bf16>::new(q, arena, step, layer, num_heads);
+                attention::attention(&input, &plans, out)
+            }
+            KvDtype::Int8 => {
+                let input = Input::<i8>::new(q, arena, step, layer, num_heads);
+                attention::attention(&input, &plans, out)
+            }
+            KvDtype::Fp8E4m3 => {
+                let input = Input::<E4m3>::new(q, arena, step, layer, num_heads);
+                attention::attention(&input, &plans, out)
             }
         }
         Ok(())
@@ -471,6 +459,28 @@ impl Backend for CpuBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Writes one `head_dim` row of K or V at `at` in the arena as `dtype` stores it: the values,
+/// rounded to bf16, or quantized to codes and a scale (see [`crate::kv::quant`]).
+pub fn write_kv_row(arena: &mut [u8], dtype: KvDtype, at: RowOffsets, values: &[f32]) {
+    let codes = &mut arena[at.codes..at.codes + values.len() * dtype.code_bytes()];
+    let scale = match dtype {
+        KvDtype::F32 => {
+            bytemuck::cast_slice_mut(codes).copy_from_slice(values);
+            return;
+        }
+        KvDtype::Bf16 => {
+            let codes: &mut [bf16] = bytemuck::cast_slice_mut(codes);
+            for (c, &v) in codes.iter_mut().zip(values) {
+                *c = bf16::from_f32(v);
+            }
+            return;
+        }
+        KvDtype::Int8 => quantize_int8(values, bytemuck::cast_slice_mut(codes)),
+        KvDtype::Fp8E4m3 => quantize_e4m3(values, bytemuck::cast_slice_mut(codes)),
+    };
+    arena[at.scale..at.scale + 4].copy_from_slice(&scale.to_ne_bytes());
 }
 
 /// Checks that a step view fits the arena it will be read through: every block it lists lies

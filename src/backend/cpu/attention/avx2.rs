@@ -1,6 +1,7 @@
 //! AVX2 + FMA run kernels for head_dim = 8 · D8 (D8 in 2, 4, 8, 16: head_dim 16 .. 128), picked
 //! by [`super::attend_item_avx2`]: the whole head row lives in D8 registers. K and V entries are
-//! widened to f32 as they are loaded ([`KvElement::widen8`]), so f32 and bf16 caches share them.
+//! widened to f32 as they are loaded ([`KvElement::widen8`]), so every element type shares them;
+//! a quantized row's scale multiplies its score (keys) or its weight (values), once per row.
 //!
 //! - scores: eight keys at a time, one accumulator per key (eight independent FMA chains), then
 //!   one transposing horizontal sum gives the eight scores in one vector.
@@ -17,17 +18,19 @@ pub(super) struct Avx2Runs<const D8: usize>;
 
 impl<E: KvElement, const D8: usize> RunKernels<E> for Avx2Runs<D8> {
     #[inline(always)]
-    fn scores(q: &[f32], keys: &[E], scale: f32, out: &mut [f32]) {
+    fn scores(q: &[f32], keys: &[E], scales: &[f32], scale: f32, out: &mut [f32]) {
         assert!(q.len() == 8 * D8 && keys.len() == out.len() * q.len());
+        assert!(!E::SCALED || scales.len() == out.len());
         // SAFETY: see the type's comment for the CPU features; the lengths are checked above.
-        unsafe { scores::<E, D8>(q, keys, scale, out) }
+        unsafe { scores::<E, D8>(q, keys, scales, scale, out) }
     }
 
     #[inline(always)]
-    fn weighted_sum(weights: &[f32], values: &[E], acc: &mut [f32]) {
+    fn weighted_sum(weights: &[f32], values: &[E], scales: &[f32], acc: &mut [f32]) {
         assert!(acc.len() == 8 * D8 && values.len() == weights.len() * acc.len());
+        assert!(!E::SCALED || scales.len() == weights.len());
         // SAFETY: as above.
-        unsafe { weighted_sum::<E, D8>(weights, values, acc) }
+        unsafe { weighted_sum::<E, D8>(weights, values, scales, acc) }
     }
 }
 
@@ -49,7 +52,8 @@ fn hsum8(a: [__m256; 8]) -> __m256 {
     )
 }
 
-/// out[i] = scale · q · keys[i]; q: [8 · D8], keys: [out.len(), 8 · D8].
+/// out[i] = scale · row_scale[i] · q · keys[i]; q: [8 · D8], keys: [out.len(), 8 · D8],
+/// scales: [out.len()] for the quantized types.
 ///
 /// # Safety
 /// AVX2 and FMA are present; the lengths are as stated.
@@ -58,6 +62,7 @@ fn hsum8(a: [__m256; 8]) -> __m256 {
 unsafe fn scores<E: KvElement, const D8: usize>(
     q: &[f32],
     keys: &[E],
+    scales: &[f32],
     scale: f32,
     out: &mut [f32],
 ) {
@@ -77,7 +82,10 @@ unsafe fn scores<E: KvElement, const D8: usize>(
                 *a = _mm256_fmadd_ps(qj, kv, *a);
             }
         }
-        let s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
+        let mut s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
+        if E::SCALED {
+            s = _mm256_mul_ps(s, _mm256_loadu_ps(scales.as_ptr().add(i)));
+        }
         _mm256_storeu_ps(out.as_mut_ptr().add(i), s);
         i += 8;
     }
@@ -86,11 +94,13 @@ unsafe fn scores<E: KvElement, const D8: usize>(
         for (j, &qj) in qv.iter().enumerate() {
             acc = _mm256_fmadd_ps(qj, E::widen8(k.add(key * head_dim + 8 * j)), acc);
         }
-        *o = horizontal_sum(acc) * scale;
+        let row_scale = if E::SCALED { scales[key] } else { 1.0 };
+        *o = horizontal_sum(acc) * (scale * row_scale);
     }
 }
 
-/// acc += Σ_i weights[i] · values[i]; values: [weights.len(), 8 · D8], acc: [8 · D8].
+/// acc += Σ_i weights[i] · row_scale[i] · values[i]; values: [weights.len(), 8 · D8],
+/// scales: [weights.len()] for the quantized types, acc: [8 · D8].
 ///
 /// # Safety
 /// AVX2 and FMA are present; the lengths are as stated.
@@ -99,12 +109,14 @@ unsafe fn scores<E: KvElement, const D8: usize>(
 unsafe fn weighted_sum<E: KvElement, const D8: usize>(
     weights: &[f32],
     values: &[E],
+    scales: &[f32],
     acc: &mut [f32],
 ) {
     let head_dim = 8 * D8;
     let v = values.as_ptr();
     let mut sum = [_mm256_setzero_ps(); D8];
     for (i, &w) in weights.iter().enumerate() {
+        let w = if E::SCALED { w * scales[i] } else { w };
         let wv = _mm256_set1_ps(w);
         for (j, s) in sum.iter_mut().enumerate() {
             *s = _mm256_fmadd_ps(wv, E::widen8(v.add(i * head_dim + 8 * j)), *s);
