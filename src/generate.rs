@@ -8,7 +8,7 @@
 //! `dynamic+reuse` takes the full chunks that the prefix index finds for its prompt.
 
 use crate::backend::{Backend, BackendInfo, KvStore};
-use crate::kv::{ChunkPool, KvDtype, KvLayout, PoolStats, SeqId, Strategy};
+use crate::kv::{ChunkPool, EvictionPolicy, KvDtype, KvLayout, PoolStats, SeqId, Strategy};
 use crate::model::config::Config;
 use crate::model::forward::{Activations, LogitRows, Model};
 use anyhow::{bail, Context, Result};
@@ -63,6 +63,8 @@ pub struct KvOptions {
     pub dtype: Option<KvDtype>,
     /// Bytes of the pool's arena (`None`: one sequence of the model's whole context).
     pub budget_bytes: Option<u64>,
+    /// What each sequence keeps between steps (`--kv-policy`).
+    pub policy: EvictionPolicy,
 }
 
 /// What one call's sequence held.
@@ -81,6 +83,8 @@ pub struct KvStats {
     pub peak_reserved_bytes: u64,
     /// Positions written.
     pub tokens: u64,
+    /// Of those, positions the eviction policy let go of.
+    pub evicted_tokens: u64,
     /// Chunks held now.
     pub chunks: u64,
     /// The whole pool at the end of the call.
@@ -253,10 +257,27 @@ impl<B: Backend> Engine<B> {
                 layout.chunk_bytes()
             );
         }
+        let policy = self.kv_options.policy;
+        if let (Some(budget), Some(kept)) = (self.kv_options.budget_bytes, policy.kept_tokens()) {
+            // A decode step holds the kept positions and the new token.
+            let holds = chunks * chunk_tokens;
+            if holds <= kept {
+                bail!(
+                    "--kv-budget {budget} bytes holds {holds} positions of {} KV ({} bytes a \
+                     position), fewer than --kv-policy {policy} keeps plus the token a decode step \
+                     adds ({}); raise --kv-budget to at least {} bytes or keep fewer tokens",
+                    layout.dtype(),
+                    layout.bytes_per_token(),
+                    kept + 1,
+                    (kept + 1).div_ceil(chunk_tokens) * layout.chunk_bytes()
+                );
+            }
+        }
+        // A sequence that evicts shares no chunk (src/kv/pool.rs), so no prefix index.
         let key = PoolKey {
             layout,
             chunks,
-            prefix_caching: strategy == Strategy::DynamicReuse,
+            prefix_caching: strategy == Strategy::DynamicReuse && policy == EvictionPolicy::Full,
         };
         if self.kv.as_ref().map(|(k, _)| *k) != Some(key) {
             self.kv = None;
@@ -307,7 +328,7 @@ impl<B: Backend> Engine<B> {
         let view = store.prepare_step(backend, &[(seq, ids.len())])?;
         let memory = &mut store.memory;
         backend.run_step(&mut || model.forward(backend, memory, &view, ids, act, logit_rows))?;
-        store.pool.commit(seq, ids)?;
+        store.finish_step(backend, &view, &[(seq, ids)])?;
         let last = if logit_rows == LogitRows::All {
             ids.len() - 1
         } else {
@@ -366,6 +387,10 @@ impl<B: Backend> Engine<B> {
             bail!("max context {capacity} exceeds the model's max_position_embeddings {max_positions}");
         }
         let seq = pool.new_sequence(Some(capacity))?;
+        if let Err(e) = pool.set_policy(seq, self.kv_options.policy) {
+            pool.release(seq)?;
+            return Err(e);
+        }
         if !opts.strategy.reuses() {
             return Ok((seq, None));
         }
@@ -451,6 +476,14 @@ impl<B: Backend> Generator for Engine<B> {
                 );
             }
         }
+        if options.policy != EvictionPolicy::Full && !self.backend.supports_eviction() {
+            bail!(
+                "--kv-policy {}: the {} backend keeps every position; eviction runs on the CPU \
+                 backend (--backend cpu)",
+                options.policy,
+                self.backend.info().name
+            );
+        }
         self.kv = None;
         self.conversations.clear();
         self.kv_options = options;
@@ -498,6 +531,13 @@ impl<B: Backend> Generator for Engine<B> {
                 prompt.len(),
                 opts.max_new_tokens,
                 cfg.max_position_embeddings
+            );
+        }
+        if opts.strategy == Strategy::None && self.kv_options.policy != EvictionPolicy::Full {
+            bail!(
+                "--kv-policy {} evicts from a cache, but --cache none keeps nothing between \
+                 tokens; choose static or dynamic",
+                self.kv_options.policy
             );
         }
         if opts.conversation.is_some() && !opts.strategy.reuses() {
@@ -619,6 +659,7 @@ impl<B: Backend> Generator for Engine<B> {
                     allocations: pool_stats.allocations - allocations_before,
                     peak_reserved_bytes: s.reserved_bytes,
                     tokens: s.tokens,
+                    evicted_tokens: s.evicted_tokens,
                     chunks: s.chunks,
                     pool: pool_stats,
                 }

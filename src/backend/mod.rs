@@ -57,6 +57,20 @@ pub trait Backend: Sized {
     /// Called at the start of each forward step, before its first launch: the rows, positions
     /// and block tables that `rope`, `kv_append` and `attention` will read.
     fn set_kv_step(&self, memory: &mut Self::KvMemory, step: &StepView) -> Result<()>;
+    /// Whether `kv_append` and `attention` follow the slot maps of sequences that evicted
+    /// positions, and `attention` sums the attention mass that H2O ranks positions by.
+    fn supports_eviction(&self) -> bool {
+        false
+    }
+    /// The attention mass each slot received during the last forward step, summed over layers,
+    /// query heads and rows: the step's sequences' [`StepView::slots`] values one after another
+    /// (zeros for a sequence that does not track it).
+    fn take_attention_mass(&self, _memory: &mut Self::KvMemory) -> Result<Vec<f32>> {
+        anyhow::bail!(
+            "the {} backend does not measure attention mass (H2O)",
+            self.info().name
+        )
+    }
 
     /// out[r, :] = table[ids[r], :] (out: the residual stream, from `alloc_precise`)
     fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor) -> Result<()>;
@@ -194,6 +208,46 @@ impl<B: Backend> KvStore<B> {
                 backend.copy_kv_chunks(&mut self.memory, &copies)?;
             }
         }
-        self.pool.step_view(steps)
+        let view = self.pool.step_view(steps)?;
+        if view.has_slot_maps() && !backend.supports_eviction() {
+            anyhow::bail!(
+                "the {} backend keeps every position: a sequence that evicted positions \
+                 (--kv-policy) runs on the CPU backend",
+                backend.info().name
+            );
+        }
+        Ok(view)
+    }
+
+    /// After a step's forward pass: commits each sequence's new tokens, adds the attention mass
+    /// the step measured (H2O), and evicts what each sequence's policy no longer keeps.
+    pub fn finish_step(
+        &mut self,
+        backend: &B,
+        view: &StepView,
+        steps: &[(SeqId, &[u32])],
+    ) -> Result<()> {
+        for &(id, tokens) in steps {
+            self.pool.commit(id, tokens)?;
+        }
+        if view.track_mass.contains(&true) {
+            let mass = backend.take_attention_mass(&mut self.memory)?;
+            let mut offset = 0;
+            for (index, &(id, _)) in steps.iter().enumerate() {
+                let slots = view.slots(index);
+                let seq_mass = mass.get(offset..offset + slots).with_context(|| {
+                    format!(
+                        "attention mass of {} values for a step of more slots",
+                        mass.len()
+                    )
+                })?;
+                self.pool.add_attention_mass(id, seq_mass)?;
+                offset += slots;
+            }
+        }
+        for &(id, _) in steps {
+            self.pool.apply_policy(id)?;
+        }
+        Ok(())
     }
 }

@@ -39,6 +39,12 @@ pub struct ModelArgs {
     /// count [default: one sequence of the model's whole context].
     #[arg(long, value_parser = parse_bytes)]
     pub kv_budget: Option<u64>,
+    /// What each sequence keeps between steps: full, window:N (the N most recent positions),
+    /// sinks:S,window:N (StreamingLLM: the first S and the N most recent) or
+    /// h2o:heavy=H,recent=R (the R most recent and the H that received the most attention).
+    /// CPU backend; kept positions keep their RoPE positions.
+    #[arg(long, default_value = "full")]
+    pub kv_policy: kvlab::kv::EvictionPolicy,
 }
 
 /// A byte count: a number with an optional unit (B; KB, MB, GB: powers of 1000; KiB, MiB, GiB:
@@ -89,6 +95,7 @@ impl ModelArgs {
             .set_kv_options(kvlab::generate::KvOptions {
                 dtype: self.kv_dtype,
                 budget_bytes: self.kv_budget,
+                policy: self.kv_policy,
             })?;
         Ok(loaded)
     }

@@ -253,9 +253,9 @@ mod tests {
                 for block_tokens in [5, 15] {
                     let mut seen = vec![false; layout.bytes_per_token() * block_tokens];
                     let mut mark = |from: usize, len: usize| {
-                        for b in from..from + len {
-                            assert!(!seen[b], "{dtype} byte {b} used twice");
-                            seen[b] = true;
+                        for (b, used) in seen.iter_mut().enumerate().skip(from).take(len) {
+                            assert!(!*used, "{dtype} byte {b} used twice");
+                            *used = true;
                         }
                     };
                     for layer in 0..3 {

@@ -1,8 +1,18 @@
-//! The step view: which sequence each row of a forward step belongs to, its position, and the
-//! block tables of the step's sequences. `rope`, `kv_append` and `attention` read K/V through it
-//! on every backend; the CUDA kernels read its packed form (`kernels/kv_layout.cuh`).
+//! The step view: which sequence each row of a forward step belongs to, its position and the
+//! slot its K/V go to, and the block tables of the step's sequences. `rope` reads the positions,
+//! `kv_append` the slots, `attention` every slot of a sequence; the CUDA kernels read its packed
+//! form (`kernels/kv_layout.cuh`).
+//!
+//! A slot is a place in a sequence's blocks: slot `s` is slot `s % chunk_tokens` of chunk
+//! `s / chunk_tokens` of its block table (chunked), or slot `s` of its run (contiguous). Slot `s`
+//! holds position `s`, unless the sequence has evicted positions: then its slot map says which
+//! position each slot holds, and attention masks the freed slots and, causally, the step's own
+//! later rows.
 
 use super::{KvLayout, KvPart, LayoutKind};
+
+/// A slot that holds no position (freed by eviction), in a slot map.
+pub const EMPTY_SLOT: u32 = u32::MAX;
 
 /// One sequence's part of a step, mirrored by `KvSeqStep` in `kernels/kv_layout.cuh`.
 #[repr(C)]
@@ -15,12 +25,12 @@ pub struct SeqStep {
     pub start: u32,
     /// Its first entry in the step's block table.
     pub table_start: u32,
-    /// Positions per block: `chunk_tokens` (chunked) or the capacity of its run (contiguous).
+    /// Slots per block: `chunk_tokens` (chunked) or the capacity of its run (contiguous).
     pub block_tokens: u32,
 }
 
 impl SeqStep {
-    /// Positions the sequence holds once the step's rows are written.
+    /// Positions the sequence has written once the step's rows are (evicted ones included).
     pub fn end(&self) -> usize {
         (self.start + self.rows) as usize
     }
@@ -41,11 +51,19 @@ pub struct StepView {
     pub seqs: Vec<SeqStep>,
     /// Per row: index of its sequence in `seqs`.
     pub row_seq: Vec<u32>,
-    /// Per row: its position in its sequence.
+    /// Per row: its position in its sequence (what RoPE rotates by).
     pub row_pos: Vec<u32>,
+    /// Per row: the slot its K/V are written to (its position, until its sequence evicts).
+    pub row_slot: Vec<u32>,
     /// The step's block tables, one after another (chunk ids into the arena). A contiguous
     /// sequence has one entry: the first chunk of its run.
     pub block_table: Vec<u32>,
+    /// Per sequence: once it has evicted positions, the position each of its slots holds
+    /// ([`EMPTY_SLOT`]: none), the step's rows included; None: slot `s` holds position `s` and
+    /// the sequence spans `end()` slots.
+    pub slot_positions: Vec<Option<Vec<u32>>>,
+    /// Per sequence: whether attention sums the probability mass each slot receives (H2O).
+    pub track_mass: Vec<bool>,
 }
 
 impl StepView {
@@ -53,29 +71,41 @@ impl StepView {
         self.row_pos.len()
     }
 
-    /// (chunk id in the arena, slot in its block) of position `pos` of `seq`.
-    pub fn locate(&self, seq: &SeqStep, pos: usize) -> (usize, usize) {
+    /// Slots sequence `index` of the step spans once the step's rows are written.
+    pub fn slots(&self, index: usize) -> usize {
+        self.slot_positions[index]
+            .as_ref()
+            .map_or(self.seqs[index].end(), Vec::len)
+    }
+
+    /// Whether any sequence of the step has evicted positions.
+    pub fn has_slot_maps(&self) -> bool {
+        self.slot_positions.iter().any(Option::is_some)
+    }
+
+    /// (chunk id in the arena, slot in its block) of slot `slot` of `seq`.
+    pub fn locate(&self, seq: &SeqStep, slot: usize) -> (usize, usize) {
         match self.layout.kind() {
-            LayoutKind::Contiguous => (self.block_table[seq.table_start as usize] as usize, pos),
+            LayoutKind::Contiguous => (self.block_table[seq.table_start as usize] as usize, slot),
             LayoutKind::Chunked => {
                 let chunk_tokens = self.layout.chunk_tokens();
-                let entry = seq.table_start as usize + pos / chunk_tokens;
-                (self.block_table[entry] as usize, pos % chunk_tokens)
+                let entry = seq.table_start as usize + slot / chunk_tokens;
+                (self.block_table[entry] as usize, slot % chunk_tokens)
             }
         }
     }
 
-    /// Byte offsets in the arena of the codes of the `head_dim` row of (layer, part, head) at
-    /// `pos` of `seq`, and of its scale (quantized types; see [`KvLayout`]).
+    /// Byte offsets in the arena of the codes of the `head_dim` row of (layer, part, head) in
+    /// slot `slot` of `seq`, and of its scale (quantized types; see [`KvLayout`]).
     pub fn row_offsets(
         &self,
         seq: &SeqStep,
         layer: usize,
         part: KvPart,
         head: usize,
-        pos: usize,
+        slot: usize,
     ) -> RowOffsets {
-        let (chunk, slot) = self.locate(seq, pos);
+        let (chunk, slot) = self.locate(seq, slot);
         let block = chunk * self.layout.chunk_bytes();
         let block_tokens = seq.block_tokens as usize;
         RowOffsets {
@@ -90,9 +120,9 @@ impl StepView {
         }
     }
 
-    /// Calls `f(first_pos, count, offsets)` for each run of `range` whose rows of (layer, part,
-    /// head) are consecutive in the arena (one block), with the offsets of its first row: its
-    /// codes are `count` consecutive rows from there, and so are its scales.
+    /// Calls `f(first_slot, count, offsets)` for each run of the slots `range` whose rows of
+    /// (layer, part, head) are consecutive in the arena (one block), with the offsets of its
+    /// first row: its codes are `count` consecutive rows from there, and so are its scales.
     pub fn for_each_run(
         &self,
         seq: &SeqStep,
@@ -102,12 +132,12 @@ impl StepView {
         range: std::ops::Range<usize>,
         mut f: impl FnMut(usize, usize, RowOffsets),
     ) {
-        let mut pos = range.start;
-        while pos < range.end {
-            let (_, slot) = self.locate(seq, pos);
-            let count = (seq.block_tokens as usize - slot).min(range.end - pos);
-            f(pos, count, self.row_offsets(seq, layer, part, head, pos));
-            pos += count;
+        let mut slot = range.start;
+        while slot < range.end {
+            let (_, in_block) = self.locate(seq, slot);
+            let count = (seq.block_tokens as usize - in_block).min(range.end - slot);
+            f(slot, count, self.row_offsets(seq, layer, part, head, slot));
+            slot += count;
         }
     }
 

@@ -194,9 +194,10 @@ impl AttentionPlan {
             * num_kv_heads.max(1);
         step.seqs
             .iter()
-            .map(|s| AttentionPlan {
+            .enumerate()
+            .map(|(index, s)| AttentionPlan {
                 row_block: (s.rows as usize).clamp(1, ROW_BLOCK),
-                splits: Self::splits(items, s.end(), threads),
+                splits: Self::splits(items, step.slots(index), threads),
             })
             .collect()
     }
@@ -277,19 +278,23 @@ fn attention_with<E: KvElement>(
             let plan = seq_items[index].plan;
             let first_row = seq.first_row as usize + block * plan.row_block;
             let end_row = (first_row + plan.row_block).min((seq.first_row + seq.rows) as usize);
-            // The block's last row sees the most positions; the splits share those, in whole
-            // tiles.
-            let visible = seq.start as usize + end_row - seq.first_row as usize;
+            // The block's last row sees the most slots (all of them once the sequence has a
+            // slot map); the splits share those, in whole tiles.
+            let slot_pos = input.step.slot_positions[index].as_deref();
+            let visible = match slot_pos {
+                None => seq.start as usize + end_row - seq.first_row as usize,
+                Some(map) => map.len(),
+            };
             let split_len = visible.div_ceil(plan.splits).next_multiple_of(TILE);
-            let positions =
-                (split * split_len).min(visible)..((split + 1) * split_len).min(visible);
+            let slots = (split * split_len).min(visible)..((split + 1) * split_len).min(visible);
             let work = Item {
                 input,
                 seq,
+                slot_pos,
                 kv_head,
                 group,
                 rows: first_row..end_row,
-                positions,
+                slots,
             };
             let mut scores = SCORES.take();
             scores.resize(TILE, 0.0);
@@ -327,7 +332,7 @@ fn attention_with<E: KvElement>(
                     sum += r[1] * weight;
                     axpy::<Unfused, f32>(out_head, weight, &r[2..]);
                 }
-                // Every row sees position 0 of its sequence, so sum > 0.
+                // Every row sees its own slot, so sum > 0.
                 let inv = 1.0 / sum;
                 out_head.iter_mut().for_each(|o| *o *= inv);
             }
@@ -343,14 +348,16 @@ thread_local! {
 }
 
 /// The work of one item: the `group` query heads of `kv_head`, for step rows `rows` of `seq`,
-/// over `positions` of that sequence.
+/// over `slots` of that sequence.
 struct Item<'a, E> {
     input: &'a AttentionInput<'a, E>,
     seq: &'a SeqStep,
+    /// The sequence's slot map, once it has evicted positions (None: slot s holds position s).
+    slot_pos: Option<&'a [u32]>,
     kv_head: usize,
     group: usize,
     rows: std::ops::Range<usize>,
-    positions: std::ops::Range<usize>,
+    slots: std::ops::Range<usize>,
 }
 
 impl<E: KvElement> Item<'_, E> {
@@ -363,9 +370,9 @@ impl<E: KvElement> Item<'_, E> {
         self.seq.start as usize + row - self.seq.first_row as usize
     }
 
-    /// Calls `f(first_pos, rows, scales)` for each run of `range` that lies in one block, with
-    /// that run's `[n, head_dim]` codes of (layer, part, kv_head) and, for the quantized types,
-    /// their `[n]` scales (empty otherwise).
+    /// Calls `f(first_slot, rows, scales)` for each run of the slots `range` that lies in one
+    /// block, with that run's `[n, head_dim]` codes of (layer, part, kv_head) and, for the
+    /// quantized types, their `[n]` scales (empty otherwise).
     #[inline(always)]
     fn for_each_run(
         &self,
@@ -382,14 +389,14 @@ impl<E: KvElement> Item<'_, E> {
             part,
             self.kv_head,
             range,
-            |pos, count, at| {
+            |slot, count, at| {
                 let codes = &input.codes[at.codes / code_bytes..][..count * head_dim];
                 let scales = if E::SCALED {
                     &input.scales[at.scale / 4..][..count]
                 } else {
                     &[]
                 };
-                f(pos, codes, scales)
+                f(slot, codes, scales)
             },
         );
     }
@@ -525,12 +532,17 @@ fn attend_item<E: KvElement, M: MulAdd, K: RunKernels<E>>(
         r[2..].fill(0.0);
     }
 
-    let mut tile_start = item.positions.start;
-    while tile_start < item.positions.end {
-        let tile_end = (tile_start + TILE).min(item.positions.end);
+    let mut tile_start = item.slots.start;
+    while tile_start < item.slots.end {
+        let tile_end = (tile_start + TILE).min(item.slots.end);
         for row in item.rows.clone() {
-            // Positions tile_start..seen of the tile are visible to this row.
-            let seen = (item.position(row) + 1).min(tile_end);
+            let position = item.position(row);
+            // Slots tile_start..seen of the tile may be visible to this row: up to its own
+            // position, or, with a slot map, every slot (masked below).
+            let seen = match item.slot_pos {
+                None => (position + 1).min(tile_end),
+                Some(_) => tile_end,
+            };
             if seen <= tile_start {
                 continue;
             }
@@ -539,16 +551,27 @@ fn attend_item<E: KvElement, M: MulAdd, K: RunKernels<E>>(
                 let query = (row - first_row) * group + h;
                 let q = &q_row[(first_head + h) * head_dim..][..head_dim];
                 let s = &mut scores[..seen - tile_start];
-                item.for_each_run(KvPart::Key, tile_start..seen, |first_pos, keys, scales| {
-                    let at = first_pos - tile_start;
+                item.for_each_run(KvPart::Key, tile_start..seen, |first_slot, keys, scales| {
+                    let at = first_slot - tile_start;
                     let out = &mut s[at..at + keys.len() / head_dim];
                     K::scores(q, keys, scales, scale, out);
                 });
+                if let Some(map) = item.slot_pos {
+                    // A freed slot (EMPTY_SLOT) or a later row of this step is not visible.
+                    for (x, &p) in s.iter_mut().zip(&map[tile_start..seen]) {
+                        if p as usize > position {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
 
                 // Online softmax: fold the tile into the running max and sum; the scores become
                 // the tile's weights exp(s - m).
                 let r = &mut partial[query * record..][..record];
                 let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                if tile_max == f32::NEG_INFINITY {
+                    continue;
+                }
                 let max = r[0].max(tile_max);
                 let rescale = exp::<M>(r[0] - max);
                 if rescale != 1.0 {
@@ -563,8 +586,8 @@ fn attend_item<E: KvElement, M: MulAdd, K: RunKernels<E>>(
                 item.for_each_run(
                     KvPart::Value,
                     tile_start..seen,
-                    |first_pos, values, scales| {
-                        let at = first_pos - tile_start;
+                    |first_slot, values, scales| {
+                        let at = first_slot - tile_start;
                         let weights = &s[at..at + values.len() / head_dim];
                         K::weighted_sum(weights, values, scales, acc);
                     },
@@ -572,6 +595,78 @@ fn attend_item<E: KvElement, M: MulAdd, K: RunKernels<E>>(
             }
         }
         tile_start = tile_end;
+    }
+}
+
+/// Adds to `mass` the attention probability each slot receives in this layer, summed over every
+/// row and query head, for the step's sequences that track it (H2O). `mass` holds each sequence
+/// of the step's [`StepView::slots`] values one after another (all sequences, tracked or not).
+/// A second pass over K after [`attention`]: it recomputes each row's scores and softmax in
+/// full, the way the reference does, rather than burden the online softmax with them.
+pub fn accumulate_mass<E: KvElement>(input: &AttentionInput<E>, mass: &mut [f32]) {
+    let step = input.step;
+    let head_dim = step.layout.head_dim as usize;
+    let num_kv_heads = step.layout.num_kv_heads as usize;
+    let group = input.num_heads / num_kv_heads;
+    let q_cols = input.num_heads * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut offset = 0;
+    for (index, seq) in step.seqs.iter().enumerate() {
+        let slots = step.slots(index);
+        if step.track_mass[index] {
+            let per_head: Vec<Vec<f32>> = (0..num_kv_heads)
+                .into_par_iter()
+                .map(|kv_head| {
+                    let first_row = seq.first_row as usize;
+                    let item = Item {
+                        input,
+                        seq,
+                        slot_pos: step.slot_positions[index].as_deref(),
+                        kv_head,
+                        group,
+                        rows: first_row..first_row + seq.rows as usize,
+                        slots: 0..slots,
+                    };
+                    let mut received = vec![0.0f32; slots];
+                    let mut scores = vec![0.0f32; slots];
+                    for row in item.rows.clone() {
+                        let position = item.position(row);
+                        let visible = match item.slot_pos {
+                            None => position + 1,
+                            Some(_) => slots,
+                        };
+                        for h in 0..group {
+                            let q = &input.q[row * q_cols + (kv_head * group + h) * head_dim..]
+                                [..head_dim];
+                            let s = &mut scores[..visible];
+                            item.for_each_run(KvPart::Key, 0..visible, |first, keys, scales| {
+                                let out = &mut s[first..first + keys.len() / head_dim];
+                                PlainRuns::<Unfused>::scores(q, keys, scales, scale, out);
+                            });
+                            if let Some(map) = item.slot_pos {
+                                for (x, &p) in s.iter_mut().zip(map) {
+                                    if p as usize > position {
+                                        *x = f32::NEG_INFINITY;
+                                    }
+                                }
+                            }
+                            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                            s.iter_mut().for_each(|x| *x = exp::<Unfused>(*x - max));
+                            let inv = 1.0 / sum(s);
+                            for (m, &p) in received.iter_mut().zip(s.iter()) {
+                                *m += p * inv;
+                            }
+                        }
+                    }
+                    received
+                })
+                .collect();
+            let seq_mass = &mut mass[offset..offset + slots];
+            for received in per_head {
+                seq_mass.iter_mut().zip(received).for_each(|(m, r)| *m += r);
+            }
+        }
+        offset += slots;
     }
 }
 
@@ -636,7 +731,7 @@ fn attend_item_avx2<E: KvElement>(item: &Item<E>, partial: &mut [f32], scores: &
 mod tests {
     use super::*;
     use crate::backend::cpu::write_kv_row;
-    use crate::kv::{KvDtype, KvLayout, LayoutKind, RowOffsets};
+    use crate::kv::{KvDtype, KvLayout, LayoutKind, RowOffsets, EMPTY_SLOT};
 
     /// Deterministic values in [-1, 1).
     fn fill(seed: u64, n: usize) -> Vec<f32> {
@@ -651,18 +746,32 @@ mod tests {
             .collect()
     }
 
-    /// One sequence of a test step: its first position, its rows, and its K/V
-    /// `[layers][2][kv_heads][len][hd]` (as the cache stores them, once [`build`] has written
-    /// them).
+    /// One sequence of a test step: its first position, its rows, its K/V
+    /// `[layers][2][kv_heads][len][hd]` by position (as the cache stores them, once [`build`]
+    /// has written them), and, when it has evicted positions, its slot map (the position each
+    /// slot holds, EMPTY_SLOT for a freed one; the step's rows included).
     struct TestSeq {
         start: usize,
         rows: usize,
         kv: Vec<f32>,
+        map: Option<Vec<u32>>,
     }
 
     impl TestSeq {
         fn len(&self) -> usize {
             self.start + self.rows
+        }
+
+        fn slots(&self) -> usize {
+            self.map.as_ref().map_or(self.len(), Vec::len)
+        }
+
+        /// The slot holding `pos`, if it is held.
+        fn slot_of(&self, pos: usize) -> Option<usize> {
+            match &self.map {
+                None => Some(pos),
+                Some(map) => map.iter().position(|&p| p as usize == pos),
+            }
         }
     }
 
@@ -686,23 +795,25 @@ mod tests {
     }
 
     /// A step over `seqs` in `layout` whose blocks sit in the arena in reverse order (so that a
-    /// table lookup that is skipped shows), each sequence's K/V written with the backend's
-    /// [`write_kv_row`] and then read back into `kv` as stored, every byte that no position owns
-    /// 0xFF (NaN as an f32 or bf16 code and as a quantized row's scale), so reading past a
-    /// sequence's causal limit poisons the result. The arena is f32 words, for alignment.
+    /// table lookup that is skipped shows). Each held position's K/V is written at its slot with
+    /// the backend's [`write_kv_row`] and read back into `kv` as stored; a freed slot holds a
+    /// stale row of large values (a freed slot that is read wins the softmax); every other byte
+    /// is 0xFF (NaN as an f32 or bf16 code and as a quantized row's scale), so reading past a
+    /// sequence's slots poisons the result. The arena is f32 words, for alignment.
     fn build(layout: KvLayout, seqs: &mut [TestSeq]) -> (StepView, Vec<u32>) {
         let hd = layout.head_dim as usize;
         let heads = layout.num_kv_heads as usize;
         let ct = layout.chunk_tokens();
-        // Per sequence: its blocks (chunk ids) and its positions per block.
+        // Per sequence: its blocks (chunk ids) and its slots per block.
         let plans: Vec<(usize, usize)> = seqs
             .iter()
             .map(|s| match layout.kind() {
                 // A run with some spare room, in chunk units.
                 LayoutKind::Contiguous => {
-                    ((s.len() + 3).div_ceil(ct), (s.len() + 3).div_ceil(ct) * ct)
+                    let run = (s.slots() + 3).div_ceil(ct);
+                    (run, run * ct)
                 }
-                LayoutKind::Chunked => (s.len().div_ceil(ct), ct),
+                LayoutKind::Chunked => (s.slots().div_ceil(ct), ct),
             })
             .collect();
         let total: usize = plans.iter().map(|p| p.0).sum();
@@ -711,7 +822,10 @@ mod tests {
             seqs: Vec::new(),
             row_seq: Vec::new(),
             row_pos: Vec::new(),
+            row_slot: Vec::new(),
             block_table: Vec::new(),
+            slot_positions: Vec::new(),
+            track_mass: Vec::new(),
         };
         let mut next = total;
         for (index, (s, &(chunks, block_tokens))) in seqs.iter().zip(&plans).enumerate() {
@@ -732,15 +846,30 @@ mod tests {
             view.row_seq
                 .extend(std::iter::repeat_n(index as u32, s.rows));
             view.row_pos.extend((s.start..s.len()).map(|p| p as u32));
+            view.row_slot
+                .extend((s.start..s.len()).map(|p| s.slot_of(p).unwrap() as u32));
+            view.slot_positions.push(s.map.clone());
+            view.track_mass.push(true);
         }
         let mut arena = vec![u32::MAX; total * layout.chunk_bytes() / 4];
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut arena);
+        let stale_key = vec![3.0; hd];
+        let stale_value = vec![1e3; hd];
         for (s, seq) in seqs.iter_mut().zip(&view.seqs) {
             for layer in 0..layout.num_layers as usize {
                 for (p, part) in [KvPart::Key, KvPart::Value].into_iter().enumerate() {
                     for head in 0..heads {
-                        for pos in 0..s.len() {
-                            let at = view.row_offsets(seq, layer, part, head, pos);
+                        for slot in 0..s.slots() {
+                            let at = view.row_offsets(seq, layer, part, head, slot);
+                            let pos = match &s.map {
+                                None => slot,
+                                Some(map) if map[slot] != EMPTY_SLOT => map[slot] as usize,
+                                Some(_) => {
+                                    let stale = [&stale_key, &stale_value][p];
+                                    write_kv_row(bytes, layout.dtype(), at, stale);
+                                    continue;
+                                }
+                            };
                             let src = (((layer * 2 + p) * heads + head) * s.len() + pos) * hd;
                             let row = &mut s.kv[src..src + hd];
                             write_kv_row(bytes, layout.dtype(), at, row);
@@ -753,7 +882,9 @@ mod tests {
         (view, arena)
     }
 
-    /// Two-pass softmax attention in f64 straight from the definition, for one sequence.
+    /// Two-pass softmax attention in f64 straight from the definition, for one sequence: each
+    /// row over the held positions up to its own. Returns the output `[rows, heads * hd]` and
+    /// the probability mass each slot received, summed over rows and heads.
     fn reference(
         q: &[f32],
         s: &TestSeq,
@@ -761,7 +892,7 @@ mod tests {
         heads: usize,
         kv_heads: usize,
         hd: usize,
-    ) -> Vec<f32> {
+    ) -> (Vec<f32>, Vec<f64>) {
         let group = heads / kv_heads;
         let len = s.len();
         let row_of = |part: usize, head: usize, pos: usize| {
@@ -769,12 +900,16 @@ mod tests {
             &s.kv[at..at + hd]
         };
         let mut out = vec![0.0f32; s.rows * heads * hd];
+        let mut mass = vec![0.0f64; s.slots()];
         for r in 0..s.rows {
+            let visible: Vec<usize> = (0..=s.start + r)
+                .filter(|&pos| s.slot_of(pos).is_some())
+                .collect();
             for h in 0..heads {
                 let qv = &q[(r * heads + h) * hd..][..hd];
-                let visible = s.start + r + 1;
-                let scores: Vec<f64> = (0..visible)
-                    .map(|pos| {
+                let scores: Vec<f64> = visible
+                    .iter()
+                    .map(|&pos| {
                         let k = row_of(0, h / group, pos);
                         qv.iter()
                             .zip(k)
@@ -786,15 +921,20 @@ mod tests {
                 let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let sum: f64 = weights.iter().sum();
+                for (&pos, w) in visible.iter().zip(&weights) {
+                    mass[s.slot_of(pos).unwrap()] += w / sum;
+                }
                 for d in 0..hd {
-                    let v: f64 = (0..visible)
-                        .map(|pos| weights[pos] * row_of(1, h / group, pos)[d] as f64)
+                    let v: f64 = visible
+                        .iter()
+                        .zip(&weights)
+                        .map(|(&pos, w)| w * row_of(1, h / group, pos)[d] as f64)
                         .sum();
                     out[(r * heads + h) * hd + d] = (v / sum) as f32;
                 }
             }
         }
-        out
+        (out, mass)
     }
 
     /// Attention of `shapes` (start, rows) in one step against the f64 reference, for every
@@ -808,16 +948,35 @@ mod tests {
         shapes: &[(usize, usize)],
         plans: &[Vec<AttentionPlan>],
     ) {
+        let shapes: Vec<_> = shapes
+            .iter()
+            .map(|&(start, rows)| (start, rows, None))
+            .collect();
+        check_with_maps(group, hd, kind, chunk, dtype, &shapes, plans);
+    }
+
+    /// [`check`] for sequences that may have slot maps, (start, rows, map); also checks the
+    /// attention mass of every slot against the reference's.
+    fn check_with_maps(
+        group: usize,
+        hd: usize,
+        kind: LayoutKind,
+        chunk: usize,
+        dtype: KvDtype,
+        shapes: &[(usize, usize, Option<Vec<u32>>)],
+        plans: &[Vec<AttentionPlan>],
+    ) {
         let (layers, kv_heads, layer) = (2, 2, 1);
         let heads = kv_heads * group;
         let layout = KvLayout::new(kind, dtype, layers, kv_heads, hd, chunk).unwrap();
         let mut seqs: Vec<TestSeq> = shapes
             .iter()
             .enumerate()
-            .map(|(i, &(start, rows))| TestSeq {
-                start,
-                rows,
+            .map(|(i, (start, rows, map))| TestSeq {
+                start: *start,
+                rows: *rows,
                 kv: fill(11 + i as u64, layers * 2 * kv_heads * (start + rows) * hd),
+                map: map.clone(),
             })
             .collect();
         let (step, arena) = build(layout, &mut seqs);
@@ -825,48 +984,46 @@ mod tests {
         // Scaled so that softmaxes are peaked: a wrong max or rescale shows.
         let q: Vec<f32> = fill(7, rows * heads * hd).iter().map(|x| 4.0 * x).collect();
         let mut want = Vec::new();
+        let mut want_mass = Vec::new();
         let mut first = 0;
         for s in &seqs {
             let q_seq = &q[first * heads * hd..(first + s.rows) * heads * hd];
-            want.extend(reference(q_seq, s, layer, heads, kv_heads, hd));
+            let (out, mass) = reference(q_seq, s, layer, heads, kv_heads, hd);
+            want.extend(out);
+            want_mass.extend(mass);
             first += s.rows;
         }
         let arena: &[u8] = bytemuck::cast_slice(&arena);
-        let run = |out: &mut Vec<f32>, isa: Isa, plans: &[AttentionPlan]| {
+        let (q, step) = (q.as_slice(), &step);
+        let context = format!("group {group} head_dim {hd} {kind:?} chunk {chunk} {dtype}");
+        let run = |out: &mut Vec<f32>, mass: &mut Vec<f32>, isa: Isa, plans: &[AttentionPlan]| {
             fn go<E: KvElement>(
                 isa: Isa,
                 input: AttentionInput<E>,
                 plans: &[AttentionPlan],
                 out: &mut [f32],
+                mass: &mut [f32],
             ) {
-                attention_with(isa, &input, plans, out)
+                attention_with(isa, &input, plans, out);
+                accumulate_mass(&input, mass);
             }
-            let (q, step) = (q.as_slice(), &step);
             match dtype {
-                KvDtype::F32 => go::<f32>(
-                    isa,
-                    AttentionInput::new(q, arena, step, layer, heads),
-                    plans,
-                    out,
-                ),
-                KvDtype::Bf16 => go::<bf16>(
-                    isa,
-                    AttentionInput::new(q, arena, step, layer, heads),
-                    plans,
-                    out,
-                ),
-                KvDtype::Int8 => go::<i8>(
-                    isa,
-                    AttentionInput::new(q, arena, step, layer, heads),
-                    plans,
-                    out,
-                ),
-                KvDtype::Fp8E4m3 => go::<E4m3>(
-                    isa,
-                    AttentionInput::new(q, arena, step, layer, heads),
-                    plans,
-                    out,
-                ),
+                KvDtype::F32 => {
+                    let input = AttentionInput::<f32>::new(q, arena, step, layer, heads);
+                    go(isa, input, plans, out, mass)
+                }
+                KvDtype::Bf16 => {
+                    let input = AttentionInput::<bf16>::new(q, arena, step, layer, heads);
+                    go(isa, input, plans, out, mass)
+                }
+                KvDtype::Int8 => {
+                    let input = AttentionInput::<i8>::new(q, arena, step, layer, heads);
+                    go(isa, input, plans, out, mass)
+                }
+                KvDtype::Fp8E4m3 => {
+                    let input = AttentionInput::<E4m3>::new(q, arena, step, layer, heads);
+                    go(isa, input, plans, out, mass)
+                }
             }
         };
         for (plan, isa) in plans
@@ -877,7 +1034,8 @@ mod tests {
                 continue;
             }
             let mut out = vec![f32::NAN; rows * heads * hd];
-            run(&mut out, isa, plan);
+            let mut mass = vec![0.0; want_mass.len()];
+            run(&mut out, &mut mass, isa, plan);
             let diff = out
                 .iter()
                 .zip(&want)
@@ -888,8 +1046,20 @@ mod tests {
                 );
             assert!(
                 diff <= 2e-5,
-                "group {group} head_dim {hd} {kind:?} chunk {chunk} {dtype} {shapes:?} {plan:?} \
-                 {isa:?}: differs by {diff}"
+                "{context} {shapes:?} {plan:?} {isa:?}: differs by {diff}"
+            );
+            let mass_diff = mass
+                .iter()
+                .zip(&want_mass)
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(
+                    0.0f64,
+                    |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+                );
+            // Each (row, head) adds probabilities that sum to 1, each within about 1e-6.
+            assert!(
+                mass_diff <= 1e-6 * (rows * heads) as f64,
+                "{context} {shapes:?}: attention mass differs by {mass_diff}"
             );
         }
     }
@@ -971,6 +1141,71 @@ mod tests {
                 check(4, 32, kind, chunk, dtype, &shapes, &plans_for(&shapes));
             }
         }
+    }
+
+    /// A slot map of a sequence of `len` positions that holds those `kept` names: the held
+    /// positions in a scrambled slot order, `gap` freed slots first and one after every seventh.
+    fn scattered_map(len: usize, kept: impl Fn(usize) -> bool, gap: usize) -> Vec<u32> {
+        let mut held: Vec<u32> = (0..len as u32).filter(|&p| kept(p as usize)).collect();
+        let n = held.len();
+        // A fixed permutation: a prime stride through the held positions that does not divide
+        // their count.
+        let stride = [5, 7, 11, 13]
+            .into_iter()
+            .find(|p| !n.is_multiple_of(*p))
+            .unwrap();
+        held = (0..n).map(|i| held[(i * stride) % n]).collect();
+        let mut map = vec![EMPTY_SLOT; gap];
+        for (i, p) in held.into_iter().enumerate() {
+            map.push(p);
+            if i % 7 == 6 {
+                map.push(EMPTY_SLOT);
+            }
+        }
+        map
+    }
+
+    #[test]
+    fn slot_maps_hide_freed_slots_and_the_steps_later_rows() {
+        // (start, rows, which positions are held): decode after a window and after sinks +
+        // window; a step of 5 rows into freed and new slots; a long context with a run of freed
+        // slots longer than a tile; H2O-like scattered holes.
+        type Held = Box<dyn Fn(usize) -> bool>;
+        let cases: Vec<(usize, usize, Held)> = vec![
+            (22, 1, Box::new(|p| p >= 12)),
+            (22, 1, Box::new(|p| !(2..15).contains(&p))),
+            (18, 5, Box::new(|p| p % 3 != 1 || p >= 18)),
+            (300, 1, Box::new(|p| !(4..200).contains(&p))),
+            (260, 40, Box::new(|p| p % 5 != 0 || p >= 260)),
+        ];
+        for (kind, chunk) in [
+            (LayoutKind::Contiguous, 1),
+            (LayoutKind::Chunked, 4),
+            (LayoutKind::Chunked, 16),
+        ] {
+            for dtype in KvDtype::ALL {
+                for (start, rows, kept) in &cases {
+                    let gap = if *start >= 260 { 70 } else { 2 };
+                    let map = scattered_map(start + rows, kept, gap);
+                    let shape = [(*start, *rows, Some(map))];
+                    let plans = plans_for(&[(*start, *rows)]);
+                    check_with_maps(3, 32, kind, chunk, dtype, &shape, &plans);
+                }
+            }
+        }
+        // Beside a sequence without a map, in one step.
+        let map = scattered_map(41, |p| p >= 20, 3);
+        let shapes = [(0, 6, None), (40, 1, Some(map)), (17, 9, None)];
+        let plans = plans_for(&[(0, 6), (40, 1), (17, 9)]);
+        check_with_maps(
+            4,
+            64,
+            LayoutKind::Chunked,
+            8,
+            KvDtype::Int8,
+            &shapes,
+            &plans,
+        );
     }
 
     #[test]

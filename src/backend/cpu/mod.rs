@@ -57,6 +57,9 @@ pub struct CpuKvMemory {
     layout: KvLayout,
     ptr: std::ptr::NonNull<u8>,
     alloc: std::alloc::Layout,
+    /// The step's attention mass per slot of each of its sequences (`accumulate_mass`), summed
+    /// over the layers; sized by `set_kv_step` when a sequence tracks it, else empty.
+    attention_mass: std::sync::Mutex<Vec<f32>>,
 }
 
 // SAFETY: the arena is plain memory owned by this value; access goes through & / &mut self.
@@ -81,6 +84,7 @@ impl CpuKvMemory {
             layout: *layout,
             ptr,
             alloc,
+            attention_mass: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -195,7 +199,22 @@ impl Backend for CpuBackend {
     }
 
     fn set_kv_step(&self, memory: &mut CpuKvMemory, step: &StepView) -> Result<()> {
-        check_step(&memory.layout, memory.alloc.size(), step)
+        check_step(&memory.layout, memory.alloc.size(), step)?;
+        let mass = memory.attention_mass.get_mut().map_err(|_| poisoned())?;
+        mass.clear();
+        if step.track_mass.contains(&true) {
+            mass.resize((0..step.seqs.len()).map(|i| step.slots(i)).sum(), 0.0);
+        }
+        Ok(())
+    }
+
+    fn supports_eviction(&self) -> bool {
+        true
+    }
+
+    fn take_attention_mass(&self, memory: &mut CpuKvMemory) -> Result<Vec<f32>> {
+        let mass = memory.attention_mass.get_mut().map_err(|_| poisoned())?;
+        Ok(std::mem::take(mass))
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32], out: &mut CpuTensor) -> Result<()> {
@@ -334,10 +353,10 @@ impl Backend for CpuBackend {
         let arena = memory.bytes_mut();
         for r in 0..rows {
             let seq = &step.seqs[step.row_seq[r] as usize];
-            let pos = step.row_pos[r] as usize;
+            let slot = step.row_slot[r] as usize;
             for (part, src) in [(KvPart::Key, k), (KvPart::Value, v)] {
                 for head in 0..layout.num_kv_heads as usize {
-                    let at = step.row_offsets(seq, layer, part, head, pos);
+                    let at = step.row_offsets(seq, layer, part, head, slot);
                     let src = &src.data[r * kv_dim + head * head_dim..][..head_dim];
                     write_kv_row(arena, layout.dtype(), at, src);
                 }
@@ -379,27 +398,42 @@ impl Backend for CpuBackend {
         }
         let plans =
             attention::AttentionPlan::for_step(step, kv_heads, rayon::current_num_threads());
+        /// Attention over the arena's codes of type E, then, when a sequence tracks it, the
+        /// layer's attention mass.
+        fn attend<E: attention::KvElement>(
+            input: attention::AttentionInput<E>,
+            plans: &[attention::AttentionPlan],
+            out: &mut [f32],
+            mass: &std::sync::Mutex<Vec<f32>>,
+        ) -> Result<()> {
+            attention::attention(&input, plans, out);
+            if input.step.track_mass.contains(&true) {
+                let mut mass = mass.lock().map_err(|_| poisoned())?;
+                attention::accumulate_mass(&input, &mut mass);
+            }
+            Ok(())
+        }
         use attention::AttentionInput as Input;
         let (arena, q, out) = (memory.bytes(), &q.data, &mut out.data);
+        let mass = &memory.attention_mass;
         match layout.dtype() {
             KvDtype::F32 => {
                 let input = Input::<f32>::new(q, arena, step, layer, num_heads);
-                attention::attention(&input, &plans, out)
+                attend(input, &plans, out, mass)
             }
             KvDtype::Bf16 => {
                 let input = Input::<bf16>::new(q, arena, step, layer, num_heads);
-                attention::attention(&input, &plans, out)
+                attend(input, &plans, out, mass)
             }
             KvDtype::Int8 => {
                 let input = Input::<i8>::new(q, arena, step, layer, num_heads);
-                attention::attention(&input, &plans, out)
+                attend(input, &plans, out, mass)
             }
             KvDtype::Fp8E4m3 => {
                 let input = Input::<E4m3>::new(q, arena, step, layer, num_heads);
-                attention::attention(&input, &plans, out)
+                attend(input, &plans, out, mass)
             }
         }
-        Ok(())
     }
 
     fn swiglu(&self, gate: &mut CpuTensor, up: &CpuTensor, rows: usize) -> Result<()> {
@@ -483,29 +517,45 @@ pub fn write_kv_row(arena: &mut [u8], dtype: KvDtype, at: RowOffsets, values: &[
     arena[at.scale..at.scale + 4].copy_from_slice(&scale.to_ne_bytes());
 }
 
+fn poisoned() -> anyhow::Error {
+    anyhow::anyhow!("a thread panicked while adding up attention mass")
+}
+
 /// Checks that a step view fits the arena it will be read through: every block it lists lies
-/// inside the arena and each sequence's positions fit its blocks, so that no op reads or writes
-/// outside the memory.
+/// inside the arena, each sequence's slots fit its blocks and every row writes one of them, so
+/// that no op reads or writes outside the memory.
 fn check_step(layout: &KvLayout, arena_bytes: usize, step: &StepView) -> Result<()> {
     ensure!(
         step.layout == *layout,
         "a step view of another KV layout ({:?}) over this arena ({layout:?})",
         step.layout
     );
+    let seqs = step.seqs.len();
+    ensure!(
+        step.row_slot.len() == step.rows()
+            && step.slot_positions.len() == seqs
+            && step.track_mass.len() == seqs,
+        "a step view of {} rows and {seqs} sequences with {} row slots, {} slot maps and {} mass \
+         flags",
+        step.rows(),
+        step.row_slot.len(),
+        step.slot_positions.len(),
+        step.track_mass.len()
+    );
     let chunks = arena_bytes / layout.chunk_bytes();
     for (index, seq) in step.seqs.iter().enumerate() {
+        let slots = step.slots(index);
         let block_chunks = (seq.block_tokens as usize).div_ceil(layout.chunk_tokens());
         let entries = match layout.kind() {
             crate::kv::LayoutKind::Contiguous => {
                 ensure!(
-                    seq.end() <= seq.block_tokens as usize,
-                    "step sequence {index}: positions up to {} in a run of {}",
-                    seq.end(),
+                    slots <= seq.block_tokens as usize,
+                    "step sequence {index}: slots up to {slots} in a run of {}",
                     seq.block_tokens
                 );
                 1
             }
-            crate::kv::LayoutKind::Chunked => seq.end().div_ceil(layout.chunk_tokens()),
+            crate::kv::LayoutKind::Chunked => slots.div_ceil(layout.chunk_tokens()),
         };
         let table = step
             .block_table
@@ -515,6 +565,10 @@ fn check_step(layout: &KvLayout, arena_bytes: usize, step: &StepView) -> Result<
             })?;
         if let Some(&bad) = table.iter().find(|&&c| c as usize + block_chunks > chunks) {
             bail!("step sequence {index}: chunk {bad} is outside an arena of {chunks} chunks");
+        }
+        let rows = seq.first_row as usize..(seq.first_row + seq.rows) as usize;
+        if let Some(&bad) = step.row_slot[rows].iter().find(|&&s| s as usize >= slots) {
+            bail!("step sequence {index}: a row writes slot {bad} of {slots}");
         }
     }
     Ok(())
