@@ -470,7 +470,8 @@ impl<B: Backend> Generator for Engine<B> {
             if !self.backend.kv_dtypes().contains(&dtype) {
                 let names: Vec<&str> = self.backend.kv_dtypes().iter().map(|d| d.name()).collect();
                 bail!(
-                    "--kv-dtype {dtype}: the {} backend stores KV as {}",
+                    "--kv-dtype {dtype}: the {} backend stores KV as {}; the CPU backend stores \
+                     every type (--backend cpu)",
                     self.backend.info().name,
                     names.join(" or ")
                 );

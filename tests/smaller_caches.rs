@@ -233,3 +233,26 @@ fn bad_options_are_errors_that_name_the_option_and_the_numbers() {
         );
     }
 }
+
+#[test]
+fn the_cuda_backend_refuses_what_its_kernels_do_not_store() {
+    use kvlab::backend::cuda::{BackendKind, CudaBackend, CudaOptions};
+    let backend = CudaBackend::open(BackendKind::Emu, CudaOptions::default()).unwrap();
+    let model = Model::load(&backend, &fixture(MODELS[0])).unwrap();
+    let mut e = Engine::new(backend, model);
+    for quantized in [KvDtype::Int8, KvDtype::Fp8E4m3] {
+        let err = e.set_kv_options(dtype(quantized)).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("--kv-dtype {quantized}")) && err.contains("stores KV as bf16"),
+            "{err}"
+        );
+    }
+    let err = e
+        .set_kv_options(policy("h2o:heavy=8,recent=8"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--kv-policy h2o:heavy=8,recent=8") && err.contains("CPU backend"),
+        "{err}"
+    );
+}

@@ -2,6 +2,7 @@
 pub mod cache_map;
 pub mod generate;
 pub mod kernel_report;
+pub mod kv_eval;
 pub mod roofline;
 pub mod scenario;
 pub mod selftest;

@@ -155,8 +155,9 @@ fn has_weights(dir: &Path) -> bool {
     dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file()
 }
 
-/// A new results folder: `--out` (which must be absent or empty), else a dated one in results/.
-fn results_dir(out: Option<&Path>) -> Result<PathBuf> {
+/// A new results folder: `--out` (which must be absent or empty), else
+/// `results/<prefix>-<date>-<time>`.
+pub fn results_dir(out: Option<&Path>, prefix: &str) -> Result<PathBuf> {
     let dir = match out {
         Some(dir) => {
             let is_empty = || std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
@@ -170,7 +171,7 @@ fn results_dir(out: Option<&Path>) -> Result<PathBuf> {
         }
         None => {
             let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
-            let base = PathBuf::from("results").join(format!("scenario-{stamp}"));
+            let base = PathBuf::from("results").join(format!("{prefix}-{stamp}"));
             let mut dir = base.clone();
             let mut n = 2;
             while dir.exists() {
@@ -225,7 +226,7 @@ pub fn run(args: ScenarioArgs) -> Result<()> {
         scenarios: plan.scenarios.iter().map(|s| s.name.clone()).collect(),
         protocol: protocol.clone(),
     };
-    let dir = results_dir(args.out.as_deref())?;
+    let dir = results_dir(args.out.as_deref(), "scenario")?;
 
     println!("{}", info.headline());
     println!("Running {}.", plan.description);

@@ -1,7 +1,8 @@
-//! The study's plots, and the cache-map picture, as PNG and SVG (plotters, with the embedded
-//! DejaVu Sans so that text renders the same everywhere).
+//! The study's plots, the cache-map picture and `kvlab kv-eval`'s quality against bytes, as PNG
+//! and SVG (plotters, with the embedded DejaVu Sans so that text renders the same everywhere).
 
 use super::metrics::TurnRecord;
+use crate::eval::report::{ConfigSummary, EvalSummary};
 use crate::kv::map::CacheMap;
 use crate::kv::{KvPart, Strategy};
 use anyhow::{anyhow, Context, Result};
@@ -655,4 +656,157 @@ impl Figure for CacheMapFigure<'_> {
         }
         Ok(())
     }
+}
+
+/// `kvlab kv-eval`'s picture: each configuration a point, its live KV bytes against its quality
+/// (teacher-forced mean KL divergence, log scale, and top-1 agreement); writes `stem.png` and
+/// `stem.svg`.
+pub fn draw_quality_vs_bytes(summary: &EvalSummary, stem: &Path) -> Result<[PathBuf; 2]> {
+    save(&QualityVsBytes { summary }, stem)
+}
+
+struct QualityVsBytes<'a> {
+    summary: &'a EvalSummary,
+}
+
+/// KL divergences below this (the f32 cache against itself: 0) are drawn on it.
+const KLD_FLOOR: f64 = 1e-7;
+
+impl QualityVsBytes<'_> {
+    /// (live KV MiB, the configuration) of every configuration with a measured turn.
+    fn points(&self) -> Vec<(f64, &ConfigSummary)> {
+        self.summary
+            .configs
+            .iter()
+            .filter_map(|c| {
+                let live = c
+                    .free_running
+                    .kv_live_bytes
+                    .or(c.teacher_forced.kv_live_bytes)?;
+                Some((live.mean / MIB, c))
+            })
+            .collect()
+    }
+
+    /// The color of a configuration's policy: full, window, sinks or h2o.
+    fn color(config: &ConfigSummary) -> RGBColor {
+        Self::kind_color(config.policy.split(':').next().unwrap_or(""))
+    }
+
+    fn kind_color(kind: &str) -> RGBColor {
+        match kind {
+            "full" => RGBColor(31, 119, 180),
+            "window" => RGBColor(214, 39, 40),
+            "sinks" => RGBColor(44, 160, 44),
+            _ => RGBColor(148, 103, 189),
+        }
+    }
+}
+
+impl Figure for QualityVsBytes<'_> {
+    fn size(&self) -> (u32, u32) {
+        (1500, 720)
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
+        let points = self.points();
+        let x_hi = points.iter().map(|p| p.0).fold(0.0, f64::max) * 1.25;
+        let (title_area, panels) = root.split_vertically(50);
+        // The model's name without its path.
+        let model = self
+            .summary
+            .run
+            .model
+            .split(" (")
+            .next()
+            .unwrap_or_default();
+        title_area.draw(&Text::new(
+            format!(
+                "Quality against KV bytes: {model}, {} configurations against the f32 full \
+                 cache ({} of {} turn records)",
+                points.len(),
+                self.summary.measured_turns,
+                self.summary.planned_turns
+            ),
+            (20, 15),
+            (FONT, 21),
+        ))?;
+        // The legend of the colors, at the right of the title.
+        let mut x = 1060;
+        for (kind, color) in ["full", "window", "sinks", "h2o"]
+            .iter()
+            .map(|&k| (k, Self::kind_color(k)))
+        {
+            title_area.draw(&Circle::new((x, 40), 6, color.filled()))?;
+            title_area.draw(&Text::new(kind, (x + 10, 32), (FONT, 15)))?;
+            x += 20 + 9 * kind.len() as i32 + 20;
+        }
+        let (left, right) = panels.split_horizontally(750);
+        let kld = |c: &ConfigSummary| c.teacher_forced.mean_kl_divergence.max(KLD_FLOOR);
+        let kld_hi = points.iter().map(|p| kld(p.1)).fold(KLD_FLOOR, f64::max) * 10.0;
+        let mut chart = ChartBuilder::on(&left)
+            .caption(
+                "mean KL divergence per answer token (teacher-forced)",
+                (FONT, 18),
+            )
+            .margin(15)
+            .x_label_area_size(50)
+            .y_label_area_size(80)
+            .build_cartesian_2d(0.0..x_hi.max(1e-3), (KLD_FLOOR / 2.0..kld_hi).log_scale())?;
+        chart
+            .configure_mesh()
+            .x_desc("live KV MiB at the end of a turn (mean)")
+            .y_desc("KL(f32 full ‖ config), nats")
+            .y_label_formatter(&|y| format!("{y:.0e}"))
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 16))
+            .draw()?;
+        for (i, &(x, c)) in points.iter().enumerate() {
+            let y = kld(c);
+            let label = if c.teacher_forced.mean_kl_divergence < KLD_FLOOR {
+                format!(
+                    "{} (KLD {:.0e})",
+                    c.config, c.teacher_forced.mean_kl_divergence
+                )
+            } else {
+                c.config.clone()
+            };
+            chart.draw_series([EmptyElement::at((x, y))
+                + Circle::new((0, 0), 6, Self::color(c).filled())
+                + Text::new(label, (10, label_offset(i)), (FONT, 13).into_font())])?;
+        }
+        let mut chart = ChartBuilder::on(&right)
+            .caption(
+                "top-1 agreement with the f32 full cache (teacher-forced)",
+                (FONT, 18),
+            )
+            .margin(15)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..x_hi.max(1e-3), 0.0..105.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("live KV MiB at the end of a turn (mean)")
+            .y_desc("% of answer positions")
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 16))
+            .draw()?;
+        for (i, &(x, c)) in points.iter().enumerate() {
+            let y = 100.0 * c.teacher_forced.top1_agreement;
+            chart.draw_series([EmptyElement::at((x, y))
+                + Circle::new((0, 0), 6, Self::color(c).filled())
+                + Text::new(
+                    c.config.clone(),
+                    (10, label_offset(i)),
+                    (FONT, 13).into_font(),
+                )])?;
+        }
+        Ok(())
+    }
+}
+
+/// Pixels a point's label moves up or down by the point's index, so that points at the same
+/// bytes (element types of one size) keep readable labels.
+fn label_offset(index: usize) -> i32 {
+    (index % 3) as i32 * 15 - 21
 }

@@ -208,7 +208,8 @@ pub fn static_reuse_capacity(
     Ok((templated + 2 * turns * opts.max_new_tokens).next_multiple_of(256))
 }
 
-fn message(role: &str, content: &str) -> Message {
+/// A chat message.
+pub fn message(role: &str, content: &str) -> Message {
     Message {
         role: role.to_string(),
         content: content.to_string(),
