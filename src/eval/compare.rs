@@ -13,6 +13,8 @@ pub struct StepComparison {
     /// −log p(target) under the candidate and under the reference.
     pub candidate_nll: f64,
     pub reference_nll: f64,
+    /// The reference's largest logit minus its second largest: how near a tie its choice was.
+    pub reference_margin: f64,
 }
 
 /// log-softmax of a row, in f64.
@@ -57,6 +59,25 @@ pub fn compare(reference: &[f32], candidate: &[f32], target: u32) -> StepCompari
         max_logit_error,
         candidate_nll: -q[target as usize],
         reference_nll: -p[target as usize],
+        reference_margin: margin(reference),
+    }
+}
+
+/// The largest value minus the second largest (0 for fewer than two).
+fn margin(row: &[f32]) -> f64 {
+    let (mut first, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+    for &v in row {
+        let v = v as f64;
+        if v > first {
+            (first, second) = (v, first);
+        } else if v > second {
+            second = v;
+        }
+    }
+    if second.is_finite() {
+        first - second
+    } else {
+        0.0
     }
 }
 
@@ -96,6 +117,9 @@ mod tests {
         assert!((c.max_logit_error - 2.0).abs() < 1e-12);
         assert!((c.candidate_nll + q[2].ln()).abs() < 1e-12);
         assert!((c.reference_nll + p[2].ln()).abs() < 1e-12);
+        assert_eq!(c.reference_margin, 1.0);
+        assert_eq!(margin(&[0.5, 3.0, 3.0]), 0.0, "a tie");
+        assert_eq!(margin(&[-1.0, 2.5, 0.25]), 2.25);
         // Ties go to the first index, as greedy decoding picks.
         assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
     }

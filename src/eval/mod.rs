@@ -192,6 +192,9 @@ pub struct TurnEval {
     pub kl_max: f64,
     /// Steps whose argmax equals the reference's.
     pub top1_agreements: usize,
+    /// Of the other steps, the largest margin between the reference's two best logits (0 when
+    /// every step agreed): a flip at a small margin is a near-tie.
+    pub largest_flip_margin: f64,
     pub max_logit_error: f64,
     /// Σ −log p(next token) under the configuration and under the f32 full cache.
     pub nll_sum: f64,
@@ -363,6 +366,9 @@ fn evaluate(
         eval.kl_sum += c.kl_divergence;
         eval.kl_max = eval.kl_max.max(c.kl_divergence);
         eval.top1_agreements += usize::from(c.same_top1);
+        if !c.same_top1 {
+            eval.largest_flip_margin = eval.largest_flip_margin.max(c.reference_margin);
+        }
         eval.max_logit_error = eval.max_logit_error.max(c.max_logit_error);
         eval.nll_sum += c.candidate_nll;
         eval.reference_nll_sum += c.reference_nll;

@@ -103,6 +103,10 @@ pub struct ModeSummary {
     pub mean_kl_divergence: f64,
     pub max_kl_divergence: f64,
     pub top1_agreement: f64,
+    /// Steps whose argmax differs from the reference's, and the largest margin between the
+    /// reference's two best logits among them.
+    pub top1_flips: usize,
+    pub largest_flip_margin: f64,
     pub max_logit_error: f64,
     /// exp(mean −log p) of the next tokens: under the configuration, and under the f32 full
     /// cache (teacher-forced: the reference's answers; free-running: the configuration's own).
@@ -137,6 +141,8 @@ impl ModeSummary {
             mean_kl_divergence: per_step(sum(|t| t.kl_sum)),
             max_kl_divergence: max(|t| t.kl_max),
             top1_agreement: ratio(turns.iter().map(|t| t.top1_agreements).sum(), steps),
+            top1_flips: steps - turns.iter().map(|t| t.top1_agreements).sum::<usize>(),
+            largest_flip_margin: max(|t| t.largest_flip_margin),
             max_logit_error: max(|t| t.max_logit_error),
             perplexity: per_step(sum(|t| t.nll_sum)).exp(),
             reference_perplexity: per_step(sum(|t| t.reference_nll_sum)).exp(),
@@ -246,7 +252,7 @@ impl EvalSummary {
             "KV B/token",
             "live KV MiB mean (max)",
             "TF mean KLD",
-            "TF top-1",
+            "TF top-1 (flips: largest ref margin)",
             "TF max logit err",
             "TF ppl (f32: ppl)",
             "FR mean KLD",
@@ -264,7 +270,12 @@ impl EvalSummary {
                     format!("{:.2} ({:.2})", d.mean / MIB, d.max / MIB)
                 }),
                 format!("{:.2e}", tf.mean_kl_divergence),
-                format!("{:.2}%", 100.0 * tf.top1_agreement),
+                format!(
+                    "{:.2}% ({}: {:.3})",
+                    100.0 * tf.top1_agreement,
+                    tf.top1_flips,
+                    tf.largest_flip_margin
+                ),
                 format!("{:.3}", tf.max_logit_error),
                 format!("{:.3} ({:.3})", tf.perplexity, tf.reference_perplexity),
                 format!("{:.2e}", fr.mean_kl_divergence),
@@ -287,11 +298,13 @@ impl EvalSummary {
                 let met = tf.mean_kl_divergence <= 1e-3 && tf.top1_agreement >= 0.99;
                 format!(
                     "{}: mean KLD {:.2e} (target ≤ 1e-3), top-1 {:.2}% (target ≥ 99%) over {} \
-                     steps: {}",
+                     steps, {} flips, the largest at a reference margin of {:.3}: {}",
                     c.config,
                     tf.mean_kl_divergence,
                     100.0 * tf.top1_agreement,
                     tf.steps,
+                    tf.top1_flips,
+                    tf.largest_flip_margin,
                     if met { "met" } else { "not met" }
                 )
             })
@@ -322,8 +335,9 @@ impl EvalSummary {
         ));
         md.push_str(
             "Every configuration against the f32 full cache. TF = teacher-forced on the f32 \
-             cache's own answers (KLD and top-1 at every answer position, the largest logit \
-             error, the perplexity of those answers under the configuration and, in brackets, \
+             cache's own answers (KLD and top-1 at every answer position; for the positions whose \
+             top-1 differs, their count and the largest margin between the reference's two best \
+             logits there; the largest logit error, the perplexity of those answers under the configuration and, in brackets, \
              under the f32 cache); FR = free-running, compared with the f32 cache fed the \
              configuration's own conversation (same answers: turns whose answer equals the \
              reference's). Live KV: the sequence's bytes when a free-running turn ended. Decode \
@@ -373,6 +387,7 @@ mod tests {
         assert_eq!(tf.steps, 40);
         assert!((tf.mean_kl_divergence - 0.02 / 40.0).abs() < 1e-15);
         assert!((tf.top1_agreement - 39.0 / 40.0).abs() < 1e-15);
+        assert_eq!(tf.top1_flips, 1);
         assert!((tf.perplexity - 1f64.exp()).abs() < 1e-12);
         assert_eq!(tf.identical_answers, 1);
         let mut csv = Vec::new();

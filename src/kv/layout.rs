@@ -1,5 +1,6 @@
 //! The geometry of KV memory that the CPU code and the kernels both read.
 
+use super::quant::INT8_KEY_GROUP;
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 
@@ -15,8 +16,8 @@ pub enum LayoutKind {
     Chunked = 1,
 }
 
-/// Element type of K and V entries. The quantized types store a code per element and one f32
-/// scale per `head_dim` row (one token, one layer, K or V, one KV head): see [`super::quant`].
+/// Element type of K and V entries. The quantized types store a code per element and f32
+/// scales per `head_dim` row (one token, one layer, K or V, one KV head): see [`super::quant`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[repr(u32)]
 pub enum KvDtype {
@@ -24,10 +25,10 @@ pub enum KvDtype {
     F32 = 0,
     #[serde(rename = "bf16")]
     Bf16 = 1,
-    /// Symmetric int8 codes, scale = max|row| / 127.
+    /// Symmetric int8 codes: keys with a scale per 16 channels, values one per row.
     #[serde(rename = "int8")]
     Int8 = 2,
-    /// OCP fp8 E4M3FN codes, scale = max|row| / 448.
+    /// OCP fp8 E4M3FN codes, a scale per row (max|row| / 448).
     #[serde(rename = "fp8-e4m3")]
     #[value(name = "fp8-e4m3")]
     Fp8E4m3 = 3,
@@ -45,21 +46,28 @@ impl KvDtype {
         }
     }
 
-    /// Bytes of the scale that each `head_dim` row carries (0: the codes are the values).
-    pub fn row_scale_bytes(self) -> usize {
-        match self {
-            KvDtype::F32 | KvDtype::Bf16 => 0,
-            KvDtype::Int8 | KvDtype::Fp8E4m3 => 4,
+    pub fn is_quantized(self) -> bool {
+        matches!(self, KvDtype::Int8 | KvDtype::Fp8E4m3)
+    }
+
+    /// f32 scales a `head_dim` row of `part` carries (0: the codes are the values). A value row
+    /// carries at most one.
+    pub fn scales_per_row(self, part: KvPart, head_dim: usize) -> usize {
+        match (self, part) {
+            (KvDtype::F32 | KvDtype::Bf16, _) => 0,
+            (KvDtype::Int8, KvPart::Key) => head_dim / INT8_KEY_GROUP,
+            (KvDtype::Int8, KvPart::Value) | (KvDtype::Fp8E4m3, _) => 1,
         }
     }
 
-    pub fn is_quantized(self) -> bool {
-        self.row_scale_bytes() > 0
+    /// Bytes of one `head_dim` row of `part`: its codes and its scales.
+    pub fn row_bytes(self, part: KvPart, head_dim: usize) -> usize {
+        head_dim * self.code_bytes() + 4 * self.scales_per_row(part, head_dim)
     }
 
-    /// Bytes of one `head_dim` row of K or V: its codes and its scale.
-    pub fn row_bytes(self, head_dim: usize) -> usize {
-        head_dim * self.code_bytes() + self.row_scale_bytes()
+    /// Bytes of a K row and a V row of one head: what one position takes per layer and head.
+    pub fn row_pair_bytes(self, head_dim: usize) -> usize {
+        self.row_bytes(KvPart::Key, head_dim) + self.row_bytes(KvPart::Value, head_dim)
     }
 
     pub fn name(self) -> &'static str {
@@ -107,8 +115,8 @@ pub enum KvPart {
 /// run (contiguous layout): first the codes, ordered
 /// `[num_layers][2 (K, V)][num_kv_heads][block_tokens][head_dim]`, so that for one layer and head
 /// the block's slots are consecutive rows of `head_dim`, which is what attention streams; then,
-/// for the quantized types, the rows' f32 scales in the same order without `head_dim`
-/// (`[num_layers][2][num_kv_heads][block_tokens]`). In the chunked layout
+/// for the quantized types, the rows' f32 scales in the same order
+/// (`[num_layers][2][num_kv_heads][block_tokens][scales per row]`). In the chunked layout
 /// `block_tokens = chunk_tokens`; a contiguous run of `n` chunks is one block of
 /// `n * chunk_tokens` slots, so its rows of one (layer, head) span the whole sequence. Either way
 /// a block of `t` slots is exactly `t * bytes_per_token()` bytes.
@@ -143,11 +151,17 @@ impl KvLayout {
         if chunk_tokens == 0 {
             bail!("--chunk-tokens must be at least 1");
         }
-        // The scales follow the codes; 4-byte codes rows keep them aligned for f32 loads.
-        if dtype.is_quantized() && !head_dim.is_multiple_of(4) {
+        // The scales follow the codes; rows of a multiple of 4 bytes keep them aligned for f32
+        // loads, and an int8 key row is whole groups.
+        let multiple = match dtype {
+            KvDtype::Int8 => INT8_KEY_GROUP,
+            _ => 4,
+        };
+        if dtype.is_quantized() && !head_dim.is_multiple_of(multiple) {
             bail!(
-                "--kv-dtype {dtype} keeps an f32 scale beside every row of head_dim codes, which \
-                 needs head_dim to be a multiple of 4 (this model's is {head_dim})"
+                "--kv-dtype {dtype} keeps f32 scales beside rows of head_dim codes (int8 keys: \
+                 one per {INT8_KEY_GROUP} channels), which needs head_dim to be a multiple of \
+                 {multiple} (this model's is {head_dim})"
             );
         }
         let small = |value: usize, what: &str| {
@@ -198,7 +212,9 @@ impl KvLayout {
 
     /// Bytes one position occupies across all layers, K and V: codes and scales.
     pub fn bytes_per_token(&self) -> usize {
-        self.rows_per_token() * self.dtype().row_bytes(self.head_dim())
+        self.num_layers as usize
+            * self.num_kv_heads as usize
+            * self.dtype().row_pair_bytes(self.head_dim())
     }
 
     pub fn chunk_bytes(&self) -> usize {
@@ -223,8 +239,8 @@ impl KvLayout {
         (self.row_block(layer, part, head) * block_tokens + slot) * self.row_code_bytes()
     }
 
-    /// Byte offset, inside a block of `block_tokens` slots, of the f32 scale of the row of
-    /// (layer, part, head, slot); quantized types only.
+    /// Byte offset, inside a block of `block_tokens` slots, of the f32 scales of the row of
+    /// (layer, part, head, slot) (quantized types: [`KvDtype::scales_per_row`] of them).
     pub fn scale_offset_in_block(
         &self,
         layer: usize,
@@ -233,8 +249,18 @@ impl KvLayout {
         slot: usize,
         block_tokens: usize,
     ) -> usize {
+        let (dtype, hd, heads) = (self.dtype(), self.head_dim(), self.num_kv_heads as usize);
+        let (key, value) = (
+            dtype.scales_per_row(KvPart::Key, hd),
+            dtype.scales_per_row(KvPart::Value, hd),
+        );
         let codes = block_tokens * self.rows_per_token() * self.row_code_bytes();
-        codes + (self.row_block(layer, part, head) * block_tokens + slot) * 4
+        // Per layer: every head's key scales, then every head's value scales.
+        let in_layer = match part {
+            KvPart::Key => (head * block_tokens + slot) * key,
+            KvPart::Value => heads * block_tokens * key + (head * block_tokens + slot) * value,
+        };
+        codes + (layer * heads * block_tokens * (key + value) + in_layer) * 4
     }
 }
 
@@ -246,9 +272,10 @@ mod tests {
     fn codes_and_scales_tile_a_block_exactly_once() {
         for dtype in KvDtype::ALL {
             for kind in [LayoutKind::Contiguous, LayoutKind::Chunked] {
-                let layout = KvLayout::new(kind, dtype, 3, 2, 4, 5).unwrap();
+                let code = dtype.code_bytes();
+                // Rows of 32 channels: an int8 key row carries 2 scales, a value row 1.
+                let layout = KvLayout::new(kind, dtype, 3, 2, 32, 5).unwrap();
                 assert_eq!((layout.kind(), layout.dtype()), (kind, dtype));
-                let (code, scale) = (dtype.code_bytes(), dtype.row_scale_bytes());
                 // A chunk is one block of chunk_tokens; a run of 3 chunks one block of 15.
                 for block_tokens in [5, 15] {
                     let mut seen = vec![false; layout.bytes_per_token() * block_tokens];
@@ -260,6 +287,7 @@ mod tests {
                     };
                     for layer in 0..3 {
                         for part in [KvPart::Key, KvPart::Value] {
+                            let scales = dtype.scales_per_row(part, 32);
                             for head in 0..2 {
                                 for slot in 0..block_tokens {
                                     let at = |f: fn(
@@ -273,11 +301,11 @@ mod tests {
                                         -> usize| {
                                         f(&layout, layer, part, head, slot, block_tokens)
                                     };
-                                    mark(at(KvLayout::code_offset_in_block), 4 * code);
-                                    if scale > 0 {
+                                    mark(at(KvLayout::code_offset_in_block), 32 * code);
+                                    if scales > 0 {
                                         let s = at(KvLayout::scale_offset_in_block);
                                         assert_eq!(s % 4, 0, "scales are f32-aligned");
-                                        mark(s, scale);
+                                        mark(s, 4 * scales);
                                     }
                                 }
                             }
@@ -300,18 +328,28 @@ mod tests {
                 .unwrap()
                 .bytes_per_token()
         };
-        let rows = 30 * 2 * 3;
-        assert_eq!(bytes(KvDtype::F32), rows * 64 * 4);
-        assert_eq!(bytes(KvDtype::Bf16), rows * 64 * 2);
-        for quantized in [KvDtype::Int8, KvDtype::Fp8E4m3] {
-            assert_eq!(bytes(quantized), bytes(KvDtype::F32) / 4 + rows * 4);
-        }
-        let err = KvLayout::new(LayoutKind::Chunked, KvDtype::Int8, 2, 1, 6, 16).unwrap_err();
-        let err = err.to_string();
-        assert!(
-            err.contains("multiple of 4") && err.contains("is 6"),
-            "{err}"
+        let heads = 30 * 3;
+        assert_eq!(bytes(KvDtype::F32), heads * 2 * 64 * 4);
+        assert_eq!(bytes(KvDtype::Bf16), heads * 2 * 64 * 2);
+        // int8: 4 scales a key row (groups of 16 channels), 1 a value row; fp8: 1 and 1.
+        assert_eq!(
+            bytes(KvDtype::Int8),
+            bytes(KvDtype::F32) / 4 + heads * (4 + 1) * 4
         );
+        assert_eq!(
+            bytes(KvDtype::Fp8E4m3),
+            bytes(KvDtype::F32) / 4 + heads * 2 * 4
+        );
+        for (dtype, head_dim, multiple) in [(KvDtype::Int8, 24, 16), (KvDtype::Fp8E4m3, 6, 4)] {
+            let err = KvLayout::new(LayoutKind::Chunked, dtype, 2, 1, head_dim, 16).unwrap_err();
+            let err = err.to_string();
+            assert!(
+                err.contains(&format!(
+                    "multiple of {multiple} (this model's is {head_dim})"
+                )),
+                "{err}"
+            );
+        }
         for dtype in KvDtype::ALL {
             assert_eq!(dtype.name().parse::<KvDtype>().unwrap(), dtype);
         }

@@ -126,10 +126,11 @@ impl CacheMap {
     /// The row blocks of one block (codes, then the quantized types' scales), in memory order.
     pub fn blocks(&self, chunk: &ChunkUse) -> Vec<BlockUse> {
         let layout = &self.layout;
-        let scale_bytes = layout.dtype().row_scale_bytes() as u64;
+        let (dtype, hd) = (layout.dtype(), layout.head_dim());
         let mut blocks = Vec::new();
         for layer in 0..layout.num_layers as usize {
             for part in [KvPart::Key, KvPart::Value] {
+                let scale_bytes = 4 * dtype.scales_per_row(part, hd) as u64;
                 for head in 0..layout.num_kv_heads as usize {
                     let bt = self.block_tokens;
                     let mut row_block = |scales: bool, offset: usize, row_bytes: u64| {
@@ -159,7 +160,7 @@ impl CacheMap {
     /// Per layer, summed over every block.
     pub fn layers(&self) -> Vec<LayerUse> {
         let layout = &self.layout;
-        let row_bytes = layout.dtype().row_bytes(layout.head_dim()) as u64;
+        let pair_bytes = layout.dtype().row_pair_bytes(layout.head_dim()) as u64;
         let heads = layout.num_kv_heads as u64;
         let written: u64 = self.blocks.iter().map(|c| c.written_slots as u64).sum();
         (0..layout.num_layers as usize)
@@ -170,12 +171,11 @@ impl CacheMap {
                     layer,
                     key_offset_bytes: offset(KvPart::Key),
                     value_offset_bytes: offset(KvPart::Value),
-                    reserved_bytes: 2
-                        * heads
+                    reserved_bytes: heads
                         * self.blocks.len() as u64
                         * self.block_tokens as u64
-                        * row_bytes,
-                    written_bytes: 2 * heads * written * row_bytes,
+                        * pair_bytes,
+                    written_bytes: heads * written * pair_bytes,
                 }
             })
             .collect()
@@ -200,8 +200,8 @@ mod tests {
         capacity: usize,
         tokens: usize,
     ) -> CacheMap {
-        // f32: 3 layers x K,V x 2 heads x 8 dims x 4 bytes = 384 bytes per position.
-        let layout = KvLayout::new(kind, dtype, 3, 2, 8, chunk_tokens).unwrap();
+        // f32: 3 layers x K,V x 2 heads x 16 dims x 4 bytes = 768 bytes per position.
+        let layout = KvLayout::new(kind, dtype, 3, 2, 16, chunk_tokens).unwrap();
         let mut pool = ChunkPool::new(layout, 64, false).unwrap();
         let id = pool.new_sequence(Some(capacity)).unwrap();
         let prompt = tokens.min(7);
@@ -254,9 +254,10 @@ mod tests {
         assert_eq!(dynamic.pool.allocations, 5);
         assert_eq!(dynamic.chunks()[4].written_slots, 3);
         let stat = filled(LayoutKind::Contiguous, 1, 40, 23);
-        assert_eq!(stat.unwritten_bytes(), (40 - 23) * 384);
+        assert_eq!(stat.unwritten_bytes(), (40 - 23) * 768);
         assert_eq!(stat.chunks().len(), 1);
-        // int8: a quarter of f32's bytes plus an f32 scale per row (12 rows a position).
+        // int8: a quarter of f32's bytes plus an f32 scale per row (12 rows a position; a key
+        // row of 16 channels is one group).
         let int8 = filled_as(KvDtype::Int8, LayoutKind::Contiguous, 1, 40, 23);
         assert_eq!(
             int8.seq.reserved_bytes,
@@ -265,7 +266,7 @@ mod tests {
         // Layer 1's V rows follow layer 0's K and V and layer 1's K: 3 row blocks of 2 heads.
         assert_eq!(
             stat.layers()[1].value_offset_bytes,
-            (3 * 2 * 40 * 8 * 4) as u64
+            (3 * 2 * 40 * 16 * 4) as u64
         );
     }
 }

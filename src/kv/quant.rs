@@ -1,17 +1,29 @@
-//! Quantized K/V rows: int8 and fp8 e4m3 codes, one f32 scale per `head_dim` row (one token, one
-//! layer, K or V, one KV head), `x ≈ code · scale`. The append quantizes a row once, as it is
-//! written; attention multiplies the scale back in as it reads (the CPU's run kernels fold it
-//! into the score or the softmax weight, so no dequantized copy of the cache exists).
+//! Quantized K/V rows: int8 and fp8 e4m3 codes with f32 scales, `x ≈ code · scale`. A `head_dim`
+//! row (one token, one layer, K or V, one KV head) carries one scale, except an int8 key row,
+//! which carries one per [`INT8_KEY_GROUP`] channels. The append quantizes a row once, as it is
+//! written; attention multiplies the scales back in as it reads (the CPU's run kernels fold a
+//! row's scale into its score or weight, or multiply a key group's into its widened codes), so
+//! no dequantized copy of the cache exists.
 //!
-//! A scale per row, not per channel, for keys as well as values: an append-only cache knows a
-//! row's range when the row is written, whereas a channel's range over a block of tokens is known
-//! only once the block is full (KIVI keeps the open block in full precision and requantizes it
-//! when it closes). At 8 bits the per-row scale meets the quality target on SmolLM2
-//! (docs/smaller-caches.md has the measurement and the comparison with per-channel scales).
+//! Why keys get finer scales than values: SmolLM2's keys have outlier channels (KIVI's finding:
+//! a few channels of a key are much larger than the rest), so one scale per key row leaves the
+//! small channels a few levels of 127. Per-channel scales (KIVI) need a scale that covers a
+//! block of tokens: in an append-only cache it is known only when the block is complete, so the
+//! open block must stay in full precision or be requantized whenever a channel's range grows,
+//! the block must lie inside one chunk, and a slot reused after eviction must still fit its
+//! block's scales. Scales per group of channels inside each row keep the row self-contained:
+//! written once, any chunk size, any eviction. Measured on SmolLM2 (docs/smaller-caches.md),
+//! groups of 16 channels come within 1.6x of per-channel scales over 16-token blocks in KL
+//! divergence, at the same bytes.
 //!
 //! fp8 e4m3 is the OCP "E4M3FN" format: 1 sign bit, 4 exponent bits (bias 7), 3 mantissa bits, no
 //! infinities, `S.1111.111` is NaN, the largest finite value is ±448, subnormals are `m · 2^-9`.
 //! Encoding rounds to nearest, ties to even, and saturates at ±448; NaN codes are never stored.
+//! Its precision is relative (2^-4 of each value), so an outlier costs the other channels little:
+//! one scale per row.
+
+/// Channels of an int8 key row that share a scale.
+pub const INT8_KEY_GROUP: usize = 16;
 
 /// An fp8 e4m3 code as the arena stores it.
 #[repr(transparent)]
@@ -31,29 +43,32 @@ pub const E4M3_NAN_CODE: u8 = 0x7f;
 /// 2^-120 times the e4m3 value, for normal and subnormal codes alike.
 pub const E4M3_TO_F32_EXPONENT_SHIFT: i32 = 120;
 
-/// The scale that maps a row's largest magnitude onto `max_code` (0 for an all-zero row).
-fn row_scale(x: &[f32], max_code: f32) -> f32 {
+/// The scale that maps a group's largest magnitude onto `max_code` (0 for an all-zero group).
+fn group_scale(x: &[f32], max_code: f32) -> f32 {
     x.iter().fold(0.0f32, |m, v| m.max(v.abs())) / max_code
 }
 
-/// int8 codes of a row (`codes.len() == x.len()`) and its scale: `code = round(x / scale)` with
-/// `scale = max|x| / 127`, ties to even.
-pub fn quantize_int8(x: &[f32], codes: &mut [i8]) -> f32 {
-    let scale = row_scale(x, INT8_MAX_CODE);
-    for (c, &v) in codes.iter_mut().zip(x) {
-        *c = if scale > 0.0 {
-            // In -127..=127 by the choice of scale; `as` saturates a NaN to 0.
-            (v / scale).round_ties_even() as i8
-        } else {
-            0
-        };
+/// int8 codes of a row (`codes.len() == x.len()`) and its scales, one per group of
+/// `x.len() / scales.len()` channels: `code = round(x / scale)` with `scale = max|group| / 127`,
+/// ties to even.
+pub fn quantize_int8(x: &[f32], codes: &mut [i8], scales: &mut [f32]) {
+    let group = x.len() / scales.len();
+    for ((x, codes), scale) in x.chunks(group).zip(codes.chunks_mut(group)).zip(scales) {
+        *scale = group_scale(x, INT8_MAX_CODE);
+        for (c, &v) in codes.iter_mut().zip(x) {
+            *c = if *scale > 0.0 {
+                // In -127..=127 by the choice of scale; `as` saturates a NaN to 0.
+                (v / *scale).round_ties_even() as i8
+            } else {
+                0
+            };
+        }
     }
-    scale
 }
 
 /// e4m3 codes of a row and its scale: `code = e4m3(x / scale)` with `scale = max|x| / 448`.
 pub fn quantize_e4m3(x: &[f32], codes: &mut [E4m3]) -> f32 {
-    let scale = row_scale(x, E4M3_MAX);
+    let scale = group_scale(x, E4M3_MAX);
     for (c, &v) in codes.iter_mut().zip(x) {
         *c = E4m3(if scale > 0.0 {
             e4m3_encode(v / scale)
@@ -219,32 +234,41 @@ mod tests {
     }
 
     #[test]
-    fn int8_rows_round_trip_within_half_a_step() {
+    fn int8_rows_round_trip_within_half_a_step_of_their_group() {
         for x in awkward_rows() {
-            let mut codes = vec![0i8; x.len()];
-            let scale = quantize_int8(&x, &mut codes);
-            let amax = x.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
-            // Plain reference: scale = max|x| / 127, code = round(x / scale), ties to even.
-            assert!(((scale as f64) - amax / 127.0).abs() <= amax / 127.0 * 1e-6);
-            for (&c, &v) in codes.iter().zip(&x) {
-                let want = if scale > 0.0 {
-                    ((v / scale) as f64).round_ties_even()
-                } else {
-                    0.0
-                };
-                assert_eq!(c as f64, want, "{v} / {scale}");
-                assert!((-127..=127).contains(&c));
-                let err = (c as f64 * scale as f64 - v as f64).abs();
-                assert!(
-                    err <= scale as f64 * 0.5 * (1.0 + 1e-6),
-                    "{v}: {err} > {scale}/2"
-                );
-            }
-            if amax > 0.0 {
-                assert!(
-                    codes.iter().any(|&c| c.abs() == 127),
-                    "the largest maps to 127"
-                );
+            // One scale for the row, and (where the row divides) one per 4 channels.
+            for groups in [1, x.len() / 4].into_iter().filter(|&g| g > 0) {
+                if x.len() % groups != 0 {
+                    continue;
+                }
+                let mut codes = vec![0i8; x.len()];
+                let mut scales = vec![0.0f32; groups];
+                quantize_int8(&x, &mut codes, &mut scales);
+                let width = x.len() / groups;
+                for (g, &scale) in scales.iter().enumerate() {
+                    let group = &x[g * width..(g + 1) * width];
+                    let amax = group.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+                    // Plain reference: scale = max|group| / 127, code = round(x / scale).
+                    assert!(((scale as f64) - amax / 127.0).abs() <= amax / 127.0 * 1e-6);
+                    for (&c, &v) in codes[g * width..(g + 1) * width].iter().zip(group) {
+                        let want = if scale > 0.0 {
+                            ((v / scale) as f64).round_ties_even()
+                        } else {
+                            0.0
+                        };
+                        assert_eq!(c as f64, want, "{v} / {scale}");
+                        assert!((-127..=127).contains(&c));
+                        let err = (c as f64 * scale as f64 - v as f64).abs();
+                        assert!(err <= scale as f64 * 0.5 * (1.0 + 1e-6), "{v}: {err}");
+                    }
+                    if amax > 0.0 {
+                        let codes = &codes[g * width..(g + 1) * width];
+                        assert!(
+                            codes.iter().any(|&c| c.abs() == 127),
+                            "the largest maps to 127"
+                        );
+                    }
+                }
             }
         }
     }

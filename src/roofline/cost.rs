@@ -77,9 +77,9 @@ pub fn rope(rows: usize, q_dim: usize, kv_dim: usize) -> OpCost {
 
 /// Copy of the step's k and v `[rows, kv_dim]` into the cache (`kv_elem_bytes` per entry).
 pub fn kv_append(cfg: &Config, rows: usize, kv: KvDtype) -> OpCost {
-    let kv_rows = (2 * rows * cfg.num_kv_heads) as f64;
+    let heads = (rows * cfg.num_kv_heads) as f64;
     OpCost {
-        bytes: kv_rows * (cfg.head_dim as f64 * F32 + kv.row_bytes(cfg.head_dim) as f64),
+        bytes: heads * (2.0 * cfg.head_dim as f64 * F32 + kv.row_pair_bytes(cfg.head_dim) as f64),
         flops: 0.0,
     }
 }
@@ -104,7 +104,7 @@ pub fn attention(cfg: &Config, start: usize, rows: usize, kv: KvDtype) -> OpCost
     // Σ over rows of the positions each one sees: (start + 1) + ... + (start + rows).
     let pairs = rows as f64 * start as f64 + (rows * (rows + 1) / 2) as f64;
     OpCost {
-        bytes: 2.0 * visible * cfg.num_kv_heads as f64 * kv.row_bytes(cfg.head_dim) as f64
+        bytes: visible * cfg.num_kv_heads as f64 * kv.row_pair_bytes(cfg.head_dim) as f64
             + 2.0 * rows as f64 * cfg.q_dim() as f64 * F32,
         flops: 4.0 * cfg.num_heads as f64 * hd * pairs,
     }
@@ -144,9 +144,9 @@ mod tests {
             // K and V of every visible position, 8 heads of 64 bf16 values; q and out in f32.
             let kv = 2 * (start + rows) * 8 * 64 * 2;
             assert_eq!(c.bytes, (kv + 2 * rows * 2048 * 4) as f64);
-            // int8: a byte a value and an f32 scale a row.
+            // int8: a byte a value, 4 f32 scales a key row and 1 a value row.
             let int8 = attention(&cfg, start, rows, KvDtype::Int8);
-            let kv = 2 * (start + rows) * 8 * (64 + 4);
+            let kv = (start + rows) * 8 * (64 + 16 + 64 + 4);
             assert_eq!(int8.bytes, (kv + 2 * rows * 2048 * 4) as f64);
         }
     }

@@ -152,7 +152,7 @@ impl<B: Backend> KvRotation<B> {
             format!("a step of {rows} rows does not fit a context of {context}")
         })?;
         let cache_bytes =
-            context * cfg.num_layers * 2 * cfg.num_kv_heads * dtype.row_bytes(cfg.head_dim);
+            context * cfg.num_layers * cfg.num_kv_heads * dtype.row_pair_bytes(cfg.head_dim);
         let count = span_bytes.div_ceil(cache_bytes.max(1)).max(1);
         let caches = (0..count)
             .map(|_| {

@@ -37,10 +37,8 @@ const MIN_SPLIT: usize = 512;
 const ITEMS_PER_THREAD: usize = 8;
 
 /// A K or V code as the arena stores it. The value of an entry is `to_f32(code)`, times its
-/// row's scale when the type is [`KvElement::SCALED`].
+/// row's (or its key group's) scale for the quantized types.
 pub trait KvElement: bytemuck::Pod + Send + Sync + 'static {
-    /// Whether each `head_dim` row carries an f32 scale (the quantized types).
-    const SCALED: bool;
     fn to_f32(self) -> f32;
     /// Codes `p[0..8]` widened to f32 (unscaled).
     ///
@@ -51,8 +49,6 @@ pub trait KvElement: bytemuck::Pod + Send + Sync + 'static {
 }
 
 impl KvElement for f32 {
-    const SCALED: bool = false;
-
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -66,8 +62,6 @@ impl KvElement for f32 {
 }
 
 impl KvElement for bf16 {
-    const SCALED: bool = false;
-
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
@@ -84,8 +78,6 @@ impl KvElement for bf16 {
 }
 
 impl KvElement for i8 {
-    const SCALED: bool = true;
-
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self as f32
@@ -101,8 +93,6 @@ impl KvElement for i8 {
 }
 
 impl KvElement for E4m3 {
-    const SCALED: bool = true;
-
     #[inline(always)]
     fn to_f32(self) -> f32 {
         e4m3_decode(self.0)
@@ -150,7 +140,7 @@ impl<'a, E: KvElement> AttentionInput<'a, E> {
         AttentionInput {
             q,
             codes: bytemuck::cast_slice(arena),
-            scales: if E::SCALED {
+            scales: if step.layout.dtype().is_quantized() {
                 bytemuck::cast_slice(arena)
             } else {
                 &[]
@@ -372,7 +362,7 @@ impl<E: KvElement> Item<'_, E> {
 
     /// Calls `f(first_slot, rows, scales)` for each run of the slots `range` that lies in one
     /// block, with that run's `[n, head_dim]` codes of (layer, part, kv_head) and, for the
-    /// quantized types, their `[n]` scales (empty otherwise).
+    /// quantized types, their `[n, scales per row]` scales (empty otherwise).
     #[inline(always)]
     fn for_each_run(
         &self,
@@ -381,8 +371,10 @@ impl<E: KvElement> Item<'_, E> {
         mut f: impl FnMut(usize, &[E], &[f32]),
     ) {
         let input = self.input;
-        let head_dim = input.step.layout.head_dim as usize;
+        let layout = input.step.layout;
+        let head_dim = layout.head_dim();
         let code_bytes = std::mem::size_of::<E>();
+        let scales_per_row = layout.dtype().scales_per_row(part, head_dim);
         input.step.for_each_run(
             self.seq,
             input.layer,
@@ -391,10 +383,9 @@ impl<E: KvElement> Item<'_, E> {
             range,
             |slot, count, at| {
                 let codes = &input.codes[at.codes / code_bytes..][..count * head_dim];
-                let scales = if E::SCALED {
-                    &input.scales[at.scale / 4..][..count]
-                } else {
-                    &[]
+                let scales = match scales_per_row {
+                    0 => &[],
+                    n => &input.scales[at.scale / 4..][..count * n],
                 };
                 f(slot, codes, scales)
             },
@@ -461,35 +452,38 @@ fn axpy<M: MulAdd, E: KvElement>(y: &mut [f32], a: f32, x: &[E]) {
     }
 }
 
-/// The scale of row `i` of a run: its stored scale for the quantized types, else 1.
-#[inline(always)]
-fn row_scale<E: KvElement>(scales: &[f32], i: usize) -> f32 {
-    if E::SCALED {
-        scales[i]
-    } else {
-        1.0
-    }
-}
-
-/// The two inner loops of an item, over one run of positions that lie in one block. `scales` are
-/// the run's row scales (quantized types; empty otherwise).
+/// The two inner loops of an item, over one run of positions that lie in one block. `scales`
+/// are the run's row scales (quantized types; empty otherwise): a key row may carry several, one
+/// per group of `head_dim / scales per row` channels; a value row carries at most one.
 trait RunKernels<E> {
-    /// out[i] = scale · row_scale[i] · q · keys[i] for each of the run's `[out.len(), head_dim]`
-    /// keys.
+    /// out[i] = scale · Σ_g row_scale[i, g] · q_g · keys[i]_g for each of the run's
+    /// `[out.len(), head_dim]` keys (g: the row's channel groups).
     fn scores(q: &[f32], keys: &[E], scales: &[f32], scale: f32, out: &mut [f32]);
     /// acc += Σ_i weights[i] · row_scale[i] · values[i] over the run's
     /// `[weights.len(), head_dim]` values.
     fn weighted_sum(weights: &[f32], values: &[E], scales: &[f32], acc: &mut [f32]);
 }
 
-/// The loops in plain Rust (any head_dim): a dot product per key, an axpy per value.
+/// The loops in plain Rust (any head_dim): a dot product per key (per channel group), an axpy
+/// per value.
 struct PlainRuns<M>(std::marker::PhantomData<M>);
 
 impl<M: MulAdd, E: KvElement> RunKernels<E> for PlainRuns<M> {
     #[inline(always)]
     fn scores(q: &[f32], keys: &[E], scales: &[f32], scale: f32, out: &mut [f32]) {
+        let groups = scales.len() / out.len().max(1);
         for (i, (o, key)) in out.iter_mut().zip(keys.chunks_exact(q.len())).enumerate() {
-            *o = dot::<M, E>(q, key) * (scale * row_scale::<E>(scales, i));
+            *o = if let Some(width) = q.len().checked_div(groups) {
+                let row = &scales[i * groups..(i + 1) * groups];
+                q.chunks_exact(width)
+                    .zip(key.chunks_exact(width))
+                    .zip(row)
+                    .map(|((q, k), s)| dot::<M, E>(q, k) * s)
+                    .sum::<f32>()
+                    * scale
+            } else {
+                dot::<M, E>(q, key) * scale
+            };
         }
     }
 
@@ -500,7 +494,8 @@ impl<M: MulAdd, E: KvElement> RunKernels<E> for PlainRuns<M> {
             .zip(values.chunks_exact(acc.len()))
             .enumerate()
         {
-            axpy::<M, E>(acc, w * row_scale::<E>(scales, i), value);
+            let w = if scales.is_empty() { w } else { w * scales[i] };
+            axpy::<M, E>(acc, w, value);
         }
     }
 }
@@ -777,19 +772,32 @@ mod tests {
 
     /// The values a row of the arena holds: codes times scale, decoded one by one (the plain
     /// reference of the kernels' dequantization).
-    fn read_kv_row(arena: &[u8], dtype: KvDtype, at: RowOffsets, hd: usize) -> Vec<f32> {
+    fn read_kv_row(
+        arena: &[u8],
+        dtype: KvDtype,
+        part: KvPart,
+        at: RowOffsets,
+        hd: usize,
+    ) -> Vec<f32> {
         let codes = &arena[at.codes..at.codes + hd * dtype.code_bytes()];
-        let scale = || f32::from_ne_bytes(arena[at.scale..at.scale + 4].try_into().unwrap());
+        let groups = dtype.scales_per_row(part, hd);
+        let scales: &[f32] = bytemuck::cast_slice(&arena[at.scale..at.scale + 4 * groups]);
+        let scale = |c: usize| scales[c / (hd / groups)];
         match dtype {
             KvDtype::F32 => bytemuck::cast_slice::<u8, f32>(codes).to_vec(),
             KvDtype::Bf16 => bytemuck::cast_slice::<u8, bf16>(codes)
                 .iter()
                 .map(|c| c.to_f32())
                 .collect(),
-            KvDtype::Int8 => codes.iter().map(|&c| c as i8 as f32 * scale()).collect(),
+            KvDtype::Int8 => codes
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| c as i8 as f32 * scale(i))
+                .collect(),
             KvDtype::Fp8E4m3 => codes
                 .iter()
-                .map(|&c| crate::kv::quant::e4m3_decode(c) * scale())
+                .enumerate()
+                .map(|(i, &c)| crate::kv::quant::e4m3_decode(c) * scale(i))
                 .collect(),
         }
     }
@@ -866,14 +874,15 @@ mod tests {
                                 Some(map) if map[slot] != EMPTY_SLOT => map[slot] as usize,
                                 Some(_) => {
                                     let stale = [&stale_key, &stale_value][p];
-                                    write_kv_row(bytes, layout.dtype(), at, stale);
+                                    write_kv_row(bytes, layout.dtype(), part, at, stale);
                                     continue;
                                 }
                             };
                             let src = (((layer * 2 + p) * heads + head) * s.len() + pos) * hd;
                             let row = &mut s.kv[src..src + hd];
-                            write_kv_row(bytes, layout.dtype(), at, row);
-                            row.copy_from_slice(&read_kv_row(bytes, layout.dtype(), at, hd));
+                            write_kv_row(bytes, layout.dtype(), part, at, row);
+                            let stored = read_kv_row(bytes, layout.dtype(), part, at, hd);
+                            row.copy_from_slice(&stored);
                         }
                     }
                 }
@@ -1104,7 +1113,11 @@ mod tests {
                     (LayoutKind::Chunked, 1024),
                 ] {
                     for shape in shapes {
-                        let dtype = KvDtype::ALL[(group + hd + chunk) % 4];
+                        // int8 key rows are whole groups of 16 channels.
+                        let dtype = match KvDtype::ALL[(group + hd + chunk) % 4] {
+                            KvDtype::Int8 if hd % 16 != 0 => KvDtype::Fp8E4m3,
+                            dtype => dtype,
+                        };
                         check(
                             group,
                             hd,

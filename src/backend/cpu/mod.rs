@@ -358,7 +358,7 @@ impl Backend for CpuBackend {
                 for head in 0..layout.num_kv_heads as usize {
                     let at = step.row_offsets(seq, layer, part, head, slot);
                     let src = &src.data[r * kv_dim + head * head_dim..][..head_dim];
-                    write_kv_row(arena, layout.dtype(), at, src);
+                    write_kv_row(arena, layout.dtype(), part, at, src);
                 }
             }
         }
@@ -495,26 +495,38 @@ impl Backend for CpuBackend {
     }
 }
 
-/// Writes one `head_dim` row of K or V at `at` in the arena as `dtype` stores it: the values,
-/// rounded to bf16, or quantized to codes and a scale (see [`crate::kv::quant`]).
-pub fn write_kv_row(arena: &mut [u8], dtype: KvDtype, at: RowOffsets, values: &[f32]) {
-    let codes = &mut arena[at.codes..at.codes + values.len() * dtype.code_bytes()];
-    let scale = match dtype {
-        KvDtype::F32 => {
-            bytemuck::cast_slice_mut(codes).copy_from_slice(values);
-            return;
-        }
+/// Writes one `head_dim` row of `part` at `at` in the arena as `dtype` stores it: the values,
+/// rounded to bf16, or quantized to codes and scales (see [`crate::kv::quant`]).
+pub fn write_kv_row(
+    arena: &mut [u8],
+    dtype: KvDtype,
+    part: KvPart,
+    at: RowOffsets,
+    values: &[f32],
+) {
+    let (codes, scales) = {
+        let scale_count = dtype.scales_per_row(part, values.len());
+        // A block's scales follow all of its codes.
+        let (head, tail) = arena.split_at_mut(at.scale);
+        let codes = &mut head[at.codes..at.codes + values.len() * dtype.code_bytes()];
+        let scales: &mut [f32] = if scale_count > 0 {
+            bytemuck::cast_slice_mut(&mut tail[..4 * scale_count])
+        } else {
+            &mut []
+        };
+        (codes, scales)
+    };
+    match dtype {
+        KvDtype::F32 => bytemuck::cast_slice_mut(codes).copy_from_slice(values),
         KvDtype::Bf16 => {
             let codes: &mut [bf16] = bytemuck::cast_slice_mut(codes);
             for (c, &v) in codes.iter_mut().zip(values) {
                 *c = bf16::from_f32(v);
             }
-            return;
         }
-        KvDtype::Int8 => quantize_int8(values, bytemuck::cast_slice_mut(codes)),
-        KvDtype::Fp8E4m3 => quantize_e4m3(values, bytemuck::cast_slice_mut(codes)),
-    };
-    arena[at.scale..at.scale + 4].copy_from_slice(&scale.to_ne_bytes());
+        KvDtype::Int8 => quantize_int8(values, bytemuck::cast_slice_mut(codes), scales),
+        KvDtype::Fp8E4m3 => scales[0] = quantize_e4m3(values, bytemuck::cast_slice_mut(codes)),
+    }
 }
 
 fn poisoned() -> anyhow::Error {

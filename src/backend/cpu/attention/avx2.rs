@@ -20,15 +20,24 @@ impl<E: KvElement, const D8: usize> RunKernels<E> for Avx2Runs<D8> {
     #[inline(always)]
     fn scores(q: &[f32], keys: &[E], scales: &[f32], scale: f32, out: &mut [f32]) {
         assert!(q.len() == 8 * D8 && keys.len() == out.len() * q.len());
-        assert!(!E::SCALED || scales.len() == out.len());
-        // SAFETY: see the type's comment for the CPU features; the lengths are checked above.
-        unsafe { scores::<E, D8>(q, keys, scales, scale, out) }
+        // SAFETY (both): see the type's comment for the CPU features; the lengths are checked
+        // here, a group spans whole vectors of 8.
+        match scales.len() / out.len().max(1) {
+            0 | 1 => {
+                assert!(scales.is_empty() || scales.len() == out.len());
+                unsafe { scores::<E, D8, false>(q, keys, scales, scale, out) }
+            }
+            groups => {
+                assert!(scales.len() == groups * out.len() && D8.is_multiple_of(groups));
+                unsafe { scores::<E, D8, true>(q, keys, scales, scale, out) }
+            }
+        }
     }
 
     #[inline(always)]
     fn weighted_sum(weights: &[f32], values: &[E], scales: &[f32], acc: &mut [f32]) {
         assert!(acc.len() == 8 * D8 && values.len() == weights.len() * acc.len());
-        assert!(!E::SCALED || scales.len() == weights.len());
+        assert!(scales.is_empty() || scales.len() == weights.len());
         // SAFETY: as above.
         unsafe { weighted_sum::<E, D8>(weights, values, scales, acc) }
     }
@@ -52,14 +61,16 @@ fn hsum8(a: [__m256; 8]) -> __m256 {
     )
 }
 
-/// out[i] = scale · row_scale[i] · q · keys[i]; q: [8 · D8], keys: [out.len(), 8 · D8],
-/// scales: [out.len()] for the quantized types.
+/// out[i] = scale · q · keys[i] with each key's scales applied; q: [8 · D8], keys:
+/// [out.len(), 8 · D8]. Without GROUPED, scales is empty or one per key, multiplied into its
+/// score; with it, `groups` per key, each multiplied into the key's widened vectors of its group
+/// (`D8 / groups` vectors of 8 channels).
 ///
 /// # Safety
 /// AVX2 and FMA are present; the lengths are as stated.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn scores<E: KvElement, const D8: usize>(
+unsafe fn scores<E: KvElement, const D8: usize, const GROUPED: bool>(
     q: &[f32],
     keys: &[E],
     scales: &[f32],
@@ -67,23 +78,35 @@ unsafe fn scores<E: KvElement, const D8: usize>(
     out: &mut [f32],
 ) {
     let head_dim = 8 * D8;
+    let n = out.len();
+    let groups = if GROUPED { scales.len() / n } else { 1 };
+    let vectors_per_group = D8 / groups;
     let mut qv = [_mm256_setzero_ps(); D8];
     for (j, v) in qv.iter_mut().enumerate() {
         *v = _mm256_loadu_ps(q.as_ptr().add(8 * j));
     }
-    let n = out.len();
     let k = keys.as_ptr();
+    // Key `key`'s vector j of 8 channels, widened (and, GROUPED, scaled).
+    let load = |key: usize, j: usize| {
+        let kv = E::widen8(k.add(key * head_dim + 8 * j));
+        if GROUPED {
+            let s = *scales.get_unchecked(key * groups + j / vectors_per_group);
+            _mm256_mul_ps(kv, _mm256_set1_ps(s))
+        } else {
+            kv
+        }
+    };
+    let row_scales = !GROUPED && !scales.is_empty();
     let mut i = 0;
     while i + 8 <= n {
         let mut acc = [_mm256_setzero_ps(); 8];
         for (j, &qj) in qv.iter().enumerate() {
             for (key, a) in acc.iter_mut().enumerate() {
-                let kv = E::widen8(k.add((i + key) * head_dim + 8 * j));
-                *a = _mm256_fmadd_ps(qj, kv, *a);
+                *a = _mm256_fmadd_ps(qj, load(i + key, j), *a);
             }
         }
         let mut s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
-        if E::SCALED {
+        if row_scales {
             s = _mm256_mul_ps(s, _mm256_loadu_ps(scales.as_ptr().add(i)));
         }
         _mm256_storeu_ps(out.as_mut_ptr().add(i), s);
@@ -92,9 +115,9 @@ unsafe fn scores<E: KvElement, const D8: usize>(
     for (key, o) in out.iter_mut().enumerate().skip(i) {
         let mut acc = _mm256_setzero_ps();
         for (j, &qj) in qv.iter().enumerate() {
-            acc = _mm256_fmadd_ps(qj, E::widen8(k.add(key * head_dim + 8 * j)), acc);
+            acc = _mm256_fmadd_ps(qj, load(key, j), acc);
         }
-        let row_scale = if E::SCALED { scales[key] } else { 1.0 };
+        let row_scale = if row_scales { scales[key] } else { 1.0 };
         *o = horizontal_sum(acc) * (scale * row_scale);
     }
 }
@@ -116,7 +139,7 @@ unsafe fn weighted_sum<E: KvElement, const D8: usize>(
     let v = values.as_ptr();
     let mut sum = [_mm256_setzero_ps(); D8];
     for (i, &w) in weights.iter().enumerate() {
-        let w = if E::SCALED { w * scales[i] } else { w };
+        let w = if scales.is_empty() { w } else { w * scales[i] };
         let wv = _mm256_set1_ps(w);
         for (j, s) in sum.iter_mut().enumerate() {
             *s = _mm256_fmadd_ps(wv, E::widen8(v.add(i * head_dim + 8 * j)), *s);
