@@ -35,6 +35,9 @@ const ROW_BLOCK: usize = 16;
 const MIN_SPLIT: usize = 512;
 /// Items per thread the planner aims for, so that rayon can balance uneven items.
 const ITEMS_PER_THREAD: usize = 8;
+/// Query heads a run kernel serves at once: each K or V row is loaded and widened once for all
+/// of them (the query heads of one KV head, GQA), 4 being what the AVX2 registers hold.
+const MAX_QUERIES: usize = 4;
 
 /// A K or V code as the arena stores it. The value of an entry is `to_f32(code)`, times its
 /// row's (or its key group's) scale for the quantized types.
@@ -287,7 +290,7 @@ fn attention_with<E: KvElement>(
                 slots,
             };
             let mut scores = SCORES.take();
-            scores.resize(TILE, 0.0);
+            scores.resize(MAX_QUERIES * TILE, 0.0);
             isa.attend(&work, partial, &mut scores);
             SCORES.set(scores);
         });
@@ -331,7 +334,8 @@ fn attention_with<E: KvElement>(
 }
 
 thread_local! {
-    /// Per-thread scores of the query in progress over one tile, `[TILE]`; kept between calls.
+    /// Per-thread scores of the queries in progress over one tile, `[MAX_QUERIES][TILE]`; kept
+    /// between calls.
     static SCORES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// The calling thread's partial results of a call; kept between calls.
     static PARTIALS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
@@ -452,61 +456,114 @@ fn axpy<M: MulAdd, E: KvElement>(y: &mut [f32], a: f32, x: &[E]) {
     }
 }
 
-/// The two inner loops of an item, over one run of positions that lie in one block. `scales`
-/// are the run's row scales (quantized types; empty otherwise): a key row may carry several, one
-/// per group of `head_dim / scales per row` channels; a value row carries at most one.
+/// The two inner loops of an item, over one run of slots that lie in one block, for `count`
+/// (at most [`MAX_QUERIES`]) query heads at once. `scales` are the run's row scales (quantized
+/// types; empty otherwise): a key row may carry several, one per group of
+/// `head_dim / scales per row` channels; a value row carries at most one.
 trait RunKernels<E> {
-    /// out[i] = scale · Σ_g row_scale[i, g] · q_g · keys[i]_g for each of the run's
-    /// `[out.len(), head_dim]` keys (g: the row's channel groups).
-    fn scores(q: &[f32], keys: &[E], scales: &[f32], scale: f32, out: &mut [f32]);
-    /// acc += Σ_i weights[i] · row_scale[i] · values[i] over the run's
-    /// `[weights.len(), head_dim]` values.
-    fn weighted_sum(weights: &[f32], values: &[E], scales: &[f32], acc: &mut [f32]);
+    /// out[h · out_stride + i] = scale · Σ_g row_scale[i, g] · q_h,g · keys[i]_g for each of the
+    /// run's `[n, head_dim]` keys and each query q_h = qs[h · head_dim..][..head_dim] (g: the
+    /// row's channel groups).
+    fn scores(
+        qs: &[f32],
+        count: usize,
+        keys: &[E],
+        scales: &[f32],
+        scale: f32,
+        out: &mut [f32],
+        out_stride: usize,
+    );
+    /// acc_h += Σ_i weights[h · shape.weight_stride + i] · row_scale[i] · values[i] over the
+    /// run's `[n, head_dim]` values, for acc_h = accs[h · shape.acc_stride..][..head_dim].
+    fn weighted_sum(
+        weights: &[f32],
+        values: &[E],
+        scales: &[f32],
+        accs: &mut [f32],
+        shape: WeightedSumShape,
+    );
 }
 
-/// The loops in plain Rust (any head_dim): a dot product per key (per channel group), an axpy
-/// per value.
+/// Where [`RunKernels::weighted_sum`] finds its queries' weights and accumulators.
+#[derive(Clone, Copy, Debug)]
+struct WeightedSumShape {
+    /// Query heads (at most [`MAX_QUERIES`]).
+    count: usize,
+    head_dim: usize,
+    weight_stride: usize,
+    acc_stride: usize,
+}
+
+/// The loops in plain Rust (any head_dim), query by query: a dot product per key (per channel
+/// group), an axpy per value.
 struct PlainRuns<M>(std::marker::PhantomData<M>);
 
 impl<M: MulAdd, E: KvElement> RunKernels<E> for PlainRuns<M> {
     #[inline(always)]
-    fn scores(q: &[f32], keys: &[E], scales: &[f32], scale: f32, out: &mut [f32]) {
-        let groups = scales.len() / out.len().max(1);
-        for (i, (o, key)) in out.iter_mut().zip(keys.chunks_exact(q.len())).enumerate() {
-            *o = if let Some(width) = q.len().checked_div(groups) {
-                let row = &scales[i * groups..(i + 1) * groups];
-                q.chunks_exact(width)
-                    .zip(key.chunks_exact(width))
-                    .zip(row)
-                    .map(|((q, k), s)| dot::<M, E>(q, k) * s)
-                    .sum::<f32>()
-                    * scale
-            } else {
-                dot::<M, E>(q, key) * scale
-            };
+    fn scores(
+        qs: &[f32],
+        count: usize,
+        keys: &[E],
+        scales: &[f32],
+        scale: f32,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let head_dim = qs.len() / count;
+        let n = keys.len() / head_dim;
+        let groups = scales.len() / n.max(1);
+        for h in 0..count {
+            let q = &qs[h * head_dim..][..head_dim];
+            let out = &mut out[h * out_stride..][..n];
+            for (i, (o, key)) in out.iter_mut().zip(keys.chunks_exact(head_dim)).enumerate() {
+                *o = if let Some(width) = head_dim.checked_div(groups) {
+                    let row = &scales[i * groups..(i + 1) * groups];
+                    q.chunks_exact(width)
+                        .zip(key.chunks_exact(width))
+                        .zip(row)
+                        .map(|((q, k), s)| dot::<M, E>(q, k) * s)
+                        .sum::<f32>()
+                        * scale
+                } else {
+                    dot::<M, E>(q, key) * scale
+                };
+            }
         }
     }
 
     #[inline(always)]
-    fn weighted_sum(weights: &[f32], values: &[E], scales: &[f32], acc: &mut [f32]) {
-        for (i, (&w, value)) in weights
-            .iter()
-            .zip(values.chunks_exact(acc.len()))
-            .enumerate()
-        {
-            let w = if scales.is_empty() { w } else { w * scales[i] };
-            axpy::<M, E>(acc, w, value);
+    fn weighted_sum(
+        weights: &[f32],
+        values: &[E],
+        scales: &[f32],
+        accs: &mut [f32],
+        shape: WeightedSumShape,
+    ) {
+        let head_dim = shape.head_dim;
+        for h in 0..shape.count {
+            let acc = &mut accs[h * shape.acc_stride..][..head_dim];
+            let weights = &weights[h * shape.weight_stride..];
+            for (i, value) in values.chunks_exact(head_dim).enumerate() {
+                let w = if scales.is_empty() {
+                    weights[i]
+                } else {
+                    weights[i] * scales[i]
+                };
+                axpy::<M, E>(acc, w, value);
+            }
         }
     }
 }
 
 /// The item kernel: fills `partial` (`[queries][m, l, acc[head_dim]]`, query = row_in_block *
-/// group + head_in_group) with the online softmax of the item's queries over its positions.
-/// `scores`: `[TILE]` scratch.
+/// group + head_in_group) with the online softmax of the item's queries over its slots.
+/// `scores`: `[MAX_QUERIES][TILE]` scratch.
 ///
-/// Tile by tile, one query at a time: its scores against the tile's keys, the online softmax
-/// update, then its weighted sum of the tile's values. A tile of K (or V) rows stays in L1 while
-/// all of the item's queries use it; each query reads only the positions it sees (causal).
+/// Tile by tile, row by row, up to [`MAX_QUERIES`] query heads at a time: their scores against
+/// the tile's keys (each key row loaded and widened once for all of them), each one's online
+/// softmax update, then their weighted sums of the tile's values (each value row widened once).
+/// A tile of K (or V) rows stays in L1 while all of the item's rows use it; each row reads only
+/// the slots it sees (causal).
 #[inline(always)]
 fn attend_item<E: KvElement, M: MulAdd, K: RunKernels<E>>(
     item: &Item<E>,
@@ -542,49 +599,59 @@ fn attend_item<E: KvElement, M: MulAdd, K: RunKernels<E>>(
                 continue;
             }
             let q_row = &input.q[row * q_cols..][..q_cols];
-            for h in 0..group {
-                let query = (row - first_row) * group + h;
-                let q = &q_row[(first_head + h) * head_dim..][..head_dim];
-                let s = &mut scores[..seen - tile_start];
+            let tile = seen - tile_start;
+            // The group's query heads, up to MAX_QUERIES at a time: their scores over the tile,
+            // each one's online softmax, then their weighted sums.
+            for first in (0..group).step_by(MAX_QUERIES) {
+                let count = MAX_QUERIES.min(group - first);
+                let qs = &q_row[(first_head + first) * head_dim..][..count * head_dim];
                 item.for_each_run(KvPart::Key, tile_start..seen, |first_slot, keys, scales| {
-                    let at = first_slot - tile_start;
-                    let out = &mut s[at..at + keys.len() / head_dim];
-                    K::scores(q, keys, scales, scale, out);
+                    let out = &mut scores[first_slot - tile_start..];
+                    K::scores(qs, count, keys, scales, scale, out, TILE);
                 });
-                if let Some(map) = item.slot_pos {
-                    // A freed slot (EMPTY_SLOT) or a later row of this step is not visible.
-                    for (x, &p) in s.iter_mut().zip(&map[tile_start..seen]) {
-                        if p as usize > position {
-                            *x = f32::NEG_INFINITY;
+                for h in 0..count {
+                    let s = &mut scores[h * TILE..][..tile];
+                    if let Some(map) = item.slot_pos {
+                        // A freed slot (EMPTY_SLOT) or a later row of this step is not visible.
+                        for (x, &p) in s.iter_mut().zip(&map[tile_start..seen]) {
+                            if p as usize > position {
+                                *x = f32::NEG_INFINITY;
+                            }
                         }
                     }
+                    // Online softmax: fold the tile into the running max and sum; the scores
+                    // become the tile's weights exp(s - m) (all 0 when nothing is visible).
+                    let query = (row - first_row) * group + first + h;
+                    let r = &mut partial[query * record..][..record];
+                    let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    if tile_max == f32::NEG_INFINITY {
+                        s.fill(0.0);
+                        continue;
+                    }
+                    let max = r[0].max(tile_max);
+                    let rescale = exp::<M>(r[0] - max);
+                    if rescale != 1.0 {
+                        r[1] *= rescale;
+                        r[2..].iter_mut().for_each(|a| *a *= rescale);
+                    }
+                    s.iter_mut().for_each(|x| *x = exp::<M>(*x - max));
+                    r[0] = max;
+                    r[1] += sum(s);
                 }
-
-                // Online softmax: fold the tile into the running max and sum; the scores become
-                // the tile's weights exp(s - m).
-                let r = &mut partial[query * record..][..record];
-                let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                if tile_max == f32::NEG_INFINITY {
-                    continue;
-                }
-                let max = r[0].max(tile_max);
-                let rescale = exp::<M>(r[0] - max);
-                if rescale != 1.0 {
-                    r[1] *= rescale;
-                    r[2..].iter_mut().for_each(|a| *a *= rescale);
-                }
-                s.iter_mut().for_each(|x| *x = exp::<M>(*x - max));
-                r[0] = max;
-                r[1] += sum(s);
-
-                let acc = &mut r[2..];
+                let query = (row - first_row) * group + first;
+                let accs = &mut partial[query * record + 2..];
+                let shape = WeightedSumShape {
+                    count,
+                    head_dim,
+                    weight_stride: TILE,
+                    acc_stride: record,
+                };
                 item.for_each_run(
                     KvPart::Value,
                     tile_start..seen,
                     |first_slot, values, scales| {
-                        let at = first_slot - tile_start;
-                        let weights = &s[at..at + values.len() / head_dim];
-                        K::weighted_sum(weights, values, scales, acc);
+                        let weights = &scores[first_slot - tile_start..];
+                        K::weighted_sum(weights, values, scales, accs, shape);
                     },
                 );
             }
@@ -635,8 +702,8 @@ pub fn accumulate_mass<E: KvElement>(input: &AttentionInput<E>, mass: &mut [f32]
                                 [..head_dim];
                             let s = &mut scores[..visible];
                             item.for_each_run(KvPart::Key, 0..visible, |first, keys, scales| {
-                                let out = &mut s[first..first + keys.len() / head_dim];
-                                PlainRuns::<Unfused>::scores(q, keys, scales, scale, out);
+                                let out = &mut s[first..];
+                                PlainRuns::<Unfused>::scores(q, 1, keys, scales, scale, out, 0);
                             });
                             if let Some(map) = item.slot_pos {
                                 for (x, &p) in s.iter_mut().zip(map) {
