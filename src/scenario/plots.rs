@@ -579,9 +579,12 @@ impl Figure for CacheMapFigure<'_> {
             .configure_mesh()
             .disable_y_mesh()
             .y_labels(0)
-            .x_desc(
-                "byte offset inside the block (MiB); order: [layer][K, V][KV head][slot][head_dim]",
-            )
+            .x_desc(if map.layout.dtype().is_quantized() {
+                "byte offset inside the block (MiB); order: [layer][K, V][KV head][slot][head_dim] \
+                 codes, then their scales"
+            } else {
+                "byte offset inside the block (MiB); order: [layer][K, V][KV head][slot][head_dim]"
+            })
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 16))
             .draw()?;
