@@ -14,7 +14,8 @@
 //
 // Kernel conventions (build.rs parses them; the launch path checks arguments against them):
 // - `extern "C" __global__ void name(...)`, no templates at the __global__ level.
-// - Arguments only: pointers (`T*`, `const T*`), `int`, `unsigned`, `float`, `unsigned long long`.
+// - Arguments only: pointers (`T*`, `const T*`), `int`, `unsigned`, `float`, and `KvLayout`
+//   (kv_layout.cuh) by value.
 // - Every pointer argument carries a shape comment, e.g. `const float* x,  // [rows, cols]`.
 // - Every barrier is reached by every thread of the block: no early `return` before a
 //   `__syncthreads()` (CUDA: undefined behaviour; the emulator reports it).

@@ -1,4 +1,5 @@
-// Embedding gather and row copies: pure data movement in 16-byte vectors.
+// Embedding gather and the doubled input of bf16-pair weights: pure data movement in 16-byte
+// vectors.
 #include "common.cuh"
 
 // out[r, :] = table[ids[r], :] as f32 (the residual stream). A table stored as bf16 pairs
@@ -25,20 +26,11 @@ extern "C" __global__ void embedding_gather_bf16_to_f32(const bf16* table,    //
     }
 }
 
-// dst[i] = src[i] for i < count: copies rows between activation buffers (count % 8 == 0).
-extern "C" __global__ void copy_bf16(const bf16* src,  // [count]
-                                     bf16* dst,        // [count]
-                                     int count) {
-    const int v = blockIdx.x * blockDim.x + threadIdx.x;
-    if (v < count / 8) {
-        reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(src)[v];
-    }
-}
-
 // dst[r] = [src[r], src[r]]: the input of a matmul against a weight stored as bf16 pairs
 // `[n, 2k]` (the bf16 value of each f16 / f32 checkpoint weight, then the bf16 rounding error),
-// so that the ordinary kernels compute x . high + x . low, about 16 significant bits of the
-// weight. One thread per 16-byte vector of src (cols % 8 == 0).
+// so that the tensor-core matmul computes x . high + x . low, about 16 significant bits of the
+// weight (a matvec stages its input twice itself). One thread per 16-byte vector of src
+// (cols % 8 == 0).
 extern "C" __global__ void duplicate_columns_bf16(const bf16* src,  // [rows, cols]
                                                   bf16* dst,        // [rows, 2 * cols]
                                                   int rows, int cols) {

@@ -35,13 +35,19 @@ __device__ __forceinline__ void argmax_block_reduce(float& value, unsigned& inde
     }
 }
 
-// Stage 1: block b finds the best of its slice of logits + bias (bias may be null: a 0 / -inf
-// mask restricting the choice). Grid = partial count, block ARGMAX_THREADS.
-extern "C" __global__ void argmax_partial_f32(const float* logits,      // [count]
-                                              const float* bias,        // [count] or null
-                                              float* partial_values,    // [gridDim.x]
-                                              unsigned* partial_indices,  // [gridDim.x]
-                                              int count) {
+// The id of the largest of logits + bias (bias may be null: a 0 / -inf mask restricting the
+// choice), in one launch: block b finds the best of its slice into partial b, then the last
+// block to finish (the threadfence reduction, as in decode attention) reduces the partials to
+// the id and resets the counter for the next call. An all -inf or NaN row yields index 0, as a
+// first-wins scan starting from index 0 does. Grid = partial count (at most ARGMAX_THREADS),
+// block ARGMAX_THREADS; `blocks_done` starts at zero and is zero again after every launch.
+extern "C" __global__ void argmax_f32(const float* logits,        // [count]
+                                      const float* bias,          // [count] or null
+                                      float* partial_values,      // [gridDim.x]
+                                      unsigned* partial_indices,  // [gridDim.x]
+                                      unsigned* blocks_done,      // [1]
+                                      unsigned* id,               // [1]
+                                      int count) {
     float value = -INFINITY;
     unsigned index = 0xffffffffu;
     for (int i = blockIdx.x * ARGMAX_THREADS + threadIdx.x; i < count; i += gridDim.x * ARGMAX_THREADS) {
@@ -49,25 +55,29 @@ extern "C" __global__ void argmax_partial_f32(const float* logits,      // [coun
         argmax_keep_better(value, index, candidate, (unsigned)i);
     }
     argmax_block_reduce(value, index);
+    __shared__ bool is_last_block;
     if (threadIdx.x == 0) {
         partial_values[blockIdx.x] = value;
         partial_indices[blockIdx.x] = index;
+        __threadfence();
+        is_last_block = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
     }
-}
-
-// Stage 2: one block reduces the partials to the id. An all -inf or NaN row yields index 0,
-// as a first-wins scan starting from index 0 does.
-extern "C" __global__ void argmax_final(const float* partial_values,      // [partials]
-                                        const unsigned* partial_indices,  // [partials]
-                                        unsigned* id,                     // [1]
-                                        int partials) {
-    float value = -INFINITY;
-    unsigned index = 0xffffffffu;
-    for (int p = threadIdx.x; p < partials; p += ARGMAX_THREADS) {
-        argmax_keep_better(value, index, partial_values[p], partial_indices[p]);
+    __syncthreads();
+    if (!is_last_block) {
+        return;
+    }
+    // Other blocks' partials are read past L1 (volatile): they were written on other SMs.
+    const volatile float* all_values = partial_values;
+    const volatile unsigned* all_indices = partial_indices;
+    value = -INFINITY;
+    index = 0xffffffffu;
+    if ((int)threadIdx.x < (int)gridDim.x) {
+        value = all_values[threadIdx.x];
+        index = all_indices[threadIdx.x];
     }
     argmax_block_reduce(value, index);
     if (threadIdx.x == 0) {
         id[0] = index == 0xffffffffu ? 0u : index;
+        *blocks_done = 0u;
     }
 }

@@ -323,24 +323,28 @@ impl<B: Backend> Engine<B> {
     ) -> Result<u32> {
         self.activations(ids.len(), logit_rows)?;
         let act = self.activations.as_mut().expect("allocated above");
-        let (backend, model) = (&self.backend, &self.model);
+        let (backend, model, bias) = (&self.backend, &self.model, self.logit_bias.as_ref());
         let store = &mut self.kv.as_mut().context("no KV pool")?.1;
         let view = store.prepare_step(backend, &[(seq, ids.len())])?;
         let memory = &mut store.memory;
-        backend.run_step(&mut || model.forward(backend, memory, &view, ids, act, logit_rows))?;
-        store.finish_step(backend, &view, &[(seq, ids)])?;
         let last = if logit_rows == LogitRows::All {
             ids.len() - 1
         } else {
             0
         };
+        // The choice is part of the step, so that a CUDA graph replays it with the forward pass.
+        backend.run_step(&mut || {
+            model.forward(backend, memory, &view, ids, act, logit_rows)?;
+            backend.argmax(&act.logits, last, bias)
+        })?;
+        store.finish_step(backend, &view, &[(seq, ids)])?;
         if let Some(all) = prompt_logits {
             *all = backend.read_rows(&act.logits, 0, ids.len())?;
         }
         if let Some(keep) = keep_logits {
             keep.push(backend.read_rows(&act.logits, last, 1)?);
         }
-        backend.argmax(&act.logits, last, self.logit_bias.as_ref())
+        backend.read_argmax()
     }
 
     /// The sequence a call runs in, and what of the prompt it already holds: the conversation's

@@ -17,11 +17,14 @@ fn kernel_check(name: &str) {
 }
 
 /// The kernel checks this file runs, one test each (below).
-const KERNEL_CHECKS: [&str; 14] = [
+const KERNEL_CHECKS: [&str; 23] = [
     "embedding_gather",
     "rms_norm",
     "matvec",
     "matvec_grid_stride",
+    "norm_in_matvec",
+    "residual_add_in_matmul",
+    "swiglu_in_matvec",
     "matmul_mma",
     "matmul_many",
     "rope",
@@ -30,7 +33,13 @@ const KERNEL_CHECKS: [&str; 14] = [
     "attention_gqa4_hd64",
     "attention_gqa9_hd128",
     "decode_attention_splits",
-    "swiglu_and_copies",
+    "rope_kv_append_batch",
+    "batch_attention_gqa1_hd16",
+    "batch_attention_gqa3_hd32",
+    "batch_attention_gqa4_hd64_long",
+    "batch_attention_gqa8_hd64",
+    "batch_attention_gqa9_hd128",
+    "swiglu",
     "argmax",
 ];
 
@@ -45,7 +54,7 @@ fn embedding_gather_copies_rows() {
 }
 
 #[test]
-fn rms_norm_with_and_without_residual_add() {
+fn rms_norm_of_the_residual_stream() {
     kernel_check("rms_norm");
 }
 
@@ -57,6 +66,21 @@ fn matvec_for_decode_rows() {
 #[test]
 fn matvec_covers_more_rows_than_its_grid() {
     kernel_check("matvec_grid_stride");
+}
+
+#[test]
+fn rms_norm_staged_inside_the_matvec() {
+    kernel_check("norm_in_matvec");
+}
+
+#[test]
+fn residual_added_as_the_projection_is_stored() {
+    kernel_check("residual_add_in_matmul");
+}
+
+#[test]
+fn swiglu_staged_inside_the_down_projection() {
+    kernel_check("swiglu_in_matvec");
 }
 
 #[test]
@@ -100,8 +124,38 @@ fn decode_attention_splits_a_long_sequence() {
 }
 
 #[test]
-fn swiglu_and_row_copies() {
-    kernel_check("swiglu_and_copies");
+fn rope_and_kv_append_of_several_sequences() {
+    kernel_check("rope_kv_append_batch");
+}
+
+#[test]
+fn batch_attention_gqa1_head_dim_16() {
+    kernel_check("batch_attention_gqa1_hd16");
+}
+
+#[test]
+fn batch_attention_gqa3_head_dim_32() {
+    kernel_check("batch_attention_gqa3_hd32");
+}
+
+#[test]
+fn batch_attention_gqa4_head_dim_64_long() {
+    kernel_check("batch_attention_gqa4_hd64_long");
+}
+
+#[test]
+fn batch_attention_gqa8_head_dim_64() {
+    kernel_check("batch_attention_gqa8_hd64");
+}
+
+#[test]
+fn batch_attention_gqa9_head_dim_128() {
+    kernel_check("batch_attention_gqa9_hd128");
+}
+
+#[test]
+fn swiglu_in_place() {
+    kernel_check("swiglu");
 }
 
 #[test]
@@ -113,24 +167,25 @@ fn emu(options: CudaOptions) -> CudaBackend {
     CudaBackend::new(Arc::new(EmuDevice::new().unwrap()), "emu", options).unwrap()
 }
 
-/// Appends `rows` positions of K/V to `seq` in layer 1 and returns the attention of `q` over
-/// the sequence after them.
+/// One step of `steps` (sequence, rows) on `b`: appends their K/V to layer 1 and returns the
+/// attention of `q` (the step's rows) over each row's sequence.
 fn append_and_attend<B: Backend>(
     b: &B,
     store: &mut KvStore<B>,
-    seq: SeqId,
+    steps: &[(SeqId, usize)],
     [q, k, v]: [&B::Tensor; 3],
-    rows: usize,
     heads: usize,
 ) -> Vec<f32> {
-    let view = store.prepare_step(b, &[(seq, rows)]).unwrap();
+    let view = store.prepare_step(b, steps).unwrap();
     b.set_kv_step(&mut store.memory, &view).unwrap();
     b.kv_append(&mut store.memory, &view, 1, k, v).unwrap();
-    let mut out = b.alloc(rows, heads * 16).unwrap();
+    let mut out = b.alloc(view.rows(), heads * 16).unwrap();
     b.attention(q, &store.memory, &view, 1, heads, &mut out)
         .unwrap();
-    store.pool.commit(seq, &vec![0; rows]).unwrap();
-    b.read_rows(&out, 0, rows).unwrap()
+    for &(seq, rows) in steps {
+        store.pool.commit(seq, &vec![0; rows]).unwrap();
+    }
+    b.read_rows(&out, 0, view.rows()).unwrap()
 }
 
 #[test]
@@ -150,8 +205,13 @@ fn kv_arena_is_counted_and_shared_chunks_are_copied_on_write() {
             .map(|i| (((i * 7 + seed * 13) % 17) as f32 - 8.0) / 8.0)
             .collect()
     };
-    let mut outputs = Vec::new();
-    for (rows, seed) in [(6, 1), (1, 2), (1, 3), (1, 4)] {
+    // One step on both backends (the pools make the same choices, so ids agree): q, k, v of
+    // its rows from `seed`, then the two attentions compared.
+    let step = |cpu_store: &mut KvStore<CpuBackend>,
+                gpu_store: &mut KvStore<CudaBackend>,
+                steps: &[(SeqId, usize)],
+                seed: usize| {
+        let rows: usize = steps.iter().map(|s| s.1).sum();
         let q = values(rows * heads * head_dim, seed);
         let k = values(rows * kv_heads * head_dim, seed + 10);
         let v = values(rows * kv_heads * head_dim, seed + 20);
@@ -159,88 +219,38 @@ fn kv_arena_is_counted_and_shared_chunks_are_copied_on_write() {
             data: x.to_vec(),
             cols,
         };
-        let (cq, ck, cv) = (
+        let c = [
             cpu_t(&q, heads * head_dim),
             cpu_t(&k, kv_heads * head_dim),
             cpu_t(&v, kv_heads * head_dim),
-        );
-        let gq = cuda.upload_tensor(rows, heads * head_dim, &q).unwrap();
-        let gk = cuda.upload_tensor(rows, kv_heads * head_dim, &k).unwrap();
-        let gv = cuda.upload_tensor(rows, kv_heads * head_dim, &v).unwrap();
-        outputs.push((rows, [cq, ck, cv], [gq, gk, gv]));
-    }
-    let (a_gpu, a_cpu) = (
-        gpu_store.pool.new_sequence(None).unwrap(),
-        cpu_store.pool.new_sequence(None).unwrap(),
-    );
-    let (rows, c, g) = &outputs[0];
-    let want = append_and_attend(
-        &cpu,
-        &mut cpu_store,
-        a_cpu,
-        [&c[0], &c[1], &c[2]],
-        *rows,
-        heads,
-    );
-    let got = append_and_attend(
-        &cuda,
-        &mut gpu_store,
-        a_gpu,
-        [&g[0], &g[1], &g[2]],
-        *rows,
-        heads,
-    );
-    assert_close(&got, &want);
+        ];
+        let g = [
+            cuda.upload_tensor(rows, heads * head_dim, &q).unwrap(),
+            cuda.upload_tensor(rows, kv_heads * head_dim, &k).unwrap(),
+            cuda.upload_tensor(rows, kv_heads * head_dim, &v).unwrap(),
+        ];
+        let want = append_and_attend(&cpu, cpu_store, steps, [&c[0], &c[1], &c[2]], heads);
+        let got = append_and_attend(&cuda, gpu_store, steps, [&g[0], &g[1], &g[2]], heads);
+        assert_close(&got, &want);
+    };
+    let a = gpu_store.pool.new_sequence(None).unwrap();
+    assert_eq!(cpu_store.pool.new_sequence(None).unwrap(), a);
+    step(&mut cpu_store, &mut gpu_store, &[(a, 6)], 1);
     // b shares a's two chunks; its seventh position lands in the second, which is copied first
     // (positions 4 and 5 travel with it), while a keeps the original.
-    let (b_gpu, b_cpu) = (
-        gpu_store.pool.fork(a_gpu).unwrap(),
-        cpu_store.pool.fork(a_cpu).unwrap(),
-    );
-    let (rows, c, g) = &outputs[1];
-    let want = append_and_attend(
-        &cpu,
-        &mut cpu_store,
-        b_cpu,
-        [&c[0], &c[1], &c[2]],
-        *rows,
-        heads,
-    );
-    let got = append_and_attend(
-        &cuda,
-        &mut gpu_store,
-        b_gpu,
-        [&g[0], &g[1], &g[2]],
-        *rows,
-        heads,
-    );
+    let b = gpu_store.pool.fork(a).unwrap();
+    assert_eq!(cpu_store.pool.fork(a).unwrap(), b);
+    step(&mut cpu_store, &mut gpu_store, &[(b, 1)], 2);
     assert_eq!(gpu_store.pool.stats().copies, 1);
     assert_ne!(
-        gpu_store.pool.seq_table(a_gpu).unwrap()[1],
-        gpu_store.pool.seq_table(b_gpu).unwrap()[1]
+        gpu_store.pool.seq_table(a).unwrap()[1],
+        gpu_store.pool.seq_table(b).unwrap()[1]
     );
-    assert_close(&got, &want);
-    // Each then writes its own seventh position and sees only its own.
-    for (seq, (rows, c, g)) in [(a_gpu, &outputs[2]), (b_gpu, &outputs[3])] {
-        let cpu_seq = if seq == a_gpu { a_cpu } else { b_cpu };
-        let want = append_and_attend(
-            &cpu,
-            &mut cpu_store,
-            cpu_seq,
-            [&c[0], &c[1], &c[2]],
-            *rows,
-            heads,
-        );
-        let got = append_and_attend(
-            &cuda,
-            &mut gpu_store,
-            seq,
-            [&g[0], &g[1], &g[2]],
-            *rows,
-            heads,
-        );
-        assert_close(&got, &want);
-    }
+    // Then both in the same steps, each writing its own positions and seeing only its own:
+    // one decode launch over both, then a prefill chunk of a beside b's decode row.
+    step(&mut cpu_store, &mut gpu_store, &[(a, 1), (b, 1)], 3);
+    step(&mut cpu_store, &mut gpu_store, &[(b, 1), (a, 3)], 4);
+    assert_eq!(gpu_store.pool.stats().copies, 1);
 }
 
 /// Within the kernels' bf16 output rounding and summation order (see the selftest's attention).

@@ -11,6 +11,7 @@ pub mod cuda;
 use crate::kv::{ChunkCopy, ChunkPool, KvDtype, KvLayout, SeqId, StepView};
 use crate::model::weights::HostTensor;
 use anyhow::{Context, Result};
+use std::ops::Range;
 
 /// What a backend says about itself in reports.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -74,12 +75,11 @@ pub trait Backend: Sized {
 
     /// out[r, :] = table[ids[r], :] (out: the residual stream, from `alloc_precise`)
     fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor) -> Result<()>;
-    /// residual[r] += delta[r]; out[r] = rmsnorm(residual[r]) * weight. With `delta` None, only
-    /// the norm. residual and delta come from `alloc_precise`, out from `alloc`.
-    fn add_rms_norm(
+    /// out[r] = rmsnorm(x[r]) * weight for r < rows (x: the residual stream, from
+    /// `alloc_precise`; out from `alloc`).
+    fn rms_norm(
         &self,
-        residual: &mut Self::Tensor,
-        delta: Option<&Self::Tensor>,
+        x: &Self::Tensor,
         weight: &Self::Weight,
         eps: f32,
         rows: usize,
@@ -106,6 +106,7 @@ pub trait Backend: Sized {
         }
         Ok(())
     }
+
     /// Rotates q `[rows, num_heads * head_dim]` and k `[rows, num_kv_heads * head_dim]` in place
     /// (half-split `rotate_half` layout), each row at its position in the step view.
     fn rope(
@@ -139,21 +140,54 @@ pub trait Backend: Sized {
     ) -> Result<()>;
     /// gate = silu(gate) * up, in place, `[rows, intermediate]`.
     fn swiglu(&self, gate: &mut Self::Tensor, up: &Self::Tensor, rows: usize) -> Result<()>;
-    /// dst[dst_row..dst_row + rows] = src[src_row..src_row + rows] (same column count).
-    fn copy_rows(
+
+    // The fused ops of the forward pass. Each equals the composition its doc names (a backend
+    // may compute it in fewer passes: the CUDA decode step stages a norm or a SwiGLU inside the
+    // matvec that reads it, and adds a projection to the residual stream as it stores it).
+
+    /// outputs[i][r] = (rmsnorm(x[x_rows.start + r]) * norm) · w_iᵀ for every (w_i, output_i)
+    /// and r < x_rows.len(): a sublayer's norm and its projections (q, k, v; gate, up; the
+    /// logits of the last row only). x is the residual stream (`alloc_precise`); the normed rows
+    /// are not kept. Equals `rms_norm` of those rows, then `matmul_many`.
+    fn rms_norm_matmul_many(
         &self,
-        src: &Self::Tensor,
-        src_row: usize,
-        dst: &mut Self::Tensor,
-        dst_row: usize,
-        rows: usize,
+        x: &Self::Tensor,
+        x_rows: Range<usize>,
+        norm: &Self::Weight,
+        eps: f32,
+        outputs: &mut [(&Self::Weight, &mut Self::Tensor)],
     ) -> Result<()>;
+    /// residual[r] += x[r] · wᵀ for r < rows: a sublayer's output projection added to the
+    /// residual stream (`alloc_precise`). Equals `matmul` into an f32 buffer, then an f32 add.
+    fn matmul_add(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        rows: usize,
+        residual: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// residual[r] += (silu(gate[r]) * up[r]) · wᵀ for r < rows: the MLP's activation and down
+    /// projection added to the residual stream; gate and up are left as they are. Equals
+    /// `swiglu` into a copy of gate, then `matmul_add`.
+    fn swiglu_matmul_add(
+        &self,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+        w: &Self::Weight,
+        rows: usize,
+        residual: &mut Self::Tensor,
+    ) -> Result<()>;
+
     /// Rows `first..first + rows` of x as f32 on the host.
     fn read_rows(&self, x: &Self::Tensor, first: usize, rows: usize) -> Result<Vec<f32>>;
-    /// Index of the largest value of row `row` of `logits` (plus `bias` when given: a mask of 0 /
-    /// -inf that restricts the choice). Only the id leaves the device.
-    fn argmax(&self, logits: &Self::Tensor, row: usize, bias: Option<&Self::Weight>)
-        -> Result<u32>;
+    /// Chooses the index of the largest value of row `row` of `logits` (plus `bias` when given:
+    /// a mask of 0 / -inf that restricts the choice). Queued like any op, so that inside
+    /// `run_step` it is part of the step (a CUDA graph replays it); [`Backend::read_argmax`]
+    /// brings the id to the host.
+    fn argmax(&self, logits: &Self::Tensor, row: usize, bias: Option<&Self::Weight>) -> Result<()>;
+    /// The id chosen by the latest `argmax`, once it is done: only these 4 bytes leave the
+    /// device.
+    fn read_argmax(&self) -> Result<u32>;
     /// Waits for queued work (a no-op on the CPU); timings are taken after it.
     fn synchronize(&self) -> Result<()>;
 

@@ -134,6 +134,15 @@ pub struct KvLayout {
     pub chunk_tokens: u32,
 }
 
+// kernels/kv_layout.cuh checks the same size and offsets of its mirror.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<KvLayout>() == 24);
+    assert!(offset_of!(KvLayout, kind) == 0 && offset_of!(KvLayout, dtype) == 4);
+    assert!(offset_of!(KvLayout, num_layers) == 8 && offset_of!(KvLayout, num_kv_heads) == 12);
+    assert!(offset_of!(KvLayout, head_dim) == 16 && offset_of!(KvLayout, chunk_tokens) == 20);
+};
+
 impl KvLayout {
     pub fn new(
         kind: LayoutKind,

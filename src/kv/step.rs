@@ -10,6 +10,7 @@
 //! later rows.
 
 use super::{KvLayout, KvPart, LayoutKind};
+use anyhow::{bail, ensure, Context, Result};
 
 /// A slot that holds no position (freed by eviction), in a slot map.
 pub const EMPTY_SLOT: u32 = u32::MAX;
@@ -29,10 +30,24 @@ pub struct SeqStep {
     pub block_tokens: u32,
 }
 
+// kernels/kv_layout.cuh checks the same size and offsets of its mirror, `KvSeqStep`.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<SeqStep>() == 20);
+    assert!(offset_of!(SeqStep, first_row) == 0 && offset_of!(SeqStep, rows) == 4);
+    assert!(offset_of!(SeqStep, start) == 8 && offset_of!(SeqStep, table_start) == 12);
+    assert!(offset_of!(SeqStep, block_tokens) == 16);
+};
+
 impl SeqStep {
     /// Positions the sequence has written once the step's rows are (evicted ones included).
     pub fn end(&self) -> usize {
-        (self.start + self.rows) as usize
+        self.start as usize + self.rows as usize
+    }
+
+    /// One past its last row among the step's rows.
+    pub fn end_row(&self) -> usize {
+        self.first_row as usize + self.rows as usize
     }
 }
 
@@ -141,6 +156,123 @@ impl StepView {
         }
     }
 
+    /// Checks that the view is well formed and fits an arena of `arena_chunks` chunks of
+    /// `layout`, so that no op reads or writes outside the arena or the view (the kernels index
+    /// both without checks): every row belongs to the sequence whose rows enclose it, at that
+    /// sequence's next position, and writes one of its slots; the sequences' rows do not overlap;
+    /// positions fit an `i32`; every block a sequence's slots need is listed and lies inside the
+    /// arena.
+    pub fn check_fits(&self, layout: &KvLayout, arena_chunks: usize) -> Result<()> {
+        ensure!(
+            self.layout == *layout,
+            "a step view of another KV layout ({:?}) over this arena ({layout:?})",
+            self.layout
+        );
+        let rows = self.rows();
+        ensure!(
+            self.row_seq.len() == rows,
+            "a step view with {} row sequences for {rows} row positions",
+            self.row_seq.len()
+        );
+        let seqs = self.seqs.len();
+        ensure!(
+            self.row_slot.len() == rows
+                && self.slot_positions.len() == seqs
+                && self.track_mass.len() == seqs,
+            "a step view of {rows} rows and {seqs} sequences with {} row slots, {} slot maps and \
+             {} mass flags",
+            self.row_slot.len(),
+            self.slot_positions.len(),
+            self.track_mass.len()
+        );
+        for (row, (&index, &pos)) in self.row_seq.iter().zip(&self.row_pos).enumerate() {
+            let seq = self.seqs.get(index as usize).with_context(|| {
+                format!("step row {row}: sequence {index} of {}", self.seqs.len())
+            })?;
+            let in_seq = (row as u64).checked_sub(seq.first_row as u64);
+            ensure!(
+                in_seq.is_some_and(|i| i < seq.rows as u64),
+                "step row {row}: outside the rows {}..{} of its sequence {index}",
+                seq.first_row,
+                seq.first_row as u64 + seq.rows as u64
+            );
+            ensure!(
+                pos as u64 == seq.start as u64 + in_seq.unwrap_or(0),
+                "step row {row}: position {pos}, but its sequence {index} is at {}",
+                seq.start as u64 + in_seq.unwrap_or(0)
+            );
+        }
+        let chunk_tokens = layout.chunk_tokens();
+        for (index, seq) in self.seqs.iter().enumerate() {
+            let (first_row, end_row) = (seq.first_row as usize, seq.end_row());
+            ensure!(
+                seq.rows > 0 && end_row <= rows,
+                "step sequence {index}: rows {first_row}..{end_row} of a step of {rows}"
+            );
+            if let Some(other) = self.row_seq[first_row..end_row]
+                .iter()
+                .find(|&&s| s as usize != index)
+            {
+                bail!("step sequence {index}: its rows {first_row}..{end_row} hold rows of sequence {other}");
+            }
+            let end = seq.start as u64 + seq.rows as u64;
+            ensure!(
+                end <= i32::MAX as u64,
+                "step sequence {index}: positions up to {end} (at most {})",
+                i32::MAX
+            );
+            // The slots its blocks must hold: its positions, or its slot map's.
+            let slots = self.slots(index);
+            if let Some(&bad) = self.row_slot[first_row..end_row]
+                .iter()
+                .find(|&&s| s as usize >= slots)
+            {
+                bail!("step sequence {index}: a row writes slot {bad} of {slots}");
+            }
+            let entries = match layout.kind() {
+                LayoutKind::Contiguous => {
+                    ensure!(
+                        slots as u64 <= seq.block_tokens as u64,
+                        "step sequence {index}: slots up to {slots} in a run of {}",
+                        seq.block_tokens
+                    );
+                    1
+                }
+                LayoutKind::Chunked => {
+                    ensure!(
+                        seq.block_tokens as usize == chunk_tokens,
+                        "step sequence {index}: blocks of {} positions in chunks of {chunk_tokens}",
+                        seq.block_tokens
+                    );
+                    slots.div_ceil(chunk_tokens)
+                }
+            };
+            let block_chunks = (seq.block_tokens as usize).div_ceil(chunk_tokens);
+            let table = self
+                .block_table
+                .get(seq.table_start as usize..)
+                .and_then(|rest| rest.get(..entries))
+                .with_context(|| {
+                    format!(
+                        "step sequence {index}: its block table of {entries} entries from entry {} \
+                         is outside the step's {}",
+                        seq.table_start,
+                        self.block_table.len()
+                    )
+                })?;
+            if let Some(&bad) = table
+                .iter()
+                .find(|&&c| c as usize + block_chunks > arena_chunks)
+            {
+                bail!(
+                    "step sequence {index}: a block of {block_chunks} chunks at chunk {bad} is \
+                     outside an arena of {arena_chunks} chunks"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The view as the kernels read it: `u32` words, in order the sequences (`KvSeqStep`, 5
     /// words each), `row_seq`, `row_pos`, then the block table.
     pub fn packed(&self) -> Vec<u32> {
@@ -151,5 +283,96 @@ impl StepView {
         words.extend_from_slice(&self.row_pos);
         words.extend_from_slice(&self.block_table);
         words
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::KvDtype;
+
+    /// Two sequences in chunks of 4: A at positions 5..8 (table [3, 0]), B at 0..1 (table [2]).
+    fn view() -> StepView {
+        StepView {
+            layout: KvLayout::new(LayoutKind::Chunked, KvDtype::Bf16, 2, 1, 8, 4).unwrap(),
+            seqs: vec![
+                SeqStep {
+                    first_row: 0,
+                    rows: 3,
+                    start: 5,
+                    table_start: 0,
+                    block_tokens: 4,
+                },
+                SeqStep {
+                    first_row: 3,
+                    rows: 1,
+                    start: 0,
+                    table_start: 2,
+                    block_tokens: 4,
+                },
+            ],
+            row_seq: vec![0, 0, 0, 1],
+            row_pos: vec![5, 6, 7, 0],
+            row_slot: vec![5, 6, 7, 0],
+            block_table: vec![3, 0, 2],
+            slot_positions: vec![None, None],
+            track_mass: vec![false, false],
+        }
+    }
+
+    #[test]
+    fn views_that_would_reach_outside_the_arena_or_contradict_their_rows_are_refused() {
+        let good = view();
+        good.check_fits(&good.layout, 4).unwrap();
+        let refused = |change: &dyn Fn(&mut StepView), chunks: usize, says: &str| {
+            let mut bad = view();
+            change(&mut bad);
+            let error = bad
+                .check_fits(&good.layout, chunks)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(says), "{error:?} does not say {says:?}");
+        };
+        refused(&|_| {}, 3, "chunk 3 is outside an arena of 3 chunks");
+        refused(
+            &|v| v.block_table.truncate(2),
+            4,
+            "block table of 1 entries",
+        );
+        refused(&|v| v.row_seq[3] = 2, 4, "sequence 2 of 2");
+        refused(
+            &|v| v.row_seq[2] = 1,
+            4,
+            "step row 2: outside the rows 3..4",
+        );
+        refused(
+            &|v| v.row_pos[1] = 9,
+            4,
+            "position 9, but its sequence 0 is at 6",
+        );
+        refused(&|v| v.seqs[1].rows = 2, 4, "rows 3..5 of a step of 4");
+        refused(&|v| v.seqs[1].block_tokens = 8, 4, "blocks of 8 positions");
+        refused(
+            &|v| v.row_pos.push(1),
+            4,
+            "4 row sequences for 5 row positions",
+        );
+        refused(&|v| v.row_slot[1] = 8, 4, "a row writes slot 8 of 8");
+        refused(
+            &|v| {
+                v.track_mass.pop();
+            },
+            4,
+            "1 mass flags",
+        );
+        // A slot map of 13 slots needs 4 chunks; the step's table has 3 entries.
+        refused(
+            &|v| v.slot_positions[0] = Some((0..13).collect()),
+            4,
+            "block table of 4 entries",
+        );
+        let mut other = view();
+        other.layout.head_dim = 16;
+        assert!(other.check_fits(&good.layout, 4).is_err());
     }
 }

@@ -1,17 +1,19 @@
 //! The Llama forward pass, written once against [`Backend`].
 //!
 //! ```text
-//! x = embed(ids)                                   [rows, hidden]
+//! x = embed(ids)                                         [rows, hidden]
 //! for each layer:
 //!     h = rmsnorm(x) · input_layernorm
-//!     q, k, v = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ                 [rows, heads·hd], [rows, kv_heads·hd] ×2
+//!     q, k, v = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ                       [rows, heads·hd], [rows, kv_heads·hd] ×2
 //!     rope(q, k) at the step's positions; append k, v to the cache
 //!     x += attention(q, cache)·Woᵀ
 //!     h = rmsnorm(x) · post_attention_layernorm
 //!     x += (silu(h·Wgateᵀ) * h·Wupᵀ)·Wdownᵀ
-//! logits = (rmsnorm(x) · norm)·lm_headᵀ            [rows or 1, vocab]
+//! logits = (rmsnorm(x) · norm)·lm_headᵀ                  [rows or 1, vocab]
 //! ```
-//! The residual add is fused into the next norm (`add_rms_norm`), so `x` is updated lazily.
+//! Each norm is one op with the projections that read it (`rms_norm_matmul_many`: h is never
+//! stored), and each residual add one op with the projection it adds (`matmul_add`,
+//! `swiglu_matmul_add`), so that a CUDA decode step needs no launches for norms, adds or copies.
 
 use super::config::Config;
 use super::gguf::{llama, GgufFile};
@@ -46,15 +48,12 @@ pub struct Activations<B: Backend> {
     capacity: usize,
     logit_rows: usize,
     x: B::Tensor,          // residual stream [rows, hidden]
-    h: B::Tensor,          // normed input of a sublayer [rows, hidden]
     q: B::Tensor,          // [rows, heads·hd]
     k: B::Tensor,          // [rows, kv_heads·hd]
     v: B::Tensor,          // [rows, kv_heads·hd]
     attn: B::Tensor,       // attention output [rows, heads·hd]
-    delta: B::Tensor,      // sublayer output to add to x [rows, hidden]
-    gate: B::Tensor,       // [rows, intermediate], then silu(gate) * up
+    gate: B::Tensor,       // [rows, intermediate]
     up: B::Tensor,         // [rows, intermediate]
-    last: B::Tensor,       // the last row of h [1, hidden]
     pub logits: B::Tensor, // [logit_rows, vocab]
 }
 
@@ -65,15 +64,12 @@ impl<B: Backend> Activations<B> {
             capacity,
             logit_rows,
             x: b.alloc_precise(capacity, h)?,
-            h: b.alloc(capacity, h)?,
             q: b.alloc(capacity, cfg.q_dim())?,
             k: b.alloc(capacity, cfg.kv_dim())?,
             v: b.alloc(capacity, cfg.kv_dim())?,
             attn: b.alloc(capacity, cfg.q_dim())?,
-            delta: b.alloc_precise(capacity, h)?,
             gate: b.alloc(capacity, ff)?,
             up: b.alloc(capacity, ff)?,
-            last: b.alloc(1, h)?,
             logits: b.alloc_precise(logit_rows, cfg.vocab_size)?,
         })
     }
@@ -146,58 +142,29 @@ impl<B: Backend> Model<B> {
             );
         }
         b.set_kv_step(kv, step)?;
-        let w = &self.weights;
+        let (w, eps) = (&self.weights, cfg.rms_norm_eps);
         b.embed(&w.embed_tokens, ids, &mut act.x)?;
         for (layer, lw) in w.layers.iter().enumerate() {
-            // The previous layer's MLP output joins the residual here.
-            let delta = (layer > 0).then_some(&act.delta);
-            b.add_rms_norm(
-                &mut act.x,
-                delta,
-                &lw.input_layernorm,
-                cfg.rms_norm_eps,
-                rows,
-                &mut act.h,
-            )?;
             let qkv = &mut [
                 (&lw.q_proj, &mut act.q),
                 (&lw.k_proj, &mut act.k),
                 (&lw.v_proj, &mut act.v),
             ];
-            b.matmul_many(&act.h, qkv, rows)?;
+            b.rms_norm_matmul_many(&act.x, 0..rows, &lw.input_layernorm, eps, qkv)?;
             b.rope(&mut act.q, &mut act.k, &self.inv_freq, kv, step)?;
             b.kv_append(kv, step, layer, &act.k, &act.v)?;
             b.attention(&act.q, kv, step, layer, cfg.num_heads, &mut act.attn)?;
-            b.matmul(&act.attn, &lw.o_proj, rows, &mut act.delta)?;
+            b.matmul_add(&act.attn, &lw.o_proj, rows, &mut act.x)?;
 
-            b.add_rms_norm(
-                &mut act.x,
-                Some(&act.delta),
-                &lw.post_attention_layernorm,
-                cfg.rms_norm_eps,
-                rows,
-                &mut act.h,
-            )?;
             let gate_up = &mut [(&lw.gate_proj, &mut act.gate), (&lw.up_proj, &mut act.up)];
-            b.matmul_many(&act.h, gate_up, rows)?;
-            b.swiglu(&mut act.gate, &act.up, rows)?;
-            b.matmul(&act.gate, &lw.down_proj, rows, &mut act.delta)?;
+            b.rms_norm_matmul_many(&act.x, 0..rows, &lw.post_attention_layernorm, eps, gate_up)?;
+            b.swiglu_matmul_add(&act.gate, &act.up, &lw.down_proj, rows, &mut act.x)?;
         }
-        b.add_rms_norm(
-            &mut act.x,
-            Some(&act.delta),
-            &w.norm,
-            cfg.rms_norm_eps,
-            rows,
-            &mut act.h,
-        )?;
-        let head = w.output_projection();
-        match logit_rows {
-            LogitRows::All => b.matmul(&act.h, head, rows, &mut act.logits),
-            LogitRows::Last => {
-                b.copy_rows(&act.h, rows - 1, &mut act.last, 0, 1)?;
-                b.matmul(&act.last, head, 1, &mut act.logits)
-            }
-        }
+        let logit_rows = match logit_rows {
+            LogitRows::All => 0..rows,
+            LogitRows::Last => rows - 1..rows,
+        };
+        let head = &mut [(w.output_projection(), &mut act.logits)];
+        b.rms_norm_matmul_many(&act.x, logit_rows, &w.norm, eps, head)
     }
 }

@@ -55,13 +55,13 @@ pub fn matmul(m: usize, n: usize, k: usize, weight_elem_bytes: usize) -> OpCost 
     }
 }
 
-/// residual += delta; out = rmsnorm(residual) · weight over `[rows, dim]`: read residual and
-/// delta, write residual and out, read the weight; per element an add, a square-add, two muls.
-pub fn add_rms_norm(rows: usize, dim: usize) -> OpCost {
+/// out = rmsnorm(x) · weight over `[rows, dim]`: read x, write out, read the weight; per element
+/// a square-add and two muls.
+pub fn rms_norm(rows: usize, dim: usize) -> OpCost {
     let (rows, dim) = (rows as f64, dim as f64);
     OpCost {
-        bytes: 4.0 * rows * dim * F32 + dim * F32,
-        flops: 5.0 * rows * dim,
+        bytes: 2.0 * rows * dim * F32 + dim * F32,
+        flops: 4.0 * rows * dim,
     }
 }
 

@@ -63,7 +63,7 @@ impl HostBounds {
 /// One op timed at one shape.
 #[derive(Clone, Debug, Serialize)]
 pub struct OpTiming {
-    /// Op family: matvec, matmul, add_rms_norm, rope, kv_append, swiglu, attention, decode_step.
+    /// Op family: matvec, matmul, rms_norm, rope, kv_append, swiglu, attention, decode_step.
     pub op: String,
     /// The shape in words: `q_proj 2048x2048, m=1`, `context 8192, chunk16`.
     pub shape: String,
@@ -280,25 +280,15 @@ fn time_elementwise(
     let all_rows: &[usize] = if quick { &[1] } else { &[1, 512] };
     for &rows in all_rows {
         let h = cfg.hidden_size;
-        // Zeros: the in-place residual add stays put however often it runs.
-        let mut residual = backend.alloc(rows, h)?;
-        let delta = backend.alloc(rows, h)?;
+        let x = tensor(rows, h);
         let mut normed = backend.alloc(rows, h)?;
         let weight = backend.upload_vector(&vec![1.0; h])?;
-        let seconds = timing.measure(|| {
-            backend.add_rms_norm(
-                &mut residual,
-                Some(&delta),
-                &weight,
-                cfg.rms_norm_eps,
-                rows,
-                &mut normed,
-            )
-        })?;
+        let seconds = timing
+            .measure(|| backend.rms_norm(&x, &weight, cfg.rms_norm_eps, rows, &mut normed))?;
         ops.push(OpTiming {
-            op: "add_rms_norm".into(),
+            op: "rms_norm".into(),
             shape: format!("rows {rows} x {h}"),
-            cost: cost::add_rms_norm(rows, h),
+            cost: cost::rms_norm(rows, h),
             seconds,
         });
 

@@ -4,14 +4,17 @@
 //! every one of them is compared (within 2e-2: bf16 weights and activations). The chosen id
 //! must be the reference's at every step whose reference top-2 gap exceeds twice that
 //! tolerance (where logits within it cannot pick another). Also: CUDA graphs replay exactly what
-//! kernel-by-kernel launches compute.
+//! kernel-by-kernel launches compute, and sequences batched into the same steps (prefill chunks
+//! beside decode rows) follow the reference each.
 use super::fixtures::{max_abs_diff, RefGeneration, MODELS};
 use super::{Check, Context};
 use crate::backend::cuda::{CudaBackend, CudaOptions};
+use crate::backend::{Backend, KvStore};
 use crate::generate::{Engine, GenerateOptions, Generation, Generator};
-use crate::kv::Strategy;
-use crate::model::forward::Model;
+use crate::kv::{KvLayout, Strategy};
+use crate::model::forward::{Activations, LogitRows, Model};
 use crate::npy::read_f32_array;
+use crate::roofline::fixture::KvShape;
 use anyhow::{ensure, Context as _, Result};
 
 pub const CHECKS: &[Check] = &[
@@ -39,6 +42,11 @@ pub const CHECKS: &[Check] = &[
         group: "reference",
         name: "graphs_replay_launches",
         run: graphs_replay_exactly_what_launches_compute,
+    },
+    Check {
+        group: "reference",
+        name: "batched_sequences",
+        run: batched_sequences_follow_the_reference,
     },
 ];
 
@@ -226,4 +234,182 @@ fn graphs_replay_exactly_what_launches_compute(ctx: &Context) -> Result<String> 
         "the no-cache strategy captured: {stats:?}"
     );
     Ok("static and dynamic (chunks of 7), bit-identical".into())
+}
+
+/// Steps of each batched sequence of [`batched_sequences_follow_the_reference`]: the step it
+/// joins at, and its first steps' rows before it goes one row at a time: A prefills in chunks
+/// of 20, B its whole prompt at once beside them, C one row per step from the first (its prompt
+/// through the decode kernel).
+const BATCH_SCHEDULE: [(usize, &[usize]); 3] = [(0, &[20, 20, 20]), (1, &[45]), (0, &[])];
+
+/// Three copies of the reference conversation (prompt, then the reference's ids fed back) in
+/// one pool, staggered by [`BATCH_SCHEDULE`] so that steps mix prefill chunks and decode rows
+/// of several sequences, in both layouts: every row's logits must be transformers' at that
+/// position within [`TOLERANCE`], the same with graphs as without, bit for bit, and runs of
+/// steps with the same rows per sequence (decode steps of the same sequences included) must
+/// replay one graph.
+fn batched_sequences_follow_the_reference(ctx: &Context) -> Result<String> {
+    let name = MODELS[0];
+    let dir = ctx.fixtures.join(name);
+    let reference = RefGeneration::load(&dir)?;
+    let (_, prompt_logits) = read_f32_array(&dir.join("ref_prompt_logits.npy"))?;
+    let (_, step_logits) = read_f32_array(&dir.join("ref_step_logits.npy"))?;
+    let prompt_len = reference.prompt_ids.len();
+    let new_ids = reference.ids(Strategy::Dynamic)?;
+    // Position p's logits: the prompt's for p < prompt_len, then each step's (step 0 is the
+    // last prompt position).
+    let ids: Vec<u32> = reference
+        .prompt_ids
+        .iter()
+        .chain(&new_ids[..new_ids.len() - 1])
+        .copied()
+        .collect();
+    let positions = ids.len();
+    let mut notes = Vec::new();
+    for shape in [KvShape::Contiguous, KvShape::Chunked(7)] {
+        let mut runs = Vec::new();
+        for graphs in [true, false] {
+            let backend = ctx.backend(CudaOptions {
+                graphs,
+                ..CudaOptions::default()
+            })?;
+            let model = Model::load(&backend, &dir)?;
+            let vocab = model.config.vocab_size;
+            let (patterns, logits) = run_batch_schedule(&backend, &model, shape, &ids)?;
+            // Every row against transformers at its position.
+            let mut worst = 0.0f32;
+            for (step, (pattern, rows_logits)) in patterns.iter().zip(&logits).enumerate() {
+                for (row, &(seq, pos)) in pattern.iter().enumerate() {
+                    let want = if pos < prompt_len {
+                        &prompt_logits[pos * vocab..(pos + 1) * vocab]
+                    } else {
+                        let at = pos + 1 - prompt_len;
+                        &step_logits[at * vocab..(at + 1) * vocab]
+                    };
+                    let diff = max_abs_diff(&rows_logits[row * vocab..(row + 1) * vocab], want)?;
+                    ensure!(
+                        diff <= TOLERANCE,
+                        "{name} batched {shape}, graphs {graphs}: step {step}, sequence {seq} at \
+                         position {pos}: logits differ from transformers' by {diff} (tolerance \
+                         {TOLERANCE})"
+                    );
+                    worst = worst.max(diff);
+                }
+            }
+            // Consecutive steps with the same rows per sequence launch the same work: the
+            // second is captured, the rest replay (the schedule never returns to an earlier
+            // pattern).
+            let rows_of = |p: &Vec<(usize, usize)>| -> Vec<(usize, usize)> {
+                let mut rows: Vec<(usize, usize)> = Vec::new();
+                for &(seq, _) in p {
+                    match rows.last_mut() {
+                        Some((s, n)) if *s == seq => *n += 1,
+                        _ => rows.push((seq, 1)),
+                    }
+                }
+                rows
+            };
+            let shapes: Vec<_> = patterns.iter().map(rows_of).collect();
+            let mut expected_replays = 0u64;
+            for run in shapes.chunk_by(|a, b| a == b) {
+                expected_replays += run.len().saturating_sub(2) as u64;
+            }
+            let stats = backend.graph_stats();
+            let replays = if graphs { expected_replays } else { 0 };
+            ensure!(
+                stats.graphs_replayed == replays && stats.capture_failures == 0,
+                "{name} batched {shape}, graphs {graphs}: {stats:?}, expected {replays} replays"
+            );
+            if graphs {
+                notes.push(format!(
+                    "{shape}: {} steps, {replays} replayed, worst logit difference {worst:.4}",
+                    patterns.len()
+                ));
+            }
+            runs.push(logits);
+        }
+        ensure!(
+            runs[0] == runs[1],
+            "{name} batched {shape}: logits with and without graphs differ"
+        );
+    }
+    Ok(format!(
+        "3 sequences of {positions} positions; {}",
+        notes.join("; ")
+    ))
+}
+
+/// Runs [`BATCH_SCHEDULE`] over `ids` for three sequences in one pool of `shape`: per step, the
+/// (sequence, position) of each row and the logits of every row.
+#[allow(clippy::type_complexity)]
+fn run_batch_schedule(
+    backend: &CudaBackend,
+    model: &Model<CudaBackend>,
+    shape: KvShape,
+    ids: &[u32],
+) -> Result<(Vec<Vec<(usize, usize)>>, Vec<Vec<f32>>)> {
+    let cfg = &model.config;
+    let positions = ids.len();
+    let unit = match shape {
+        KvShape::Contiguous => 8,
+        KvShape::Chunked(n) => n,
+    };
+    let layout = KvLayout::new(
+        shape.kind(),
+        backend.kv_dtypes()[0],
+        cfg.num_layers,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        unit,
+    )?;
+    let mut store = KvStore::new(
+        backend,
+        layout,
+        BATCH_SCHEDULE.len() * positions.div_ceil(unit),
+        false,
+    )?;
+    let seqs = (0..BATCH_SCHEDULE.len())
+        .map(|_| store.pool.new_sequence(Some(positions)))
+        .collect::<Result<Vec<_>>>()?;
+    let max_rows: usize = BATCH_SCHEDULE
+        .iter()
+        .map(|(_, rows)| rows.iter().copied().max().unwrap_or(1))
+        .sum();
+    let mut act = Activations::new(backend, cfg, max_rows, max_rows)?;
+    let mut written = vec![0usize; seqs.len()];
+    let (mut patterns, mut logits) = (Vec::new(), Vec::new());
+    for step in 0usize.. {
+        let (mut members, mut ends) = (Vec::new(), Vec::new());
+        let mut pattern = Vec::new();
+        let mut step_ids = Vec::new();
+        for (i, &(join, first_rows)) in BATCH_SCHEDULE.iter().enumerate() {
+            let Some(k) = step.checked_sub(join) else {
+                continue;
+            };
+            let rows = first_rows.get(k).copied().unwrap_or(1);
+            let rows = rows.min(positions - written[i]);
+            if rows == 0 {
+                continue;
+            }
+            members.push((seqs[i], rows));
+            pattern.extend((written[i]..written[i] + rows).map(|pos| (i, pos)));
+            step_ids.extend_from_slice(&ids[written[i]..written[i] + rows]);
+            written[i] += rows;
+            ends.push(written[i]);
+        }
+        if members.is_empty() {
+            break;
+        }
+        let view = store.prepare_step(backend, &members)?;
+        let memory = &mut store.memory;
+        backend.run_step(&mut || {
+            model.forward(backend, memory, &view, &step_ids, &mut act, LogitRows::All)
+        })?;
+        for (&(seq, rows), &end) in members.iter().zip(&ends) {
+            store.pool.commit(seq, &ids[end - rows..end])?;
+        }
+        logits.push(backend.read_rows(&act.logits, 0, step_ids.len())?);
+        patterns.push(pattern);
+    }
+    Ok((patterns, logits))
 }

@@ -11,10 +11,12 @@ use super::{Backend, BackendInfo};
 use crate::kv::quant::{quantize_e4m3, quantize_int8, E4m3};
 use crate::kv::{ChunkCopy, KvDtype, KvLayout, KvPart, RowOffsets, StepView};
 use crate::model::weights::HostTensor;
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
 use matmul::MatRef;
 use rayon::prelude::*;
+use std::cell::Cell;
+use std::ops::Range;
 
 /// A weight on the CPU: matrices stay in the mapping, vectors become f32.
 pub enum CpuWeight {
@@ -108,14 +110,58 @@ impl Drop for CpuKvMemory {
 
 pub struct CpuBackend {
     threads: usize,
+    /// What a fused op computes on the way (the normed rows, the activated rows; the product
+    /// before its add), kept between calls so that a decode step allocates nothing.
+    input_scratch: Cell<Vec<f32>>,
+    product_scratch: Cell<Vec<f32>>,
+    /// The id chosen by the latest `argmax`.
+    chosen: Cell<Option<u32>>,
 }
 
 impl CpuBackend {
     pub fn new() -> CpuBackend {
         CpuBackend {
             threads: rayon::current_num_threads(),
+            input_scratch: Cell::default(),
+            product_scratch: Cell::default(),
+            chosen: Cell::default(),
         }
     }
+
+    /// A `[rows, cols]` tensor over the buffer taken from `slot`; give the buffer back with
+    /// `slot.set(tensor.data)`.
+    fn scratch(slot: &Cell<Vec<f32>>, rows: usize, cols: usize) -> CpuTensor {
+        let mut data = slot.take();
+        if data.len() < rows * cols {
+            data.resize(rows * cols, 0.0);
+        }
+        CpuTensor { data, cols }
+    }
+}
+
+/// Fails unless `t` has `cols` columns and at least `rows` rows.
+fn check_shape(t: &CpuTensor, rows: usize, cols: usize, what: &str) -> Result<()> {
+    ensure!(
+        t.cols == cols && t.data.len() >= rows * cols,
+        "{what}: [{rows}, {cols}] requested from a tensor of {} columns and {} rows",
+        t.cols,
+        t.data.len() / t.cols.max(1)
+    );
+    Ok(())
+}
+
+/// out[r] = rmsnorm(x[r]) * w for every row of x `[rows, w.len()]`.
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = w.len();
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .for_each(|(o, x)| {
+            let mean_square = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+            let scale = 1.0 / (mean_square + eps).sqrt();
+            for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                *o = w * (x * scale);
+            }
+        });
 }
 
 impl Default for CpuBackend {
@@ -199,7 +245,10 @@ impl Backend for CpuBackend {
     }
 
     fn set_kv_step(&self, memory: &mut CpuKvMemory, step: &StepView) -> Result<()> {
-        check_step(&memory.layout, memory.alloc.size(), step)?;
+        step.check_fits(
+            &memory.layout,
+            memory.alloc.size() / memory.layout.chunk_bytes(),
+        )?;
         let mass = memory.attention_mass.get_mut().map_err(|_| poisoned())?;
         mass.clear();
         if step.track_mass.contains(&true) {
@@ -231,10 +280,9 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn add_rms_norm(
+    fn rms_norm(
         &self,
-        residual: &mut CpuTensor,
-        delta: Option<&CpuTensor>,
+        x: &CpuTensor,
         weight: &CpuWeight,
         eps: f32,
         rows: usize,
@@ -242,22 +290,9 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let w = weight.vector()?;
         let dim = w.len();
-        let res = &mut residual.data[..rows * dim];
-        if let Some(d) = delta {
-            res.iter_mut()
-                .zip(&d.data[..rows * dim])
-                .for_each(|(r, d)| *r += d);
-        }
-        out.data[..rows * dim]
-            .par_chunks_mut(dim)
-            .zip(res.par_chunks(dim))
-            .for_each(|(o, x)| {
-                let mean_square = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
-                let scale = 1.0 / (mean_square + eps).sqrt();
-                for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-                    *o = w * (x * scale);
-                }
-            });
+        check_shape(x, rows, dim, "rms_norm input")?;
+        check_shape(out, rows, dim, "rms_norm output")?;
+        rms_norm_rows(&x.data[..rows * dim], w, eps, &mut out.data[..rows * dim]);
         Ok(())
     }
 
@@ -398,41 +433,12 @@ impl Backend for CpuBackend {
         }
         let plans =
             attention::AttentionPlan::for_step(step, kv_heads, rayon::current_num_threads());
-        /// Attention over the arena's codes of type E, then, when a sequence tracks it, the
-        /// layer's attention mass.
-        fn attend<E: attention::KvElement>(
-            input: attention::AttentionInput<E>,
-            plans: &[attention::AttentionPlan],
-            out: &mut [f32],
-            mass: &std::sync::Mutex<Vec<f32>>,
-        ) -> Result<()> {
-            attention::attention(&input, plans, out);
-            if input.step.track_mass.contains(&true) {
-                let mut mass = mass.lock().map_err(|_| poisoned())?;
-                attention::accumulate_mass(&input, &mut mass);
-            }
-            Ok(())
-        }
-        use attention::AttentionInput as Input;
-        let (arena, q, out) = (memory.bytes(), &q.data, &mut out.data);
-        let mass = &memory.attention_mass;
+        let (q, out) = (&q.data, &mut out.data);
         match layout.dtype() {
-            KvDtype::F32 => {
-                let input = Input::<f32>::new(q, arena, step, layer, num_heads);
-                attend(input, &plans, out, mass)
-            }
-            KvDtype::Bf16 => {
-                let input = Input::<bf16>::new(q, arena, step, layer, num_heads);
-                attend(input, &plans, out, mass)
-            }
-            KvDtype::Int8 => {
-                let input = Input::<i8>::new(q, arena, step, layer, num_heads);
-                attend(input, &plans, out, mass)
-            }
-            KvDtype::Fp8E4m3 => {
-                let input = Input::<E4m3>::new(q, arena, step, layer, num_heads);
-                attend(input, &plans, out, mass)
-            }
+            KvDtype::F32 => attend::<f32>(memory, q, step, layer, num_heads, &plans, out),
+            KvDtype::Bf16 => attend::<bf16>(memory, q, step, layer, num_heads, &plans, out),
+            KvDtype::Int8 => attend::<i8>(memory, q, step, layer, num_heads, &plans, out),
+            KvDtype::Fp8E4m3 => attend::<E4m3>(memory, q, step, layer, num_heads, &plans, out),
         }
     }
 
@@ -451,34 +457,87 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn copy_rows(
+    fn rms_norm_matmul_many(
         &self,
-        src: &CpuTensor,
-        src_row: usize,
-        dst: &mut CpuTensor,
-        dst_row: usize,
-        rows: usize,
+        x: &CpuTensor,
+        x_rows: Range<usize>,
+        norm: &CpuWeight,
+        eps: f32,
+        outputs: &mut [(&CpuWeight, &mut CpuTensor)],
     ) -> Result<()> {
-        if src.cols != dst.cols {
-            bail!(
-                "copy_rows between tensors of {} and {} columns",
-                src.cols,
-                dst.cols
-            );
+        let w = norm.vector()?;
+        let dim = w.len();
+        check_shape(x, x_rows.end, dim, "rms_norm_matmul_many input")?;
+        ensure!(
+            x_rows.start <= x_rows.end,
+            "rms_norm_matmul_many: rows {x_rows:?} run backwards"
+        );
+        let rows = x_rows.len();
+        let mut normed = Self::scratch(&self.input_scratch, rows, dim);
+        let x_rows = &x.data[x_rows.start * dim..x_rows.end * dim];
+        rms_norm_rows(x_rows, w, eps, &mut normed.data[..rows * dim]);
+        let done = self.matmul_many(&normed, outputs, rows);
+        self.input_scratch.set(normed.data);
+        done
+    }
+
+    fn matmul_add(
+        &self,
+        x: &CpuTensor,
+        w: &CpuWeight,
+        rows: usize,
+        residual: &mut CpuTensor,
+    ) -> Result<()> {
+        let cols = residual.cols;
+        check_shape(residual, rows, cols, "matmul_add residual")?;
+        let mut product = Self::scratch(&self.product_scratch, rows, cols);
+        let done = self.matmul(x, w, rows, &mut product);
+        if done.is_ok() {
+            residual.data[..rows * cols]
+                .iter_mut()
+                .zip(&product.data[..rows * cols])
+                .for_each(|(r, p)| *r += p);
         }
-        let c = src.cols;
-        dst.data[dst_row * c..(dst_row + rows) * c]
-            .copy_from_slice(&src.data[src_row * c..(src_row + rows) * c]);
-        Ok(())
+        self.product_scratch.set(product.data);
+        done
+    }
+
+    fn swiglu_matmul_add(
+        &self,
+        gate: &CpuTensor,
+        up: &CpuTensor,
+        w: &CpuWeight,
+        rows: usize,
+        residual: &mut CpuTensor,
+    ) -> Result<()> {
+        let cols = gate.cols;
+        check_shape(gate, rows, cols, "swiglu_matmul_add gate")?;
+        check_shape(up, rows, cols, "swiglu_matmul_add up")?;
+        let mut activated = Self::scratch(&self.input_scratch, rows, cols);
+        activated.data[..rows * cols].copy_from_slice(&gate.data[..rows * cols]);
+        let done = self
+            .swiglu(&mut activated, up, rows)
+            .and_then(|()| self.matmul_add(&activated, w, rows, residual));
+        self.input_scratch.set(activated.data);
+        done
     }
 
     fn read_rows(&self, x: &CpuTensor, first: usize, rows: usize) -> Result<Vec<f32>> {
         Ok(x.data[first * x.cols..(first + rows) * x.cols].to_vec())
     }
 
-    fn argmax(&self, logits: &CpuTensor, row: usize, bias: Option<&CpuWeight>) -> Result<u32> {
-        let l = &logits.data[row * logits.cols..(row + 1) * logits.cols];
+    fn argmax(&self, logits: &CpuTensor, row: usize, bias: Option<&CpuWeight>) -> Result<()> {
+        let cols = logits.cols;
+        check_shape(logits, row + 1, cols, "argmax")?;
+        let l = &logits.data[row * cols..(row + 1) * cols];
         let bias = bias.map(|b| b.vector()).transpose()?;
+        if let Some(b) = bias {
+            ensure!(
+                b.len() == cols,
+                "logit mask of {} entries for {cols} logits",
+                b.len()
+            );
+        }
         let mut best = (0usize, f32::NEG_INFINITY);
         for (i, &v) in l.iter().enumerate() {
             let v = v + bias.map_or(0.0, |b| b[i]);
@@ -487,7 +546,14 @@ impl Backend for CpuBackend {
                 best = (i, v);
             }
         }
-        Ok(best.0 as u32)
+        self.chosen.set(Some(best.0 as u32));
+        Ok(())
+    }
+
+    fn read_argmax(&self) -> Result<u32> {
+        self.chosen
+            .get()
+            .context("read_argmax before any argmax chose an id")
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -533,55 +599,22 @@ fn poisoned() -> anyhow::Error {
     anyhow::anyhow!("a thread panicked while adding up attention mass")
 }
 
-/// Checks that a step view fits the arena it will be read through: every block it lists lies
-/// inside the arena, each sequence's slots fit its blocks and every row writes one of them, so
-/// that no op reads or writes outside the memory.
-fn check_step(layout: &KvLayout, arena_bytes: usize, step: &StepView) -> Result<()> {
-    ensure!(
-        step.layout == *layout,
-        "a step view of another KV layout ({:?}) over this arena ({layout:?})",
-        step.layout
-    );
-    let seqs = step.seqs.len();
-    ensure!(
-        step.row_slot.len() == step.rows()
-            && step.slot_positions.len() == seqs
-            && step.track_mass.len() == seqs,
-        "a step view of {} rows and {seqs} sequences with {} row slots, {} slot maps and {} mass \
-         flags",
-        step.rows(),
-        step.row_slot.len(),
-        step.slot_positions.len(),
-        step.track_mass.len()
-    );
-    let chunks = arena_bytes / layout.chunk_bytes();
-    for (index, seq) in step.seqs.iter().enumerate() {
-        let slots = step.slots(index);
-        let block_chunks = (seq.block_tokens as usize).div_ceil(layout.chunk_tokens());
-        let entries = match layout.kind() {
-            crate::kv::LayoutKind::Contiguous => {
-                ensure!(
-                    slots <= seq.block_tokens as usize,
-                    "step sequence {index}: slots up to {slots} in a run of {}",
-                    seq.block_tokens
-                );
-                1
-            }
-            crate::kv::LayoutKind::Chunked => slots.div_ceil(layout.chunk_tokens()),
-        };
-        let table = step
-            .block_table
-            .get(seq.table_start as usize..seq.table_start as usize + entries)
-            .ok_or_else(|| {
-                anyhow::anyhow!("step sequence {index}: its block table is shorter than {entries}")
-            })?;
-        if let Some(&bad) = table.iter().find(|&&c| c as usize + block_chunks > chunks) {
-            bail!("step sequence {index}: chunk {bad} is outside an arena of {chunks} chunks");
-        }
-        let rows = seq.first_row as usize..(seq.first_row + seq.rows) as usize;
-        if let Some(&bad) = step.row_slot[rows].iter().find(|&&s| s as usize >= slots) {
-            bail!("step sequence {index}: a row writes slot {bad} of {slots}");
-        }
+/// Attention over an arena of `E` codes, then, when a sequence of the step tracks it, the
+/// layer's attention mass (H2O).
+fn attend<E: attention::KvElement>(
+    memory: &CpuKvMemory,
+    q: &[f32],
+    step: &StepView,
+    layer: usize,
+    num_heads: usize,
+    plans: &[attention::AttentionPlan],
+    out: &mut [f32],
+) -> Result<()> {
+    let input = attention::AttentionInput::<E>::new(q, memory.bytes(), step, layer, num_heads);
+    attention::attention(&input, plans, out);
+    if step.track_mass.contains(&true) {
+        let mut mass = memory.attention_mass.lock().map_err(|_| poisoned())?;
+        attention::accumulate_mass(&input, &mut mass);
     }
     Ok(())
 }

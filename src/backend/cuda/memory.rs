@@ -11,7 +11,7 @@ use std::sync::Arc;
 pub enum MemoryUse {
     Weights,
     Activations,
-    /// KV pools' arenas, and the step's block addresses.
+    /// KV pools' arenas, and the step views their kernels read.
     KvCache,
     /// Per-step scratch: token ids, decode-attention partials, argmax partials.
     Scratch,
