@@ -706,15 +706,31 @@ impl QualityVsBytes<'_> {
     }
 }
 
+/// Configurations per line of the numbered list under the panels.
+const LEGEND_COLUMNS: usize = 3;
+
 impl Figure for QualityVsBytes<'_> {
     fn size(&self) -> (u32, u32) {
-        (1500, 720)
+        let lines = self.points().len().div_ceil(LEGEND_COLUMNS) as u32;
+        (1500, 740 + 24 * lines)
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
         let points = self.points();
-        let x_hi = points.iter().map(|p| p.0).fold(0.0, f64::max) * 1.25;
-        let (title_area, panels) = root.split_vertically(50);
+        let x_hi = points.iter().map(|p| p.0).fold(0.0, f64::max) * 1.15;
+        let (title_area, rest) = root.split_vertically(50);
+        let (panels, legend_area) = rest.split_vertically(680);
+        // Each point carries its number; the list under the panels names its configuration.
+        for (i, &(_, c)) in points.iter().enumerate() {
+            let (column, line) = ((i % LEGEND_COLUMNS) as i32, (i / LEGEND_COLUMNS) as i32);
+            let (x, y) = (40 + 480 * column, 10 + 24 * line);
+            legend_area.draw(&Circle::new((x, y + 8), 6, Self::color(c).filled()))?;
+            legend_area.draw(&Text::new(
+                format!("{}  {}", i + 1, c.config),
+                (x + 14, y),
+                (FONT, 15),
+            ))?;
+        }
         // The model's name without its path.
         let model = self
             .summary
@@ -769,14 +785,15 @@ impl Figure for QualityVsBytes<'_> {
             let label = if c.teacher_forced.mean_kl_divergence < KLD_FLOOR {
                 format!(
                     "{} (KLD {:.0e})",
-                    c.config, c.teacher_forced.mean_kl_divergence
+                    i + 1,
+                    c.teacher_forced.mean_kl_divergence
                 )
             } else {
-                c.config.clone()
+                (i + 1).to_string()
             };
             chart.draw_series([EmptyElement::at((x, y))
                 + Circle::new((0, 0), 6, Self::color(c).filled())
-                + Text::new(label, (10, label_offset(i)), (FONT, 13).into_font())])?;
+                + point_label(label, i)])?;
         }
         let mut chart = ChartBuilder::on(&right)
             .caption(
@@ -798,18 +815,21 @@ impl Figure for QualityVsBytes<'_> {
             let y = 100.0 * c.teacher_forced.top1_agreement;
             chart.draw_series([EmptyElement::at((x, y))
                 + Circle::new((0, 0), 6, Self::color(c).filled())
-                + Text::new(
-                    c.config.clone(),
-                    (10, label_offset(i)),
-                    (FONT, 13).into_font(),
-                )])?;
+                + point_label((i + 1).to_string(), i)])?;
         }
         Ok(())
     }
 }
 
-/// Pixels a point's label moves up or down by the point's index, so that points at the same
-/// bytes (element types of one size) keep readable labels.
-fn label_offset(index: usize) -> i32 {
-    (index % 3) as i32 * 15 - 21
+/// A point's number beside it: right of it for even indices, left for odd ones, so that
+/// neighbours in the configuration list (element types of one size sit at the same bytes) keep
+/// apart.
+fn point_label(label: String, index: usize) -> Text<'static, (i32, i32), String> {
+    let (dx, side) = if index.is_multiple_of(2) {
+        (9, HPos::Left)
+    } else {
+        (-9, HPos::Right)
+    };
+    let style = TextStyle::from((FONT, 14).into_font()).pos(Pos::new(side, VPos::Center));
+    Text::new(label, (dx, 0), style)
 }
