@@ -576,7 +576,7 @@ fn decode_attention(target: &Target, plan: &Plan, bound_gbps: f64) -> Result<Vec
                 1,
                 plan.rotation_bytes,
             )?;
-            let cost = cost::attention(&cfg, context - 1, 1, kv_dtype.bytes());
+            let cost = cost::attention(&cfg, context - 1, 1, kv_dtype);
             let calls = plan
                 .rotation_bytes
                 .div_ceil((cost.bytes as usize).max(1))
@@ -659,7 +659,7 @@ fn decode_steps(
             cfg,
             model.weight_bytes_per_token,
             context,
-            backend.kv_dtypes()[0].bytes(),
+            backend.kv_dtypes()[0],
         );
         for &shape in &plan.layouts {
             // Graphs on and off with the host's token and view copied in before every step, then

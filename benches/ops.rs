@@ -256,7 +256,7 @@ fn bench_norm_rope_append_swiglu<B: Backend>(
             t.bench(
                 &mut g,
                 format!("{}-{shape}/{rows}", t.name),
-                cost::kv_append(rows, kv_dim, b.kv_dtypes()[0].bytes()),
+                cost::kv_append(cfg, rows, b.kv_dtypes()[0]),
                 Count::Bytes,
                 || {
                     let rotation = KvRotation::new(
@@ -336,7 +336,7 @@ fn bench_attention<B: Backend>(
                     t.bench(
                         &mut g,
                         label,
-                        cost::attention(cfg, context - rows, rows, dtype.bytes()),
+                        cost::attention(cfg, context - rows, rows, dtype),
                         count,
                         || {
                             let rotation = KvRotation::new(
@@ -422,7 +422,7 @@ fn bench_decode_step<B: Backend>(
                 &model.config,
                 model.weight_bytes_per_token,
                 context,
-                b.kv_dtypes()[0].bytes(),
+                b.kv_dtypes()[0],
             );
             g.throughput(Throughput::BytesDecimal(cost.bytes as u64));
             let mut step = None;

@@ -2,9 +2,12 @@
 // (`kvlab::kv::StepView`, src/kv/step.rs): the geometry of KV memory and the rows of a forward
 // step, which the CPU code and the kernels both read, so that the contiguous and the chunked
 // layout differ in one place only. THE TWO SIDES MUST CHANGE TOGETHER: same fields in the same
-// order, same formulas for `kv_offset_in_block` (`KvLayout::offset_in_block`), `kv_locate`
-// (`StepView::locate`), `kv_row_offset` (`StepView::row_offset`) and `kv_step_advance`
-// (`StepView::advance`). The static_asserts below
+// order, same formulas for `kv_offset_in_block` (`KvLayout::code_offset_in_block`, which counts
+// bytes: a bf16 entry is 2), `kv_locate` (`StepView::locate`), `kv_row_offset`
+// (`StepView::row_offsets`'s `codes`) and `kv_step_advance` (`StepView::advance`). The kernels
+// store bf16 only: the CUDA backend refuses the CPU's int8 and fp8 types (their scales follow the
+// codes of each block, src/kv/layout.rs) and sequences with slot maps (eviction policies) before
+// any kernel sees them. The static_asserts below
 // and their twins in src/kv/layout.rs and src/kv/step.rs catch a field added on one side only;
 // src/backend/cuda/kernels.rs checks the KV_LAYOUT_*, KV_DTYPE_* and KV_PART_* values below
 // against the Rust enums (build.rs turns them into Rust constants); the selftest's kernel checks
@@ -107,18 +110,18 @@ __device__ __forceinline__ void kv_step_advance(uint32_t* packed, int num_seqs, 
     }
 }
 
-// Entries one position occupies across all layers, K and V (`KvLayout::elems_per_token`).
+// Entries one position occupies across all layers, K and V (`KvLayout::bytes_per_token` / 2).
 __device__ __forceinline__ uint64_t kv_elems_per_token(const KvLayout& layout) {
     return (uint64_t)layout.num_layers * 2u * layout.num_kv_heads * layout.head_dim;
 }
 
-// Entries in one chunk (`KvLayout::chunk_elems`).
+// Entries in one chunk (`KvLayout::chunk_bytes` / 2).
 __device__ __forceinline__ uint64_t kv_chunk_elems(const KvLayout& layout) {
     return (uint64_t)layout.chunk_tokens * kv_elems_per_token(layout);
 }
 
 // Entry offset, inside a block of `block_tokens` positions, of the head_dim row of (layer, part,
-// head, slot) (`KvLayout::offset_in_block`). 64-bit: a contiguous run of a long context holds
+// head, slot) (`KvLayout::code_offset_in_block` / 2). 64-bit: a contiguous run of a long context holds
 // more than 2^32 entries.
 __device__ __forceinline__ uint64_t kv_offset_in_block(const KvLayout& layout, unsigned layer, unsigned part,
                                                        unsigned head, unsigned slot, unsigned block_tokens) {
@@ -148,7 +151,7 @@ __device__ __forceinline__ KvLocation kv_locate(const KvLayout& layout, const ui
 }
 
 // Entry offset in the arena of the head_dim row of (layer, part, head) at position `pos` of
-// `seq` (`StepView::row_offset`). KIND is the layout's kind (`layout.kind`), a template argument
+// `seq` (`StepView::row_offsets`, its `codes` / 2). KIND is the layout's kind (`layout.kind`), a template argument
 // so that the position loops compile without a branch on it; `kv_row_offset_any` dispatches.
 template <unsigned KIND>
 __device__ __forceinline__ uint64_t kv_row_offset(const KvLayout& layout, const uint32_t* block_table,

@@ -15,10 +15,12 @@
 //! `dynamic+reuse` takes the full chunks that the prefix index finds for its prompt.
 
 use crate::backend::{Backend, BackendInfo, KvStore};
-use crate::kv::{ChunkCopy, ChunkPool, KvDtype, KvLayout, PoolStats, SeqId, StepView, Strategy};
+use crate::kv::{
+    ChunkCopy, ChunkPool, EvictionPolicy, KvDtype, KvLayout, PoolStats, SeqId, StepView, Strategy,
+};
 use crate::model::config::Config;
 use crate::model::forward::{Activations, LogitRows, Model};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::time::Instant;
@@ -70,6 +72,8 @@ pub struct KvOptions {
     pub dtype: Option<KvDtype>,
     /// Bytes of the pool's arena (`None`: one sequence of the model's whole context).
     pub budget_bytes: Option<u64>,
+    /// What each sequence keeps between steps (`--kv-policy`).
+    pub policy: EvictionPolicy,
 }
 
 /// What one call's sequence held.
@@ -88,6 +92,8 @@ pub struct KvStats {
     pub peak_reserved_bytes: u64,
     /// Positions written.
     pub tokens: u64,
+    /// Of those, positions the eviction policy let go of.
+    pub evicted_tokens: u64,
     /// Chunks held now.
     pub chunks: u64,
     /// The whole pool at the end of the call.
@@ -253,7 +259,8 @@ pub fn resume_sequence(pool: &mut ChunkPool, seq: SeqId, prompt: &[u32]) -> Resu
     })
 }
 
-/// A new sequence for `prompt` (a contiguous one holds `capacity` positions). With `reuse`, it
+/// A new sequence for `prompt` (a contiguous one holds `capacity` positions) that keeps what
+/// `policy` keeps. With `reuse`, it
 /// takes the chunks the prefix index finds for the prompt (at most `prompt.len() - 1`
 /// positions) and says what it found; without, nothing is looked up.
 pub fn start_sequence(
@@ -261,8 +268,13 @@ pub fn start_sequence(
     capacity: usize,
     prompt: &[u32],
     reuse: bool,
+    policy: EvictionPolicy,
 ) -> Result<(SeqId, Option<ReuseStats>)> {
     let seq = pool.new_sequence(Some(capacity))?;
+    if let Err(e) = pool.set_policy(seq, policy) {
+        pool.release(seq)?;
+        return Err(e);
+    }
     if !reuse {
         return Ok((seq, None));
     }
@@ -353,10 +365,27 @@ impl<B: Backend> Engine<B> {
                 layout.chunk_bytes()
             );
         }
+        let policy = self.kv_options.policy;
+        if let (Some(budget), Some(kept)) = (self.kv_options.budget_bytes, policy.kept_tokens()) {
+            // A decode step holds the kept positions and the new token.
+            let holds = chunks * chunk_tokens;
+            if holds <= kept {
+                bail!(
+                    "--kv-budget {budget} bytes holds {holds} positions of {} KV ({} bytes a \
+                     position), fewer than --kv-policy {policy} keeps plus the token a decode step \
+                     adds ({}); raise --kv-budget to at least {} bytes or keep fewer tokens",
+                    layout.dtype(),
+                    layout.bytes_per_token(),
+                    kept + 1,
+                    (kept + 1).div_ceil(chunk_tokens) * layout.chunk_bytes()
+                );
+            }
+        }
+        // A sequence that evicts shares no chunk (src/kv/pool.rs), so no prefix index.
         let key = PoolKey {
             layout,
             chunks,
-            prefix_caching: strategy == Strategy::DynamicReuse,
+            prefix_caching: strategy == Strategy::DynamicReuse && policy == EvictionPolicy::Full,
         };
         if self.kv.as_ref().map(|(k, _)| *k) != Some(key) {
             self.kv = None;
@@ -415,7 +444,7 @@ impl<B: Backend> Engine<B> {
         };
         let id = self.forward_view(&view, ids, logit_rows, last)?;
         let store = &mut self.kv.as_mut().context("no KV pool")?.1;
-        store.pool.commit(seq, ids)?;
+        store.finish_step(&self.backend, &view, &[(seq, ids)])?;
         let (backend, act) = (&self.backend, self.activations()?);
         if let Some(all) = prompt_logits {
             *all = backend.read_rows(&act.logits, 0, ids.len())?;
@@ -453,7 +482,7 @@ impl<B: Backend> Engine<B> {
     /// host reads the `steps` chosen ids once, at the end. Their positions are reserved, not
     /// committed: the caller commits the steps it keeps (`ChunkPool::commit_first`).
     fn decode_run(&mut self, seq: SeqId, steps: usize) -> Result<Vec<u32>> {
-        self.activations(1, LogitRows::Last)?;
+        self.sized_activations(1, LogitRows::LastRows(1))?;
         let act = self.activations.as_mut().expect("allocated above");
         let (backend, model, bias) = (&self.backend, &self.model, self.logit_bias.as_ref());
         let store = &mut self.kv.as_mut().context("no KV pool")?.1;
@@ -546,7 +575,8 @@ impl<B: Backend> Engine<B> {
         if capacity > max_positions {
             bail!("max context {capacity} exceeds the model's max_position_embeddings {max_positions}");
         }
-        let (seq, reuse) = start_sequence(pool, capacity, prompt, opts.strategy.reuses())?;
+        let policy = self.kv_options.policy;
+        let (seq, reuse) = start_sequence(pool, capacity, prompt, opts.strategy.reuses(), policy)?;
         if let Some(c) = opts.conversation.filter(|_| opts.strategy.reuses()) {
             self.conversations.insert(c, seq);
         }
@@ -610,11 +640,20 @@ impl<B: Backend> Generator for Engine<B> {
             if !self.backend.kv_dtypes().contains(&dtype) {
                 let names: Vec<&str> = self.backend.kv_dtypes().iter().map(|d| d.name()).collect();
                 bail!(
-                    "--kv-dtype {dtype}: the {} backend stores KV as {}",
+                    "--kv-dtype {dtype}: the {} backend stores KV as {}; the CPU backend stores \
+                     every type (--backend cpu)",
                     self.backend.info().name,
                     names.join(" or ")
                 );
             }
+        }
+        if options.policy != EvictionPolicy::Full && !self.backend.supports_eviction() {
+            bail!(
+                "--kv-policy {}: the {} backend keeps every position; eviction runs on the CPU \
+                 backend (--backend cpu)",
+                options.policy,
+                self.backend.info().name
+            );
         }
         self.kv = None;
         self.conversations.clear();
@@ -666,15 +705,20 @@ impl<B: Backend> Generator for Engine<B> {
         let steps: Vec<(SeqId, usize)> = entries.iter().map(|e| (e.seq, e.ids.len())).collect();
         let store = &mut self.kv.as_mut().context("no KV pool is open")?.1;
         let view = store.reserved_step(&self.backend, copies, &steps)?;
+        // A sequence split in two parts below would count its attention mass twice over.
+        ensure!(
+            !view.has_slot_maps() && !view.track_mass.contains(&true),
+            "a batched step keeps every position: eviction policies (--kv-policy) run one \
+             sequence at a time"
+        );
         // Each sequence's last row at the step's end, in entry order: logits row i is entry i's.
         let (view, order) = view.last_rows_at_end();
         let rows: Vec<u32> = entries.iter().flat_map(|e| e.ids).copied().collect();
         let ids: Vec<u32> = order.iter().map(|&r| rows[r]).collect();
         let first = self.forward_view(&view, &ids, LogitRows::LastRows(entries.len()), 0)?;
         let store = &mut self.kv.as_mut().context("no KV pool is open")?.1;
-        for entry in entries {
-            store.pool.commit(entry.seq, entry.ids)?;
-        }
+        let committed: Vec<(SeqId, &[u32])> = entries.iter().map(|e| (e.seq, e.ids)).collect();
+        store.finish_step(&self.backend, &view, &committed)?;
         let (backend, act) = (&self.backend, self.activations()?);
         let mut output = BatchOutput::default();
         for row in 0..entries.len() {
@@ -709,6 +753,13 @@ impl<B: Backend> Generator for Engine<B> {
                 prompt.len(),
                 opts.max_new_tokens,
                 cfg.max_position_embeddings
+            );
+        }
+        if opts.strategy == Strategy::None && self.kv_options.policy != EvictionPolicy::Full {
+            bail!(
+                "--kv-policy {} evicts from a cache, but --cache none keeps nothing between \
+                 tokens; choose static or dynamic",
+                self.kv_options.policy
             );
         }
         if opts.conversation.is_some() && !opts.strategy.reuses() {
@@ -777,7 +828,12 @@ impl<B: Backend> Generator for Engine<B> {
         // Decode steps run on the backend's own ids (`decode_in_runs`) unless the host must see
         // each step: teacher forcing feeds its ids, kept logits are read every step, and the
         // no-cache strategy recomputes the whole sequence.
-        let on_device = cached.is_some() && opts.feed_ids.is_none() && !keep;
+        // A sequence under an eviction policy also steps on the host: after every step the
+        // policy decides what it keeps (`KvStore::finish_step`).
+        let on_device = cached.is_some()
+            && opts.feed_ids.is_none()
+            && !keep
+            && self.kv_options.policy == EvictionPolicy::Full;
         let result = (|| -> Result<()> {
             let prefill_rows = match (cached, reuse) {
                 (Some(_), Some(r)) => r.prefilled_tokens,
@@ -834,6 +890,7 @@ impl<B: Backend> Generator for Engine<B> {
                     allocations: pool_stats.allocations - allocations_before,
                     peak_reserved_bytes: s.reserved_bytes,
                     tokens: s.tokens,
+                    evicted_tokens: s.evicted_tokens,
                     chunks: s.chunks,
                     pool: pool_stats,
                 }

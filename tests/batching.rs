@@ -131,6 +131,7 @@ fn run_batched(
         .set_kv_options(KvOptions {
             dtype: None,
             budget_bytes: Some(positions as u64 * bytes_per_position),
+            ..Default::default()
         })
         .unwrap();
     batched

@@ -78,8 +78,8 @@ fn a_budget_or_capacity_too_small_is_an_error_that_names_both() {
     let mut e = engine(name);
     // Not even one chunk of 16 positions.
     e.set_kv_options(KvOptions {
-        dtype: None,
         budget_bytes: Some(100),
+        ..KvOptions::default()
     })
     .unwrap();
     let err = e
@@ -92,8 +92,8 @@ fn a_budget_or_capacity_too_small_is_an_error_that_names_both() {
     );
     // Four chunks of 16 hold the 45-token prompt, not 30 more tokens: the error comes mid-way.
     e.set_kv_options(KvOptions {
-        dtype: None,
         budget_bytes: Some(4 * 16 * BYTES_PER_POSITION),
+        ..KvOptions::default()
     })
     .unwrap();
     let mut generated = 0;
@@ -139,8 +139,8 @@ fn a_full_pool_evicts_idle_cached_chunks_before_it_fails() {
     let prompt = reference(name).prompt_ids;
     let mut e = engine(name);
     e.set_kv_options(KvOptions {
-        dtype: None,
         budget_bytes: Some(4 * 16 * BYTES_PER_POSITION),
+        ..KvOptions::default()
     })
     .unwrap();
     let reuse = opts(Strategy::DynamicReuse, 16, 3);

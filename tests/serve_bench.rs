@@ -295,6 +295,21 @@ fn a_bad_trace_file_is_refused_with_its_line_and_field() {
 }
 
 #[test]
+fn an_eviction_policy_is_refused_by_name() {
+    let out = tempfile::tempdir().unwrap();
+    let run = serve_bench(
+        &["--kv-policy", "window:64", "--concurrency", "2"],
+        &out.path().join("run"),
+    );
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("--kv-policy window:64: serve-bench keeps every position"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn docs_describe_every_column() {
     let docs =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/serve-bench.md"))

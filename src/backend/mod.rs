@@ -62,6 +62,20 @@ pub trait Backend: Sized {
     /// Called at the start of each forward step, before its first launch: the rows, positions
     /// and block tables that `rope`, `kv_append`, `rope_kv_append` and `attention` will read.
     fn set_kv_step(&self, memory: &mut Self::KvMemory, step: &StepView) -> Result<()>;
+    /// Whether `kv_append` and `attention` follow the slot maps of sequences that evicted
+    /// positions, and `attention` sums the attention mass that H2O ranks positions by.
+    fn supports_eviction(&self) -> bool {
+        false
+    }
+    /// The attention mass each slot received during the last forward step, summed over layers,
+    /// query heads and rows: the step's sequences' [`StepView::slots`] values one after another
+    /// (zeros for a sequence that does not track it).
+    fn take_attention_mass(&self, _memory: &mut Self::KvMemory) -> Result<Vec<f32>> {
+        anyhow::bail!(
+            "the {} backend does not measure attention mass (H2O)",
+            self.info().name
+        )
+    }
 
     /// out[r, :] = table[ids[r], :] (out: the residual stream, from `alloc_precise`)
     fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor) -> Result<()>;
@@ -287,7 +301,9 @@ impl<B: Backend> KvStore<B> {
         if !copies.is_empty() {
             backend.copy_kv_chunks(&mut self.memory, copies)?;
         }
-        self.pool.step_view(steps)
+        let view = self.pool.step_view(steps)?;
+        refuse_unsupported_eviction(backend, &view)?;
+        Ok(view)
     }
 
     /// Reserves `steps` new positions for each sequence (one a decode step), makes the copies,
@@ -307,6 +323,53 @@ impl<B: Backend> KvStore<B> {
                 backend.copy_kv_chunks(&mut self.memory, &copies)?;
             }
         }
-        self.pool.decode_view(seqs)
+        let view = self.pool.decode_view(seqs)?;
+        refuse_unsupported_eviction(backend, &view)?;
+        Ok(view)
     }
+
+    /// After a step's forward pass: commits each sequence's new tokens, adds the attention mass
+    /// the step measured (H2O), and evicts what each sequence's policy no longer keeps.
+    pub fn finish_step(
+        &mut self,
+        backend: &B,
+        view: &StepView,
+        steps: &[(SeqId, &[u32])],
+    ) -> Result<()> {
+        for &(id, tokens) in steps {
+            self.pool.commit(id, tokens)?;
+        }
+        if view.track_mass.contains(&true) {
+            let mass = backend.take_attention_mass(&mut self.memory)?;
+            let mut offset = 0;
+            for (index, &(id, _)) in steps.iter().enumerate() {
+                let slots = view.slots(index);
+                let seq_mass = mass.get(offset..offset + slots).with_context(|| {
+                    format!(
+                        "attention mass of {} values for a step of more slots",
+                        mass.len()
+                    )
+                })?;
+                self.pool.add_attention_mass(id, seq_mass)?;
+                offset += slots;
+            }
+        }
+        for &(id, _) in steps {
+            self.pool.apply_policy(id)?;
+        }
+        Ok(())
+    }
+}
+
+/// A step of a sequence that evicted positions (a slot map) needs a backend whose `kv_append`
+/// and `attention` follow slot maps.
+fn refuse_unsupported_eviction<B: Backend>(backend: &B, view: &StepView) -> Result<()> {
+    if view.has_slot_maps() && !backend.supports_eviction() {
+        anyhow::bail!(
+            "the {} backend keeps every position: a sequence that evicted positions \
+             (--kv-policy) runs on the CPU backend",
+            backend.info().name
+        );
+    }
+    Ok(())
 }

@@ -2,7 +2,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvlab::backend::cuda::BackendKind;
 use kvlab::kv::map::CacheMap;
-use kvlab::kv::{ChunkPool, KvDtype, KvLayout, LayoutKind, Strategy};
+use kvlab::kv::{ChunkPool, KvDtype, KvLayout, KvPart, LayoutKind, Strategy};
 use kvlab::model::config::{Config, HfConfig};
 use kvlab::model::hub::resolve_model;
 use kvlab::model::synth::{config_json, Preset};
@@ -123,7 +123,20 @@ pub fn run(args: CacheMapArgs) -> Result<()> {
     println!(
         "\nPer layer. Each block (a chunk, or the whole run) holds every layer, ordered \
          [layer][K, V][KV head][slot][head_dim], so a row block's unwritten tail sits inside the \
-         block, before the next row block:"
+         block, before the next row block{}:",
+        if dtype.is_quantized() {
+            let scales = |part| 4 * dtype.scales_per_row(part, layout.head_dim());
+            format!(
+                "; after the codes, the rows' f32 scales, ordered [layer][K, V][KV head][slot] \
+                 (a row: {} bytes of codes, then {} bytes of scales for a key row, {} for a value \
+                 row)",
+                layout.row_code_bytes(),
+                scales(KvPart::Key),
+                scales(KvPart::Value)
+            )
+        } else {
+            String::new()
+        }
     );
     let mut layers = Table::new(&[
         "layer",

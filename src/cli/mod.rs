@@ -2,6 +2,7 @@
 pub mod cache_map;
 pub mod generate;
 pub mod kernel_report;
+pub mod kv_eval;
 pub mod roofline;
 pub mod scenario;
 pub mod selftest;
@@ -35,13 +36,20 @@ pub struct ModelArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Element type of K and V [default: f32 on the CPU (exact against transformers' f32),
-    /// bf16 on CUDA]; bf16 halves the KV bytes.
+    /// bf16 on CUDA]; bf16 halves the KV bytes; int8 and fp8-e4m3 (CPU) store a byte per value
+    /// and an f32 scale per row of head_dim, a quarter of f32 plus the scales.
     #[arg(long, value_enum)]
     pub kv_dtype: Option<kvlab::kv::KvDtype>,
     /// Bytes of the KV pool every sequence draws from, e.g. 512MiB, 2GiB, 1.5GB or a plain byte
     /// count [default: one sequence of the model's whole context].
     #[arg(long, value_parser = parse_bytes)]
     pub kv_budget: Option<u64>,
+    /// What each sequence keeps between steps: full, window:N (the N most recent positions),
+    /// sinks:S,window:N (StreamingLLM: the first S and the N most recent) or
+    /// h2o:heavy=H,recent=R (the R most recent and the H that received the most attention).
+    /// CPU backend; kept positions keep their RoPE positions.
+    #[arg(long, default_value = "full")]
+    pub kv_policy: kvlab::kv::EvictionPolicy,
 }
 
 /// A byte count: a number with an optional unit (B; KB, MB, GB: powers of 1000; KiB, MiB, GiB:
@@ -136,6 +144,7 @@ impl ModelArgs {
             .set_kv_options(kvlab::generate::KvOptions {
                 dtype: self.kv_dtype,
                 budget_bytes: self.kv_budget,
+                policy: self.kv_policy,
             })?;
         Ok(loaded)
     }

@@ -239,6 +239,12 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
     {
         bail!("--mode names {twice} twice");
     }
+    ensure!(
+        args.model.kv_policy == kvlab::kv::EvictionPolicy::Full,
+        "--kv-policy {}: serve-bench keeps every position (the scheduler counts on a sequence's \
+         reserved chunks); kvlab kv-eval and kvlab scenario take eviction policies",
+        args.model.kv_policy
+    );
     let mut loaded = args.model.load()?;
     let tokenizer = loaded.tokenizer.take();
     let engine = loaded.engine_info(loaded.generator.backend_info());

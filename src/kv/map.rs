@@ -1,8 +1,9 @@
 //! Where a sequence's bytes sit: per block (a chunk of the chunked layout, the whole run of the
 //! contiguous one) and per (layer, K/V, head) row block inside it, reserved against written.
 //! Computed from the layout and the pool's bookkeeping alone, so drawing a cache allocates no
-//! KV memory; offsets come from [`KvLayout::offset_in_block`] and totals from the pool's own
-//! accounting, so this view cannot drift from what the pool does.
+//! KV memory; offsets come from [`KvLayout::code_offset_in_block`] and
+//! [`KvLayout::scale_offset_in_block`] and totals from the pool's own accounting, so this view
+//! cannot drift from what the pool does.
 
 use super::{ChunkPool, KvLayout, KvPart, LayoutKind, PoolStats, SeqId, SeqStats, Strategy};
 use anyhow::Result;
@@ -36,12 +37,15 @@ pub struct ChunkUse {
     pub holders: usize,
 }
 
-/// The `[block_tokens, head_dim]` rows of one (layer, K or V, head) inside a block.
+/// The `[block_tokens, head_dim]` codes of one (layer, K or V, head) inside a block, or (the
+/// quantized types) their `[block_tokens]` f32 scales.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockUse {
     pub layer: usize,
     pub part: KvPart,
     pub head: usize,
+    /// The row block's scales rather than its codes.
+    pub scales: bool,
     /// Byte offset of slot 0 inside the block.
     pub offset_bytes: u64,
     pub reserved_bytes: u64,
@@ -49,11 +53,11 @@ pub struct BlockUse {
     pub written_bytes: u64,
 }
 
-/// One layer's share of the sequence, summed over its blocks.
+/// One layer's share of the sequence (codes and scales), summed over its blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LayerUse {
     pub layer: usize,
-    /// Byte offsets, inside each block, of the layer's first K row and first V row.
+    /// Byte offsets, inside each block, of the codes of the layer's first K row and first V row.
     pub key_offset_bytes: u64,
     pub value_offset_bytes: u64,
     pub reserved_bytes: u64,
@@ -119,23 +123,33 @@ impl CacheMap {
         &self.blocks
     }
 
-    /// The row blocks of one block, in memory order.
+    /// The row blocks of one block (codes, then the quantized types' scales), in memory order.
     pub fn blocks(&self, chunk: &ChunkUse) -> Vec<BlockUse> {
         let layout = &self.layout;
-        let row_bytes = (layout.head_dim as usize * layout.dtype().bytes()) as u64;
+        let (dtype, hd) = (layout.dtype(), layout.head_dim());
         let mut blocks = Vec::new();
         for layer in 0..layout.num_layers as usize {
             for part in [KvPart::Key, KvPart::Value] {
+                let scale_bytes = 4 * dtype.scales_per_row(part, hd) as u64;
                 for head in 0..layout.num_kv_heads as usize {
-                    let offset = layout.offset_in_block(layer, part, head, 0, self.block_tokens);
-                    blocks.push(BlockUse {
-                        layer,
-                        part,
-                        head,
-                        offset_bytes: (offset * layout.dtype().bytes()) as u64,
-                        reserved_bytes: self.block_tokens as u64 * row_bytes,
-                        written_bytes: chunk.written_slots as u64 * row_bytes,
-                    });
+                    let bt = self.block_tokens;
+                    let mut row_block = |scales: bool, offset: usize, row_bytes: u64| {
+                        blocks.push(BlockUse {
+                            layer,
+                            part,
+                            head,
+                            scales,
+                            offset_bytes: offset as u64,
+                            reserved_bytes: bt as u64 * row_bytes,
+                            written_bytes: chunk.written_slots as u64 * row_bytes,
+                        })
+                    };
+                    let codes = layout.code_offset_in_block(layer, part, head, 0, bt);
+                    row_block(false, codes, layout.row_code_bytes() as u64);
+                    if scale_bytes > 0 {
+                        let scales = layout.scale_offset_in_block(layer, part, head, 0, bt);
+                        row_block(true, scales, scale_bytes);
+                    }
                 }
             }
         }
@@ -145,27 +159,23 @@ impl CacheMap {
 
     /// Per layer, summed over every block.
     pub fn layers(&self) -> Vec<LayerUse> {
-        let row_bytes = (self.layout.head_dim as usize * self.layout.dtype().bytes()) as u64;
-        let heads = self.layout.num_kv_heads as u64;
+        let layout = &self.layout;
+        let pair_bytes = layout.dtype().row_pair_bytes(layout.head_dim()) as u64;
+        let heads = layout.num_kv_heads as u64;
         let written: u64 = self.blocks.iter().map(|c| c.written_slots as u64).sum();
-        (0..self.layout.num_layers as usize)
+        (0..layout.num_layers as usize)
             .map(|layer| {
-                let offset = |part| {
-                    let elems = self
-                        .layout
-                        .offset_in_block(layer, part, 0, 0, self.block_tokens);
-                    (elems * self.layout.dtype().bytes()) as u64
-                };
+                let offset =
+                    |part| layout.code_offset_in_block(layer, part, 0, 0, self.block_tokens) as u64;
                 LayerUse {
                     layer,
                     key_offset_bytes: offset(KvPart::Key),
                     value_offset_bytes: offset(KvPart::Value),
-                    reserved_bytes: 2
-                        * heads
+                    reserved_bytes: heads
                         * self.blocks.len() as u64
                         * self.block_tokens as u64
-                        * row_bytes,
-                    written_bytes: 2 * heads * written * row_bytes,
+                        * pair_bytes,
+                    written_bytes: heads * written * pair_bytes,
                 }
             })
             .collect()
@@ -180,8 +190,18 @@ mod tests {
     /// A sequence of `tokens` written the way generation writes them: a prompt, then single
     /// tokens.
     fn filled(kind: LayoutKind, chunk_tokens: usize, capacity: usize, tokens: usize) -> CacheMap {
-        // 3 layers x K,V x 2 heads x 8 dims x 4 bytes = 384 bytes per position.
-        let layout = KvLayout::new(kind, KvDtype::F32, 3, 2, 8, chunk_tokens).unwrap();
+        filled_as(KvDtype::F32, kind, chunk_tokens, capacity, tokens)
+    }
+
+    fn filled_as(
+        dtype: KvDtype,
+        kind: LayoutKind,
+        chunk_tokens: usize,
+        capacity: usize,
+        tokens: usize,
+    ) -> CacheMap {
+        // f32: 3 layers x K,V x 2 heads x 16 dims x 4 bytes = 768 bytes per position.
+        let layout = KvLayout::new(kind, dtype, 3, 2, 16, chunk_tokens).unwrap();
         let mut pool = ChunkPool::new(layout, 64, false).unwrap();
         let id = pool.new_sequence(Some(capacity)).unwrap();
         let prompt = tokens.min(7);
@@ -198,9 +218,16 @@ mod tests {
 
     #[test]
     fn layers_and_blocks_add_up_to_the_pool_accounting() {
-        for (kind, chunk_tokens) in [(LayoutKind::Contiguous, 1), (LayoutKind::Chunked, 5)] {
+        let cases = KvDtype::ALL.into_iter().flat_map(|dtype| {
+            [(LayoutKind::Contiguous, 1), (LayoutKind::Chunked, 5)]
+                .map(|(kind, chunk)| (dtype, kind, chunk))
+        });
+        for (dtype, kind, chunk_tokens) in cases {
             for tokens in [1, 5, 6, 23] {
-                let map = filled(kind, chunk_tokens, 40, tokens);
+                let map = filled_as(dtype, kind, chunk_tokens, 40, tokens);
+                let blocks = map.blocks(&map.chunks()[0]);
+                let scale_blocks = blocks.iter().filter(|b| b.scales).count();
+                assert_eq!(scale_blocks, if dtype.is_quantized() { 12 } else { 0 });
                 let layers = map.layers();
                 let reserved: u64 = layers.iter().map(|l| l.reserved_bytes).sum();
                 let written: u64 = layers.iter().map(|l| l.written_bytes).sum();
@@ -227,12 +254,19 @@ mod tests {
         assert_eq!(dynamic.pool.allocations, 5);
         assert_eq!(dynamic.chunks()[4].written_slots, 3);
         let stat = filled(LayoutKind::Contiguous, 1, 40, 23);
-        assert_eq!(stat.unwritten_bytes(), (40 - 23) * 384);
+        assert_eq!(stat.unwritten_bytes(), (40 - 23) * 768);
         assert_eq!(stat.chunks().len(), 1);
+        // int8: a quarter of f32's bytes plus an f32 scale per row (12 rows a position; a key
+        // row of 16 channels is one group).
+        let int8 = filled_as(KvDtype::Int8, LayoutKind::Contiguous, 1, 40, 23);
+        assert_eq!(
+            int8.seq.reserved_bytes,
+            stat.seq.reserved_bytes / 4 + 40 * 12 * 4
+        );
         // Layer 1's V rows follow layer 0's K and V and layer 1's K: 3 row blocks of 2 heads.
         assert_eq!(
             stat.layers()[1].value_offset_bytes,
-            (3 * 2 * 40 * 8 * 4) as u64
+            (3 * 2 * 40 * 16 * 4) as u64
         );
     }
 }

@@ -7,8 +7,11 @@
 //!   mirrored field for field by `kernels/kv_layout.cuh`.
 //! - [`ChunkPool`]: chunk ids into the arena, a free list, reference counts, the sequences and
 //!   their block tables, and the accounting (reserved, live, shared, cached but idle).
-//! - [`StepView`]: the rows of one forward step, their positions and sequences, and the block
-//!   tables of those sequences, in the form the CPU code and the kernels read.
+//! - [`StepView`]: the rows of one forward step, their positions, slots and sequences, and the
+//!   block tables (and, once they evict, slot maps) of those sequences, in the form the CPU code
+//!   and the kernels read.
+//! - [`EvictionPolicy`]: which positions a sequence keeps under a token budget (StreamingLLM's
+//!   sinks and window, H2O's heavy hitters), applied by the pool after each step.
 //!
 //! The **static** strategy gives a sequence one contiguous run of the arena, reserved up front
 //! for its whole capacity; the **dynamic** strategy takes fixed-size chunks on demand, found
@@ -18,14 +21,17 @@
 
 mod layout;
 pub mod map;
+mod policy;
 mod pool;
 mod prefix;
+pub mod quant;
 mod step;
 
 pub use layout::{KvDtype, KvLayout, KvPart, LayoutKind};
+pub use policy::EvictionPolicy;
 pub use pool::{ChunkCopy, ChunkPool, PoolExhausted, PoolStats, PrefixMatch, SeqId, SeqStats};
 pub use prefix::ChainKey;
-pub use step::{SeqStep, StepView};
+pub use step::{RowOffsets, SeqStep, StepView, EMPTY_SLOT};
 
 use serde::{Deserialize, Serialize};
 

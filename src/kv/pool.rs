@@ -9,10 +9,20 @@
 //! consecutive chunks, reserved for its whole capacity when it is created. Writing a position
 //! into a chunk that another sequence also holds, or that the index lists (indexed content never
 //! changes), first moves the writer to a copy of it (copy-on-write, [`ChunkCopy`]).
+//!
+//! A sequence under an eviction policy ([`EvictionPolicy`]) keeps a *slot map* once it has
+//! evicted a position: slot `s` of its blocks (chunk `s / chunk_tokens` of its table, or slot `s`
+//! of its run) holds the position `slot_pos[s]`, or nothing ([`EMPTY_SLOT`]). Until its first
+//! eviction slot `s` holds position `s`, as for every other sequence. A step's new rows take the
+//! lowest freed slots first, then new slots after the last one, so a sequence spans at most its
+//! policy's kept positions plus one step's rows; a chunk whose slots are all freed returns to
+//! the pool (its entry leaves the block table and the slots after it move down by a chunk), and
+//! freed slots at the end are dropped. Such a sequence shares no chunk: it is not forked, its
+//! chunks are not indexed and it takes none from the index, so it alone writes its chunks.
 
 use super::prefix::{chain_key, ChainKey, PrefixIndex, ROOT};
-use super::{KvLayout, LayoutKind, SeqStep, StepView};
-use anyhow::{ensure, Context, Result};
+use super::{EvictionPolicy, KvLayout, LayoutKind, SeqStep, StepView, EMPTY_SLOT};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -78,6 +88,8 @@ pub struct PoolStats {
     pub evictions: u64,
     /// Copy-on-write copies made.
     pub copies: u64,
+    /// Positions that sequences' eviction policies have let go of so far.
+    pub evicted_tokens: u64,
     pub sequences: u64,
 }
 
@@ -86,6 +98,8 @@ pub struct PoolStats {
 pub struct SeqStats {
     /// Positions written.
     pub tokens: u64,
+    /// Of those, positions its eviction policy let go of (the rest are live).
+    pub evicted_tokens: u64,
     /// Chunks in its block table (contiguous: in its run).
     pub chunks: u64,
     pub reserved_bytes: u64,
@@ -96,21 +110,55 @@ pub struct SeqStats {
 
 #[derive(Clone, Debug)]
 struct Sequence {
-    /// Chunked: its chunks in position order. Contiguous: the first chunk of its run.
+    /// Chunked: its chunks in slot order. Contiguous: the first chunk of its run.
     table: Vec<u32>,
     /// Contiguous: chunks in its run; chunked: 0.
     run_chunks: usize,
-    /// The token id at each written position.
+    /// The token id at each written position (evicted ones included).
     tokens: Vec<u32>,
     /// Chain keys of its full chunks (chunked), one per leading entry of `table`.
     keys: Vec<ChainKey>,
     /// Rows reserved by [`ChunkPool::reserve`] for the step in progress.
     pending: usize,
+    policy: EvictionPolicy,
+    /// Once it has evicted a position: the position each slot holds ([`EMPTY_SLOT`]: none).
+    /// Before that, slot `s` holds position `s`.
+    slot_pos: Option<Vec<u32>>,
+    /// The slots of the reserved rows, when it has a slot map.
+    pending_slots: Vec<u32>,
+    /// H2O: the attention mass each slot's position has received since it was written.
+    mass: Vec<f32>,
 }
 
 impl Sequence {
+    fn new(table: Vec<u32>, run_chunks: usize) -> Self {
+        Sequence {
+            table,
+            run_chunks,
+            tokens: Vec::new(),
+            keys: Vec::new(),
+            pending: 0,
+            policy: EvictionPolicy::Full,
+            slot_pos: None,
+            pending_slots: Vec::new(),
+            mass: Vec::new(),
+        }
+    }
+
     fn len(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// Slots it spans: `len()` until it evicts, then its slot map's length.
+    fn slots(&self) -> usize {
+        self.slot_pos.as_ref().map_or(self.len(), Vec::len)
+    }
+
+    /// Positions it holds.
+    fn live(&self) -> usize {
+        self.slot_pos.as_ref().map_or(self.len(), |map| {
+            map.iter().filter(|&&p| p != EMPTY_SLOT).count()
+        })
     }
 }
 
@@ -138,6 +186,7 @@ pub struct ChunkPool {
     allocations: u64,
     evictions: u64,
     copies: u64,
+    evicted_tokens: u64,
 }
 
 impl ChunkPool {
@@ -171,6 +220,7 @@ impl ChunkPool {
             allocations: 0,
             evictions: 0,
             copies: 0,
+            evicted_tokens: 0,
         })
     }
 
@@ -358,13 +408,29 @@ impl ChunkPool {
                 (vec![start], run)
             }
         };
-        Ok(self.insert_seq(Sequence {
-            table,
-            run_chunks,
-            tokens: Vec::new(),
-            keys: Vec::new(),
-            pending: 0,
-        }))
+        Ok(self.insert_seq(Sequence::new(table, run_chunks)))
+    }
+
+    /// Puts an empty sequence under an eviction policy. A contiguous run must hold the policy's
+    /// kept positions and the one a decode step adds.
+    pub fn set_policy(&mut self, id: SeqId, policy: EvictionPolicy) -> Result<()> {
+        let capacity = self.seq_capacity(id)?;
+        let seq = self.seq(id)?;
+        ensure!(
+            seq.len() == 0 && seq.pending == 0,
+            "{id} already holds positions: a policy is set on an empty sequence"
+        );
+        if let (Some(capacity), Some(kept)) = (capacity, policy.kept_tokens()) {
+            ensure!(
+                kept < capacity,
+                "--kv-policy {policy} keeps {kept} positions, but this static sequence holds \
+                 {capacity}: it needs at least {} (the kept positions and the next token's; \
+                 raise --max-context)",
+                kept + 1
+            );
+        }
+        self.seq_mut(id)?.policy = policy;
+        Ok(())
     }
 
     /// A new sequence holding every chunk of `id` (chunked layout): the two share its positions
@@ -373,6 +439,11 @@ impl ChunkPool {
         ensure!(
             self.layout.kind() == LayoutKind::Chunked,
             "a contiguous run has one holder: {id} cannot be forked"
+        );
+        ensure!(
+            self.seq(id)?.policy == EvictionPolicy::Full,
+            "{id} evicts positions (--kv-policy {}): it shares no chunk and cannot be forked",
+            self.seq(id)?.policy
         );
         let mut seq = self.seq(id)?.clone();
         seq.pending = 0;
@@ -413,7 +484,8 @@ impl ChunkPool {
             "{id} already holds positions: prefix matching starts a sequence"
         );
         let mut found = PrefixMatch::default();
-        if !self.prefix_caching {
+        // A sequence that evicts shares no chunk (see the module's doc).
+        if !self.prefix_caching || self.seq(id)?.policy != EvictionPolicy::Full {
             return Ok(found);
         }
         let chunk_tokens = self.layout.chunk_tokens();
@@ -484,6 +556,15 @@ impl ChunkPool {
         seq.tokens.truncate(len);
         seq.keys.truncate(len / chunk_tokens);
         seq.pending = 0;
+        seq.pending_slots.clear();
+        if let Some(map) = &seq.slot_pos {
+            let dropped: Vec<usize> = (0..map.len())
+                .filter(|&slot| map[slot] != EMPTY_SLOT && map[slot] as usize >= len)
+                .collect();
+            self.free_slots(id, &dropped)?;
+            return Ok(());
+        }
+        seq.mass.truncate(len);
         if seq.run_chunks > 0 {
             let start = seq.table[0] as usize;
             let first = start + len.div_ceil(chunk_tokens);
@@ -519,6 +600,9 @@ impl ChunkPool {
     pub fn reserve(&mut self, id: SeqId, rows: usize) -> Result<Vec<ChunkCopy>> {
         let chunk_tokens = self.layout.chunk_tokens();
         let seq = self.seq(id)?;
+        if seq.slot_pos.is_some() {
+            return self.reserve_slots(id, rows).map(|()| Vec::new());
+        }
         let (len, run_chunks) = (seq.len(), seq.run_chunks);
         if run_chunks > 0 {
             let capacity = run_chunks * chunk_tokens;
@@ -595,6 +679,9 @@ impl ChunkPool {
             tokens.len(),
             seq.pending
         );
+        if seq.slot_pos.is_some() {
+            return self.commit_slots(id, tokens);
+        }
         let (start, end) = (seq.len(), seq.len() + tokens.len());
         let (first, run) = (seq.table.first().copied(), seq.run_chunks > 0);
         let mut touched = Vec::new();
@@ -618,7 +705,11 @@ impl ChunkPool {
         let seq = self.seq_mut(id)?;
         seq.tokens.extend_from_slice(tokens);
         seq.pending = 0;
-        if run {
+        if seq.policy.needs_attention_mass() {
+            seq.mass.resize(seq.len(), 0.0);
+        }
+        // A sequence that evicts registers nothing (see the module's doc).
+        if run || seq.policy != EvictionPolicy::Full {
             return Ok(());
         }
         let mut registrations = Vec::new();
@@ -675,9 +766,17 @@ impl ChunkPool {
     /// step ([`StepView::advance`]) finds every chunk the run writes.
     pub fn decode_view(&self, ids: &[SeqId]) -> Result<StepView> {
         for &id in ids {
+            let seq = self.seq(id)?;
             ensure!(
-                self.seq(id)?.pending > 0,
+                seq.pending > 0,
                 "{id}: a run of decode steps needs reserved positions"
+            );
+            // Its policy decides after every step which slot the next one writes.
+            ensure!(
+                seq.policy == EvictionPolicy::Full,
+                "{id}: a run of decode steps for a sequence under --kv-policy {}: it steps one \
+                 token at a time",
+                seq.policy
             );
         }
         let steps: Vec<(SeqId, usize)> = ids.iter().map(|&id| (id, 1)).collect();
@@ -690,7 +789,10 @@ impl ChunkPool {
             seqs: Vec::with_capacity(steps.len()),
             row_seq: Vec::new(),
             row_pos: Vec::new(),
+            row_slot: Vec::new(),
             block_table: Vec::new(),
+            slot_positions: Vec::with_capacity(steps.len()),
+            track_mass: Vec::with_capacity(steps.len()),
         };
         for (index, &(id, rows)) in steps.iter().enumerate() {
             let seq = self.seq(id)?;
@@ -709,8 +811,233 @@ impl ChunkPool {
             view.block_table.extend_from_slice(&seq.table);
             view.row_seq.extend(std::iter::repeat_n(index as u32, rows));
             view.row_pos.extend((start..start + rows).map(|p| p as u32));
+            match &seq.slot_pos {
+                None => {
+                    view.row_slot
+                        .extend((start..start + rows).map(|p| p as u32));
+                    view.slot_positions.push(None);
+                }
+                Some(map) => {
+                    // The step's rows are visible to attention at their slots.
+                    let mut map = map.clone();
+                    for (r, &slot) in seq.pending_slots.iter().enumerate() {
+                        let slot = slot as usize;
+                        if slot >= map.len() {
+                            map.resize(slot + 1, EMPTY_SLOT);
+                        }
+                        map[slot] = (start + r) as u32;
+                    }
+                    view.row_slot.extend_from_slice(&seq.pending_slots);
+                    view.slot_positions.push(Some(map));
+                }
+            }
+            view.track_mass.push(seq.policy.needs_attention_mass());
         }
         Ok(view)
+    }
+
+    // --- eviction ------------------------------------------------------------------------------
+
+    /// The chunk holding slot `slot` of a sequence.
+    fn slot_chunk(&self, seq: &Sequence, slot: usize) -> u32 {
+        let entry = slot / self.layout.chunk_tokens();
+        if seq.run_chunks > 0 {
+            seq.table[0] + entry as u32
+        } else {
+            seq.table[entry]
+        }
+    }
+
+    /// [`ChunkPool::reserve`] for a sequence with a slot map: the lowest freed slots, then new
+    /// slots after the last (new chunks for a chunked sequence).
+    fn reserve_slots(&mut self, id: SeqId, rows: usize) -> Result<()> {
+        let chunk_tokens = self.layout.chunk_tokens();
+        let seq = self.seq(id)?;
+        let map = seq
+            .slot_pos
+            .as_ref()
+            .context("a sequence with a slot map")?;
+        let mut slots: Vec<u32> = (0..map.len() as u32)
+            .filter(|&s| map[s as usize] == EMPTY_SLOT)
+            .take(rows)
+            .collect();
+        let spanned = map.len() + rows - slots.len();
+        slots.extend(map.len() as u32..spanned as u32);
+        if seq.run_chunks > 0 {
+            let capacity = seq.run_chunks * chunk_tokens;
+            ensure!(
+                spanned <= capacity,
+                "context overflow: {id} keeps {} positions and this step adds {rows}, but its \
+                 static run holds {capacity} (raise --max-context)",
+                seq.live()
+            );
+        } else {
+            let new_chunks = spanned
+                .div_ceil(chunk_tokens)
+                .saturating_sub(seq.table.len());
+            let available = self.free_chunks() + self.idle.len();
+            if new_chunks > available {
+                bail!(self.exhausted(id, new_chunks - available));
+            }
+            let taken: Vec<u32> = (0..new_chunks)
+                .map(|_| self.take_chunk().expect("counted as available"))
+                .collect();
+            for &chunk in &taken {
+                self.add_ref(chunk);
+            }
+            self.allocations += new_chunks as u64;
+            self.seq_mut(id)?.table.extend(taken);
+        }
+        let seq = self.seq_mut(id)?;
+        seq.pending = rows;
+        seq.pending_slots = slots;
+        Ok(())
+    }
+
+    /// [`ChunkPool::commit`] for a sequence with a slot map.
+    fn commit_slots(&mut self, id: SeqId, tokens: &[u32]) -> Result<()> {
+        let seq = self.seq_mut(id)?;
+        let start = seq.len();
+        let slots = std::mem::take(&mut seq.pending_slots);
+        let map = seq
+            .slot_pos
+            .as_mut()
+            .context("a sequence with a slot map")?;
+        for (r, &slot) in slots.iter().enumerate() {
+            let slot = slot as usize;
+            if slot >= map.len() {
+                map.resize(slot + 1, EMPTY_SLOT);
+            }
+            map[slot] = (start + r) as u32;
+        }
+        let spanned = map.len();
+        seq.tokens.extend_from_slice(tokens);
+        seq.pending = 0;
+        if seq.policy.needs_attention_mass() {
+            seq.mass.resize(spanned, 0.0);
+            for &slot in &slots {
+                seq.mass[slot as usize] = 0.0;
+            }
+        }
+        let seq = self.seq(id)?;
+        let chunks: Vec<u32> = slots
+            .iter()
+            .map(|&slot| self.slot_chunk(seq, slot as usize))
+            .collect();
+        for chunk in chunks {
+            let filled = self.filled[chunk as usize] as usize;
+            self.set_filled(chunk, filled + 1);
+        }
+        Ok(())
+    }
+
+    /// Adds the attention mass of one step to a sequence's slots (`mass`: one value per slot the
+    /// step's view spans). Only an H2O sequence keeps it.
+    pub fn add_attention_mass(&mut self, id: SeqId, mass: &[f32]) -> Result<()> {
+        let seq = self.seq_mut(id)?;
+        if !seq.policy.needs_attention_mass() {
+            return Ok(());
+        }
+        ensure!(
+            mass.len() == seq.slots(),
+            "{id}: attention mass for {} slots, but it spans {}",
+            mass.len(),
+            seq.slots()
+        );
+        seq.mass.iter_mut().zip(mass).for_each(|(m, add)| *m += add);
+        Ok(())
+    }
+
+    /// Evicts the positions the sequence's policy no longer names; returns how many.
+    pub fn apply_policy(&mut self, id: SeqId) -> Result<usize> {
+        let seq = self.seq(id)?;
+        ensure!(seq.pending == 0, "{id}: a policy is applied between steps");
+        let positions: Vec<u32> = match &seq.slot_pos {
+            Some(map) => map.clone(),
+            None => (0..seq.len() as u32).collect(),
+        };
+        let mut live: Vec<(u32, f32)> = positions
+            .iter()
+            .enumerate()
+            .filter(|&(_, &p)| p != EMPTY_SLOT)
+            .map(|(slot, &p)| (p, seq.mass.get(slot).copied().unwrap_or(0.0)))
+            .collect();
+        live.sort_by_key(|&(p, _)| p);
+        let victims = seq.policy.evictions(&live);
+        if victims.is_empty() {
+            return Ok(0);
+        }
+        let victims: std::collections::HashSet<u32> = victims.into_iter().collect();
+        let slots: Vec<usize> = (0..positions.len())
+            .filter(|&slot| victims.contains(&positions[slot]))
+            .collect();
+        let seq = self.seq_mut(id)?;
+        seq.slot_pos.get_or_insert(positions);
+        // Its chunks are no one else's and no longer hold a prefix of positions.
+        seq.keys.clear();
+        self.free_slots(id, &slots)?;
+        self.evicted_tokens += slots.len() as u64;
+        Ok(slots.len())
+    }
+
+    /// Empties `slots` of a sequence with a slot map, drops freed slots past its last held one,
+    /// and gives back the chunks (chunked layout) whose slots are all free.
+    fn free_slots(&mut self, id: SeqId, slots: &[usize]) -> Result<()> {
+        let chunk_tokens = self.layout.chunk_tokens();
+        let seq = self.seq(id)?;
+        let chunks: Vec<u32> = slots.iter().map(|&s| self.slot_chunk(seq, s)).collect();
+        for chunk in chunks {
+            let filled = self.filled[chunk as usize] as usize;
+            self.set_filled(chunk, filled - 1);
+        }
+        let seq = self.seq_mut(id)?;
+        let map = seq
+            .slot_pos
+            .as_mut()
+            .context("a sequence with a slot map")?;
+        for &slot in slots {
+            map[slot] = EMPTY_SLOT;
+        }
+        while map.last() == Some(&EMPTY_SLOT) {
+            map.pop();
+        }
+        let spanned = map.len();
+        if seq.run_chunks > 0 {
+            seq.mass.truncate(spanned);
+            return Ok(());
+        }
+        // From the last entry down, so that removing one leaves the earlier ones in place.
+        let mut released = Vec::new();
+        for entry in (0..seq.table.len()).rev() {
+            let first = entry * chunk_tokens;
+            let held = map
+                .get(first..spanned.min(first + chunk_tokens))
+                .is_some_and(|slots| slots.iter().any(|&p| p != EMPTY_SLOT));
+            if !held {
+                released.push(seq.table.remove(entry));
+                if first < map.len() {
+                    let end = map.len().min(first + chunk_tokens);
+                    map.drain(first..end);
+                    if seq.mass.len() > first {
+                        seq.mass.drain(first..seq.mass.len().min(end));
+                    }
+                }
+            }
+        }
+        seq.mass.truncate(map.len());
+        for chunk in released {
+            self.drop_ref(chunk);
+        }
+        Ok(())
+    }
+
+    /// The position each slot of a sequence holds ([`EMPTY_SLOT`]: none), slot by slot.
+    pub fn seq_slot_positions(&self, id: SeqId) -> Result<Vec<u32>> {
+        let seq = self.seq(id)?;
+        Ok(match &seq.slot_pos {
+            Some(map) => map.clone(),
+            None => (0..seq.len() as u32).collect(),
+        })
     }
 
     /// Forgets every cached idle chunk (they become free) without counting them as evicted.
@@ -760,9 +1087,10 @@ impl ChunkPool {
         };
         Ok(SeqStats {
             tokens: seq.len() as u64,
+            evicted_tokens: (seq.len() - seq.live()) as u64,
             chunks,
             reserved_bytes: chunks * chunk_bytes,
-            live_bytes: (seq.len() * self.layout.bytes_per_token()) as u64,
+            live_bytes: (seq.live() * self.layout.bytes_per_token()) as u64,
             shared_bytes: shared * chunk_bytes,
         })
     }
@@ -780,6 +1108,7 @@ impl ChunkPool {
             allocations: self.allocations,
             evictions: self.evictions,
             copies: self.copies,
+            evicted_tokens: self.evicted_tokens,
             sequences: self.seqs.iter().flatten().count() as u64,
         }
     }

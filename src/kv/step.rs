@@ -1,9 +1,19 @@
-//! The step view: which sequence each row of a forward step belongs to, its position, and the
-//! block tables of the step's sequences. `rope`, `kv_append` and `attention` read K/V through it
-//! on every backend; the CUDA kernels read its packed form (`kernels/kv_layout.cuh`).
+//! The step view: which sequence each row of a forward step belongs to, its position and the
+//! slot its K/V go to, and the block tables of the step's sequences. `rope` reads the positions,
+//! `kv_append` the slots, `attention` every slot of a sequence; the CUDA kernels read its packed
+//! form (`kernels/kv_layout.cuh`).
+//!
+//! A slot is a place in a sequence's blocks: slot `s` is slot `s % chunk_tokens` of chunk
+//! `s / chunk_tokens` of its block table (chunked), or slot `s` of its run (contiguous). Slot `s`
+//! holds position `s`, unless the sequence has evicted positions: then its slot map says which
+//! position each slot holds, and attention masks the freed slots and, causally, the step's own
+//! later rows.
 
 use super::{KvLayout, KvPart, LayoutKind};
 use anyhow::{bail, ensure, Context, Result};
+
+/// A slot that holds no position (freed by eviction), in a slot map.
+pub const EMPTY_SLOT: u32 = u32::MAX;
 
 /// One sequence's part of a step, mirrored by `KvSeqStep` in `kernels/kv_layout.cuh`.
 #[repr(C)]
@@ -16,7 +26,7 @@ pub struct SeqStep {
     pub start: u32,
     /// Its first entry in the step's block table.
     pub table_start: u32,
-    /// Positions per block: `chunk_tokens` (chunked) or the capacity of its run (contiguous).
+    /// Slots per block: `chunk_tokens` (chunked) or the capacity of its run (contiguous).
     pub block_tokens: u32,
 }
 
@@ -30,7 +40,7 @@ const _: () = {
 };
 
 impl SeqStep {
-    /// Positions the sequence holds once the step's rows are written.
+    /// Positions the sequence has written once the step's rows are (evicted ones included).
     pub fn end(&self) -> usize {
         self.start as usize + self.rows as usize
     }
@@ -41,6 +51,14 @@ impl SeqStep {
     }
 }
 
+/// Where one `head_dim` row of K or V sits in the arena, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowOffsets {
+    pub codes: usize,
+    /// Its f32 scale (meaningful for the quantized types only).
+    pub scale: usize,
+}
+
 /// The rows of one forward step and where their K/V live.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepView {
@@ -48,11 +66,19 @@ pub struct StepView {
     pub seqs: Vec<SeqStep>,
     /// Per row: index of its sequence in `seqs`.
     pub row_seq: Vec<u32>,
-    /// Per row: its position in its sequence.
+    /// Per row: its position in its sequence (what RoPE rotates by).
     pub row_pos: Vec<u32>,
+    /// Per row: the slot its K/V are written to (its position, until its sequence evicts).
+    pub row_slot: Vec<u32>,
     /// The step's block tables, one after another (chunk ids into the arena). A contiguous
     /// sequence has one entry: the first chunk of its run.
     pub block_table: Vec<u32>,
+    /// Per sequence: once it has evicted positions, the position each of its slots holds
+    /// ([`EMPTY_SLOT`]: none), the step's rows included; None: slot `s` holds position `s` and
+    /// the sequence spans `end()` slots.
+    pub slot_positions: Vec<Option<Vec<u32>>>,
+    /// Per sequence: whether attention sums the probability mass each slot receives (H2O).
+    pub track_mass: Vec<bool>,
 }
 
 impl StepView {
@@ -60,36 +86,58 @@ impl StepView {
         self.row_pos.len()
     }
 
-    /// (chunk id in the arena, slot in its block) of position `pos` of `seq`.
-    pub fn locate(&self, seq: &SeqStep, pos: usize) -> (usize, usize) {
+    /// Slots sequence `index` of the step spans once the step's rows are written.
+    pub fn slots(&self, index: usize) -> usize {
+        self.slot_positions[index]
+            .as_ref()
+            .map_or(self.seqs[index].end(), Vec::len)
+    }
+
+    /// Whether any sequence of the step has evicted positions.
+    pub fn has_slot_maps(&self) -> bool {
+        self.slot_positions.iter().any(Option::is_some)
+    }
+
+    /// (chunk id in the arena, slot in its block) of slot `slot` of `seq`.
+    pub fn locate(&self, seq: &SeqStep, slot: usize) -> (usize, usize) {
         match self.layout.kind() {
-            LayoutKind::Contiguous => (self.block_table[seq.table_start as usize] as usize, pos),
+            LayoutKind::Contiguous => (self.block_table[seq.table_start as usize] as usize, slot),
             LayoutKind::Chunked => {
                 let chunk_tokens = self.layout.chunk_tokens();
-                let entry = seq.table_start as usize + pos / chunk_tokens;
-                (self.block_table[entry] as usize, pos % chunk_tokens)
+                let entry = seq.table_start as usize + slot / chunk_tokens;
+                (self.block_table[entry] as usize, slot % chunk_tokens)
             }
         }
     }
 
-    /// Element offset in the arena of the `head_dim` row of (layer, part, head) at `pos` of `seq`.
-    pub fn row_offset(
+    /// Byte offsets in the arena of the codes of the `head_dim` row of (layer, part, head) in
+    /// slot `slot` of `seq`, and of its scale (quantized types; see [`KvLayout`]).
+    pub fn row_offsets(
         &self,
         seq: &SeqStep,
         layer: usize,
         part: KvPart,
         head: usize,
-        pos: usize,
-    ) -> usize {
-        let (chunk, slot) = self.locate(seq, pos);
-        chunk * self.layout.chunk_elems()
-            + self
-                .layout
-                .offset_in_block(layer, part, head, slot, seq.block_tokens as usize)
+        slot: usize,
+    ) -> RowOffsets {
+        let (chunk, slot) = self.locate(seq, slot);
+        let block = chunk * self.layout.chunk_bytes();
+        let block_tokens = seq.block_tokens as usize;
+        RowOffsets {
+            codes: block
+                + self
+                    .layout
+                    .code_offset_in_block(layer, part, head, slot, block_tokens),
+            scale: block
+                + self
+                    .layout
+                    .scale_offset_in_block(layer, part, head, slot, block_tokens),
+        }
     }
 
-    /// Calls `f(first_pos, count, offset)` for each run of `range` whose rows of (layer, part,
-    /// head) are consecutive in the arena (one block), with the element offset of its first row.
+    /// Calls `f(first_slot, count, offsets)` for each run of the slots `range` whose rows of
+    /// (layer, part, head) are consecutive in the arena (one block), with the offsets of its
+    /// first row: its codes are `count` consecutive rows from there, and so are its scales.
     pub fn for_each_run(
         &self,
         seq: &SeqStep,
@@ -97,26 +145,29 @@ impl StepView {
         part: KvPart,
         head: usize,
         range: std::ops::Range<usize>,
-        mut f: impl FnMut(usize, usize, usize),
+        mut f: impl FnMut(usize, usize, RowOffsets),
     ) {
-        let mut pos = range.start;
-        while pos < range.end {
-            let (_, slot) = self.locate(seq, pos);
-            let count = (seq.block_tokens as usize - slot).min(range.end - pos);
-            f(pos, count, self.row_offset(seq, layer, part, head, pos));
-            pos += count;
+        let mut slot = range.start;
+        while slot < range.end {
+            let (_, in_block) = self.locate(seq, slot);
+            let count = (seq.block_tokens as usize - in_block).min(range.end - slot);
+            f(slot, count, self.row_offsets(seq, layer, part, head, slot));
+            slot += count;
         }
     }
 
     /// Moves every sequence of one row on by one position: the view of the next decode step,
     /// which a backend can run without a copy from the host if the chunks of the new positions
     /// are in the block tables already (`check_fits` says whether they are). Mirrored by
-    /// `kv_step_advance` in kernels/kv_layout.cuh.
+    /// `kv_step_advance` in kernels/kv_layout.cuh. Each row's slot follows its position: runs
+    /// of decode steps are for sequences under no eviction policy
+    /// ([`super::ChunkPool::decode_view`] refuses the others).
     pub fn advance(&mut self) {
         for seq in &mut self.seqs {
             if seq.rows == 1 {
                 seq.start += 1;
                 self.row_pos[seq.first_row as usize] += 1;
+                self.row_slot[seq.first_row as usize] += 1;
             }
         }
     }
@@ -124,9 +175,9 @@ impl StepView {
     /// Checks that the view is well formed and fits an arena of `arena_chunks` chunks of
     /// `layout`, so that no op reads or writes outside the arena or the view (the kernels index
     /// both without checks): every row belongs to the sequence whose rows enclose it, at that
-    /// sequence's next position; the sequences' rows do not overlap; positions fit an `i32`;
-    /// every block a sequence's positions need is listed, before the next sequence's table, and
-    /// lies inside the arena.
+    /// sequence's next position, and writes one of its slots; the sequences' rows do not overlap;
+    /// positions fit an `i32`; every block a sequence's slots need is listed, before the next
+    /// sequence's table, and lies inside the arena.
     pub fn check_fits(&self, layout: &KvLayout, arena_chunks: usize) -> Result<()> {
         ensure!(
             self.layout == *layout,
@@ -138,6 +189,17 @@ impl StepView {
             self.row_seq.len() == rows,
             "a step view with {} row sequences for {rows} row positions",
             self.row_seq.len()
+        );
+        let seqs = self.seqs.len();
+        ensure!(
+            self.row_slot.len() == rows
+                && self.slot_positions.len() == seqs
+                && self.track_mass.len() == seqs,
+            "a step view of {rows} rows and {seqs} sequences with {} row slots, {} slot maps and \
+             {} mass flags",
+            self.row_slot.len(),
+            self.slot_positions.len(),
+            self.track_mass.len()
         );
         for (row, (&index, &pos)) in self.row_seq.iter().zip(&self.row_pos).enumerate() {
             let seq = self.seqs.get(index as usize).with_context(|| {
@@ -175,11 +237,19 @@ impl StepView {
                 "step sequence {index}: positions up to {end} (at most {})",
                 i32::MAX
             );
+            // The slots its blocks must hold: its positions, or its slot map's.
+            let slots = self.slots(index);
+            if let Some(&bad) = self.row_slot[first_row..end_row]
+                .iter()
+                .find(|&&s| s as usize >= slots)
+            {
+                bail!("step sequence {index}: a row writes slot {bad} of {slots}");
+            }
             let entries = match layout.kind() {
                 LayoutKind::Contiguous => {
                     ensure!(
-                        end <= seq.block_tokens as u64,
-                        "step sequence {index}: positions up to {end} in a run of {}",
+                        slots as u64 <= seq.block_tokens as u64,
+                        "step sequence {index}: slots up to {slots} in a run of {}",
                         seq.block_tokens
                     );
                     1
@@ -190,19 +260,23 @@ impl StepView {
                         "step sequence {index}: blocks of {} positions in chunks of {chunk_tokens}",
                         seq.block_tokens
                     );
-                    (end as usize).div_ceil(chunk_tokens)
+                    slots.div_ceil(chunk_tokens)
                 }
             };
             // A table may list more than the positions need (a run of decode steps reserves its
-            // chunks ahead), but never reaches into the next sequence's.
+            // chunks ahead), but never reaches into the next table (the two parts of a sequence
+            // split by `last_rows_at_end` share one).
             let table_end = self
                 .seqs
-                .get(index + 1)
-                .map_or(self.block_table.len(), |next| next.table_start as usize);
+                .iter()
+                .map(|other| other.table_start as usize)
+                .filter(|&start| start > seq.table_start as usize)
+                .min()
+                .unwrap_or(self.block_table.len());
             ensure!(
                 seq.table_start as usize + entries <= table_end,
                 "step sequence {index}: its block table of {entries} entries from entry {} reaches \
-                 into the next sequence's, from entry {table_end}",
+                 into the next table, from entry {table_end}",
                 seq.table_start
             );
             let block_chunks = (seq.block_tokens as usize).div_ceil(chunk_tokens);
@@ -248,36 +322,44 @@ impl StepView {
             seqs: Vec::with_capacity(2 * self.seqs.len()),
             row_seq: Vec::with_capacity(self.rows()),
             row_pos: Vec::with_capacity(self.rows()),
+            row_slot: Vec::with_capacity(self.rows()),
             block_table: self.block_table.clone(),
+            slot_positions: Vec::with_capacity(2 * self.seqs.len()),
+            track_mass: Vec::with_capacity(2 * self.seqs.len()),
         };
         let mut order = Vec::with_capacity(self.rows());
-        let mut add = |part: SeqStep, from_row: usize, order: &mut Vec<usize>| {
-            let index = view.seqs.len() as u32;
-            let part = SeqStep {
-                first_row: view.row_pos.len() as u32,
-                ..part
+        let mut add =
+            |index_in_self: usize, part: SeqStep, from_row: usize, order: &mut Vec<usize>| {
+                let index = view.seqs.len() as u32;
+                let part = SeqStep {
+                    first_row: view.row_pos.len() as u32,
+                    ..part
+                };
+                for row in 0..part.rows {
+                    view.row_seq.push(index);
+                    view.row_pos.push(part.start + row);
+                    view.row_slot.push(self.row_slot[from_row + row as usize]);
+                    order.push(from_row + row as usize);
+                }
+                view.seqs.push(part);
+                view.slot_positions
+                    .push(self.slot_positions[index_in_self].clone());
+                view.track_mass.push(self.track_mass[index_in_self]);
             };
-            for row in 0..part.rows {
-                view.row_seq.push(index);
-                view.row_pos.push(part.start + row);
-                order.push(from_row + row as usize);
-            }
-            view.seqs.push(part);
-        };
-        for seq in self.seqs.iter().filter(|s| s.rows > 1) {
+        for (index, seq) in self.seqs.iter().enumerate().filter(|(_, s)| s.rows > 1) {
             let others = SeqStep {
                 rows: seq.rows - 1,
                 ..*seq
             };
-            add(others, seq.first_row as usize, &mut order);
+            add(index, others, seq.first_row as usize, &mut order);
         }
-        for seq in &self.seqs {
+        for (index, seq) in self.seqs.iter().enumerate() {
             let last = SeqStep {
                 rows: 1,
                 start: seq.start + seq.rows - 1,
                 ..*seq
             };
-            add(last, seq.end_row() - 1, &mut order);
+            add(index, last, seq.end_row() - 1, &mut order);
         }
         (view, order)
     }
@@ -322,7 +404,10 @@ mod tests {
             ],
             row_seq: vec![0, 0, 0, 1],
             row_pos: vec![5, 6, 7, 0],
+            row_slot: vec![5, 6, 7, 0],
             block_table: vec![3, 0, 2],
+            slot_positions: vec![None, None],
+            track_mass: vec![false, false],
         }
     }
 
@@ -384,15 +469,30 @@ mod tests {
                 v.seqs[0].start = 8;
                 v.row_seq = vec![0, 1];
                 v.row_pos = vec![8, 0];
+                v.row_slot = vec![8, 0];
                 v.seqs[1].first_row = 1;
             },
             4,
-            "reaches into the next sequence's, from entry 2",
+            "reaches into the next table, from entry 2",
         );
         refused(
             &|v| v.row_pos.push(1),
             4,
             "4 row sequences for 5 row positions",
+        );
+        refused(&|v| v.row_slot[1] = 8, 4, "a row writes slot 8 of 8");
+        refused(
+            &|v| {
+                v.track_mass.pop();
+            },
+            4,
+            "1 mass flags",
+        );
+        // A slot map of 13 slots needs 4 chunks; the step's table has 3 entries.
+        refused(
+            &|v| v.slot_positions[0] = Some((0..13).collect()),
+            4,
+            "block table of 4 entries",
         );
         let mut other = view();
         other.layout.head_dim = 16;
@@ -412,6 +512,9 @@ mod tests {
         });
         three.row_seq.extend([2, 2]);
         three.row_pos.extend([2, 3]);
+        three.row_slot.extend([2, 3]);
+        three.slot_positions.push(None);
+        three.track_mass.push(false);
         three.block_table.push(1);
         three.check_fits(&three.layout, 4).unwrap();
         let (moved, order) = three.last_rows_at_end();
@@ -419,6 +522,10 @@ mod tests {
         // A's first two rows, C's first, then the last rows of A, B and C.
         assert_eq!(order, [0, 1, 4, 2, 3, 5]);
         assert_eq!(moved.row_pos, [5, 6, 2, 7, 0, 3]);
+        assert_eq!(
+            moved.row_slot, moved.row_pos,
+            "no slot map: each row's slot is its position"
+        );
         for (new_row, &old_row) in order.iter().enumerate() {
             let old = &three.seqs[three.row_seq[old_row] as usize];
             let new = &moved.seqs[moved.row_seq[new_row] as usize];

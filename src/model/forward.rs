@@ -185,7 +185,7 @@ impl<B: Backend> Model<B> {
             );
         }
         b.embed_chosen(&self.weights.embed_tokens, &mut act.x)?;
-        self.layers_and_logits(b, kv, step, act, LogitRows::Last)
+        self.layers_and_logits(b, kv, step, act, LogitRows::LastRows(1))
     }
 
     /// The layers over the embedded rows of `step` in `act.x`, then the logits.

@@ -151,7 +151,8 @@ impl<B: Backend> KvRotation<B> {
         let start = context.checked_sub(rows).with_context(|| {
             format!("a step of {rows} rows does not fit a context of {context}")
         })?;
-        let cache_bytes = context * cfg.num_layers * 2 * cfg.kv_dim() * dtype.bytes();
+        let cache_bytes =
+            context * cfg.num_layers * cfg.num_kv_heads * dtype.row_pair_bytes(cfg.head_dim);
         let count = span_bytes.div_ceil(cache_bytes.max(1)).max(1);
         let caches = (0..count)
             .map(|_| {

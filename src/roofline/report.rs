@@ -324,7 +324,7 @@ fn time_elementwise(
         ops.push(OpTiming {
             op: "kv_append".into(),
             shape: format!("rows {rows} x {}, contiguous", cfg.kv_dim()),
-            cost: cost::kv_append(rows, cfg.kv_dim(), kv_dtype.bytes()),
+            cost: cost::kv_append(cfg, rows, kv_dtype),
             seconds,
         });
 
@@ -400,7 +400,7 @@ fn time_attention(
         ops.push(OpTiming {
             op: "attention".into(),
             shape: format!("{what}, rows {rows}, context {context}, {shape}"),
-            cost: cost::attention(cfg, context - rows, rows, kv_dtype.bytes()),
+            cost: cost::attention(cfg, context - rows, rows, kv_dtype),
             seconds,
         });
     }
@@ -466,7 +466,7 @@ fn time_decode_steps(
                 &model.config,
                 model.weight_bytes_per_token,
                 context,
-                backend.kv_dtypes()[0].bytes(),
+                backend.kv_dtypes()[0],
             ),
             seconds: Spread::of(&samples),
         });

@@ -1,7 +1,8 @@
-//! The study's plots, and the cache-map picture, as PNG and SVG (plotters, with the embedded
-//! DejaVu Sans so that text renders the same everywhere).
+//! The study's plots, the cache-map picture and `kvlab kv-eval`'s quality against bytes, as PNG
+//! and SVG (plotters, with the embedded DejaVu Sans so that text renders the same everywhere).
 
 use super::metrics::TurnRecord;
+use crate::eval::report::{ConfigSummary, EvalSummary};
 use crate::kv::map::CacheMap;
 use crate::kv::{KvPart, Strategy};
 use anyhow::{anyhow, Context, Result};
@@ -578,9 +579,12 @@ impl Figure for CacheMapFigure<'_> {
             .configure_mesh()
             .disable_y_mesh()
             .y_labels(0)
-            .x_desc(
-                "byte offset inside the block (MiB); order: [layer][K, V][KV head][slot][head_dim]",
-            )
+            .x_desc(if map.layout.dtype().is_quantized() {
+                "byte offset inside the block (MiB); order: [layer][K, V][KV head][slot][head_dim] \
+                 codes, then their scales"
+            } else {
+                "byte offset inside the block (MiB); order: [layer][K, V][KV head][slot][head_dim]"
+            })
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 16))
             .draw()?;
@@ -605,11 +609,11 @@ impl Figure for CacheMapFigure<'_> {
                 label_style.clone(),
             ))?;
             for block in map.blocks(chunk) {
-                // K rows darker than V rows; the hue walks through the layers.
-                let lightness = if block.part == KvPart::Key {
-                    0.38
-                } else {
-                    0.58
+                // K rows darker than V rows; the hue walks through the layers; scales pale.
+                let lightness = match (block.part, block.scales) {
+                    (_, true) => 0.82,
+                    (KvPart::Key, false) => 0.38,
+                    (KvPart::Value, false) => 0.58,
                 };
                 let color = HSLColor(block.layer as f64 / layers * 0.8, 0.65, lightness);
                 let start = block.offset_bytes as f64 / MIB;
@@ -621,17 +625,20 @@ impl Figure for CacheMapFigure<'_> {
                 ])?;
             }
         }
-        let legend = [
+        let mut legend = vec![
             (
                 "K rows written (hue = layer)",
                 HSLColor(0.0, 0.65, 0.38).to_rgba(),
             ),
             ("V rows written", HSLColor(0.0, 0.65, 0.58).to_rgba()),
-            (
-                "reserved, not written (each block's tail)",
-                unwritten.to_rgba(),
-            ),
         ];
+        if map.layout.dtype().is_quantized() {
+            legend.push(("their scales", HSLColor(0.0, 0.65, 0.82).to_rgba()));
+        }
+        legend.push((
+            "reserved, not written (each block's tail)",
+            unwritten.to_rgba(),
+        ));
         let all_chunks = map.chunks().len();
         if all_chunks > chunks.len() {
             legend_area.draw(&Text::new(
@@ -652,4 +659,177 @@ impl Figure for CacheMapFigure<'_> {
         }
         Ok(())
     }
+}
+
+/// `kvlab kv-eval`'s picture: each configuration a point, its live KV bytes against its quality
+/// (teacher-forced mean KL divergence, log scale, and top-1 agreement); writes `stem.png` and
+/// `stem.svg`.
+pub fn draw_quality_vs_bytes(summary: &EvalSummary, stem: &Path) -> Result<[PathBuf; 2]> {
+    save(&QualityVsBytes { summary }, stem)
+}
+
+struct QualityVsBytes<'a> {
+    summary: &'a EvalSummary,
+}
+
+/// KL divergences below this (the f32 cache against itself: 0) are drawn on it.
+const KLD_FLOOR: f64 = 1e-7;
+
+impl QualityVsBytes<'_> {
+    /// (live KV MiB, the configuration) of every configuration with a measured turn.
+    fn points(&self) -> Vec<(f64, &ConfigSummary)> {
+        self.summary
+            .configs
+            .iter()
+            .filter_map(|c| {
+                let live = c
+                    .free_running
+                    .kv_live_bytes
+                    .or(c.teacher_forced.kv_live_bytes)?;
+                Some((live.mean / MIB, c))
+            })
+            .collect()
+    }
+
+    /// The color of a configuration's policy: full, window, sinks or h2o.
+    fn color(config: &ConfigSummary) -> RGBColor {
+        Self::kind_color(config.policy.split(':').next().unwrap_or(""))
+    }
+
+    fn kind_color(kind: &str) -> RGBColor {
+        match kind {
+            "full" => RGBColor(31, 119, 180),
+            "window" => RGBColor(214, 39, 40),
+            "sinks" => RGBColor(44, 160, 44),
+            _ => RGBColor(148, 103, 189),
+        }
+    }
+}
+
+/// Configurations per line of the numbered list under the panels.
+const LEGEND_COLUMNS: usize = 3;
+
+impl Figure for QualityVsBytes<'_> {
+    fn size(&self) -> (u32, u32) {
+        let lines = self.points().len().div_ceil(LEGEND_COLUMNS) as u32;
+        (1500, 740 + 24 * lines)
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
+        let points = self.points();
+        let x_hi = points.iter().map(|p| p.0).fold(0.0, f64::max) * 1.15;
+        let (title_area, rest) = root.split_vertically(50);
+        let (panels, legend_area) = rest.split_vertically(680);
+        // Each point carries its number; the list under the panels names its configuration.
+        for (i, &(_, c)) in points.iter().enumerate() {
+            let (column, line) = ((i % LEGEND_COLUMNS) as i32, (i / LEGEND_COLUMNS) as i32);
+            let (x, y) = (40 + 480 * column, 10 + 24 * line);
+            legend_area.draw(&Circle::new((x, y + 8), 6, Self::color(c).filled()))?;
+            legend_area.draw(&Text::new(
+                format!("{}  {}", i + 1, c.config),
+                (x + 14, y),
+                (FONT, 15),
+            ))?;
+        }
+        // The model's name without its path.
+        let model = self
+            .summary
+            .run
+            .model
+            .split(" (")
+            .next()
+            .unwrap_or_default();
+        title_area.draw(&Text::new(
+            format!(
+                "Quality against KV bytes: {model}, {} configurations against the f32 full \
+                 cache ({} of {} turn records)",
+                points.len(),
+                self.summary.measured_turns,
+                self.summary.planned_turns
+            ),
+            (20, 15),
+            (FONT, 21),
+        ))?;
+        // The legend of the colors, at the right of the title.
+        let mut x = 1060;
+        for (kind, color) in ["full", "window", "sinks", "h2o"]
+            .iter()
+            .map(|&k| (k, Self::kind_color(k)))
+        {
+            title_area.draw(&Circle::new((x, 40), 6, color.filled()))?;
+            title_area.draw(&Text::new(kind, (x + 10, 32), (FONT, 15)))?;
+            x += 20 + 9 * kind.len() as i32 + 20;
+        }
+        let (left, right) = panels.split_horizontally(750);
+        let kld = |c: &ConfigSummary| c.teacher_forced.mean_kl_divergence.max(KLD_FLOOR);
+        let kld_hi = points.iter().map(|p| kld(p.1)).fold(KLD_FLOOR, f64::max) * 10.0;
+        let mut chart = ChartBuilder::on(&left)
+            .caption(
+                "mean KL divergence per answer token (teacher-forced)",
+                (FONT, 18),
+            )
+            .margin(15)
+            .x_label_area_size(50)
+            .y_label_area_size(80)
+            .build_cartesian_2d(0.0..x_hi.max(1e-3), (KLD_FLOOR / 2.0..kld_hi).log_scale())?;
+        chart
+            .configure_mesh()
+            .x_desc("live KV MiB at the end of a turn (mean)")
+            .y_desc("KL(f32 full ‖ config), nats")
+            .y_label_formatter(&|y| format!("{y:.0e}"))
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 16))
+            .draw()?;
+        for (i, &(x, c)) in points.iter().enumerate() {
+            let y = kld(c);
+            let label = if c.teacher_forced.mean_kl_divergence < KLD_FLOOR {
+                format!(
+                    "{} (KLD {:.0e})",
+                    i + 1,
+                    c.teacher_forced.mean_kl_divergence
+                )
+            } else {
+                (i + 1).to_string()
+            };
+            chart.draw_series([EmptyElement::at((x, y))
+                + Circle::new((0, 0), 6, Self::color(c).filled())
+                + point_label(label, i)])?;
+        }
+        let mut chart = ChartBuilder::on(&right)
+            .caption(
+                "top-1 agreement with the f32 full cache (teacher-forced)",
+                (FONT, 18),
+            )
+            .margin(15)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..x_hi.max(1e-3), 0.0..105.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("live KV MiB at the end of a turn (mean)")
+            .y_desc("% of answer positions")
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 16))
+            .draw()?;
+        for (i, &(x, c)) in points.iter().enumerate() {
+            let y = 100.0 * c.teacher_forced.top1_agreement;
+            chart.draw_series([EmptyElement::at((x, y))
+                + Circle::new((0, 0), 6, Self::color(c).filled())
+                + point_label((i + 1).to_string(), i)])?;
+        }
+        Ok(())
+    }
+}
+
+/// A point's number beside it: right of it for even indices, left for odd ones, so that
+/// neighbours in the configuration list (element types of one size sit at the same bytes) keep
+/// apart.
+fn point_label(label: String, index: usize) -> Text<'static, (i32, i32), String> {
+    let (dx, side) = if index.is_multiple_of(2) {
+        (9, HPos::Left)
+    } else {
+        (-9, HPos::Right)
+    };
+    let style = TextStyle::from((FONT, 14).into_font()).pos(Pos::new(side, VPos::Center));
+    Text::new(label, (dx, 0), style)
 }

@@ -1017,6 +1017,9 @@ fn hand_built_view(layout: KvLayout, rng: &mut StdRng) -> (StepView, usize) {
     }
     let view = StepView {
         layout,
+        row_slot: row_pos.clone(),
+        slot_positions: vec![None; seqs.len()],
+        track_mass: vec![false; seqs.len()],
         seqs,
         row_seq,
         row_pos,
@@ -1068,7 +1071,7 @@ fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
         )?;
 
         // kv_append stores bf16 inputs unchanged: each row's K and V must sit, bit for bit,
-        // where the view's own formula (StepView::row_offset, the CPU's) puts them.
+        // where the view's own formula (StepView::row_offsets, the CPU's) puts them.
         let v = randn(&mut rng, rows * kv_dim, 1.0);
         let (gk, gv) = (
             cuda.upload_tensor(rows, kv_dim, &k)?,
@@ -1082,7 +1085,8 @@ fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
             let pos = view.row_pos[row] as usize;
             for (part, values) in [(KvPart::Key, &k), (KvPart::Value, &v)] {
                 for head in 0..cfg.num_kv_heads {
-                    let at = view.row_offset(seq, layer, part, head, pos);
+                    // A bf16 entry's index: its byte offset over 2.
+                    let at = view.row_offsets(seq, layer, part, head, pos).codes / 2;
                     let want = &values[(row * cfg.num_kv_heads + head) * head_dim..][..head_dim];
                     let got = &arena[at..at + head_dim];
                     ensure!(
@@ -1242,7 +1246,10 @@ fn rope_and_kv_append_in_one_pass(ctx: &Context) -> Result<String> {
             let pos = view.row_pos[row] as usize;
             for part in [KvPart::Key, KvPart::Value] {
                 for head in 0..cfg.num_kv_heads {
-                    let at = view.row_offset(seq, layer, part, head, pos);
+                    // Byte offsets: 2 bytes an entry on the device, 4 in the CPU's f32 arena.
+                    let slot = view.row_slot[row] as usize;
+                    let at = view.row_offsets(seq, layer, part, head, slot).codes / 2;
+                    let cpu_at = cpu_view.row_offsets(seq, layer, part, head, slot).codes / 4;
                     let got: Vec<f32> = arena[at..at + head_dim]
                         .iter()
                         .map(|&b| bf16::from_bits(b).to_f32())
@@ -1250,7 +1257,7 @@ fn rope_and_kv_append_in_one_pass(ctx: &Context) -> Result<String> {
                     check_close(
                         &format!("{what}: row {row} ({part:?}, head {head}, position {pos})"),
                         &got,
-                        &cpu_arena[at..at + head_dim],
+                        &cpu_arena[cpu_at..cpu_at + head_dim],
                         1e-3,
                         RTOL_BF16_OUTPUT,
                     )?;

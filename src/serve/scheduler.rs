@@ -38,7 +38,9 @@
 use crate::generate::{
     resume_sequence, start_sequence, BatchEntry, BatchOutput, Generator, ReuseStats,
 };
-use crate::kv::{ChunkCopy, ChunkPool, LayoutKind, PoolExhausted, SeqId, SeqStats, Strategy};
+use crate::kv::{
+    ChunkCopy, ChunkPool, EvictionPolicy, LayoutKind, PoolExhausted, SeqId, SeqStats, Strategy,
+};
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -603,7 +605,13 @@ impl Scheduler {
         }
         let capacity = self.static_capacity(request);
         loop {
-            match start_sequence(pool, capacity, &active.tokens, self.opts.prefix_reuse) {
+            match start_sequence(
+                pool,
+                capacity,
+                &active.tokens,
+                self.opts.prefix_reuse,
+                EvictionPolicy::Full,
+            ) {
                 Ok((seq, reuse)) => {
                     let reuse = reuse.unwrap_or(ReuseStats {
                         prompt_tokens: active.tokens.len(),

@@ -1,13 +1,15 @@
-//! CPU backend: f32 activations, KV entries in f32 (default, exact against transformers' f32)
-//! or bf16, weights read in their stored dtype straight from the mmap'd checkpoint,
-//! multi-threaded with rayon.
+//! CPU backend: f32 activations, KV entries in f32 (default, exact against transformers' f32),
+//! bf16, int8 or fp8 e4m3 (quantized as they are appended, dequantized as attention reads them),
+//! weights read in their stored dtype straight from the mmap'd checkpoint, multi-threaded with
+//! rayon.
 
 pub mod attention;
 pub mod matmul;
 pub mod simd;
 
 use super::{Backend, BackendInfo, CHOSEN_IDS_KEPT};
-use crate::kv::{ChunkCopy, KvDtype, KvLayout, KvPart, StepView};
+use crate::kv::quant::{quantize_e4m3, quantize_int8, E4m3};
+use crate::kv::{ChunkCopy, KvDtype, KvLayout, KvPart, RowOffsets, StepView};
 use crate::model::weights::HostTensor;
 use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
@@ -58,6 +60,9 @@ pub struct CpuKvMemory {
     layout: KvLayout,
     ptr: std::ptr::NonNull<u8>,
     alloc: std::alloc::Layout,
+    /// The step's attention mass per slot of each of its sequences (`accumulate_mass`), summed
+    /// over the layers; sized by `set_kv_step` when a sequence tracks it, else empty.
+    attention_mass: std::sync::Mutex<Vec<f32>>,
 }
 
 // SAFETY: the arena is plain memory owned by this value; access goes through & / &mut self.
@@ -82,6 +87,7 @@ impl CpuKvMemory {
             layout: *layout,
             ptr,
             alloc,
+            attention_mass: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -96,20 +102,10 @@ impl CpuKvMemory {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.alloc.size()) }
     }
 
-    /// Writes one `head_dim` row at element offset `at`, in the arena's element type.
-    fn store_row(&mut self, at: usize, row: &[f32]) {
-        match self.layout.dtype() {
-            KvDtype::F32 => {
-                let arena: &mut [f32] = bytemuck::cast_slice_mut(self.bytes_mut());
-                arena[at..at + row.len()].copy_from_slice(row);
-            }
-            KvDtype::Bf16 => {
-                let arena: &mut [bf16] = bytemuck::cast_slice_mut(self.bytes_mut());
-                for (d, &s) in arena[at..at + row.len()].iter_mut().zip(row) {
-                    *d = bf16::from_f32(s);
-                }
-            }
-        }
+    /// Writes one `head_dim` row of `part` at `at`, as the arena's type stores it.
+    fn store_row(&mut self, part: KvPart, at: RowOffsets, row: &[f32]) {
+        let dtype = self.layout.dtype();
+        write_kv_row(self.bytes_mut(), dtype, part, at, row);
     }
 }
 
@@ -285,7 +281,7 @@ impl Backend for CpuBackend {
     }
 
     fn kv_dtypes(&self) -> &'static [KvDtype] {
-        &[KvDtype::F32, KvDtype::Bf16]
+        &KvDtype::ALL
     }
 
     fn alloc_kv_memory(&self, layout: &KvLayout, chunks: usize) -> Result<CpuKvMemory> {
@@ -313,7 +309,22 @@ impl Backend for CpuBackend {
         step.check_fits(
             &memory.layout,
             memory.alloc.size() / memory.layout.chunk_bytes(),
-        )
+        )?;
+        let mass = memory.attention_mass.get_mut().map_err(|_| poisoned())?;
+        mass.clear();
+        if step.track_mass.contains(&true) {
+            mass.resize((0..step.seqs.len()).map(|i| step.slots(i)).sum(), 0.0);
+        }
+        Ok(())
+    }
+
+    fn supports_eviction(&self) -> bool {
+        true
+    }
+
+    fn take_attention_mass(&self, memory: &mut CpuKvMemory) -> Result<Vec<f32>> {
+        let mass = memory.attention_mass.get_mut().map_err(|_| poisoned())?;
+        Ok(std::mem::take(mass))
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32], out: &mut CpuTensor) -> Result<()> {
@@ -417,13 +428,13 @@ impl Backend for CpuBackend {
         let head_dim = memory.layout.head_dim as usize;
         for r in 0..step.rows() {
             let seq = &step.seqs[step.row_seq[r] as usize];
-            let pos = step.row_pos[r] as usize;
+            let slot = step.row_slot[r] as usize;
             for (part, src) in [(KvPart::Key, k), (KvPart::Value, v)] {
                 for (head, row) in src.data[r * src.cols..(r + 1) * src.cols]
                     .chunks(head_dim)
                     .enumerate()
                 {
-                    memory.store_row(step.row_offset(seq, layer, part, head, pos), row);
+                    memory.store_row(part, step.row_offsets(seq, layer, part, head, slot), row);
                 }
             }
         }
@@ -452,7 +463,7 @@ impl Backend for CpuBackend {
         let mut rotated = vec![0.0; head_dim];
         for r in 0..step.rows() {
             let seq = &step.seqs[step.row_seq[r] as usize];
-            let pos = step.row_pos[r];
+            let (pos, slot) = (step.row_pos[r], step.row_slot[r] as usize);
             let (cos, sin) = rope_cos_sin(inv_freq, pos);
             let cols = q.cols;
             for head in q.data[r * cols..(r + 1) * cols].chunks_mut(head_dim) {
@@ -466,9 +477,9 @@ impl Backend for CpuBackend {
             {
                 rotated.copy_from_slice(k_head);
                 rotate_half(&mut rotated, &cos, &sin);
-                let at = |part| step.row_offset(seq, layer, part, head, pos as usize);
-                memory.store_row(at(KvPart::Key), &rotated);
-                memory.store_row(at(KvPart::Value), v_head);
+                let at = |part| step.row_offsets(seq, layer, part, head, slot);
+                memory.store_row(KvPart::Key, at(KvPart::Key), &rotated);
+                memory.store_row(KvPart::Value, at(KvPart::Value), v_head);
             }
         }
         Ok(())
@@ -507,12 +518,13 @@ impl Backend for CpuBackend {
         }
         let plans =
             attention::AttentionPlan::for_step(step, kv_heads, rayon::current_num_threads());
-        let out = &mut out.data;
+        let (q, out) = (&q.data, &mut out.data);
         match layout.dtype() {
-            KvDtype::F32 => attend::<f32>(memory, &q.data, step, layer, num_heads, &plans, out),
-            KvDtype::Bf16 => attend::<bf16>(memory, &q.data, step, layer, num_heads, &plans, out),
+            KvDtype::F32 => attend::<f32>(memory, q, step, layer, num_heads, &plans, out),
+            KvDtype::Bf16 => attend::<bf16>(memory, q, step, layer, num_heads, &plans, out),
+            KvDtype::Int8 => attend::<i8>(memory, q, step, layer, num_heads, &plans, out),
+            KvDtype::Fp8E4m3 => attend::<E4m3>(memory, q, step, layer, num_heads, &plans, out),
         }
-        Ok(())
     }
 
     fn swiglu(&self, gate: &mut CpuTensor, up: &CpuTensor, rows: usize) -> Result<()> {
@@ -656,8 +668,47 @@ impl Backend for CpuBackend {
     }
 }
 
-/// Attention over an arena of `E` entries.
-fn attend<E: attention::KvElement + bytemuck::Pod>(
+/// Writes one `head_dim` row of `part` at `at` in the arena as `dtype` stores it: the values,
+/// rounded to bf16, or quantized to codes and scales (see [`crate::kv::quant`]).
+pub fn write_kv_row(
+    arena: &mut [u8],
+    dtype: KvDtype,
+    part: KvPart,
+    at: RowOffsets,
+    values: &[f32],
+) {
+    let (codes, scales) = {
+        let scale_count = dtype.scales_per_row(part, values.len());
+        // A block's scales follow all of its codes.
+        let (head, tail) = arena.split_at_mut(at.scale);
+        let codes = &mut head[at.codes..at.codes + values.len() * dtype.code_bytes()];
+        let scales: &mut [f32] = if scale_count > 0 {
+            bytemuck::cast_slice_mut(&mut tail[..4 * scale_count])
+        } else {
+            &mut []
+        };
+        (codes, scales)
+    };
+    match dtype {
+        KvDtype::F32 => bytemuck::cast_slice_mut(codes).copy_from_slice(values),
+        KvDtype::Bf16 => {
+            let codes: &mut [bf16] = bytemuck::cast_slice_mut(codes);
+            for (c, &v) in codes.iter_mut().zip(values) {
+                *c = bf16::from_f32(v);
+            }
+        }
+        KvDtype::Int8 => quantize_int8(values, bytemuck::cast_slice_mut(codes), scales),
+        KvDtype::Fp8E4m3 => scales[0] = quantize_e4m3(values, bytemuck::cast_slice_mut(codes)),
+    }
+}
+
+fn poisoned() -> anyhow::Error {
+    anyhow::anyhow!("a thread panicked while adding up attention mass")
+}
+
+/// Attention over an arena of `E` codes, then, when a sequence of the step tracks it, the
+/// layer's attention mass (H2O).
+fn attend<E: attention::KvElement>(
     memory: &CpuKvMemory,
     q: &[f32],
     step: &StepView,
@@ -665,15 +716,14 @@ fn attend<E: attention::KvElement + bytemuck::Pod>(
     num_heads: usize,
     plans: &[attention::AttentionPlan],
     out: &mut [f32],
-) {
-    let input = attention::AttentionInput {
-        q,
-        kv: bytemuck::cast_slice::<u8, E>(memory.bytes()),
-        step,
-        layer,
-        num_heads,
-    };
+) -> Result<()> {
+    let input = attention::AttentionInput::<E>::new(q, memory.bytes(), step, layer, num_heads);
     attention::attention(&input, plans, out);
+    if step.track_mass.contains(&true) {
+        let mut mass = memory.attention_mass.lock().map_err(|_| poisoned())?;
+        attention::accumulate_mass(&input, &mut mass);
+    }
+    Ok(())
 }
 
 /// g = silu(g) · u = g / (1 + e^-g) · u, with the vectorisable [`simd::exp`] (libm's `exp` is a

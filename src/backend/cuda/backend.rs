@@ -814,7 +814,10 @@ impl Backend for CudaBackend {
                 seqs: Vec::new(),
                 row_seq: Vec::new(),
                 row_pos: Vec::new(),
+                row_slot: Vec::new(),
                 block_table: Vec::new(),
+                slot_positions: Vec::new(),
+                track_mass: Vec::new(),
             },
             unfit: None,
         })

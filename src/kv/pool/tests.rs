@@ -1,5 +1,6 @@
 use super::*;
 use crate::kv::{KvDtype, KvLayout, LayoutKind};
+use std::collections::BTreeSet;
 
 fn layout(kind: LayoutKind, chunk_tokens: usize) -> KvLayout {
     // 2 layers x K,V x 1 head x 4 dims x 4 bytes = 64 bytes per position.
@@ -144,6 +145,144 @@ fn evicted_chunks_go_oldest_first_and_are_counted_as_misses() {
     assert_eq!(found.reused, 6);
 }
 
+fn policy(text: &str) -> EvictionPolicy {
+    text.parse().unwrap()
+}
+
+/// Appends `tokens` as one step, then applies the sequence's policy.
+fn step(pool: &mut ChunkPool, id: SeqId, tokens: &[u32]) {
+    append(pool, id, tokens).unwrap();
+    pool.apply_policy(id).unwrap();
+}
+
+#[test]
+fn eviction_keeps_exactly_the_named_positions_and_returns_emptied_chunks() {
+    let mut pool = ChunkPool::new(layout(LayoutKind::Chunked, 4), 8, false).unwrap();
+    let a = pool.new_sequence(None).unwrap();
+    pool.set_policy(a, policy("window:5")).unwrap();
+    step(&mut pool, a, &(100..112).collect::<Vec<_>>());
+    // Slots 0-3 were all evicted: their chunk went back and the slots after it moved down.
+    assert_eq!(
+        pool.seq_slot_positions(a).unwrap(),
+        vec![EMPTY_SLOT, EMPTY_SLOT, EMPTY_SLOT, 7, 8, 9, 10, 11]
+    );
+    let s = pool.seq_stats(a).unwrap();
+    assert_eq!(
+        (s.tokens, s.evicted_tokens, s.chunks, s.live_bytes),
+        (12, 7, 2, 5 * 64)
+    );
+    let p = pool.stats();
+    assert_eq!(
+        (p.evicted_tokens, p.reserved_bytes, p.live_bytes),
+        (7, 2 * 256, 5 * 64)
+    );
+    // A decode token takes the lowest freed slot; position 7 goes.
+    step(&mut pool, a, &[112]);
+    assert_eq!(
+        pool.seq_slot_positions(a).unwrap(),
+        vec![12, EMPTY_SLOT, EMPTY_SLOT, EMPTY_SLOT, 8, 9, 10, 11]
+    );
+    assert_eq!(
+        pool.seq_tokens(a).unwrap().len(),
+        13,
+        "ids of evicted positions stay"
+    );
+    // A step of 6 rows: 3 freed slots, then 3 new ones (a new chunk), then the window again.
+    step(&mut pool, a, &[113, 114, 115, 116, 117, 118]);
+    assert_eq!(
+        pool.seq_slot_positions(a).unwrap(),
+        vec![EMPTY_SLOT, EMPTY_SLOT, 14, 15, 16, 17, 18],
+        "the middle chunk emptied and went back"
+    );
+    // Truncating to 16 positions drops 16-18: the last chunk empties, the map ends at 15.
+    pool.truncate(a, 16).unwrap();
+    assert_eq!(
+        pool.seq_slot_positions(a).unwrap(),
+        vec![EMPTY_SLOT, EMPTY_SLOT, 14, 15]
+    );
+    assert_eq!(pool.seq_stats(a).unwrap().chunks, 1);
+    assert_eq!(pool.seq_stats(a).unwrap().evicted_tokens, 14);
+    pool.release(a).unwrap();
+    assert_eq!(pool.stats().reserved_bytes, 0);
+    assert_eq!(pool.stats().live_bytes, 0);
+
+    // Sinks in a static run: the first 2 and the last 3 positions; freed slots are reused.
+    let mut pool = ChunkPool::new(layout(LayoutKind::Contiguous, 1), 10, false).unwrap();
+    let b = pool.new_sequence(Some(7)).unwrap();
+    pool.set_policy(b, policy("sinks:2,window:3")).unwrap();
+    step(&mut pool, b, &[1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(
+        pool.seq_slot_positions(b).unwrap(),
+        vec![0, 1, EMPTY_SLOT, EMPTY_SLOT, 4, 5, 6]
+    );
+    step(&mut pool, b, &[8]);
+    step(&mut pool, b, &[9]);
+    assert_eq!(
+        pool.seq_slot_positions(b).unwrap(),
+        vec![0, 1, 7, 8, EMPTY_SLOT, EMPTY_SLOT, 6]
+    );
+    assert_eq!(pool.stats().live_bytes, 5 * 64);
+    let overflow = pool.reserve(b, 3).unwrap_err().to_string();
+    assert!(
+        overflow.contains("keeps 5 positions") && overflow.contains("holds 7"),
+        "{overflow}"
+    );
+
+    // H2O: the recent one and the heaviest two of the rest, by the mass added per step.
+    let mut pool = ChunkPool::new(layout(LayoutKind::Chunked, 2), 8, false).unwrap();
+    let c = pool.new_sequence(None).unwrap();
+    pool.set_policy(c, policy("h2o:heavy=2,recent=1")).unwrap();
+    append(&mut pool, c, &[1, 2, 3, 4]).unwrap();
+    pool.add_attention_mass(c, &[0.25, 3.0, 0.5, 1.0]).unwrap();
+    assert_eq!(pool.apply_policy(c).unwrap(), 1);
+    assert_eq!(
+        pool.seq_slot_positions(c).unwrap(),
+        vec![EMPTY_SLOT, 1, 2, 3]
+    );
+    append(&mut pool, c, &[5]).unwrap();
+    // Position 4 took slot 0 (its mass starts at 0); positions 1 and 2 outweigh 3.
+    pool.add_attention_mass(c, &[0.0, 0.5, 4.0, 0.0]).unwrap();
+    pool.apply_policy(c).unwrap();
+    assert_eq!(pool.seq_slot_positions(c).unwrap(), vec![4, 1, 2]);
+    let wrong = pool.add_attention_mass(c, &[1.0]).unwrap_err().to_string();
+    assert!(wrong.contains("for 1 slots, but it spans 3"), "{wrong}");
+}
+
+#[test]
+fn a_sequence_that_evicts_shares_nothing_and_a_run_must_hold_its_policy() {
+    let mut pool = ChunkPool::new(layout(LayoutKind::Chunked, 2), 8, true).unwrap();
+    let doc = [1, 2, 3, 4, 5];
+    let a = pool.new_sequence(None).unwrap();
+    append(&mut pool, a, &doc).unwrap();
+    pool.release(a).unwrap();
+    let b = pool.new_sequence(None).unwrap();
+    pool.set_policy(b, policy("window:3")).unwrap();
+    assert_eq!(pool.match_prefix(b, &doc, 4).unwrap().reused, 0);
+    step(&mut pool, b, &doc);
+    assert_eq!(pool.stats().shared_bytes, 0);
+    let fork = pool.fork(b).unwrap_err().to_string();
+    assert!(
+        fork.contains("cannot be forked") && fork.contains("window:3"),
+        "{fork}"
+    );
+    let late = pool
+        .set_policy(b, policy("window:2"))
+        .unwrap_err()
+        .to_string();
+    assert!(late.contains("already holds positions"), "{late}");
+
+    let mut pool = ChunkPool::new(layout(LayoutKind::Contiguous, 1), 10, false).unwrap();
+    let c = pool.new_sequence(Some(8)).unwrap();
+    let err = pool
+        .set_policy(c, policy("sinks:4,window:4"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("keeps 8 positions") && err.contains("holds 8") && err.contains("at least 9"),
+        "{err}"
+    );
+}
+
 /// A tiny xorshift generator, so the model test needs no seeded-rng plumbing.
 struct Rng(u64);
 
@@ -156,12 +295,23 @@ impl Rng {
     }
 }
 
+/// A sequence of the model: its id, its document, its tokens, its policy and the positions it
+/// holds.
+struct ModelSeq {
+    id: SeqId,
+    doc: usize,
+    tokens: Vec<u32>,
+    policy: EvictionPolicy,
+    held: BTreeSet<u32>,
+}
+
 /// The pool against a plain model of it: random allocate / share / append / fork / truncate /
-/// release / evict, with a shadow of the arena written through the step views. After every
-/// operation: each sequence reads back exactly its tokens (so no chunk it holds was handed to
-/// another sequence or freed), reference counts equal the block tables, every chunk is in
-/// exactly one state, indexed chunks hold their registered tokens, and the accounting equals a
-/// recount.
+/// release / evict (cached chunks, and positions under window and sinks policies), with a shadow
+/// of the arena written through the step views. After every operation: each sequence reads back
+/// exactly its tokens at the slots that hold its positions (so no chunk it holds was handed to
+/// another sequence or freed), it holds exactly the positions its policy names, reference counts
+/// equal the block tables, every chunk is in exactly one state, indexed chunks hold their
+/// registered tokens, and the accounting equals a recount.
 #[test]
 fn the_pool_matches_a_plain_model_under_random_operations() {
     let chunk_tokens = 3;
@@ -182,49 +332,70 @@ fn the_pool_matches_a_plain_model_under_random_operations() {
         let mut pool =
             ChunkPool::new(layout(LayoutKind::Chunked, chunk_tokens), chunks, true).unwrap();
         let mut shadow = vec![vec![None::<u32>; chunk_tokens]; chunks];
-        // Model: live sequences, their document and their tokens.
-        let mut live: Vec<(SeqId, usize, Vec<u32>)> = Vec::new();
+        let mut live: Vec<ModelSeq> = Vec::new();
         for op in 0..300 {
             let what = rng.below(10);
             let context = format!("seed {seed} op {op} kind {what}");
             match what {
                 0 | 1 if live.len() < 5 => {
                     let id = pool.new_sequence(None).unwrap();
+                    let window = 2 + rng.below(5);
+                    let policy = match rng.below(4) {
+                        0 => EvictionPolicy::Window { window },
+                        1 => EvictionPolicy::Sinks { sinks: 1, window },
+                        _ => EvictionPolicy::Full,
+                    };
+                    pool.set_policy(id, policy).unwrap();
                     let doc = rng.below(docs.len());
                     let want = 1 + rng.below(20);
                     let limit = want - 1;
                     let found = pool.match_prefix(id, &docs[doc][..want], limit).unwrap();
                     assert!(found.reused <= limit, "{context}");
-                    live.push((id, doc, docs[doc][..found.reused].to_vec()));
+                    live.push(ModelSeq {
+                        id,
+                        doc,
+                        tokens: docs[doc][..found.reused].to_vec(),
+                        policy,
+                        held: (0..found.reused as u32).collect(),
+                    });
                 }
                 2..=5 if !live.is_empty() => {
                     let i = rng.below(live.len());
-                    let (id, doc, ref mut tokens) = live[i];
+                    let seq = &mut live[i];
                     let rows = 1 + rng.below(5);
                     let new: Vec<u32> = (0..rows)
                         .map(|r| {
-                            let pos = tokens.len() + r;
-                            if rng.below(4) > 0 && pos < docs[doc].len() {
-                                docs[doc][pos]
+                            let pos = seq.tokens.len() + r;
+                            if rng.below(4) > 0 && pos < docs[seq.doc].len() {
+                                docs[seq.doc][pos]
                             } else {
                                 1000 + rng.below(5) as u32
                             }
                         })
                         .collect();
                     let before = pool.stats();
-                    match pool.reserve(id, rows) {
+                    match pool.reserve(seq.id, rows) {
                         Ok(copies) => {
                             for copy in copies {
                                 shadow[copy.dst as usize] = shadow[copy.src as usize].clone();
                             }
-                            let view = pool.step_view(&[(id, rows)]).unwrap();
+                            let view = pool.step_view(&[(seq.id, rows)]).unwrap();
                             for (r, &token) in new.iter().enumerate() {
-                                let seq = &view.seqs[view.row_seq[r] as usize];
-                                let (chunk, slot) = view.locate(seq, view.row_pos[r] as usize);
-                                shadow[chunk][slot] = Some(token);
+                                let step_seq = &view.seqs[view.row_seq[r] as usize];
+                                let slot = view.row_slot[r] as usize;
+                                let (chunk, in_block) = view.locate(step_seq, slot);
+                                shadow[chunk][in_block] = Some(token);
                             }
-                            pool.commit(id, &new).unwrap();
-                            tokens.extend(new);
+                            pool.commit(seq.id, &new).unwrap();
+                            pool.apply_policy(seq.id).unwrap();
+                            let start = seq.tokens.len() as u32;
+                            seq.held.extend(start..start + rows as u32);
+                            seq.tokens.extend(new);
+                            let held: Vec<(u32, f32)> =
+                                seq.held.iter().map(|&p| (p, 0.0)).collect();
+                            for victim in seq.policy.evictions(&held) {
+                                seq.held.remove(&victim);
+                            }
                         }
                         Err(e) => {
                             assert!(e.to_string().contains("exhausted"), "{context}: {e}");
@@ -234,19 +405,30 @@ fn the_pool_matches_a_plain_model_under_random_operations() {
                 }
                 6 if !live.is_empty() => {
                     let i = rng.below(live.len());
-                    let len = rng.below(live[i].2.len() + 1);
-                    pool.truncate(live[i].0, len).unwrap();
-                    live[i].2.truncate(len);
+                    let len = rng.below(live[i].tokens.len() + 1);
+                    pool.truncate(live[i].id, len).unwrap();
+                    live[i].tokens.truncate(len);
+                    live[i].held.retain(|&p| (p as usize) < len);
                 }
                 7 if !live.is_empty() && live.len() < 5 => {
                     let i = rng.below(live.len());
-                    let id = pool.fork(live[i].0).unwrap();
-                    live.push((id, live[i].1, live[i].2.clone()));
+                    let forked = pool.fork(live[i].id);
+                    if live[i].policy != EvictionPolicy::Full {
+                        assert!(forked.is_err(), "{context}: a sequence that evicts forked");
+                        continue;
+                    }
+                    live.push(ModelSeq {
+                        id: forked.unwrap(),
+                        doc: live[i].doc,
+                        tokens: live[i].tokens.clone(),
+                        policy: live[i].policy,
+                        held: live[i].held.clone(),
+                    });
                 }
                 8 | 9 if !live.is_empty() => {
-                    let (id, _, _) = live.swap_remove(rng.below(live.len()));
-                    pool.release(id).unwrap();
-                    assert!(pool.seq_len(id).is_err(), "{context}");
+                    let seq = live.swap_remove(rng.below(live.len()));
+                    pool.release(seq.id).unwrap();
+                    assert!(pool.seq_len(seq.id).is_err(), "{context}");
                 }
                 _ => {}
             }
@@ -255,33 +437,44 @@ fn the_pool_matches_a_plain_model_under_random_operations() {
     }
 }
 
-fn check(
-    pool: &ChunkPool,
-    shadow: &[Vec<Option<u32>>],
-    live: &[(SeqId, usize, Vec<u32>)],
-    context: &str,
-) {
+fn check(pool: &ChunkPool, shadow: &[Vec<Option<u32>>], live: &[ModelSeq], context: &str) {
     let ct = pool.layout().chunk_tokens();
     let mut refs = vec![0usize; pool.num_chunks()];
-    for (id, _, tokens) in live {
+    for seq in live {
+        let id = seq.id;
         assert_eq!(
-            pool.seq_tokens(*id).unwrap(),
-            tokens.as_slice(),
+            pool.seq_tokens(id).unwrap(),
+            seq.tokens.as_slice(),
             "{context}"
         );
-        let table = pool.seq_table(*id).unwrap();
-        assert_eq!(table.len(), tokens.len().div_ceil(ct), "{context}");
-        for (pos, &token) in tokens.iter().enumerate() {
-            let chunk = table[pos / ct] as usize;
+        let table = pool.seq_table(id).unwrap();
+        let slots = pool.seq_slot_positions(id).unwrap();
+        assert_eq!(table.len(), slots.len().div_ceil(ct), "{context}: {id}");
+        let held: BTreeSet<u32> = slots.iter().copied().filter(|&p| p != EMPTY_SLOT).collect();
+        assert_eq!(held, seq.held, "{context}: {id} holds other positions");
+        for (slot, &pos) in slots.iter().enumerate().filter(|(_, &p)| p != EMPTY_SLOT) {
+            let chunk = table[slot / ct] as usize;
             assert_eq!(
-                shadow[chunk][pos % ct],
-                Some(token),
-                "{context}: {id} position {pos} in chunk {chunk}"
+                shadow[chunk][slot % ct],
+                Some(seq.tokens[pos as usize]),
+                "{context}: {id} position {pos} in slot {slot}, chunk {chunk}"
             );
         }
-        for &chunk in table {
+        // Every held position is counted: a chunk's written slots cover each holder's ones.
+        for (entry, &chunk) in table.iter().enumerate() {
+            let used = slots[entry * ct..slots.len().min((entry + 1) * ct)]
+                .iter()
+                .filter(|&&p| p != EMPTY_SLOT)
+                .count();
+            assert!(pool.chunk_filled(chunk) >= used, "{context}: chunk {chunk}");
             refs[chunk as usize] += 1;
         }
+        let stats = pool.seq_stats(id).unwrap();
+        assert_eq!(
+            stats.evicted_tokens as usize,
+            seq.tokens.len() - held.len(),
+            "{context}"
+        );
     }
     let mut free = vec![false; pool.num_chunks()];
     for (&start, &n) in &pool.free {
@@ -333,14 +526,6 @@ fn check(
         (live_slots * pool.layout().bytes_per_token()) as u64,
         "{context}"
     );
-    // Every written position is counted: a chunk's written slots cover each holder's positions.
-    for (id, _, tokens) in live {
-        let table = pool.seq_table(*id).unwrap();
-        for (i, &chunk) in table.iter().enumerate() {
-            let used = (tokens.len() - i * ct).min(ct);
-            assert!(pool.chunk_filled(chunk) >= used, "{context}: chunk {chunk}");
-        }
-    }
 }
 
 #[test]
@@ -378,4 +563,11 @@ fn a_run_of_decode_steps_reserves_ahead_and_gives_back_what_it_did_not_keep() {
         8
     );
     assert!(pool.decode_view(&[a]).is_err());
+    // The view advances each row's slot with its position: a policy's slot map would not.
+    let mut pool = ChunkPool::new(layout(LayoutKind::Chunked, 4), 8, false).unwrap();
+    let w = pool.new_sequence(None).unwrap();
+    pool.set_policy(w, policy("window:5")).unwrap();
+    pool.reserve(w, 3).unwrap();
+    let error = pool.decode_view(&[w]).unwrap_err().to_string();
+    assert!(error.contains("--kv-policy window:5"), "{error}");
 }
