@@ -388,9 +388,14 @@ pub fn run_eval(
     observer: &mut dyn EvalObserver,
 ) -> Result<EvalOutcome> {
     let mut outcome = EvalOutcome::default();
+    // Written as a branch, not `interrupted |= raised`: rustc 1.95 and nightly 1.97 at
+    // opt-level 2 and 3 compile that form of this closure to an unconditional `true` (a
+    // reduced program reproduces it), which marked every complete run interrupted.
     let stopped = |outcome: &mut EvalOutcome| {
         let raised = stop.load(Ordering::SeqCst);
-        outcome.interrupted |= raised;
+        if raised {
+            outcome.interrupted = true;
+        }
         raised
     };
     let reference_options = EvalConfig::REFERENCE.kv_options();
