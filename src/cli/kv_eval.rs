@@ -10,7 +10,6 @@ use kvlab::kv::{EvictionPolicy, KvDtype, KvLayout, LayoutKind};
 use kvlab::scenario::plots::draw_quality_vs_bytes;
 use kvlab::scenario::scenarios;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The default on a CPU without --full: the study's five conversations, 3 turns of 32 tokens.
 const CPU_SUBSET_TURNS: usize = 3;
@@ -21,9 +20,6 @@ const CPU_SUBSET_BUDGETS: [usize; 2] = [64, 128];
 const FULL_BUDGETS: [usize; 2] = [256, 512];
 /// The study's generation length.
 const STUDY_NEW_TOKENS: usize = 150;
-
-/// Raised by Ctrl-C; the run stops after the pass in progress.
-static STOP: AtomicBool = AtomicBool::new(false);
 
 #[derive(Args, Debug)]
 pub struct KvEvalArgs {
@@ -173,13 +169,7 @@ pub fn run(args: KvEvalArgs) -> Result<()> {
         "Results go to {} (Ctrl-C stops after the current pass and still writes them).",
         dir.display()
     );
-    ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\nStopping after the current pass (Ctrl-C again quits at once).");
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    let stop = super::stop_on_ctrl_c("the current pass")?;
 
     let started_at = chrono::Local::now().to_rfc3339();
     let mut progress = Progress::new(planned as u64, TurnsCsv::create(&dir)?);
@@ -189,7 +179,7 @@ pub fn run(args: KvEvalArgs) -> Result<()> {
         &scenarios,
         &configs,
         &opts,
-        &STOP,
+        stop,
         &mut progress,
     );
     progress.bar.finish_and_clear();
