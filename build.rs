@@ -7,6 +7,10 @@
 //! parameter names and kinds, static shared memory read from the object's TLS symbols), written
 //! to $OUT_DIR/kernels.rs together with the embedded sources for NVRTC.
 //!
+//! The integer `#define`s of kernels/*.cu and *.cuh (thread counts, tile sizes, limits) become
+//! Rust constants in $OUT_DIR/kernel_constants.rs, so the launch code reads the kernels' own
+//! numbers instead of copies (see [`integer_defines`]).
+//!
 //! Feature `emu-asan` compiles the emulator and kernels with AddressSanitizer and links its
 //! runtime into every binary of the package.
 use std::fmt::Write as _;
@@ -19,7 +23,8 @@ enum ParamKind {
     I32,
     U32,
     F32,
-    U64,
+    /// `KvLayout` (kernels/kv_layout.cuh) by value.
+    KvLayout,
 }
 
 impl ParamKind {
@@ -29,7 +34,7 @@ impl ParamKind {
             ParamKind::I32 => 'I',
             ParamKind::U32 => 'U',
             ParamKind::F32 => 'F',
-            ParamKind::U64 => 'Q',
+            ParamKind::KvLayout => 'L',
         }
     }
     fn rust_name(self) -> &'static str {
@@ -38,7 +43,7 @@ impl ParamKind {
             ParamKind::I32 => "I32",
             ParamKind::U32 => "U32",
             ParamKind::F32 => "F32",
-            ParamKind::U64 => "U64",
+            ParamKind::KvLayout => "KvLayout",
         }
     }
 }
@@ -144,7 +149,7 @@ fn run() -> Result<(), String> {
                 wrapper,
                 "static_assert(kvlab_emu::parameter_kinds_are(&{name}, \"{letters}\"), \
                  \"kernels/{file}: build.rs parsed the parameters of {name} as {letters} \
-                 (P pointer, I int, U unsigned, F float, Q unsigned long long); the compiler disagrees\");\n\
+                 (P pointer, I int, U unsigned, F float, L KvLayout); the compiler disagrees\");\n\
                  extern \"C\" void kvlab_emu_trampoline_{name}(const uint64_t* slots) {{ \
                  kvlab_emu::invoke_kernel(&{name}, slots); }}",
                 name = kernel.name,
@@ -190,7 +195,147 @@ fn run() -> Result<(), String> {
     write_if_changed(
         &out_dir.join("kernels.rs"),
         &rust_table(&sources, &static_shared, &kernels_dir),
+    )?;
+    write_if_changed(
+        &out_dir.join("kernel_constants.rs"),
+        &integer_defines(&kernels_dir)?,
     )
+}
+
+/// The integer constants of kernels/*.cu and *.cuh as Rust items: every object-like
+/// `#define NAME BODY` outside `#if` blocks whose body is integer literals (suffixes `u`, `l`
+/// dropped), names of other such constants, parentheses and `+ - * / % << >> & |`; C and Rust
+/// read such an expression alike, so rustc evaluates it (as `usize`) and rejects what overflows.
+/// Other defines (floats, function-like macros, casts) are left out. A name defined twice with
+/// different bodies is an error: the constants share one namespace.
+fn integer_defines(kernels_dir: &Path) -> Result<String, String> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(kernels_dir)
+        .map_err(|e| format!("{}: {e}", kernels_dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|ext| ext == "cu" || ext == "cuh")
+        })
+        .collect();
+    paths.sort();
+    // name -> (body as Rust, the names it uses, file)
+    let mut defines: std::collections::BTreeMap<String, (String, Vec<String>, String)> =
+        Default::default();
+    for path in &paths {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = strip_comments(&text).replace("\\\n", " ");
+        let mut conditional_depth = 0usize;
+        for line in text.lines() {
+            let Some(directive) = line.trim_start().strip_prefix('#') else {
+                continue;
+            };
+            let directive = directive.trim_start();
+            let word_len = directive
+                .find(|c: char| !is_ident(c))
+                .unwrap_or(directive.len());
+            match &directive[..word_len] {
+                "if" | "ifdef" | "ifndef" => conditional_depth += 1,
+                "endif" => conditional_depth = conditional_depth.saturating_sub(1),
+                "define" if conditional_depth == 0 => {
+                    let rest = directive[word_len..].trim_start();
+                    let name_len = rest.find(|c: char| !is_ident(c)).unwrap_or(rest.len());
+                    let (name, body) = rest.split_at(name_len);
+                    // `NAME(` is a function-like macro.
+                    if name.is_empty() || body.starts_with('(') {
+                        continue;
+                    }
+                    let Some((rust, uses)) = integer_expression(body.trim()) else {
+                        continue;
+                    };
+                    if let Some((other, _, other_file)) = defines.get(name) {
+                        if *other != rust {
+                            return Err(format!(
+                                "`{name}` is defined as `{other}` in kernels/{other_file} and as \
+                                 `{rust}` in kernels/{file}; kernel constants share one namespace"
+                            ));
+                        }
+                        continue;
+                    }
+                    defines.insert(name.to_string(), (rust, uses, file.clone()));
+                }
+                _ => {}
+            }
+        }
+    }
+    // Drop defines that use a name which is not itself a constant, until none does.
+    loop {
+        let unresolved: Vec<String> = defines
+            .iter()
+            .filter(|(_, (_, uses, _))| uses.iter().any(|u| !defines.contains_key(u)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if unresolved.is_empty() {
+            break;
+        }
+        for name in unresolved {
+            defines.remove(&name);
+        }
+    }
+    let mut out =
+        String::from("// Generated by build.rs from the #defines of kernels/*.cu and *.cuh.\n");
+    for (name, (rust, _, file)) in &defines {
+        writeln!(
+            out,
+            "/// `#define {name} {rust}` in kernels/{file}.\npub const {name}: usize = {rust};"
+        )
+        .unwrap();
+    }
+    Ok(out)
+}
+
+/// `body` as a Rust constant expression and the names it uses, if it is an integer expression
+/// (see [`integer_defines`]).
+fn integer_expression(body: &str) -> Option<(String, Vec<String>)> {
+    let mut rust = String::new();
+    let mut uses = Vec::new();
+    let mut chars = body.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        if c.is_ascii_digit() {
+            let mut end = at + c.len_utf8();
+            while let Some(&(i, d)) = chars.peek() {
+                if !is_ident(d) {
+                    break;
+                }
+                end = i + d.len_utf8();
+                chars.next();
+            }
+            let literal = body[at..end].trim_end_matches(['u', 'U', 'l', 'L']);
+            let digits_ok = match literal.strip_prefix("0x").or(literal.strip_prefix("0X")) {
+                Some(hex) => !hex.is_empty() && hex.chars().all(|d| d.is_ascii_hexdigit()),
+                None => literal.chars().all(|d| d.is_ascii_digit()),
+            };
+            if !digits_ok {
+                return None;
+            }
+            rust.push_str(literal);
+        } else if is_ident(c) {
+            let mut end = at + c.len_utf8();
+            while let Some(&(i, d)) = chars.peek() {
+                if !is_ident(d) {
+                    break;
+                }
+                end = i + d.len_utf8();
+                chars.next();
+            }
+            uses.push(body[at..end].to_string());
+            rust.push_str(&body[at..end]);
+        } else if c == '<' || c == '>' {
+            chars.next_if(|&(_, d)| d == c)?;
+            rust.push(c);
+            rust.push(c);
+        } else if "+-*/%()&| ".contains(c) {
+            rust.push(c);
+        } else {
+            return None;
+        }
+    }
+    (!rust.trim().is_empty()).then_some((rust.trim().to_string(), uses))
 }
 
 fn discover_sources(kernels_dir: &Path) -> Result<Vec<SourceFile>, String> {
@@ -352,11 +497,11 @@ fn parse_params(list: &str) -> Result<Vec<(String, ParamKind)>, String> {
                 "int" | "int32_t" => ParamKind::I32,
                 "unsigned" | "unsigned int" | "uint32_t" => ParamKind::U32,
                 "float" => ParamKind::F32,
-                "unsigned long long" | "unsigned long long int" | "uint64_t" => ParamKind::U64,
+                "KvLayout" => ParamKind::KvLayout,
                 other => {
                     return Err(format!(
                         "parameter {index} `{name}` has type `{other}`; kernel arguments are pointers, int, \
-                         unsigned, float or unsigned long long"
+                         unsigned, float or KvLayout"
                     ))
                 }
             }

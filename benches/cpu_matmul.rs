@@ -6,6 +6,10 @@
 //! - `matvec_bf16` (m = 1): bytes of weights streamed from memory per second, to read against
 //!   read_bandwidth. Napkin math: a decode token reads ~2.5 GB of weights, so 40 GB/s is ~16
 //!   tokens/s;
+//! - `batched_decode_bf16` (m = 1, 2, .., 128): the products of a decode step of m sequences,
+//!   weights streamed from memory as in `matvec_bf16`; bytes of weights per second, so that a
+//!   flat rate means m rows cost what one costs (up to m = 32 the streaming kernel, then the
+//!   blocked one);
 //! - `matmul_bf16` (m = 16, 128, 512): elements/s = FLOP/s (2 m rows cols per product), to read
 //!   against fma_peak.
 //!
@@ -167,6 +171,42 @@ fn bench_matvec(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_batched_decode(c: &mut Criterion) {
+    let mut g = group(c, "batched_decode_bf16");
+    let m_values: &[usize] = if quick() {
+        &[8]
+    } else {
+        &[1, 2, 4, 8, 16, 32, 64, 128]
+    };
+    // gate_up: the largest matrix of a layer. Windows of one buffer larger than the L3 cache, as
+    // in bench_matvec, so every call streams its weights from memory.
+    let (name, rows, cols) = LLAMA_1B_SHAPES[2];
+    let matrix_bytes = rows * cols * 2;
+    let buffer = bf16_weights(rows * cols * if quick() { 2 } else { 16 });
+    let windows = buffer.len() / matrix_bytes;
+    for &m in m_values {
+        let x: Vec<f32> = (0..m * cols)
+            .map(|k| (k % 7) as f32 * 0.25 - 0.75)
+            .collect();
+        let mut out = vec![0.0f32; m * rows];
+        let mut next = 0;
+        g.throughput(Throughput::BytesDecimal(matrix_bytes as u64));
+        g.bench_function(format!("{name}/m{m}"), |b| {
+            b.iter(|| {
+                let w = MatRef {
+                    dtype: DType::BF16,
+                    rows,
+                    cols,
+                    data: &buffer[next * matrix_bytes..(next + 1) * matrix_bytes],
+                };
+                next = (next + 1) % windows;
+                matmul(black_box(&x), m, w, &mut out)
+            })
+        });
+    }
+    g.finish();
+}
+
 fn bench_matmul(c: &mut Criterion) {
     let mut g = group(c, "matmul_bf16");
     let m_values: &[usize] = if quick() { &[16] } else { &[16, 128, 512] };
@@ -206,6 +246,7 @@ fn main() {
         .configure_from_args();
     bench_bounds(&mut c);
     bench_matvec(&mut c);
+    bench_batched_decode(&mut c);
     bench_matmul(&mut c);
     c.final_summary();
 }

@@ -566,16 +566,24 @@ fn decode_attention(target: &Target, plan: &Plan, bound_gbps: f64) -> Result<Vec
     for &context in &plan.attention_contexts {
         let mut contiguous = None;
         for &shape in &plan.layouts {
-            let mut rotation =
-                KvRotation::new(&backend, &cfg, shape, context, 1, plan.rotation_bytes)?;
-            let cost = cost::attention(&cfg, context - 1, 1, backend.kv_elem_bytes());
+            let kv_dtype = backend.kv_dtypes()[0];
+            let mut rotation = KvRotation::new(
+                &backend,
+                &cfg,
+                shape,
+                kv_dtype,
+                context,
+                1,
+                plan.rotation_bytes,
+            )?;
+            let cost = cost::attention(&cfg, context - 1, 1, kv_dtype);
             let calls = plan
                 .rotation_bytes
                 .div_ceil((cost.bytes as usize).max(1))
                 .max(cfg.num_layers);
             let seconds = time_calls(device, plan.samples, calls, |_| {
-                let (cache, layer) = rotation.next_layer();
-                backend.attention(&q, cache, layer, cfg.num_heads, &mut out)
+                let (memory, view, layer) = rotation.next_layer();
+                backend.attention(&q, memory, view, layer, cfg.num_heads, &mut out)
             })?;
             let gbps = cost.bytes / seconds.median / 1e9;
             let base = *contiguous.get_or_insert(seconds.median);
@@ -591,8 +599,6 @@ fn decode_attention(target: &Target, plan: &Plan, bound_gbps: f64) -> Result<Vec
                 "gbps": gbps, "share_of_copy": gbps / bound_gbps,
                 "time_vs_contiguous": seconds.median / base,
             }));
-            drop(rotation);
-            backend.release_kv_pool();
         }
     }
     println!();
@@ -623,8 +629,10 @@ fn decode_steps(
     let cfg = &model.config;
     println!(
         "1. decode steps ({} timed after {DECODE_WARMUP}; device time from CUDA events around \
-         each step's device work)",
-        plan.decode_steps
+         each step's device work; graphs on / off: the host's token and step view copied in \
+         before every step; runs{}: that many steps on the device's own ids between two reads)",
+        plan.decode_steps,
+        backend.decode_window()
     );
     println!(
         "{:>8} {:<12} {:<7} {:>11} {:>15} {:>13} {:>9} {:>8} {:>12}",
@@ -651,25 +659,42 @@ fn decode_steps(
             cfg,
             model.weight_bytes_per_token,
             context,
-            backend.kv_elem_bytes(),
+            backend.kv_dtypes()[0],
         );
         for &shape in &plan.layouts {
-            for graphs in [true, false] {
+            // Graphs on and off with the host's token and view copied in before every step, then
+            // runs of decode_window steps on the device's own ids (as generation decodes).
+            let window = backend.decode_window();
+            for (graphs, runs) in [(true, false), (false, false), (true, true)] {
                 backend.set_graphs(graphs);
                 let drift = DECODE_WARMUP + plan.decode_steps;
                 let mut step = DecodeStep::with_drift(backend, model, shape, context, drift)?;
-                for _ in 0..DECODE_WARMUP {
-                    step.run(backend)?;
+                if runs {
+                    step.run_on_device(backend, DECODE_WARMUP)?;
+                } else {
+                    for _ in 0..DECODE_WARMUP {
+                        step.run(backend)?;
+                    }
                 }
                 backend.synchronize()?;
                 backend.take_step_device_seconds()?;
                 let before = backend.graph_stats();
                 let mut wall = Vec::with_capacity(plan.decode_steps);
-                for _ in 0..plan.decode_steps {
+                while wall.len() < plan.decode_steps {
+                    let steps = if runs {
+                        window.min(plan.decode_steps - wall.len())
+                    } else {
+                        1
+                    };
                     let t = Instant::now();
-                    step.run(backend)?;
+                    if runs {
+                        step.run_on_device(backend, steps)?;
+                    } else {
+                        step.run(backend)?;
+                    }
                     backend.synchronize()?;
-                    wall.push(t.elapsed().as_secs_f64());
+                    let seconds = t.elapsed().as_secs_f64() / steps as f64;
+                    wall.extend(std::iter::repeat_n(seconds, steps));
                 }
                 let device = Spread::of(&backend.take_step_device_seconds()?);
                 let wall = Spread::of(&wall);
@@ -678,7 +703,11 @@ fn decode_steps(
                 println!(
                     "{context:>8} {:<12} {:<7} {:>11.0} {:>15.1} {:>13.0} {gbps:>9.0} {:>7.0}% {:>12}",
                     shape.to_string(),
-                    if graphs { "on" } else { "off" },
+                    match (graphs, runs) {
+                        (true, true) => format!("runs{window}"),
+                        (true, false) => "on".into(),
+                        (false, _) => "off".into(),
+                    },
                     1.0 / wall.median,
                     device.median * 1e6,
                     1.0 / device.median,
@@ -687,14 +716,13 @@ fn decode_steps(
                 );
                 rows.push(json!({
                     "context": context, "layout": shape.to_string(), "graphs": graphs,
+                    "device_token_runs": runs.then_some(window),
                     "wall_seconds": wall, "device_seconds": device,
                     "wall_tokens_per_second": 1.0 / wall.median,
                     "device_tokens_per_second": 1.0 / device.median,
                     "bytes_per_step": cost.bytes, "gbps": gbps, "share_of_copy": gbps / bound_gbps,
                     "graphs_replayed": replayed,
                 }));
-                drop(step);
-                backend.release_kv_pool();
             }
         }
     }

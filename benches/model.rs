@@ -5,9 +5,14 @@
 //! and SmolLM2-135M-Instruct (installed by scripts/fetch-models.sh; skipped with a line when
 //! absent) with its Q4_1 tensors dequantized to f32 and to bf16. `KVLAB_BENCH_QUICK=1` runs a
 //! tiny synthetic model and a few SmolLM2 tokens instead, as a smoke test.
+//!
+//! Then, for the first model, decode steps of several sequences at once (the batched step of
+//! `kvlab serve-bench`): 1, 2, 4, .., 32 sequences at the prompt's context, the batch sizes
+//! interleaved round after round (so that a host whose speed drifts slows them all alike), each
+//! as tokens/s and as a multiple of one sequence's in the same round.
 
 use kvlab::backend::cuda::BackendKind;
-use kvlab::generate::GenerateOptions;
+use kvlab::generate::{BatchEntry, GenerateOptions, Generator};
 use kvlab::kv::Strategy;
 use kvlab::model::hub::InstalledModel;
 use kvlab::model::synth::{write_synthetic, Preset, SynthOptions};
@@ -60,12 +65,19 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    bench(
+    let mut loaded = bench(
         synthetic.as_deref(),
         LoadOptions::default(),
         &shape,
         &bandwidth,
     )?;
+    let (batches, rounds): (&[usize], usize) = if quick {
+        (&[1, 2], 2)
+    } else {
+        (&[1, 2, 4, 8, 16, 32], 8)
+    };
+    batched_decode(loaded.generator.as_mut(), shape.prompt_len, batches, rounds)?;
+    drop(loaded);
 
     let smollm2 = InstalledModel::by_name("smollm2-135m-instruct").expect("a known model");
     if smollm2.resolve().is_err() {
@@ -83,12 +95,20 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A prompt of ordinary ids spread over the vocabulary; its content does not change the cost.
+fn prompt(len: usize, vocab: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| 1000 + (i * 7919) % 20000 % vocab as u32)
+        .collect()
+}
+
+/// Prefill and decode of one sequence per strategy; returns the loaded model.
 fn bench(
     model: Option<&str>,
     opts: LoadOptions,
     shape: &Shape,
     bandwidth: &Spread,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<kvlab::runtime::LoadedModel> {
     let mut loaded = kvlab::runtime::load(model, BackendKind::Cpu, Default::default(), opts)?;
     let gen = &mut loaded.generator;
     let info = gen.backend_info();
@@ -103,10 +123,7 @@ fn bench(
     );
     println!("device: {}", info.device);
     let prompt_len = shape.prompt_len;
-    // A prompt of ordinary ids spread over the vocabulary; its content does not change the cost.
-    let prompt: Vec<u32> = (0..prompt_len as u32)
-        .map(|i| 1000 + (i * 7919) % 20000 % cfg.vocab_size as u32)
-        .collect();
+    let prompt = prompt(prompt_len, cfg.vocab_size);
     println!("\n| cache | prefill tok/s ({prompt_len} tokens) | decode tok/s | decode GB/s | share of bandwidth |");
     println!("|---|---|---|---|---|");
     for strategy in [Strategy::Dynamic, Strategy::Static] {
@@ -143,6 +160,101 @@ fn bench(
             b.median,
             100.0 * b.median / bandwidth.median
         );
+    }
+    Ok(loaded)
+}
+
+/// Decode steps of `batches` sequences at a time (paged pool, chunks of 16): one sequence
+/// prefilled with a prompt of `prompt_len` ids, then forked into as many sequences as the
+/// largest batch (the forks share its chunks, so attention reads the same K/V; at this context
+/// it is a small part of a step, which streams every weight once). Each round runs one step of
+/// every batch size, in alternating order.
+fn batched_decode(
+    gen: &mut dyn Generator,
+    prompt_len: usize,
+    batches: &[usize],
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let vocab = gen.config().vocab_size;
+    let ids = prompt(prompt_len, vocab);
+    gen.clear_kv_cache()?;
+    let pool = gen.open_kv_pool(Strategy::Dynamic, 16)?;
+    let first = pool.new_sequence(None)?;
+    let copies = pool.reserve(first, prompt_len)?;
+    gen.forward_batch(
+        &copies,
+        &[BatchEntry {
+            seq: first,
+            ids: &ids,
+        }],
+        false,
+    )?;
+    let largest = batches.iter().copied().max().unwrap_or(1);
+    let pool = gen.kv_pool_mut()?;
+    let mut seqs = vec![first];
+    for _ in 1..largest {
+        seqs.push(pool.fork(first)?);
+    }
+    let token = [ids[0]];
+    let step = |gen: &mut dyn Generator, batch: usize| -> anyhow::Result<f64> {
+        let pool = gen.kv_pool_mut()?;
+        let mut copies = Vec::new();
+        for &seq in &seqs[..batch] {
+            copies.extend(pool.reserve(seq, 1)?);
+        }
+        let entries: Vec<BatchEntry> = seqs[..batch]
+            .iter()
+            .map(|&seq| BatchEntry { seq, ids: &token })
+            .collect();
+        let started = std::time::Instant::now();
+        gen.forward_batch(&copies, &entries, false)?;
+        Ok(started.elapsed().as_secs_f64())
+    };
+    // One unmeasured round: buffers sized, copies-on-write of every fork made.
+    for &batch in batches {
+        step(gen, batch)?;
+    }
+    let mut seconds: Vec<Vec<f64>> = vec![Vec::new(); batches.len()];
+    for round in 0..rounds {
+        let mut order: Vec<usize> = (0..batches.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            seconds[i].push(step(gen, batches[i])?);
+        }
+    }
+    println!(
+        "\nDecode steps of several sequences at once (context {prompt_len}, paged pool, {rounds} interleaved rounds):\n"
+    );
+    println!("| sequences | decode tok/s median (min..max) | step ms median | x one sequence, per round: median (min..max) |");
+    println!("|---|---|---|---|");
+    for (i, &batch) in batches.iter().enumerate() {
+        let rate: Vec<f64> = seconds[i].iter().map(|s| batch as f64 / s).collect();
+        let ratio: Vec<f64> = seconds[i]
+            .iter()
+            .zip(&seconds[0])
+            .map(|(s, one)| batch as f64 * one / s)
+            .collect();
+        let (r, x, ms) = (
+            Spread::of(&rate),
+            Spread::of(&ratio),
+            Spread::of(&seconds[i]),
+        );
+        println!(
+            "| {batch} | {:.2} ({:.2}..{:.2}) | {:.0} | {:.2} ({:.2}..{:.2}) |",
+            r.median,
+            r.min,
+            r.max,
+            ms.median * 1e3,
+            x.median,
+            x.min,
+            x.max
+        );
+    }
+    let pool = gen.kv_pool_mut()?;
+    for seq in seqs {
+        pool.release(seq)?;
     }
     Ok(())
 }

@@ -210,20 +210,16 @@ fn bench_norm_rope_append_swiglu<B: Backend>(
         t.bench(
             &mut g,
             format!("{}/{rows}", t.name),
-            cost::add_rms_norm(rows, h),
+            cost::rms_norm(rows, h),
             Count::Bytes,
-            // Zeros: the in-place residual add stays put however often it runs.
             || {
                 Ok((
-                    b.alloc_precise(rows, h)?,
                     b.alloc_precise(rows, h)?,
                     b.alloc(rows, h)?,
                     b.upload_vector(&vec![1.0; h])?,
                 ))
             },
-            |(residual, delta, out, weight)| {
-                b.add_rms_norm(residual, Some(delta), weight, cfg.rms_norm_eps, rows, out)
-            },
+            |(x, out, weight)| b.rms_norm(x, weight, cfg.rms_norm_eps, rows, out),
         );
     }
     g.finish();
@@ -236,18 +232,20 @@ fn bench_norm_rope_append_swiglu<B: Backend>(
             cost::rope(rows, q_dim, kv_dim),
             Count::Bytes,
             || {
-                // RoPE reads only the step's positions from the cache.
-                let mut cache = filled_cache(b, cfg, KvShape::Contiguous, 0, rows)?;
-                cache.begin_step(b, rows)?;
+                // RoPE reads only the step's positions from the view.
+                let mut cache =
+                    filled_cache(b, cfg, KvShape::Contiguous, b.kv_dtypes()[0], 0, rows)?;
+                let view = cache.store.prepare_step(b, &[(cache.seq, rows)])?;
+                b.set_kv_step(&mut cache.store.memory, &view)?;
                 let inv_freq = b.upload_vector(&cfg.rope_inv_freq())?;
                 Ok((
                     b.alloc(rows, q_dim)?,
                     b.alloc(rows, kv_dim)?,
                     inv_freq,
-                    cache,
+                    (cache, view),
                 ))
             },
-            |(q, k, inv_freq, cache)| b.rope(q, k, inv_freq, cache),
+            |(q, k, inv_freq, (cache, view))| b.rope(q, k, inv_freq, &cache.store.memory, view),
         );
     }
     g.finish();
@@ -258,16 +256,23 @@ fn bench_norm_rope_append_swiglu<B: Backend>(
             t.bench(
                 &mut g,
                 format!("{}-{shape}/{rows}", t.name),
-                cost::kv_append(rows, kv_dim, b.kv_elem_bytes()),
+                cost::kv_append(cfg, rows, b.kv_dtypes()[0]),
                 Count::Bytes,
                 || {
-                    let rotation =
-                        KvRotation::new(b, cfg, shape, 2048, rows, sizes.rotation_bytes)?;
+                    let rotation = KvRotation::new(
+                        b,
+                        cfg,
+                        shape,
+                        b.kv_dtypes()[0],
+                        2048,
+                        rows,
+                        sizes.rotation_bytes,
+                    )?;
                     Ok((b.alloc(rows, kv_dim)?, b.alloc(rows, kv_dim)?, rotation))
                 },
                 |(k, v, rotation)| {
-                    let (cache, layer) = rotation.next_layer();
-                    b.kv_append(cache, layer, k, v)
+                    let (memory, view, layer) = rotation.next_layer();
+                    b.kv_append(memory, view, layer, k, v)
                 },
             );
         }
@@ -289,8 +294,9 @@ fn bench_norm_rope_append_swiglu<B: Backend>(
     g.finish();
 }
 
-/// Decode attention (one query row at the end of `context` positions) over each layout, then
-/// prefill attention (`rows` rows from position 0).
+/// Decode attention (one query row at the end of `context` positions) over each layout and each
+/// KV element type of the backend (the CPU's f32 and bf16), then prefill attention (`rows` rows
+/// from position 0, the default element type).
 fn bench_attention<B: Backend>(
     c: &mut Criterion,
     t: &Target<B>,
@@ -312,29 +318,48 @@ fn bench_attention<B: Backend>(
         let mut g = group(c, name);
         // Context-major, so that the layouts of one context run side by side, under the same
         // conditions of the machine.
+        let dtypes = if count == Count::Bytes {
+            b.kv_dtypes()
+        } else {
+            &b.kv_dtypes()[..1]
+        };
         for &context in lengths {
             for &shape in layouts {
-                // Decode: one row at the end of the context; prefill: every row from position 0.
-                let rows = if count == Count::Bytes { 1 } else { context };
-                t.bench(
-                    &mut g,
-                    format!("{}-{shape}/{context}", t.name),
-                    cost::attention(cfg, context - rows, rows, b.kv_elem_bytes()),
-                    count,
-                    || {
-                        let rotation =
-                            KvRotation::new(b, cfg, shape, context, rows, sizes.rotation_bytes)?;
-                        Ok((
-                            b.alloc(rows, cfg.q_dim())?,
-                            b.alloc(rows, cfg.q_dim())?,
-                            rotation,
-                        ))
-                    },
-                    |(q, out, rotation)| {
-                        let (cache, layer) = rotation.next_layer();
-                        b.attention(q, cache, layer, cfg.num_heads, out)
-                    },
-                );
+                for &dtype in dtypes {
+                    // Decode: one row at the end of the context; prefill: every row from 0.
+                    let rows = if count == Count::Bytes { 1 } else { context };
+                    let label = if dtype == b.kv_dtypes()[0] {
+                        format!("{}-{shape}/{context}", t.name)
+                    } else {
+                        format!("{}-{shape}-{dtype}/{context}", t.name)
+                    };
+                    t.bench(
+                        &mut g,
+                        label,
+                        cost::attention(cfg, context - rows, rows, dtype),
+                        count,
+                        || {
+                            let rotation = KvRotation::new(
+                                b,
+                                cfg,
+                                shape,
+                                dtype,
+                                context,
+                                rows,
+                                sizes.rotation_bytes,
+                            )?;
+                            Ok((
+                                b.alloc(rows, cfg.q_dim())?,
+                                b.alloc(rows, cfg.q_dim())?,
+                                rotation,
+                            ))
+                        },
+                        |(q, out, rotation)| {
+                            let (memory, view, layer) = rotation.next_layer();
+                            b.attention(q, memory, view, layer, cfg.num_heads, out)
+                        },
+                    );
+                }
             }
         }
         g.finish();
@@ -397,7 +422,7 @@ fn bench_decode_step<B: Backend>(
                 &model.config,
                 model.weight_bytes_per_token,
                 context,
-                b.kv_elem_bytes(),
+                b.kv_dtypes()[0],
             );
             g.throughput(Throughput::BytesDecimal(cost.bytes as u64));
             let mut step = None;

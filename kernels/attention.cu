@@ -1,16 +1,24 @@
-// Causal GQA attention over the KV cache, reading K/V through the layout of kv_layout.cuh.
+// Causal GQA attention over a KV arena, reading K/V through the layout and step view of
+// kv_layout.cuh: each query row of the step attends to the positions of its own sequence up to
+// its own, in either layout (read from `layout.kind`, each kernel specialised for both by
+// template).
 //
-// - attention_prefill_hd*: many query rows (prefill, the no-cache recompute). Flash-attention 2
-//   on tensor cores: a block owns 64 query rows of one KV head and streams K/V tiles through
-//   shared memory (cp.async, double-buffered) with an online softmax in registers; the score
-//   matrix never exists in memory. Query rows interleave the heads of the GQA group
+// A step's sequences are split by their row count (the backend launches one kernel or both):
+// - attention_prefill_hd*_bf16: sequences of several rows (prefill, chunked prefill, the
+//   no-cache recompute). Flash-attention 2 on tensor cores: a block owns 64 query rows of one
+//   sequence and one KV head and streams that sequence's K/V tiles through shared memory
+//   (cp.async, double-buffered) with an online softmax in registers; the score matrix never
+//   exists in memory. Query rows interleave the heads of the GQA group
 //   (row = token * group + head in group) so that the group shares every K/V tile.
-// - attention_decode_{contiguous,chunked}_bf16: one query row (decode). Flash-decoding: the
-//   sequence is cut into `num_splits` ranges, each block reduces one range for up to
-//   DECODE_HEADS_PER_BLOCK query heads of one KV head (the heads share each K/V load), and the
-//   last block of a head group to finish merges the ranges (no second launch). Lengths and
-//   positions are read from device memory and the grid depends only on `num_splits`, so a
-//   recorded decode step replays unchanged as the sequence grows.
+// - attention_decode_bf16: sequences of one row (decode), all of them in one launch over
+//   (split, KV head and head tile, sequence). Flash-decoding: each sequence is cut into up to
+//   gridDim.x ranges aligned to its chunks, each block reduces one range for up to
+//   DECODE_HEADS_PER_BLOCK query heads of one KV head (the heads share each K/V load), every
+//   lane with the K and V rows of several positions in flight, and the last block of a head
+//   group to finish merges the ranges (no second launch). Lengths, positions and block tables
+//   are read from device memory and the grid depends only on the split count (which the host
+//   raises at long contexts) and the number of sequences, so a recorded decode step replays
+//   unchanged as its sequences grow.
 // Softmax runs in base 2: scores are scaled by log2(e) / sqrt(head_dim) once, then exp2.
 #include "common.cuh"
 #include "kv_layout.cuh"
@@ -35,12 +43,40 @@ struct PrefillShape {
     static constexpr int kv_rows = HEAD_DIM >= 128 ? 32 : 64;
     // Shared: q [64][HEAD_DIM], then 2 buffers of k [kv_rows][HEAD_DIM] and v [kv_rows][HEAD_DIM].
     static constexpr int shared_elems = (PREFILL_QUERY_ROWS + 4 * kv_rows) * HEAD_DIM;
+    static_assert(shared_elems * 2 <= 48 * 1024, "static shared memory is at most 48 KiB a block");
 };
 
-template <int HEAD_DIM>
-__device__ __forceinline__ void prefill_load_kv_tile(bf16* k_tile, bf16* v_tile,
-                                                     const unsigned long long* chunk_table, const KvLayout& layout,
-                                                     unsigned layer, unsigned kv_head, int first_pos, int kv_end) {
+// The block's part of a prefill launch: one tile of PREFILL_QUERY_ROWS query rows of one
+// sequence with several rows.
+struct PrefillTile {
+    int seq;         // index in the step's sequences
+    int first_query; // its first query row (token * group + head in group) in that sequence
+};
+
+// Tiles enumerate the query rows of every sequence of more than one row, sequence after
+// sequence; blocks take them in reverse so that a sequence's tiles with the most visible
+// positions start first. Every thread walks the sequences (a step has few).
+__device__ __forceinline__ PrefillTile prefill_tile(const KvStepView& view, int num_seqs, int group) {
+    int tile = (int)(gridDim.x - 1 - blockIdx.x);
+    PrefillTile found = {0, 0};
+    for (int s = 0; s < num_seqs; ++s) {
+        const int rows = (int)view.seqs[s].rows;
+        const int tiles = rows > 1 ? (rows * group + PREFILL_QUERY_ROWS - 1) / PREFILL_QUERY_ROWS : 0;
+        if (tile < tiles) {
+            found.seq = s;
+            found.first_query = tile * PREFILL_QUERY_ROWS;
+            return found;
+        }
+        tile -= tiles;
+    }
+    return found;  // not reached: the grid has one block per tile
+}
+
+template <int HEAD_DIM, unsigned KIND>
+__device__ __forceinline__ void prefill_load_kv_tile(bf16* k_tile, bf16* v_tile, const bf16* arena,
+                                                     const KvLayout& layout, const uint32_t* block_table,
+                                                     const KvSeqStep& seq, unsigned layer, unsigned kv_head,
+                                                     int first_pos, int kv_end) {
     typedef PrefillShape<HEAD_DIM> Shape;
     for (int index = threadIdx.x; index < Shape::kv_rows * Shape::chunks_per_row; index += PREFILL_THREADS) {
         const int row = index / Shape::chunks_per_row;
@@ -48,20 +84,22 @@ __device__ __forceinline__ void prefill_load_kv_tile(bf16* k_tile, bf16* v_tile,
         const int pos = first_pos + row;
         const bool in_bounds = pos < kv_end;
         const unsigned safe_pos = in_bounds ? (unsigned)pos : 0u;
-        cp_async_16_or_zero(tile_chunk<Shape::chunks_per_row>(k_tile, row, chunk),
-                            kv_row_address(chunk_table, layout, layer, KV_PART_KEY, kv_head, safe_pos) + chunk * 8,
-                            in_bounds);
-        cp_async_16_or_zero(tile_chunk<Shape::chunks_per_row>(v_tile, row, chunk),
-                            kv_row_address(chunk_table, layout, layer, KV_PART_VALUE, kv_head, safe_pos) + chunk * 8,
-                            in_bounds);
+        cp_async_16_or_zero(
+            tile_chunk<Shape::chunks_per_row>(k_tile, row, chunk),
+            arena + kv_row_offset<KIND>(layout, block_table, seq, layer, KV_PART_KEY, kv_head, safe_pos) + chunk * 8,
+            in_bounds);
+        cp_async_16_or_zero(
+            tile_chunk<Shape::chunks_per_row>(v_tile, row, chunk),
+            arena + kv_row_offset<KIND>(layout, block_table, seq, layer, KV_PART_VALUE, kv_head, safe_pos) + chunk * 8,
+            in_bounds);
     }
 }
 
-template <int HEAD_DIM>
-__device__ __forceinline__ void attention_prefill(const bf16* q, const unsigned long long* chunk_table,
-                                                  const int* step, bf16* out, int rows, int num_heads,
-                                                  unsigned layer, unsigned num_layers, unsigned num_kv_heads,
-                                                  unsigned chunk_tokens) {
+// `shared`: PrefillShape<HEAD_DIM>::shared_elems, 16-byte aligned (declared by the entry point).
+template <int HEAD_DIM, unsigned KIND>
+__device__ __forceinline__ void attention_prefill(bf16* shared, const bf16* q, const bf16* arena,
+                                                  const KvLayout& layout, const uint32_t* step, bf16* out,
+                                                  int num_seqs, int rows, int num_heads, unsigned layer) {
     typedef PrefillShape<HEAD_DIM> Shape;
     constexpr int CPR = Shape::chunks_per_row;
     constexpr int KV_ROWS = Shape::kv_rows;
@@ -70,18 +108,18 @@ __device__ __forceinline__ void attention_prefill(const bf16* q, const unsigned 
     constexpr int POS_TILES = KV_ROWS / 8;    // n8 tiles of the scores
     constexpr int POS_STEPS = KV_ROWS / 16;   // k16 steps of p . v
 
-    DYNAMIC_SHARED(bf16, shared);
     bf16* q_tile = shared;
     bf16* kv_tiles = shared + PREFILL_QUERY_ROWS * HEAD_DIM;  // [2][k, v][KV_ROWS][HEAD_DIM]
 
-    const KvLayout layout = make_kv_layout(num_layers, num_kv_heads, HEAD_DIM, chunk_tokens);
-    const int group = num_heads / (int)num_kv_heads;
+    const KvStepView view = kv_step_view(step, num_seqs, rows);
+    const int group = num_heads / (int)layout.num_kv_heads;
     const unsigned kv_head = blockIdx.y;
-    // Reverse order: the tiles with the most visible positions start first.
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * PREFILL_QUERY_ROWS;
-    const int query_rows = rows * group;
-    const int start = step[0];
-    const int last_token = min(rows - 1, (q0 + PREFILL_QUERY_ROWS - 1) / group);
+    const PrefillTile tile = prefill_tile(view, num_seqs, group);
+    const KvSeqStep seq = view.seqs[tile.seq];
+    const int q0 = tile.first_query;
+    const int query_rows = (int)seq.rows * group;
+    const int start = (int)seq.start;
+    const int last_token = min((int)seq.rows - 1, (q0 + PREFILL_QUERY_ROWS - 1) / group);
     const int kv_end = start + last_token + 1;  // positions this tile can see
     const int kv_tile_count = (kv_end + KV_ROWS - 1) / KV_ROWS;
 
@@ -93,10 +131,11 @@ __device__ __forceinline__ void attention_prefill(const bf16* q, const unsigned 
         const int token = in_bounds ? query_row / group : 0;
         const int head = (int)kv_head * group + (in_bounds ? query_row % group : 0);
         cp_async_16_or_zero(tile_chunk<CPR>(q_tile, row, chunk),
-                            q + ((uint64_t)token * num_heads + head) * HEAD_DIM + chunk * 8, in_bounds);
+                            q + ((uint64_t)(seq.first_row + token) * num_heads + head) * HEAD_DIM + chunk * 8,
+                            in_bounds);
     }
-    prefill_load_kv_tile<HEAD_DIM>(kv_tiles, kv_tiles + KV_ROWS * HEAD_DIM, chunk_table, layout, layer, kv_head, 0,
-                                   kv_end);
+    prefill_load_kv_tile<HEAD_DIM, KIND>(kv_tiles, kv_tiles + KV_ROWS * HEAD_DIM, arena, layout, view.block_table,
+                                         seq, layer, kv_head, 0, kv_end);
     cp_async_commit();
 
     const int warp = threadIdx.x / WARP_SIZE;
@@ -125,8 +164,8 @@ __device__ __forceinline__ void attention_prefill(const bf16* q, const unsigned 
     for (int j = 0; j < kv_tile_count; ++j) {
         if (j + 1 < kv_tile_count) {
             bf16* next = kv_tiles + ((j + 1) & 1) * 2 * KV_ROWS * HEAD_DIM;
-            prefill_load_kv_tile<HEAD_DIM>(next, next + KV_ROWS * HEAD_DIM, chunk_table, layout, layer, kv_head,
-                                           (j + 1) * KV_ROWS, kv_end);
+            prefill_load_kv_tile<HEAD_DIM, KIND>(next, next + KV_ROWS * HEAD_DIM, arena, layout, view.block_table,
+                                                 seq, layer, kv_head, (j + 1) * KV_ROWS, kv_end);
         }
         cp_async_commit();
         cp_async_wait_group<1>();
@@ -246,7 +285,8 @@ __device__ __forceinline__ void attention_prefill(const bf16* q, const unsigned 
             const int token = query_row / group;
             const int head = (int)kv_head * group + query_row % group;
             const float inv = half == 0 ? inv_a : inv_b;
-            uint32_t* dst = reinterpret_cast<uint32_t*>(out + ((uint64_t)token * num_heads + head) * HEAD_DIM);
+            uint32_t* dst =
+                reinterpret_cast<uint32_t*>(out + ((uint64_t)(seq.first_row + token) * num_heads + head) * HEAD_DIM);
 #pragma unroll
             for (int d = 0; d < DIM_TILES; ++d) {
                 dst[(d * 8 + 2 * t) / 2] = pack_f32_to_bf16x2(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
@@ -255,43 +295,62 @@ __device__ __forceinline__ void attention_prefill(const bf16* q, const unsigned 
     }
 }
 
-// Grid (ceil(rows * group / 64), num_kv_heads), block PREFILL_THREADS, dynamic shared
-// PrefillShape<HEAD_DIM>::shared_elems * 2 bytes. One entry point per head_dim.
-extern "C" __global__ void attention_prefill_hd16_bf16(const bf16* q,                          // [rows, num_heads, 16]
-                                                       const unsigned long long* chunk_table,  // [chunks]
-                                                       const int* step,                        // [2]: first position, rows
-                                                       bf16* out,                              // [rows, num_heads, 16]
-                                                       int rows, int num_heads, unsigned layer, unsigned num_layers,
-                                                       unsigned num_kv_heads, unsigned chunk_tokens) {
-    attention_prefill<16>(q, chunk_table, step, out, rows, num_heads, layer, num_layers, num_kv_heads, chunk_tokens);
+// One entry point per head_dim: the block's static shared memory, then the layout's kind.
+template <int HEAD_DIM>
+__device__ __forceinline__ void attention_prefill_entry(const bf16* q, const bf16* arena, const KvLayout& layout,
+                                                        const uint32_t* step, bf16* out, int num_seqs, int rows,
+                                                        int num_heads, unsigned layer, bf16* shared) {
+    if (layout.kind == KV_LAYOUT_CHUNKED) {
+        attention_prefill<HEAD_DIM, KV_LAYOUT_CHUNKED>(shared, q, arena, layout, step, out, num_seqs, rows, num_heads,
+                                                       layer);
+    } else {
+        attention_prefill<HEAD_DIM, KV_LAYOUT_CONTIGUOUS>(shared, q, arena, layout, step, out, num_seqs, rows,
+                                                          num_heads, layer);
+    }
 }
 
-extern "C" __global__ void attention_prefill_hd32_bf16(const bf16* q,                          // [rows, num_heads, 32]
-                                                       const unsigned long long* chunk_table,  // [chunks]
-                                                       const int* step,                        // [2]: first position, rows
-                                                       bf16* out,                              // [rows, num_heads, 32]
-                                                       int rows, int num_heads, unsigned layer, unsigned num_layers,
-                                                       unsigned num_kv_heads, unsigned chunk_tokens) {
-    attention_prefill<32>(q, chunk_table, step, out, rows, num_heads, layer, num_layers, num_kv_heads, chunk_tokens);
+// Prefill attention of every sequence of the step with more than one row; the rows of one-row
+// sequences are left alone (attention_decode_bf16 computes them). Grid (the sequences' tiles:
+// the sum of ceil(rows * group / PREFILL_QUERY_ROWS) over sequences of more than one row,
+// num_kv_heads), block PREFILL_THREADS, static shared memory only (48 KiB at head_dim 128).
+extern "C" __global__ void attention_prefill_hd16_bf16(const bf16* q,         // [rows, num_heads, 16]
+                                                       const bf16* arena,     // [chunks, chunk elements] of layout
+                                                       KvLayout layout,       // by value; head_dim 16
+                                                       const uint32_t* step,  // packed step view
+                                                       bf16* out,             // [rows, num_heads, 16]
+                                                       int num_seqs, int rows, int num_heads, unsigned layer) {
+    __shared__ __align__(16) bf16 shared[PrefillShape<16>::shared_elems];
+    attention_prefill_entry<16>(q, arena, layout, step, out, num_seqs, rows, num_heads, layer, shared);
 }
 
-extern "C" __global__ void attention_prefill_hd64_bf16(const bf16* q,                          // [rows, num_heads, 64]
-                                                       const unsigned long long* chunk_table,  // [chunks]
-                                                       const int* step,                        // [2]: first position, rows
-                                                       bf16* out,                              // [rows, num_heads, 64]
-                                                       int rows, int num_heads, unsigned layer, unsigned num_layers,
-                                                       unsigned num_kv_heads, unsigned chunk_tokens) {
-    attention_prefill<64>(q, chunk_table, step, out, rows, num_heads, layer, num_layers, num_kv_heads, chunk_tokens);
+extern "C" __global__ void attention_prefill_hd32_bf16(const bf16* q,         // [rows, num_heads, 32]
+                                                       const bf16* arena,     // [chunks, chunk elements] of layout
+                                                       KvLayout layout,       // by value; head_dim 32
+                                                       const uint32_t* step,  // packed step view
+                                                       bf16* out,             // [rows, num_heads, 32]
+                                                       int num_seqs, int rows, int num_heads, unsigned layer) {
+    __shared__ __align__(16) bf16 shared[PrefillShape<32>::shared_elems];
+    attention_prefill_entry<32>(q, arena, layout, step, out, num_seqs, rows, num_heads, layer, shared);
 }
 
-extern "C" __global__ void attention_prefill_hd128_bf16(const bf16* q,                          // [rows, num_heads, 128]
-                                                        const unsigned long long* chunk_table,  // [chunks]
-                                                        const int* step,                        // [2]: first position, rows
-                                                        bf16* out,                              // [rows, num_heads, 128]
-                                                        int rows, int num_heads, unsigned layer, unsigned num_layers,
-                                                        unsigned num_kv_heads, unsigned chunk_tokens) {
-    attention_prefill<128>(q, chunk_table, step, out, rows, num_heads, layer, num_layers, num_kv_heads,
-                           chunk_tokens);
+extern "C" __global__ void attention_prefill_hd64_bf16(const bf16* q,         // [rows, num_heads, 64]
+                                                       const bf16* arena,     // [chunks, chunk elements] of layout
+                                                       KvLayout layout,       // by value; head_dim 64
+                                                       const uint32_t* step,  // packed step view
+                                                       bf16* out,             // [rows, num_heads, 64]
+                                                       int num_seqs, int rows, int num_heads, unsigned layer) {
+    __shared__ __align__(16) bf16 shared[PrefillShape<64>::shared_elems];
+    attention_prefill_entry<64>(q, arena, layout, step, out, num_seqs, rows, num_heads, layer, shared);
+}
+
+extern "C" __global__ void attention_prefill_hd128_bf16(const bf16* q,         // [rows, num_heads, 128]
+                                                        const bf16* arena,     // [chunks, chunk elements] of layout
+                                                        KvLayout layout,       // by value; head_dim 128
+                                                        const uint32_t* step,  // packed step view
+                                                        bf16* out,             // [rows, num_heads, 128]
+                                                        int num_seqs, int rows, int num_heads, unsigned layer) {
+    __shared__ __align__(16) bf16 shared[PrefillShape<128>::shared_elems];
+    attention_prefill_entry<128>(q, arena, layout, step, out, num_seqs, rows, num_heads, layer, shared);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -301,27 +360,44 @@ extern "C" __global__ void attention_prefill_hd128_bf16(const bf16* q,          
 #define DECODE_WARPS (DECODE_THREADS / WARP_SIZE)
 #define DECODE_HEADS_PER_BLOCK 4
 #define DECODE_MAX_HEAD_DIM 256
-#define DECODE_MAX_SPLITS 64
+#define DECODE_MAX_SPLITS 128
 // Positions per split are a multiple of this, so short sequences use few splits.
 #define DECODE_SPLIT_QUANTUM 32
+// Positions each lane loads (a 16-byte vector of K and one of V each) before it uses any.
+#define DECODE_ROWS_IN_FLIGHT 4
+// Chunks whose bases a block keeps in shared memory at once.
+#define DECODE_TABLE_WINDOW 64
 
-// Positions per split for a sequence of kv_len positions; the same formula in both kernels.
-__device__ __forceinline__ int decode_split_len(int kv_len, int num_splits) {
-    const int even = (kv_len + num_splits - 1) / num_splits;
-    return (even + DECODE_SPLIT_QUANTUM - 1) / DECODE_SPLIT_QUANTUM * DECODE_SPLIT_QUANTUM;
-}
+static_assert(DECODE_MAX_SPLITS <= DECODE_THREADS, "the merge gives each split one thread");
 
-template <bool CHUNKED>
-__device__ __forceinline__ const uint4* decode_kv_row(const void* kv, const KvLayout& layout, unsigned layer,
-                                                      unsigned part, unsigned head, int pos) {
-    if constexpr (CHUNKED) {
-        return reinterpret_cast<const uint4*>(kv_row_address(reinterpret_cast<const unsigned long long*>(kv), layout,
-                                                             layer, part, head, (unsigned)pos));
-    } else {
-        return reinterpret_cast<const uint4*>(reinterpret_cast<const bf16*>(kv) +
-                                              kv_offset_in_chunk(layout, layer, part, head, (unsigned)pos));
+// Positions per split of a sequence of kv_len positions cut into at most max_splits ranges
+// (the launch's gridDim.x): a multiple of DECODE_SPLIT_QUANTUM and, in the chunked layout,
+// aligned to chunks: whole chunks when a split is as long as a chunk, else a power of two that
+// divides a power-of-two chunk, so that a split never straddles a chunk boundary it need not.
+// Every block of the sequence computes the same.
+__device__ __forceinline__ int decode_split_len(int kv_len, int max_splits, const KvLayout& layout) {
+    const int even = (kv_len + max_splits - 1) / max_splits;
+    int len = (even + DECODE_SPLIT_QUANTUM - 1) / DECODE_SPLIT_QUANTUM * DECODE_SPLIT_QUANTUM;
+    if (layout.kind == KV_LAYOUT_CHUNKED) {
+        const int chunk = (int)layout.chunk_tokens;
+        if (len >= chunk) {
+            len = (len + chunk - 1) / chunk * chunk;
+        } else if ((chunk & (chunk - 1)) == 0) {
+            int power = DECODE_SPLIT_QUANTUM;
+            while (power < len) {
+                power <<= 1;
+            }
+            len = power;
+        }
     }
+    return len;
 }
+
+// How a decode block finds the K row of a position (its V row sits a fixed distance after it):
+// one base for the whole contiguous run, or the bases of the chunks of the current window of
+// the block table, read once per chunk into shared memory, and the position's chunk and slot
+// by shift and mask (power-of-two chunks) or by division.
+enum DecodeAddressing { DECODE_CONTIGUOUS, DECODE_CHUNKS_BY_SHIFT, DECODE_CHUNKS_BY_DIVISION };
 
 // Folds (other_max, other_sum, other_acc) into (max, sum, acc): two partial softmax states.
 __device__ __forceinline__ void decode_merge_state(float& max, float& sum, float acc[8], float other_max,
@@ -340,40 +416,101 @@ __device__ __forceinline__ void decode_merge_state(float& max, float& sum, float
     }
 }
 
-// Each row of head_dim is read by `lanes_per_row` = head_dim / 8 lanes, one 16-byte vector
-// each; a warp covers 32 / lanes_per_row positions per step. head_dim is a power of two in
-// [16, 256].
-template <bool CHUNKED>
-__device__ __forceinline__ void attention_decode_split(const bf16* q, const void* kv, const int* step,
-                                                       float* partial_acc, float* partial_max_sum,
-                                                       unsigned* split_counters, bf16* out, int num_heads,
-                                                       unsigned layer, unsigned num_layers, unsigned num_kv_heads,
-                                                       unsigned head_dim, unsigned chunk_tokens, int num_splits) {
-    __shared__ float warp_acc[DECODE_WARPS][DECODE_HEADS_PER_BLOCK][DECODE_MAX_HEAD_DIM];
-    __shared__ float warp_max[DECODE_WARPS][DECODE_HEADS_PER_BLOCK];
-    __shared__ float warp_sum[DECODE_WARPS][DECODE_HEADS_PER_BLOCK];
+// Shared memory of a decode block, declared once by the entry point (every addressing's code
+// uses it).
+struct DecodeShared {
+    float warp_acc[DECODE_WARPS][DECODE_HEADS_PER_BLOCK][DECODE_MAX_HEAD_DIM];
+    float warp_max[DECODE_WARPS][DECODE_HEADS_PER_BLOCK];
+    float warp_sum[DECODE_WARPS][DECODE_HEADS_PER_BLOCK];
+    // Entry offset of the K row of slot 0 of (layer, KV head) in each chunk of the window.
+    uint64_t chunk_base[DECODE_TABLE_WINDOW];
+    float reduce[DECODE_WARPS][DECODE_HEADS_PER_BLOCK];
+    float split_weight[DECODE_HEADS_PER_BLOCK][DECODE_MAX_SPLITS];
+    bool is_last_block;
+};
 
-    const KvLayout layout = make_kv_layout(num_layers, num_kv_heads, head_dim, chunk_tokens);
-    const int kv_len = step[0] + 1;
+// values[h] reduced over the block (the largest, or the sum) for every head h; every thread gets
+// the results. Contains barriers: every thread of the block calls it.
+template <bool LARGEST>
+__device__ __forceinline__ void decode_block_reduce(DecodeShared& shared, float values[DECODE_HEADS_PER_BLOCK]) {
+    const int warp = threadIdx.x / WARP_SIZE;
+#pragma unroll
+    for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+        values[h] = LARGEST ? warp_reduce_max(values[h]) : warp_reduce_sum(values[h]);
+        if (threadIdx.x % WARP_SIZE == 0) {
+            shared.reduce[warp][h] = values[h];
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+        float value = shared.reduce[0][h];
+#pragma unroll
+        for (int w = 1; w < DECODE_WARPS; ++w) {
+            value = LARGEST ? fmaxf(value, shared.reduce[w][h]) : value + shared.reduce[w][h];
+        }
+        values[h] = value;
+    }
+    __syncthreads();
+}
+
+// One block: split blockIdx.x of the one-row sequence blockIdx.z, for the head tile blockIdx.y
+// (a KV head's query heads in tiles of DECODE_HEADS_PER_BLOCK). Each row of head_dim is read by
+// `lanes_per_row` = head_dim / 8 lanes, one 16-byte vector each, so a warp covers
+// `rows_per_warp` = 32 / lanes_per_row positions per load, and every lane issues the loads of
+// DECODE_ROWS_IN_FLIGHT positions (rows_per_warp apart) before it uses one: a warp keeps
+// DECODE_ROWS_IN_FLIGHT x 1 KiB of K and V in flight. head_dim is a power of two in [16, 256].
+template <int ADDRESSING>
+__device__ __forceinline__ void attention_decode_split(DecodeShared& shared, const bf16* q, const bf16* arena,
+                                                       const KvLayout& layout, const uint32_t* step,
+                                                       float* partial_acc, float* partial_max_sum,
+                                                       unsigned* split_counters, bf16* out, int num_seqs, int rows,
+                                                       int num_heads, unsigned layer) {
+    const KvStepView view = kv_step_view(step, num_seqs, rows);
+    const int seq_index = blockIdx.z;
+    const KvSeqStep seq = view.seqs[seq_index];
+    if (seq.rows != 1) {
+        return;  // the whole block: a sequence of several rows is attention_prefill's
+    }
+    const int head_dim = (int)layout.head_dim;
+    const int kv_len = (int)seq.start + 1;
+    const int max_splits = (int)gridDim.x;
     const int split = blockIdx.x;
-    const int split_len = decode_split_len(kv_len, num_splits);
+    const int split_len = decode_split_len(kv_len, max_splits, layout);
     const int begin = split * split_len;
     const int end = min(kv_len, begin + split_len);
     if (begin >= end) {
         return;  // the whole block: this split is past the sequence; the merge counts active splits only
     }
-    const int group = num_heads / (int)num_kv_heads;
+    const int group = num_heads / (int)layout.num_kv_heads;
     const int head_tiles = (group + DECODE_HEADS_PER_BLOCK - 1) / DECODE_HEADS_PER_BLOCK;
     const unsigned kv_head = blockIdx.y / head_tiles;
     const int first_head = (int)kv_head * group + (blockIdx.y % head_tiles) * DECODE_HEADS_PER_BLOCK;
     const int heads_here = min(DECODE_HEADS_PER_BLOCK, (int)kv_head * group + group - first_head);
+    // The sequence's query and output row, and its heads' partials.
+    const uint64_t row_elems = (uint64_t)seq.first_row * num_heads * head_dim;
+    q += row_elems;
+    out += row_elems;
+    const uint64_t first_seq_slot = (uint64_t)seq_index * num_heads * max_splits;
+    unsigned* split_counter = split_counters + (uint64_t)seq_index * gridDim.y + blockIdx.y;
 
     const int warp = threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
-    const int lanes_per_row = (int)head_dim / 8;
+    const int lanes_per_row = head_dim / 8;
     const int rows_per_warp = WARP_SIZE / lanes_per_row;
     const int row_in_warp = lane / lanes_per_row;
     const int vector = lane % lanes_per_row;  // this lane's 8 dimensions: 8 * vector ..
+    const int warp_span = rows_per_warp * DECODE_ROWS_IN_FLIGHT;  // positions a warp loads at once
+    const int block_span = DECODE_WARPS * warp_span;
+
+    // Inside a block (a chunk, or the contiguous run) the K rows of (layer, kv_head) follow one
+    // another head_dim apart from `head_offset`; each V row sits `value_offset` after its K row.
+    const uint64_t head_offset = kv_offset_in_block(layout, layer, KV_PART_KEY, kv_head, 0, seq.block_tokens);
+    const uint64_t value_offset =
+        kv_offset_in_block(layout, layer, KV_PART_VALUE, kv_head, 0, seq.block_tokens) - head_offset;
+    const uint32_t* table = view.block_table + seq.table_start;
+    const unsigned chunk_tokens = layout.chunk_tokens;
+    const unsigned chunk_shift = (unsigned)(__ffs((int)chunk_tokens) - 1);
 
     const float scale = LOG2_E / sqrtf((float)head_dim);
     float q_reg[DECODE_HEADS_PER_BLOCK][8];
@@ -397,49 +534,105 @@ __device__ __forceinline__ void attention_decode_split(const bf16* q, const void
         }
     }
 
-    // The loop bound is uniform across the warp (the shuffles need every lane); lanes past the
-    // range load nothing and skip the update.
-    const int step_positions = DECODE_WARPS * rows_per_warp;
-    for (int base = begin + warp * rows_per_warp; base < end; base += step_positions) {
-        const int pos = base + row_in_warp;
-        const bool valid = pos < end;
-        uint4 k_vec = make_uint4(0u, 0u, 0u, 0u);
-        uint4 v_vec = make_uint4(0u, 0u, 0u, 0u);
-        if (valid) {
-            k_vec = decode_kv_row<CHUNKED>(kv, layout, layer, KV_PART_KEY, kv_head, pos)[vector];
-            v_vec = decode_kv_row<CHUNKED>(kv, layout, layer, KV_PART_VALUE, kv_head, pos)[vector];
-        }
-        const uint32_t k_words[4] = {k_vec.x, k_vec.y, k_vec.z, k_vec.w};
-        const uint32_t v_words[4] = {v_vec.x, v_vec.y, v_vec.z, v_vec.w};
-        float v_val[8];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            v_val[2 * i] = bf16x2_lo_to_f32(v_words[i]);
-            v_val[2 * i + 1] = bf16x2_hi_to_f32(v_words[i]);
-        }
-#pragma unroll
-        for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
-            float score = 0.0f;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                score = fmaf(q_reg[h][2 * i], bf16x2_lo_to_f32(k_words[i]), score);
-                score = fmaf(q_reg[h][2 * i + 1], bf16x2_hi_to_f32(k_words[i]), score);
+    // The split in windows of whole table entries (contiguous: one window). The loop bounds are
+    // uniform across the block (the barriers need every thread) and a warp's tile bound across
+    // the warp (the shuffles need every lane); lanes past the window load nothing and skip the
+    // update.
+    for (int window = begin; window < end;) {
+        int window_end = end;
+        uint64_t run_base = 0;  // contiguous: the K row of position 0
+        int first_entry = 0;
+        if constexpr (ADDRESSING == DECODE_CONTIGUOUS) {
+            run_base = table[0] * kv_chunk_elems(layout) + head_offset;
+        } else {
+            first_entry = ADDRESSING == DECODE_CHUNKS_BY_SHIFT ? window >> chunk_shift : window / (int)chunk_tokens;
+            const int last_entry = ADDRESSING == DECODE_CHUNKS_BY_SHIFT ? (end - 1) >> chunk_shift
+                                                                        : (end - 1) / (int)chunk_tokens;
+            const int entries = min(DECODE_TABLE_WINDOW, last_entry - first_entry + 1);
+            window_end = min(end, (first_entry + entries) * (int)chunk_tokens);
+            __syncthreads();  // every warp is done with the previous window's bases
+            for (int e = threadIdx.x; e < entries; e += DECODE_THREADS) {
+                shared.chunk_base[e] = table[first_entry + e] * kv_chunk_elems(layout) + head_offset;
             }
-            for (int offset = lanes_per_row / 2; offset > 0; offset >>= 1) {
-                score += __shfl_xor_sync(FULL_WARP_MASK, score, offset);
+            __syncthreads();
+        }
+        for (int tile = window + warp * warp_span; tile < window_end; tile += block_span) {
+            uint4 k_vec[DECODE_ROWS_IN_FLIGHT], v_vec[DECODE_ROWS_IN_FLIGHT];
+#pragma unroll
+            for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
+                const int pos = tile + r * rows_per_warp + row_in_warp;
+                k_vec[r] = make_uint4(0u, 0u, 0u, 0u);
+                v_vec[r] = make_uint4(0u, 0u, 0u, 0u);
+                if (pos < window_end) {
+                    uint64_t row;
+                    if constexpr (ADDRESSING == DECODE_CONTIGUOUS) {
+                        row = run_base + (uint64_t)pos * head_dim;
+                    } else if constexpr (ADDRESSING == DECODE_CHUNKS_BY_SHIFT) {
+                        row = shared.chunk_base[(pos >> chunk_shift) - first_entry] +
+                              (uint64_t)(pos & (chunk_tokens - 1)) * head_dim;
+                    } else {
+                        row = shared.chunk_base[pos / (int)chunk_tokens - first_entry] +
+                              (uint64_t)(pos % (int)chunk_tokens) * head_dim;
+                    }
+                    k_vec[r] = reinterpret_cast<const uint4*>(arena + row)[vector];
+                    v_vec[r] = reinterpret_cast<const uint4*>(arena + row + value_offset)[vector];
+                }
             }
-            if (valid && h < heads_here) {
-                const float new_max = fmaxf(max[h], score);
+            float score[DECODE_ROWS_IN_FLIGHT][DECODE_HEADS_PER_BLOCK];
+#pragma unroll
+            for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
+                const uint32_t k_words[4] = {k_vec[r].x, k_vec[r].y, k_vec[r].z, k_vec[r].w};
+#pragma unroll
+                for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+                    float dot = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        dot = fmaf(q_reg[h][2 * i], bf16x2_lo_to_f32(k_words[i]), dot);
+                        dot = fmaf(q_reg[h][2 * i + 1], bf16x2_hi_to_f32(k_words[i]), dot);
+                    }
+                    for (int offset = lanes_per_row / 2; offset > 0; offset >>= 1) {
+                        dot += __shfl_xor_sync(FULL_WARP_MASK, dot, offset);
+                    }
+                    score[r][h] = dot;
+                }
+            }
+            // The online softmax over this lane's positions: one rescale per head for all of them.
+#pragma unroll
+            for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+                float tile_max = negative_infinity();
+#pragma unroll
+                for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
+                    if (tile + r * rows_per_warp + row_in_warp < window_end) {
+                        tile_max = fmaxf(tile_max, score[r][h]);
+                    }
+                }
+                if (h >= heads_here || tile_max == negative_infinity()) {
+                    continue;  // a padding head, or no position of this lane in the window
+                }
+                const float new_max = fmaxf(max[h], tile_max);
                 const float alpha = exp2f(max[h] - new_max);
-                const float p = exp2f(score - new_max);
                 max[h] = new_max;
-                sum[h] = sum[h] * alpha + p;
+                sum[h] *= alpha;
 #pragma unroll
                 for (int d = 0; d < 8; ++d) {
-                    acc[h][d] = fmaf(p, v_val[d], acc[h][d] * alpha);
+                    acc[h][d] *= alpha;
+                }
+#pragma unroll
+                for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
+                    if (tile + r * rows_per_warp + row_in_warp < window_end) {
+                        const float p = exp2f(score[r][h] - new_max);
+                        sum[h] += p;
+                        const uint32_t v_words[4] = {v_vec[r].x, v_vec[r].y, v_vec[r].z, v_vec[r].w};
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            acc[h][2 * i] = fmaf(p, bf16x2_lo_to_f32(v_words[i]), acc[h][2 * i]);
+                            acc[h][2 * i + 1] = fmaf(p, bf16x2_hi_to_f32(v_words[i]), acc[h][2 * i + 1]);
+                        }
+                    }
                 }
             }
         }
+        window = window_end;
     }
 
     // Fold the warp's rows into its first row (lanes 0 .. lanes_per_row - 1).
@@ -461,33 +654,34 @@ __device__ __forceinline__ void attention_decode_split(const bf16* q, const void
         for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
 #pragma unroll
             for (int d = 0; d < 8; ++d) {
-                warp_acc[warp][h][vector * 8 + d] = acc[h][d];
+                shared.warp_acc[warp][h][vector * 8 + d] = acc[h][d];
             }
             if (vector == 0) {
-                warp_max[warp][h] = max[h];
-                warp_sum[warp][h] = sum[h];
+                shared.warp_max[warp][h] = max[h];
+                shared.warp_sum[warp][h] = sum[h];
             }
         }
     }
     __syncthreads();
 
     // Fold the warps: one thread per (head, dimension); the split's unnormalised state goes out.
-    for (int item = threadIdx.x; item < heads_here * (int)head_dim; item += DECODE_THREADS) {
-        const int h = item / (int)head_dim;
-        const int d = item % (int)head_dim;
+    for (int item = threadIdx.x; item < heads_here * head_dim; item += DECODE_THREADS) {
+        const int h = item / head_dim;
+        const int d = item % head_dim;
         float block_max = negative_infinity();
 #pragma unroll
         for (int w = 0; w < DECODE_WARPS; ++w) {
-            block_max = fmaxf(block_max, warp_max[w][h]);
+            block_max = fmaxf(block_max, shared.warp_max[w][h]);
         }
         float block_sum = 0.0f, block_acc = 0.0f;
 #pragma unroll
         for (int w = 0; w < DECODE_WARPS; ++w) {
-            const float weight = warp_max[w][h] == negative_infinity() ? 0.0f : exp2f(warp_max[w][h] - block_max);
-            block_sum += warp_sum[w][h] * weight;
-            block_acc += warp_acc[w][h][d] * weight;
+            const float warp_max = shared.warp_max[w][h];
+            const float weight = warp_max == negative_infinity() ? 0.0f : exp2f(warp_max - block_max);
+            block_sum += shared.warp_sum[w][h] * weight;
+            block_acc += shared.warp_acc[w][h][d] * weight;
         }
-        const uint64_t slot = (uint64_t)(first_head + h) * num_splits + split;
+        const uint64_t slot = first_seq_slot + (uint64_t)(first_head + h) * max_splits + split;
         partial_acc[slot * head_dim + d] = block_acc;
         if (d == 0) {
             partial_max_sum[2 * slot] = block_max;
@@ -497,83 +691,100 @@ __device__ __forceinline__ void attention_decode_split(const bf16* q, const void
 
     // The last block of this head group to finish merges every active split (the classic
     // threadfence reduction): each block makes its partials visible, then takes a ticket.
-    __shared__ bool is_last_block;
     __threadfence();
     __syncthreads();
     const int active_splits = (kv_len + split_len - 1) / split_len;
     if (threadIdx.x == 0) {
-        is_last_block = atomicAdd(&split_counters[blockIdx.y], 1u) == (unsigned)(active_splits - 1);
+        shared.is_last_block = atomicAdd(split_counter, 1u) == (unsigned)(active_splits - 1);
     }
     __syncthreads();
-    if (!is_last_block) {
+    if (!shared.is_last_block) {
         return;
     }
-    // Other blocks' partials are read past L1 (volatile): they were written on other SMs.
-    const volatile float* all_acc = partial_acc;
-    const volatile float* all_max_sum = partial_max_sum;
-    __shared__ float split_weight[DECODE_HEADS_PER_BLOCK][DECODE_MAX_SPLITS];
-    if ((int)threadIdx.x < heads_here) {
-        const int h = threadIdx.x;
-        const uint64_t first_slot = (uint64_t)(first_head + h) * num_splits;
-        float overall_max = negative_infinity();
-        for (int s = 0; s < active_splits; ++s) {
-            overall_max = fmaxf(overall_max, all_max_sum[2 * (first_slot + s)]);
-        }
-        float total_sum = 0.0f;
-        for (int s = 0; s < active_splits; ++s) {
-            const float weight = exp2f(all_max_sum[2 * (first_slot + s)] - overall_max);
-            split_weight[h][s] = weight;
-            total_sum += all_max_sum[2 * (first_slot + s) + 1] * weight;
-        }
-        for (int s = 0; s < active_splits; ++s) {
-            split_weight[h][s] /= total_sum;
+    // Each split's weight, all splits at once: thread s reads split s of every head (other
+    // blocks' partials, read past L1: they were written on other SMs).
+    const int s = threadIdx.x;
+    float split_max[DECODE_HEADS_PER_BLOCK], split_sum[DECODE_HEADS_PER_BLOCK];
+#pragma unroll
+    for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+        const bool present = h < heads_here && s < active_splits;
+        const uint64_t slot = first_seq_slot + (uint64_t)(first_head + h) * max_splits + s;
+        split_max[h] = present ? load_past_l1(partial_max_sum + 2 * slot) : negative_infinity();
+        split_sum[h] = present ? load_past_l1(partial_max_sum + 2 * slot + 1) : 0.0f;
+    }
+    float overall_max[DECODE_HEADS_PER_BLOCK], weighted_sum[DECODE_HEADS_PER_BLOCK];
+#pragma unroll
+    for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+        overall_max[h] = split_max[h];
+    }
+    decode_block_reduce<true>(shared, overall_max);
+#pragma unroll
+    for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+        // Every active split saw at least one position: its max is finite.
+        split_max[h] = split_max[h] == negative_infinity() ? 0.0f : exp2f(split_max[h] - overall_max[h]);
+        weighted_sum[h] = split_sum[h] * split_max[h];
+    }
+    decode_block_reduce<false>(shared, weighted_sum);
+    if (s < active_splits) {
+#pragma unroll
+        for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
+            shared.split_weight[h][s] = split_max[h] / weighted_sum[h];
         }
     }
     __syncthreads();
-    for (int item = threadIdx.x; item < heads_here * (int)head_dim; item += DECODE_THREADS) {
-        const int h = item / (int)head_dim;
-        const int d = item % (int)head_dim;
-        const uint64_t first_slot = (uint64_t)(first_head + h) * num_splits;
+    for (int item = threadIdx.x; item < heads_here * head_dim; item += DECODE_THREADS) {
+        const int h = item / head_dim;
+        const int d = item % head_dim;
+        const float* first = partial_acc + (first_seq_slot + (uint64_t)(first_head + h) * max_splits) * head_dim + d;
         float value = 0.0f;
-        for (int s = 0; s < active_splits; ++s) {
-            value += all_acc[(first_slot + s) * head_dim + d] * split_weight[h][s];
+        int t = 0;
+        // Four loads in flight at a time.
+        for (; t + 4 <= active_splits; t += 4) {
+            float part[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                part[u] = load_past_l1(first + (uint64_t)(t + u) * head_dim);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                value += part[u] * shared.split_weight[h][t + u];
+            }
+        }
+        for (; t < active_splits; ++t) {
+            value += load_past_l1(first + (uint64_t)t * head_dim) * shared.split_weight[h][t];
         }
         out[(uint64_t)(first_head + h) * head_dim + d] = f32_to_bf16(value);
     }
     if (threadIdx.x == 0) {
-        split_counters[blockIdx.y] = 0u;  // ready for the next step
+        *split_counter = 0u;  // ready for the next step
     }
 }
 
-// Decode attention over the static cache (one contiguous chunk): one block per (split, KV head
-// and head tile). Grid (num_splits, num_kv_heads * ceil(group / DECODE_HEADS_PER_BLOCK)),
-// block DECODE_THREADS, num_splits <= DECODE_MAX_SPLITS. split_counters start at zero and are
-// left at zero.
-extern "C" __global__ void attention_decode_contiguous_bf16(const bf16* q,                // [num_heads, head_dim]
-                                                            const bf16* cache,            // [chunk elements]
-                                                            const int* step,              // [2]: position, rows
-                                                            float* partial_acc,           // [num_heads, num_splits, head_dim]
-                                                            float* partial_max_sum,       // [num_heads, num_splits, 2]
-                                                            unsigned* split_counters,     // [gridDim.y]
-                                                            bf16* out,                    // [num_heads, head_dim]
-                                                            int num_heads, unsigned layer, unsigned num_layers,
-                                                            unsigned num_kv_heads, unsigned head_dim,
-                                                            unsigned chunk_tokens, int num_splits) {
-    attention_decode_split<false>(q, cache, step, partial_acc, partial_max_sum, split_counters, out, num_heads,
-                                  layer, num_layers, num_kv_heads, head_dim, chunk_tokens, num_splits);
-}
-
-// attention_decode_contiguous_bf16 over the dynamic cache's chunk table.
-extern "C" __global__ void attention_decode_chunked_bf16(const bf16* q,                          // [num_heads, head_dim]
-                                                         const unsigned long long* chunk_table,  // [chunks]
-                                                         const int* step,                        // [2]: position, rows
-                                                         float* partial_acc,       // [num_heads, num_splits, head_dim]
-                                                         float* partial_max_sum,   // [num_heads, num_splits, 2]
-                                                         unsigned* split_counters,  // [gridDim.y]
-                                                         bf16* out,                 // [num_heads, head_dim]
-                                                         int num_heads, unsigned layer, unsigned num_layers,
-                                                         unsigned num_kv_heads, unsigned head_dim,
-                                                         unsigned chunk_tokens, int num_splits) {
-    attention_decode_split<true>(q, chunk_table, step, partial_acc, partial_max_sum, split_counters, out, num_heads,
-                                 layer, num_layers, num_kv_heads, head_dim, chunk_tokens, num_splits);
+// Decode attention of every sequence of the step with one row, in one launch; sequences of
+// several rows are left alone (attention_prefill_hd* computes them). Grid (max_splits,
+// num_kv_heads * ceil(group / DECODE_HEADS_PER_BLOCK), num_seqs), block DECODE_THREADS,
+// max_splits <= DECODE_MAX_SPLITS: each sequence is cut into splits of decode_split_len
+// positions, as many as needed up to gridDim.x. split_counters start at zero and are left at
+// zero.
+extern "C" __global__ void attention_decode_bf16(const bf16* q,            // [rows, num_heads, head_dim]
+                                                 const bf16* arena,        // [chunks, chunk elements] of layout
+                                                 KvLayout layout,          // the arena's geometry, by value
+                                                 const uint32_t* step,     // packed step view [5 num_seqs + 2 rows + table]
+                                                 float* partial_acc,       // [num_seqs, num_heads, gridDim.x, head_dim]
+                                                 float* partial_max_sum,   // [num_seqs, num_heads, gridDim.x, 2]
+                                                 unsigned* split_counters, // [num_seqs, gridDim.y]
+                                                 bf16* out,                // [rows, num_heads, head_dim]
+                                                 int num_seqs, int rows, int num_heads, unsigned layer) {
+    __shared__ DecodeShared shared;
+    if (layout.kind != KV_LAYOUT_CHUNKED) {
+        attention_decode_split<DECODE_CONTIGUOUS>(shared, q, arena, layout, step, partial_acc, partial_max_sum,
+                                                  split_counters, out, num_seqs, rows, num_heads, layer);
+    } else if ((layout.chunk_tokens & (layout.chunk_tokens - 1)) == 0) {
+        attention_decode_split<DECODE_CHUNKS_BY_SHIFT>(shared, q, arena, layout, step, partial_acc, partial_max_sum,
+                                                       split_counters, out, num_seqs, rows, num_heads, layer);
+    } else {
+        attention_decode_split<DECODE_CHUNKS_BY_DIVISION>(shared, q, arena, layout, step, partial_acc,
+                                                          partial_max_sum, split_counters, out, num_seqs, rows,
+                                                          num_heads, layer);
+    }
 }

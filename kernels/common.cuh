@@ -14,7 +14,8 @@
 //
 // Kernel conventions (build.rs parses them; the launch path checks arguments against them):
 // - `extern "C" __global__ void name(...)`, no templates at the __global__ level.
-// - Arguments only: pointers (`T*`, `const T*`), `int`, `unsigned`, `float`, `unsigned long long`.
+// - Arguments only: pointers (`T*`, `const T*`), `int`, `unsigned`, `float`, and `KvLayout`
+//   (kv_layout.cuh) by value.
 // - Every pointer argument carries a shape comment, e.g. `const float* x,  // [rows, cols]`.
 // - Every barrier is reached by every thread of the block: no early `return` before a
 //   `__syncthreads()` (CUDA: undefined behaviour; the emulator reports it).
@@ -159,6 +160,19 @@ __device__ __forceinline__ float warp_reduce_max(float value) {
         value = fmaxf(value, __shfl_xor_sync(FULL_WARP_MASK, value, offset));
     }
     return value;
+}
+
+// A global load that bypasses L1 (ld.global.cg): a value another block wrote during this launch
+// and made visible with __threadfence (a split reduction's partials). Issue several before using
+// the first to have them in flight together.
+__device__ __forceinline__ float load_past_l1(const float* address) {
+#ifdef KVLAB_EMU
+    return *reinterpret_cast<const volatile float*>(address);
+#else
+    float value;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(value) : "l"(address) : "memory");
+    return value;
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------

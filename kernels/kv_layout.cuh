@@ -1,69 +1,171 @@
-// The C mirror of `kvlab::kv::KvLayout` (src/kv/mod.rs): the geometry of KV memory that the
-// CPU code and the kernels both read, so the contiguous and the chunked layout differ in one
-// place only. THE TWO MUST CHANGE TOGETHER: same fields in the same order, same formulas for
-// `offset_in_chunk` and `locate`; the static_assert below and its twin in
-// src/backend/cuda/backend.rs (`size_of::<KvLayout>() == 16`) catch a field added on one side
-// only, and tests/cuda_kernels.rs checks the offsets against the CPU backend's.
+// The C mirror of `kvlab::kv::KvLayout` (src/kv/layout.rs) and of the step view
+// (`kvlab::kv::StepView`, src/kv/step.rs): the geometry of KV memory and the rows of a forward
+// step, which the CPU code and the kernels both read, so that the contiguous and the chunked
+// layout differ in one place only. THE TWO SIDES MUST CHANGE TOGETHER: same fields in the same
+// order, same formulas for `kv_offset_in_block` (`KvLayout::code_offset_in_block`, which counts
+// bytes: a bf16 entry is 2), `kv_locate` (`StepView::locate`), `kv_row_offset`
+// (`StepView::row_offsets`'s `codes`) and `kv_step_advance` (`StepView::advance`). The kernels
+// store bf16 only: the CUDA backend refuses the CPU's int8 and fp8 types (their scales follow the
+// codes of each block, src/kv/layout.rs) and sequences with slot maps (eviction policies) before
+// any kernel sees them. The static_asserts below
+// and their twins in src/kv/layout.rs and src/kv/step.rs catch a field added on one side only;
+// src/backend/cuda/kernels.rs checks the KV_LAYOUT_*, KV_DTYPE_* and KV_PART_* values below
+// against the Rust enums (build.rs turns them into Rust constants); the selftest's kernel checks
+// compare every kernel that reads them with the CPU backend.
 //
-// A chunk is `[num_layers][2 (K, V)][num_kv_heads][chunk_tokens][head_dim]` bf16: for one layer
-// and head, a chunk's positions are contiguous rows of `head_dim`. The static cache is one chunk
-// as large as its capacity; the dynamic cache finds position `pos` in chunk `pos / chunk_tokens`
-// of its chunk table (an array of chunk base addresses in device memory).
+// The arena of a pool is `[chunks][chunk_elems]` entries (bf16 on CUDA): chunk `c` starts at
+// entry `c * kv_chunk_elems(layout)`. A *block* is one sequence's positions in one chunk
+// (chunked layout, `block_tokens = chunk_tokens`) or in its whole run of consecutive chunks
+// (contiguous layout, `block_tokens` = the run's capacity), ordered
+// `[num_layers][2 (K, V)][num_kv_heads][block_tokens][head_dim]`: for one layer and head a
+// block's positions are consecutive rows of `head_dim`, which is what attention streams.
+//
+// Kernels receive the layout by value (one argument, `KvLayout layout`) and the step view as a
+// pointer to its packed words in device memory (`StepView::packed`: the sequences, `row_seq`,
+// `row_pos`, the block tables), with the step's sequence and row counts as scalars; read it
+// through `kv_step_view`.
 #pragma once
 
 #include "common.cuh"
 
-struct KvLayout {
-    uint32_t num_layers;
-    uint32_t num_kv_heads;
-    uint32_t head_dim;
-    // Positions per chunk. Static cache: its whole capacity.
-    uint32_t chunk_tokens;
-};
-
-static_assert(sizeof(KvLayout) == 16, "KvLayout must match src/kv/mod.rs: four u32 fields");
+#define KV_LAYOUT_CONTIGUOUS 0
+#define KV_LAYOUT_CHUNKED 1
+#define KV_DTYPE_F32 0
+#define KV_DTYPE_BF16 1
 
 #define KV_PART_KEY 0u
 #define KV_PART_VALUE 1u
 
-// Kernels receive the four fields as scalar arguments (kernel arguments are pointers and
-// scalars only) and rebuild the struct with this.
-__device__ __forceinline__ KvLayout make_kv_layout(unsigned num_layers, unsigned num_kv_heads, unsigned head_dim,
-                                                   unsigned chunk_tokens) {
-    KvLayout layout;
-    layout.num_layers = num_layers;
-    layout.num_kv_heads = num_kv_heads;
-    layout.head_dim = head_dim;
-    layout.chunk_tokens = chunk_tokens;
-    return layout;
+struct KvLayout {
+    uint32_t kind;   // KV_LAYOUT_CONTIGUOUS or KV_LAYOUT_CHUNKED
+    uint32_t dtype;  // KV_DTYPE_F32 or KV_DTYPE_BF16 (the CUDA kernels store bf16)
+    uint32_t num_layers;
+    uint32_t num_kv_heads;
+    uint32_t head_dim;
+    // Positions per chunk: the chunked layout's chunk, the contiguous layout's unit of runs.
+    uint32_t chunk_tokens;
+};
+
+// Six u32 in 24 bytes leave no padding, and aggregate initialisation follows declaration order:
+// together they fix every field's offset (NVRTC has no offsetof; the emulator build also checks
+// the offsets with it).
+static_assert(sizeof(KvLayout) == 24, "KvLayout must match src/kv/layout.rs: six u32 fields");
+static_assert(KvLayout{0, 1, 2, 3, 4, 5}.kind == 0 && KvLayout{0, 1, 2, 3, 4, 5}.dtype == 1 &&
+                  KvLayout{0, 1, 2, 3, 4, 5}.num_layers == 2 && KvLayout{0, 1, 2, 3, 4, 5}.num_kv_heads == 3 &&
+                  KvLayout{0, 1, 2, 3, 4, 5}.head_dim == 4 && KvLayout{0, 1, 2, 3, 4, 5}.chunk_tokens == 5,
+              "KvLayout fields must be in the order of src/kv/layout.rs");
+#ifdef KVLAB_EMU
+static_assert(offsetof(KvLayout, dtype) == 4 && offsetof(KvLayout, num_layers) == 8 &&
+                  offsetof(KvLayout, num_kv_heads) == 12 && offsetof(KvLayout, head_dim) == 16 &&
+                  offsetof(KvLayout, chunk_tokens) == 20,
+              "KvLayout field offsets must be those of src/kv/layout.rs");
+#endif
+
+// One sequence's part of a step: the mirror of `kvlab::kv::SeqStep`.
+struct KvSeqStep {
+    uint32_t first_row;     // its first row among the step's rows (its rows are consecutive)
+    uint32_t rows;          // its rows in this step
+    uint32_t start;         // position of its first row: the positions cached before the step
+    uint32_t table_start;   // its first entry in the step's block table
+    uint32_t block_tokens;  // positions per block: chunk_tokens, or its run's capacity
+};
+
+static_assert(sizeof(KvSeqStep) == 20, "KvSeqStep must match src/kv/step.rs: five u32 fields");
+static_assert(KvSeqStep{0, 1, 2, 3, 4}.first_row == 0 && KvSeqStep{0, 1, 2, 3, 4}.rows == 1 &&
+                  KvSeqStep{0, 1, 2, 3, 4}.start == 2 && KvSeqStep{0, 1, 2, 3, 4}.table_start == 3 &&
+                  KvSeqStep{0, 1, 2, 3, 4}.block_tokens == 4,
+              "KvSeqStep fields must be in the order of src/kv/step.rs");
+#ifdef KVLAB_EMU
+static_assert(offsetof(KvSeqStep, rows) == 4 && offsetof(KvSeqStep, start) == 8 &&
+                  offsetof(KvSeqStep, table_start) == 12 && offsetof(KvSeqStep, block_tokens) == 16,
+              "KvSeqStep field offsets must be those of src/kv/step.rs");
+#endif
+
+// The packed step view, split into its parts.
+struct KvStepView {
+    const KvSeqStep* seqs;        // [num_seqs]
+    const uint32_t* row_seq;      // [rows]: index of each row's sequence in seqs
+    const uint32_t* row_pos;      // [rows]: each row's position in its sequence
+    const uint32_t* block_table;  // the sequences' block tables, one after another (chunk ids)
+};
+
+// `packed`: [5 * num_seqs + 2 * rows + table entries] u32, as `StepView::packed` writes it.
+__device__ __forceinline__ KvStepView kv_step_view(const uint32_t* packed, int num_seqs, int rows) {
+    KvStepView view;
+    view.seqs = reinterpret_cast<const KvSeqStep*>(packed);
+    view.row_seq = packed + 5 * (uint64_t)num_seqs;
+    view.row_pos = view.row_seq + rows;
+    view.block_table = view.row_pos + rows;
+    return view;
 }
 
-// Element offset, inside its chunk, of the head_dim row of (layer, part, head, slot). 64-bit: a
-// static chunk of a long context holds more than 2^32 elements.
-__device__ __forceinline__ uint64_t kv_offset_in_chunk(const KvLayout& layout, unsigned layer, unsigned part,
-                                                       unsigned head, unsigned slot) {
-    const uint64_t block = (uint64_t)layer * 2u + part;
-    return ((block * layout.num_kv_heads + head) * layout.chunk_tokens + slot) * layout.head_dim;
+// Moves sequence `seq` of the packed view on by one position if it has one row: the view of the
+// next decode step (`StepView::advance`). The chunks of its new position must be in its block
+// table already (the host reserves a run's chunks before its first step).
+__device__ __forceinline__ void kv_step_advance(uint32_t* packed, int num_seqs, int rows, int seq) {
+    KvSeqStep* seqs = reinterpret_cast<KvSeqStep*>(packed);
+    if (seqs[seq].rows == 1) {
+        seqs[seq].start += 1;
+        packed[5 * (uint64_t)num_seqs + rows + seqs[seq].first_row] += 1;
+    }
 }
 
-// (chunk index in the table, slot inside the chunk) of sequence position `pos`.
+// Entries one position occupies across all layers, K and V (`KvLayout::bytes_per_token` / 2).
+__device__ __forceinline__ uint64_t kv_elems_per_token(const KvLayout& layout) {
+    return (uint64_t)layout.num_layers * 2u * layout.num_kv_heads * layout.head_dim;
+}
+
+// Entries in one chunk (`KvLayout::chunk_bytes` / 2).
+__device__ __forceinline__ uint64_t kv_chunk_elems(const KvLayout& layout) {
+    return (uint64_t)layout.chunk_tokens * kv_elems_per_token(layout);
+}
+
+// Entry offset, inside a block of `block_tokens` positions, of the head_dim row of (layer, part,
+// head, slot) (`KvLayout::code_offset_in_block` / 2). 64-bit: a contiguous run of a long context holds
+// more than 2^32 entries.
+__device__ __forceinline__ uint64_t kv_offset_in_block(const KvLayout& layout, unsigned layer, unsigned part,
+                                                       unsigned head, unsigned slot, unsigned block_tokens) {
+    const uint64_t row_block = (uint64_t)layer * 2u + part;
+    return ((row_block * layout.num_kv_heads + head) * block_tokens + slot) * layout.head_dim;
+}
+
+// (chunk id in the arena, slot in its block) of position `pos` of `seq` (`StepView::locate`).
 struct KvLocation {
     unsigned chunk;
     unsigned slot;
 };
 
-__device__ __forceinline__ KvLocation kv_locate(const KvLayout& layout, unsigned pos) {
+template <unsigned KIND>
+__device__ __forceinline__ KvLocation kv_locate(const KvLayout& layout, const uint32_t* block_table,
+                                                const KvSeqStep& seq, unsigned pos) {
     KvLocation location;
-    location.chunk = pos / layout.chunk_tokens;
-    location.slot = pos % layout.chunk_tokens;
+    if constexpr (KIND == KV_LAYOUT_CONTIGUOUS) {
+        location.chunk = block_table[seq.table_start];
+        location.slot = pos;
+    } else {
+        static_assert(KIND == KV_LAYOUT_CHUNKED, "a layout is contiguous or chunked");
+        location.chunk = block_table[seq.table_start + pos / layout.chunk_tokens];
+        location.slot = pos % layout.chunk_tokens;
+    }
     return location;
 }
 
-// Address of the head_dim row of (layer, part, head) at sequence position `pos`, through the
-// chunk table `[chunks]` of chunk base addresses.
-__device__ __forceinline__ bf16* kv_row_address(const unsigned long long* chunk_table, const KvLayout& layout,
-                                                unsigned layer, unsigned part, unsigned head, unsigned pos) {
-    const KvLocation location = kv_locate(layout, pos);
-    bf16* chunk = reinterpret_cast<bf16*>(chunk_table[location.chunk]);
-    return chunk + kv_offset_in_chunk(layout, layer, part, head, location.slot);
+// Entry offset in the arena of the head_dim row of (layer, part, head) at position `pos` of
+// `seq` (`StepView::row_offsets`, its `codes` / 2). KIND is the layout's kind (`layout.kind`), a template argument
+// so that the position loops compile without a branch on it; `kv_row_offset_any` dispatches.
+template <unsigned KIND>
+__device__ __forceinline__ uint64_t kv_row_offset(const KvLayout& layout, const uint32_t* block_table,
+                                                  const KvSeqStep& seq, unsigned layer, unsigned part, unsigned head,
+                                                  unsigned pos) {
+    const KvLocation location = kv_locate<KIND>(layout, block_table, seq, pos);
+    return location.chunk * kv_chunk_elems(layout) +
+           kv_offset_in_block(layout, layer, part, head, location.slot, seq.block_tokens);
+}
+
+__device__ __forceinline__ uint64_t kv_row_offset_any(const KvLayout& layout, const uint32_t* block_table,
+                                                      const KvSeqStep& seq, unsigned layer, unsigned part,
+                                                      unsigned head, unsigned pos) {
+    return layout.kind == KV_LAYOUT_CHUNKED
+               ? kv_row_offset<KV_LAYOUT_CHUNKED>(layout, block_table, seq, layer, part, head, pos)
+               : kv_row_offset<KV_LAYOUT_CONTIGUOUS>(layout, block_table, seq, layer, part, head, pos);
 }

@@ -2,28 +2,56 @@
 // per output feature): out[m, n] = sum_k x[m, k] * w[n, k], bf16 inputs, f32 accumulation.
 //
 // - matvec_*: decode (one row). Memory-bound: every weight byte is read once, in 16-byte loads,
-//   MATVEC_UNROLL loads in flight per lane; one warp per output row.
+//   MATVEC_UNROLL loads in flight per lane; one warp per output row. Each block stages the input
+//   row in shared memory, and the staging is where decode's small ops happen: the RMSNorm of the
+//   residual stream (matvec_rms_norm_*) or the SwiGLU of gate and up (matvec_swiglu_*); the
+//   residual add happens in the store (*_add_f32). So a decode layer needs no norm, SwiGLU, add
+//   or copy launches.
 // - matmul_mma_*: prefill and the no-cache recompute (many rows). Tensor cores (mma.sync
 //   m16n8k16), 128x128x32 block tiles staged in shared memory by cp.async in MATMUL_STAGES
 //   buffers, so the copies of tile k+1 and k+2 overlap the products of tile k.
 // k % 8 == 0 everywhere (16-byte rows); m, n and k need not be multiples of any tile.
+//
+// Weights of f16 / f32 checkpoints are bf16 pairs `[n, 2k]` (the bf16 value, then its rounding
+// error; see duplicate_columns_bf16): `weight_cols` is then 2 * k and a matvec stages its input
+// twice side by side, so that one dot product sums both halves.
 #include "common.cuh"
+#include "activation.cuh"
 #include "mma_tile.cuh"
+#include "norm.cuh"
 
-__device__ __forceinline__ void store_output(float* out, uint64_t index, float value) {
-    out[index] = value;
-}
+// Where a product lands: out[index] = value (bf16 or f32), or out[index] += value (the f32
+// residual stream; each index is written by one thread, so the add needs no atomics).
+struct StoreBf16 {
+    bf16* out;
+    __device__ __forceinline__ void operator()(uint64_t index, float value) const {
+        out[index] = f32_to_bf16(value);
+    }
+};
 
-__device__ __forceinline__ void store_output(bf16* out, uint64_t index, float value) {
-    out[index] = f32_to_bf16(value);
-}
+struct StoreF32 {
+    float* out;
+    __device__ __forceinline__ void operator()(uint64_t index, float value) const {
+        out[index] = value;
+    }
+};
+
+struct AddF32 {
+    float* out;
+    __device__ __forceinline__ void operator()(uint64_t index, float value) const {
+        out[index] += value;
+    }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Decode: matrix-vector.
 
 #define MATVEC_THREADS 256
 #define MATVEC_WARPS (MATVEC_THREADS / WARP_SIZE)
-#define MATVEC_UNROLL 4
+// 16-byte weight loads in flight per lane: 8 x 32 lanes x 16 bytes = 4 KiB, a whole 2048-wide
+// bf16 row (Llama-3.2-1B's hidden size) per warp in one round trip to memory.
+#define MATVEC_UNROLL 8
+static_assert(MATVEC_UNROLL * WARP_SIZE * 8 == 2048, "one round trip covers a 2048-wide row");
 
 __device__ __forceinline__ float dot_bf16x8(uint4 a, uint4 b, float acc) {
     acc = fmaf(bf16x2_lo_to_f32(a.x), bf16x2_lo_to_f32(b.x), acc);
@@ -37,41 +65,109 @@ __device__ __forceinline__ float dot_bf16x8(uint4 a, uint4 b, float acc) {
     return acc;
 }
 
-// Up to three weights that share the input x (q, k, v; gate, up) run as one sequence of rows:
-// those of w0, then w1, then w2, so one launch covers them and small matrices (k, v at 512
-// rows) do not leave SMs idle. x is staged once per block in dynamic shared memory (k * 2
-// bytes); warps then stride over the rows, so a grid smaller than rows / MATVEC_WARPS still
-// covers every row.
-template <typename OutT>
-__device__ __forceinline__ void matvec(const bf16* __restrict__ x, const bf16* __restrict__ w0, OutT* out0, int n0,
-                                       const bf16* __restrict__ w1, OutT* out1, int n1,
-                                       const bf16* __restrict__ w2, OutT* out2, int n2, int k) {
-    DYNAMIC_SHARED(uint4, x_shared);  // [k / 8]
-    const int vectors = k / 8;
-    for (int v = threadIdx.x; v < vectors; v += MATVEC_THREADS) {
-        x_shared[v] = reinterpret_cast<const uint4*>(x)[v];
+// The inputs a matvec stages: `prepare` runs once per block (every thread calls it), then
+// `vector(v)` gives the v-th 8 bf16 of the input row.
+
+// x as stored.
+struct MatvecInputBf16 {
+    const bf16* x;  // [k]
+    __device__ __forceinline__ void prepare(int) {}
+    __device__ __forceinline__ uint4 vector(int v) const {
+        return reinterpret_cast<const uint4*>(x)[v];
     }
-    __syncthreads();
+};
+
+// rmsnorm(residual) * weight, exactly as rms_norm_f32_to_bf16 rounds it: every block computes
+// the row's mean square itself (k * 4 bytes from L2) instead of waiting for a norm launch.
+struct MatvecInputRmsNorm {
+    const float* residual;  // [k]
+    const float* weight;    // [k]
+    float eps;
+    float scale;
+    __device__ __forceinline__ void prepare(int k) {
+        scale = rms_norm_scale<MATVEC_THREADS>(residual, k, eps);
+    }
+    __device__ __forceinline__ uint4 vector(int v) const {
+        const float4* x4 = reinterpret_cast<const float4*>(residual);
+        const float4* w4 = reinterpret_cast<const float4*>(weight);
+        const uint2 low = rms_norm_bf16x4(x4[2 * v], w4[2 * v], scale);
+        const uint2 high = rms_norm_bf16x4(x4[2 * v + 1], w4[2 * v + 1], scale);
+        return make_uint4(low.x, low.y, high.x, high.y);
+    }
+};
+
+// silu(gate) * up, exactly as swiglu_bf16 rounds it.
+struct MatvecInputSwiglu {
+    const bf16* gate;  // [k]
+    const bf16* up;    // [k]
+    __device__ __forceinline__ void prepare(int) {}
+    __device__ __forceinline__ uint4 vector(int v) const {
+        return swiglu_bf16x8(reinterpret_cast<const uint4*>(gate)[v], reinterpret_cast<const uint4*>(up)[v]);
+    }
+};
+
+// Row `row` of the sequence of rows of w0, then w1, then w2 (warp-uniform choice).
+__device__ __forceinline__ const uint4* matvec_weight_row(int row, const bf16* w0, int n0, const bf16* w1, int n1,
+                                                          const bf16* w2, int weight_cols) {
+    const bf16* w = row < n0 ? w0 : (row < n0 + n1 ? w1 : w2);
+    const int r = row < n0 ? row : (row < n0 + n1 ? row - n0 : row - n0 - n1);
+    return reinterpret_cast<const uint4*>(w + (uint64_t)r * weight_cols);
+}
+
+// One round trip: this lane's MATVEC_UNROLL vectors of the weight row from vector `first`
+// (zeros past the row's end).
+__device__ __forceinline__ void matvec_load(uint4 (&w_vec)[MATVEC_UNROLL], const uint4* __restrict__ w_row,
+                                            int first, int vectors) {
+#pragma unroll
+    for (int u = 0; u < MATVEC_UNROLL; ++u) {
+        const int v = first + u * WARP_SIZE;
+        w_vec[u] = v < vectors ? w_row[v] : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// Up to three weights that share the input (q, k, v; gate, up) run as one sequence of rows:
+// those of w0, then w1, then w2, so one launch covers them and small matrices (k, v at 512
+// rows) do not leave SMs idle. The input is staged once per block in dynamic shared memory
+// (weight_cols * 2 bytes); warps then stride over the rows, so a grid of the resident blocks
+// only (the launch sizes it by the occupancy API) still covers every row. Each warp requests
+// its first row's weights before the block stages the input, so that the staging (and a norm's
+// reduction) overlaps their trip to memory.
+template <typename Input, typename Output>
+__device__ __forceinline__ void matvec(Input input, int k, int weight_cols, const bf16* __restrict__ w0, Output out0,
+                                       int n0, const bf16* __restrict__ w1, Output out1, int n1,
+                                       const bf16* __restrict__ w2, Output out2, int n2) {
+    DYNAMIC_SHARED(uint4, x_shared);  // [weight_cols / 8]
     const int lane = threadIdx.x % WARP_SIZE;
+    const int vectors = weight_cols / 8;
     const int warps_in_grid = gridDim.x * MATVEC_WARPS;
     const int total_rows = n0 + n1 + n2;
-    for (int row = blockIdx.x * MATVEC_WARPS + threadIdx.x / WARP_SIZE; row < total_rows; row += warps_in_grid) {
-        // Warp-uniform choice of the weight this row belongs to.
-        const bf16* w = row < n0 ? w0 : (row < n0 + n1 ? w1 : w2);
-        OutT* out = row < n0 ? out0 : (row < n0 + n1 ? out1 : out2);
-        const int r = row < n0 ? row : (row < n0 + n1 ? row - n0 : row - n0 - n1);
-        const uint4* w_row = reinterpret_cast<const uint4*>(w + (uint64_t)r * k);
+    int row = blockIdx.x * MATVEC_WARPS + threadIdx.x / WARP_SIZE;
+    uint4 w_vec[MATVEC_UNROLL];
+    if (row < total_rows) {
+        matvec_load(w_vec, matvec_weight_row(row, w0, n0, w1, n1, w2, weight_cols), lane, vectors);
+    }
+
+    input.prepare(k);
+    const int input_vectors = k / 8;
+    for (int v = threadIdx.x; v < input_vectors; v += MATVEC_THREADS) {
+        const uint4 value = input.vector(v);
+        x_shared[v] = value;
+        if (weight_cols > k) {
+            x_shared[input_vectors + v] = value;
+        }
+    }
+    __syncthreads();
+
+    for (; row < total_rows; row += warps_in_grid) {
+        const uint4* w_row = matvec_weight_row(row, w0, n0, w1, n1, w2, weight_cols);
         float acc = 0.0f;
-        for (int base = lane; base < vectors; base += WARP_SIZE * MATVEC_UNROLL) {
-            uint4 w_vec[MATVEC_UNROLL];
-#pragma unroll
-            for (int u = 0; u < MATVEC_UNROLL; ++u) {
-                const int v = base + u * WARP_SIZE;
-                w_vec[u] = v < vectors ? w_row[v] : make_uint4(0u, 0u, 0u, 0u);
+        for (int chunk = 0; chunk < vectors; chunk += WARP_SIZE * MATVEC_UNROLL) {
+            if (chunk > 0) {
+                matvec_load(w_vec, w_row, chunk + lane, vectors);
             }
 #pragma unroll
             for (int u = 0; u < MATVEC_UNROLL; ++u) {
-                const int v = base + u * WARP_SIZE;
+                const int v = chunk + lane + u * WARP_SIZE;
                 if (v < vectors) {
                     acc = dot_bf16x8(w_vec[u], x_shared[v], acc);
                 }
@@ -79,32 +175,92 @@ __device__ __forceinline__ void matvec(const bf16* __restrict__ x, const bf16* _
         }
         acc = warp_reduce_sum(acc);
         if (lane == 0) {
-            store_output(out, r, acc);
+            const Output& out = row < n0 ? out0 : (row < n0 + n1 ? out1 : out2);
+            out(row < n0 ? row : (row < n0 + n1 ? row - n0 : row - n0 - n1), acc);
+        }
+        if (row + warps_in_grid < total_rows) {
+            matvec_load(w_vec, matvec_weight_row(row + warps_in_grid, w0, n0, w1, n1, w2, weight_cols), lane,
+                        vectors);
         }
     }
 }
 
-// out_i[n_i] = w_i[n_i, :] . x for i < 3; unused slots have n_i = 0 and null pointers.
-// Block MATVEC_THREADS, dynamic shared k * 2 bytes.
+// Every matvec_* kernel: grid of at most the blocks resident at once, block MATVEC_THREADS,
+// dynamic shared weight_cols * 2 bytes; weight_cols is k, or 2 * k for weights stored as bf16
+// pairs. Unused slots of the three-weight kernels have n_i = 0 and null pointers.
+
+// out_i[n_i] = w_i[n_i, :] . x for i < 3.
 extern "C" __global__ void matvec_bf16(const bf16* x,   // [k]
-                                       const bf16* w0,  // [n0, k]
+                                       const bf16* w0,  // [n0, weight_cols]
                                        bf16* out0,      // [n0]
                                        int n0,
-                                       const bf16* w1,  // [n1, k] or null
+                                       const bf16* w1,  // [n1, weight_cols] or null
                                        bf16* out1,      // [n1] or null
                                        int n1,
-                                       const bf16* w2,  // [n2, k] or null
+                                       const bf16* w2,  // [n2, weight_cols] or null
                                        bf16* out2,      // [n2] or null
-                                       int n2, int k) {
-    matvec(x, w0, out0, n0, w1, out1, n1, w2, out2, n2, k);
+                                       int n2, int k, int weight_cols) {
+    matvec(MatvecInputBf16{x}, k, weight_cols, w0, StoreBf16{out0}, n0, w1, StoreBf16{out1}, n1, w2,
+           StoreBf16{out2}, n2);
 }
 
-// out[n] = w[n, :] . x in f32 (logits).
+// out[n] = w[n, :] . x in f32.
 extern "C" __global__ void matvec_bf16_out_f32(const bf16* x,  // [k]
-                                               const bf16* w,  // [n, k]
+                                               const bf16* w,  // [n, weight_cols]
                                                float* out,     // [n]
-                                               int n, int k) {
-    matvec<float>(x, w, out, n, nullptr, nullptr, 0, nullptr, nullptr, 0, k);
+                                               int n, int k, int weight_cols) {
+    matvec(MatvecInputBf16{x}, k, weight_cols, w, StoreF32{out}, n, nullptr, StoreF32{nullptr}, 0, nullptr,
+           StoreF32{nullptr}, 0);
+}
+
+// residual[n] += w[n, :] . x: a sublayer's output projection (o_proj) added to the residual
+// stream.
+extern "C" __global__ void matvec_bf16_add_f32(const bf16* x,    // [k]
+                                               const bf16* w,    // [n, weight_cols]
+                                               float* residual,  // [n]
+                                               int n, int k, int weight_cols) {
+    matvec(MatvecInputBf16{x}, k, weight_cols, w, AddF32{residual}, n, nullptr, AddF32{nullptr}, 0, nullptr,
+           AddF32{nullptr}, 0);
+}
+
+// out_i[n_i] = w_i[n_i, :] . (rmsnorm(residual) * norm_weight) for i < 3: a sublayer's norm
+// and its projections (q, k, v; gate, up).
+extern "C" __global__ void matvec_rms_norm_bf16(const float* residual,     // [k]
+                                                const float* norm_weight,  // [k]
+                                                float eps,
+                                                const bf16* w0,  // [n0, weight_cols]
+                                                bf16* out0,      // [n0]
+                                                int n0,
+                                                const bf16* w1,  // [n1, weight_cols] or null
+                                                bf16* out1,      // [n1] or null
+                                                int n1,
+                                                const bf16* w2,  // [n2, weight_cols] or null
+                                                bf16* out2,      // [n2] or null
+                                                int n2, int k, int weight_cols) {
+    matvec(MatvecInputRmsNorm{residual, norm_weight, eps, 0.0f}, k, weight_cols, w0, StoreBf16{out0}, n0, w1,
+           StoreBf16{out1}, n1, w2, StoreBf16{out2}, n2);
+}
+
+// out[n] = w[n, :] . (rmsnorm(residual) * norm_weight) in f32: the final norm and the logits.
+extern "C" __global__ void matvec_rms_norm_bf16_out_f32(const float* residual,     // [k]
+                                                        const float* norm_weight,  // [k]
+                                                        float eps,
+                                                        const bf16* w,  // [n, weight_cols]
+                                                        float* out,     // [n]
+                                                        int n, int k, int weight_cols) {
+    matvec(MatvecInputRmsNorm{residual, norm_weight, eps, 0.0f}, k, weight_cols, w, StoreF32{out}, n, nullptr,
+           StoreF32{nullptr}, 0, nullptr, StoreF32{nullptr}, 0);
+}
+
+// residual[n] += w[n, :] . (silu(gate) * up): the MLP's SwiGLU and down projection added to the
+// residual stream.
+extern "C" __global__ void matvec_swiglu_bf16_add_f32(const bf16* gate,  // [k]
+                                                      const bf16* up,    // [k]
+                                                      const bf16* w,     // [n, weight_cols]
+                                                      float* residual,   // [n]
+                                                      int n, int k, int weight_cols) {
+    matvec(MatvecInputSwiglu{gate, up}, k, weight_cols, w, AddF32{residual}, n, nullptr, AddF32{nullptr}, 0,
+           nullptr, AddF32{nullptr}, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -120,6 +276,8 @@ extern "C" __global__ void matvec_bf16_out_f32(const bf16* x,  // [k]
 #define MATMUL_WARP_N 32
 #define MATMUL_CHUNKS_PER_ROW (MATMUL_BK / 8)
 #define MATMUL_STAGE_ELEMS ((MATMUL_BM + MATMUL_BN) * MATMUL_BK)
+// Dynamic shared memory of a launch: MATMUL_STAGES stages of bf16.
+#define MATMUL_SHARED_BYTES (MATMUL_STAGES * MATMUL_STAGE_ELEMS * 2)
 
 // Stage buffer: a tile [MATMUL_BM][MATMUL_BK] then a w tile [MATMUL_BN][MATMUL_BK], swizzled.
 __device__ __forceinline__ void matmul_load_stage(bf16* stage, const bf16* __restrict__ a,
@@ -143,8 +301,8 @@ __device__ __forceinline__ void matmul_load_stage(bf16* stage, const bf16* __res
     }
 }
 
-template <typename OutT>
-__device__ __forceinline__ void matmul_mma(const bf16* __restrict__ a, const bf16* __restrict__ w, OutT* out,
+template <typename Output>
+__device__ __forceinline__ void matmul_mma(const bf16* __restrict__ a, const bf16* __restrict__ w, Output out,
                                            int m, int n, int k) {
     DYNAMIC_SHARED(bf16, stages);  // [MATMUL_STAGES][MATMUL_STAGE_ELEMS]
     const int m0 = blockIdx.y * MATMUL_BM;
@@ -232,7 +390,7 @@ __device__ __forceinline__ void matmul_mma(const bf16* __restrict__ a, const bf1
                 const int row = m0 + warp_m0 + i * 16 + g + (c >= 2 ? 8 : 0);
                 const int col = n0 + warp_n0 + j * 8 + 2 * t + (c & 1);
                 if (row < m && col < n) {
-                    store_output(out, (uint64_t)row * n + col, acc[i][j][c]);
+                    out((uint64_t)row * n + col, acc[i][j][c]);
                 }
             }
         }
@@ -245,7 +403,7 @@ extern "C" __global__ void matmul_mma_bf16(const bf16* a,  // [m, k]
                                            const bf16* w,  // [n, k]
                                            bf16* out,      // [m, n]
                                            int m, int n, int k) {
-    matmul_mma(a, w, out, m, n, k);
+    matmul_mma(a, w, StoreBf16{out}, m, n, k);
 }
 
 // matmul_mma_bf16 with f32 output (logits of every prompt position).
@@ -253,5 +411,13 @@ extern "C" __global__ void matmul_mma_bf16_out_f32(const bf16* a,  // [m, k]
                                                    const bf16* w,  // [n, k]
                                                    float* out,     // [m, n]
                                                    int m, int n, int k) {
-    matmul_mma(a, w, out, m, n, k);
+    matmul_mma(a, w, StoreF32{out}, m, n, k);
+}
+
+// residual += a . wT: a sublayer's output projection added to the residual stream.
+extern "C" __global__ void matmul_mma_bf16_add_f32(const bf16* a,    // [m, k]
+                                                   const bf16* w,    // [n, k]
+                                                   float* residual,  // [m, n]
+                                                   int m, int n, int k) {
+    matmul_mma(a, w, AddF32{residual}, m, n, k);
 }

@@ -1,16 +1,20 @@
 // Rotary position embedding, half-split (`rotate_half`) layout, in place on q and k.
 #include "common.cuh"
+#include "kv_layout.cuh"
+#include "rope.cuh"
 
-// For every row r (position step[0] + r), head and i < head_dim / 2, with
-// angle = float(position) * inv_freq[i] (inv_freq already carries the llama3 frequency scaling):
-//   x[i] <- x[i] cos - x[i + half] sin,   x[i + half] <- x[i + half] cos + x[i] sin.
-// One thread per (row, head, i) pair over q's heads then k's; the position comes from device
-// memory so that a recorded decode step stays valid as the sequence grows.
+// For every row r (at position row_pos[r] of its sequence, from the step view), head and
+// i < head_dim / 2: the pair (i, i + head_dim / 2) rotated by `rope_rotate_pair` (rope.cuh).
+// One thread per (row, head, i) pair over q's heads then k's; positions come from device
+// memory so that a recorded decode step stays valid as its sequences grow. The forward pass
+// rotates and appends in one launch (rope_kv_append_bf16 in kv_cache.cu); this kernel serves
+// the ops that rotate alone.
 extern "C" __global__ void rope_half_split_bf16(bf16* q,                // [rows, num_heads, head_dim]
                                                 bf16* k,                // [rows, num_kv_heads, head_dim]
                                                 const float* inv_freq,  // [head_dim / 2]
-                                                const int* step,        // [2]: first position, rows
-                                                int rows, int num_heads, int num_kv_heads, int head_dim) {
+                                                const uint32_t* step,   // packed step view [5 num_seqs + 2 rows + table]
+                                                int num_seqs, int rows, int num_heads, int num_kv_heads,
+                                                int head_dim) {
     const int half = head_dim / 2;
     const int heads = num_heads + num_kv_heads;
     const int pair = blockIdx.x * blockDim.x + threadIdx.x;
@@ -22,11 +26,5 @@ extern "C" __global__ void rope_half_split_bf16(bf16* q,                // [rows
     const int row = pair / (half * heads);
     bf16* x = head < num_heads ? q + ((uint64_t)row * num_heads + head) * head_dim
                                : k + ((uint64_t)row * num_kv_heads + (head - num_heads)) * head_dim;
-    const float angle = (float)(step[0] + row) * inv_freq[i];
-    float sin_angle, cos_angle;
-    sincosf(angle, &sin_angle, &cos_angle);
-    const float x1 = bf16_to_f32(x[i]);
-    const float x2 = bf16_to_f32(x[i + half]);
-    x[i] = f32_to_bf16(x1 * cos_angle - x2 * sin_angle);
-    x[i + half] = f32_to_bf16(x2 * cos_angle + x1 * sin_angle);
+    rope_rotate_pair(x, x, i, half, inv_freq[i], kv_step_view(step, num_seqs, rows).row_pos[row]);
 }

@@ -1,5 +1,6 @@
-// Greedy sampling on the device: only the chosen id crosses to the host.
+// Greedy sampling on the device: only the chosen ids cross to the host.
 #include "common.cuh"
+#include "kv_layout.cuh"
 
 #define ARGMAX_THREADS 256
 
@@ -35,13 +36,25 @@ __device__ __forceinline__ void argmax_block_reduce(float& value, unsigned& inde
     }
 }
 
-// Stage 1: block b finds the best of its slice of logits + bias (bias may be null: a 0 / -inf
-// mask restricting the choice). Grid = partial count, block ARGMAX_THREADS.
-extern "C" __global__ void argmax_partial_f32(const float* logits,      // [count]
-                                              const float* bias,        // [count] or null
-                                              float* partial_values,    // [gridDim.x]
-                                              unsigned* partial_indices,  // [gridDim.x]
-                                              int count) {
+// The id of the largest of logits + bias (bias may be null: a 0 / -inf mask restricting the
+// choice), in one launch: block b finds the best of its slice into partial b, then the last
+// block to finish (the threadfence reduction, as in decode attention) reduces the partials to
+// the id, appends it to `chosen` (the count n of ids chosen so far, then a ring of the latest
+// `ring` ids: the new one at 1 + n % ring; embedding_gather_chosen_bf16_to_f32 reads it back)
+// and resets the counter for the next call. With a step view (`step` not null), that block then
+// moves every sequence of one row on by one position (kv_step_advance), so that the next decode
+// step reads its positions without a copy from the host: every kernel of this step that reads
+// the view ran before this one. An all -inf or NaN row yields index 0, as a first-wins scan
+// starting from index 0 does. Grid = partial count (at most ARGMAX_THREADS), block
+// ARGMAX_THREADS; `blocks_done` starts at zero and is zero again after every launch.
+extern "C" __global__ void argmax_f32(const float* logits,        // [count]
+                                      const float* bias,          // [count] or null
+                                      float* partial_values,      // [gridDim.x]
+                                      unsigned* partial_indices,  // [gridDim.x]
+                                      unsigned* blocks_done,      // [1]
+                                      unsigned* chosen,           // [1 + ring]
+                                      uint32_t* step,             // packed step view [5 num_seqs + 2 rows + table] or null
+                                      int count, int ring, int num_seqs, int rows) {
     float value = -INFINITY;
     unsigned index = 0xffffffffu;
     for (int i = blockIdx.x * ARGMAX_THREADS + threadIdx.x; i < count; i += gridDim.x * ARGMAX_THREADS) {
@@ -49,25 +62,36 @@ extern "C" __global__ void argmax_partial_f32(const float* logits,      // [coun
         argmax_keep_better(value, index, candidate, (unsigned)i);
     }
     argmax_block_reduce(value, index);
+    __shared__ bool is_last_block;
     if (threadIdx.x == 0) {
         partial_values[blockIdx.x] = value;
         partial_indices[blockIdx.x] = index;
+        __threadfence();
+        is_last_block = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
     }
-}
-
-// Stage 2: one block reduces the partials to the id. An all -inf or NaN row yields index 0,
-// as a first-wins scan starting from index 0 does.
-extern "C" __global__ void argmax_final(const float* partial_values,      // [partials]
-                                        const unsigned* partial_indices,  // [partials]
-                                        unsigned* id,                     // [1]
-                                        int partials) {
-    float value = -INFINITY;
-    unsigned index = 0xffffffffu;
-    for (int p = threadIdx.x; p < partials; p += ARGMAX_THREADS) {
-        argmax_keep_better(value, index, partial_values[p], partial_indices[p]);
+    __syncthreads();
+    if (!is_last_block) {
+        return;
+    }
+    // Other blocks' partials are read past L1 (volatile): they were written on other SMs.
+    const volatile float* all_values = partial_values;
+    const volatile unsigned* all_indices = partial_indices;
+    value = -INFINITY;
+    index = 0xffffffffu;
+    if ((int)threadIdx.x < (int)gridDim.x) {
+        value = all_values[threadIdx.x];
+        index = all_indices[threadIdx.x];
     }
     argmax_block_reduce(value, index);
     if (threadIdx.x == 0) {
-        id[0] = index == 0xffffffffu ? 0u : index;
+        const unsigned n = chosen[0];
+        chosen[1 + n % (unsigned)ring] = index == 0xffffffffu ? 0u : index;
+        chosen[0] = n + 1u;
+        *blocks_done = 0u;
+    }
+    if (step != nullptr) {
+        for (int seq = threadIdx.x; seq < num_seqs; seq += ARGMAX_THREADS) {
+            kv_step_advance(step, num_seqs, rows, seq);
+        }
     }
 }

@@ -25,6 +25,12 @@ enum Command {
     Synth(cli::synth::SynthArgs),
     /// Run the study: its conversations with each cache strategy, measured per turn.
     Scenario(cli::scenario::ScenarioArgs),
+    /// Many conversations at once: continuous batching over one KV pool, paged or static,
+    /// measured at one or more loads.
+    ServeBench(cli::serve_bench::ServeBenchArgs),
+    /// What smaller caches (int8/fp8 KV, eviction policies) change in a model's output, against
+    /// the f32 full cache, on the study's conversations.
+    KvEval(cli::kv_eval::KvEvalArgs),
     /// Show how a static or dynamic KV cache sits in memory after N tokens.
     CacheMap(cli::cache_map::CacheMapArgs),
     /// Registers, spills and shared memory of every CUDA kernel for sm_80 and sm_90.
@@ -40,6 +46,8 @@ fn main() {
         Command::Roofline(args) => cli::roofline::run(args),
         Command::Synth(args) => cli::synth::run(args),
         Command::Scenario(args) => cli::scenario::run(args),
+        Command::ServeBench(args) => cli::serve_bench::run(args),
+        Command::KvEval(args) => cli::kv_eval::run(args),
         Command::CacheMap(args) => cli::cache_map::run(args),
         Command::KernelReport(args) => cli::kernel_report::run(args),
         Command::Selftest(args) => cli::selftest::run(args),

@@ -4,13 +4,14 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{BackendKind, CudaBackend, CudaOptions};
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendInfo};
 use crate::generate::{Engine, Generator};
 use crate::model::forward::Model;
 use crate::model::gguf::{llama, GgufFile};
 use crate::model::hub::resolve_model;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{is_gguf, synth, DType};
+use crate::scenario::report::EngineInfo;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -128,6 +129,18 @@ pub fn load(
         generator,
         backend_choice,
     })
+}
+
+impl LoadedModel {
+    /// What reports say about the model and `backend` (the generator's, with its KV dtype).
+    pub fn engine_info(&self, backend: BackendInfo) -> EngineInfo {
+        EngineInfo {
+            model: self.label.clone(),
+            synthetic: self.synthetic,
+            weights_dtype: self.weights_dtype.clone(),
+            backend,
+        }
+    }
 }
 
 fn load_model<B: Backend>(

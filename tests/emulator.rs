@@ -141,6 +141,38 @@ fn static_shared_memory_counts_against_the_limit() {
 }
 
 #[test]
+fn occupancy_follows_the_emulated_multiprocessor() {
+    // 132 SMs of 2048 threads, 32 blocks and 228 KiB of shared memory (1 KiB reserved a block);
+    // registers are not modelled. The static 40 KiB of selftest_static_shared_40k count too.
+    let device = emulator(1);
+    assert_eq!(device.multiprocessors(), 132);
+    let blocks = |kernel, threads, dynamic| {
+        device
+            .max_active_blocks_per_multiprocessor(kernel, threads, dynamic)
+            .unwrap()
+    };
+    let kernel = "selftest_dynamic_shared_reverse";
+    assert_eq!(blocks(kernel, 256, 4096), 8, "threads limit");
+    assert_eq!(blocks(kernel, 32, 0), 32, "blocks limit");
+    assert_eq!(
+        blocks(kernel, 400, 0),
+        4,
+        "threads in whole warps: 13 warps, not 400 threads"
+    );
+    assert_eq!(blocks(kernel, 128, 100 * 1024), 2, "shared memory limit");
+    assert_eq!(blocks(kernel, 128, 228 * 1024), 0, "not one block fits");
+    assert_eq!(
+        blocks("selftest_static_shared_40k", 32, 0),
+        5,
+        "static shared counts"
+    );
+    let error = device
+        .max_active_blocks_per_multiprocessor("no_such_kernel", 32, 0)
+        .unwrap_err();
+    assert_contains(&format!("{error:#}"), &["no_such_kernel"]);
+}
+
+#[test]
 fn graph_capture_replays_launches_with_current_memory() {
     probe("graph_capture");
 }

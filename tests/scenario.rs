@@ -2,43 +2,15 @@
 //! tokenizer, 2 layers): the study's turn-1 prompt length, the files of a run read back, the
 //! strategies' agreement, the match with `kvlab generate`, and errors of a bad scenario file.
 
-use kvlab::model::synth::{cached_synthetic_dir, Preset, SynthOptions};
+mod common;
+
+use common::cli::{check_png, check_svg, kvlab, tiny_model, Csv};
 use kvlab::model::tokenizer::{ChatOptions, Message, Tokenizer};
+use kvlab::scenario::protocol::message;
 use kvlab::scenario::report::TURN_COLUMNS;
 use kvlab::scenario::scenarios::study_scenario;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-/// The tiny synthetic model, written once per build into Cargo's test scratch folder.
-fn tiny_model() -> PathBuf {
-    let opts = SynthOptions {
-        preset: Preset::Tiny,
-        seed: 0,
-    };
-    cached_synthetic_dir(Path::new(env!("CARGO_TARGET_TMPDIR")), &opts).expect("tiny model")
-}
-
-fn kvlab(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_kvlab"))
-        .args(args)
-        .output()
-        .expect("the kvlab binary runs");
-    if !out.status.success() {
-        eprintln!(
-            "stderr of kvlab {args:?}:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
-}
-
-fn message(role: &str, content: &str) -> Message {
-    Message {
-        role: role.into(),
-        content: content.into(),
-    }
-}
+use std::path::Path;
 
 fn first_turn(scenario: &str) -> Vec<Message> {
     let s = study_scenario(scenario).unwrap();
@@ -80,90 +52,6 @@ fn turn_one_of_insurance_claim_auto_is_152_tokens_as_in_the_study() {
         .encode_messages(&first_turn("insurance_claim_auto"), &PROMPT_OPTIONS)
         .unwrap();
     assert_eq!(real_ids, ids);
-}
-
-/// A minimal RFC 4180 reader: fields separated by commas, quoted when they hold commas,
-/// quotes or line breaks.
-fn read_csv(text: &str) -> Vec<Vec<String>> {
-    let mut rows = Vec::new();
-    let mut row = Vec::new();
-    let mut field = String::new();
-    let mut quoted = false;
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, quoted) {
-            ('"', true) if chars.peek() == Some(&'"') => {
-                field.push('"');
-                chars.next();
-            }
-            ('"', true) => quoted = false,
-            ('"', false) if field.is_empty() => quoted = true,
-            (',', false) => row.push(std::mem::take(&mut field)),
-            ('\n', false) => {
-                row.push(std::mem::take(&mut field));
-                rows.push(std::mem::take(&mut row));
-            }
-            (c, _) => field.push(c),
-        }
-    }
-    rows
-}
-
-struct Csv {
-    header: Vec<String>,
-    rows: Vec<Vec<String>>,
-}
-
-impl Csv {
-    fn read(path: &Path) -> Csv {
-        let mut rows = read_csv(&std::fs::read_to_string(path).unwrap());
-        let header = rows.remove(0);
-        Csv { header, rows }
-    }
-
-    fn get(&self, row: usize, column: &str) -> &str {
-        let i = self
-            .header
-            .iter()
-            .position(|h| h == column)
-            .unwrap_or_else(|| panic!("no column {column}"));
-        &self.rows[row][i]
-    }
-
-    fn num(&self, row: usize, column: &str) -> f64 {
-        self.get(row, column)
-            .parse()
-            .unwrap_or_else(|_| panic!("{column} of row {row} is not a number"))
-    }
-}
-
-fn check_png(path: &Path) {
-    let image = image::open(path)
-        .unwrap_or_else(|e| panic!("{} does not decode: {e}", path.display()))
-        .to_rgb8();
-    assert!(image.width() >= 600 && image.height() >= 300);
-    let colored = image
-        .pixels()
-        .filter(|p| {
-            let [r, g, b] = p.0;
-            r.abs_diff(g) > 40 || g.abs_diff(b) > 40 || r.abs_diff(b) > 40
-        })
-        .count();
-    assert!(
-        colored > 500,
-        "{} has almost no colored pixels",
-        path.display()
-    );
-}
-
-fn check_svg(path: &Path, must_say: &str) {
-    let text = std::fs::read_to_string(path).unwrap();
-    assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
-    assert!(
-        text.contains(must_say),
-        "{} lacks {must_say:?}",
-        path.display()
-    );
 }
 
 #[test]
@@ -343,6 +231,138 @@ fn a_run_writes_turns_summary_report_and_plots_that_read_back() {
         check_png(&results.join(format!("{stem}.png")));
         check_svg(&results.join(format!("{stem}.svg")), axis_text);
     }
+}
+
+#[test]
+fn reuse_strategies_keep_the_conversation_and_say_what_they_reused() {
+    let model = tiny_model();
+    let out = tempfile::tempdir().unwrap();
+    let results = out.path().join("run");
+    let run = kvlab(&[
+        "scenario",
+        "--model",
+        model.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--scenarios",
+        "insurance_claim_auto",
+        "--strategies",
+        "dynamic,dynamic+reuse,static+reuse",
+        "--turns",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--chunk-tokens",
+        "16",
+        "--out",
+        results.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("Prefix reuse, turn by turn"), "{stdout}");
+    let csv = Csv::read(&results.join("turns.csv"));
+    assert_eq!(csv.rows.len(), 9);
+    let bytes_per_position = 2.0 * 2.0 * 2.0 * 16.0 * 4.0;
+    let mut static_reserved = None;
+    for row in 0..9 {
+        let strategy = csv.get(row, "strategy").to_string();
+        let turn = csv.num(row, "turn") as usize;
+        let what = format!("{strategy} turn {turn}");
+        assert_eq!(
+            csv.get(row, "success"),
+            "true",
+            "{what}: {}",
+            csv.get(row, "error")
+        );
+        assert_eq!(csv.get(row, "agrees_with_first_strategy"), "true", "{what}");
+        if strategy == "dynamic" {
+            assert_eq!(csv.get(row, "reused_tokens"), "", "{what}");
+            continue;
+        }
+        let input = csv.num(row, "input_tokens");
+        let (reused, prefilled) = (
+            csv.num(row, "reused_tokens"),
+            csv.num(row, "prefilled_tokens"),
+        );
+        assert_eq!(reused + prefilled, input, "{what}");
+        if turn == 1 {
+            assert_eq!(reused, 0.0, "{what}");
+        } else {
+            // The previous prompt less its last token at least (the template renders the
+            // generation prompt's tail and the answer's start anew).
+            let previous = csv.num(row - 1, "input_tokens");
+            assert!(reused >= previous - 1.0, "{what}: {reused} of {previous}");
+            let rate = csv.num(row, "reuse_hit_rate");
+            assert!((rate - reused / input).abs() < 1e-3, "{what}");
+        }
+        // The conversation's sequence holds the history: live = prompt + new - 1 positions.
+        assert_eq!(
+            csv.num(row, "kv_live_bytes"),
+            (input + 5.0) * bytes_per_position,
+            "{what}"
+        );
+        if strategy == "static+reuse" {
+            // One run reserved at turn 1 for the whole conversation.
+            let reserved = csv.num(row, "kv_reserved_bytes");
+            assert_eq!(*static_reserved.get_or_insert(reserved), reserved, "{what}");
+            assert!(reserved >= (input + 6.0) * bytes_per_position, "{what}");
+        }
+    }
+    let report = std::fs::read_to_string(results.join("report.md")).unwrap();
+    assert!(report.contains("## Prefix reuse, turn by turn"));
+    assert!(report.contains("prefix_reuse.png"));
+    check_png(&results.join("prefix_reuse.png"));
+}
+
+#[test]
+fn a_pool_that_runs_dry_fails_its_turn_and_the_run_goes_on() {
+    let model = tiny_model();
+    let out = tempfile::tempdir().unwrap();
+    let results = out.path().join("run");
+    // 11 chunks of 16 positions (512 bytes each): turn 1's 157 positions fit, turn 2's do not.
+    let run = kvlab(&[
+        "scenario",
+        "--model",
+        model.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--scenarios",
+        "insurance_claim_auto",
+        "--strategies",
+        "dynamic",
+        "--turns",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--chunk-tokens",
+        "16",
+        "--kv-budget",
+        "90112",
+        "--out",
+        results.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let csv = Csv::read(&results.join("turns.csv"));
+    assert_eq!(csv.rows.len(), 3);
+    assert_eq!(csv.get(0, "success"), "true");
+    for row in 1..3 {
+        assert_eq!(csv.get(row, "success"), "false");
+        let error = csv.get(row, "error");
+        assert!(
+            error.contains("the KV pool is exhausted") && error.contains("raise --kv-budget"),
+            "{error}"
+        );
+    }
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("2 turn(s) failed"), "{stdout}");
 }
 
 #[test]

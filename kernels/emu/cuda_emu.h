@@ -62,6 +62,9 @@ inline int4 make_int4(int x, int y, int z, int w) { return int4{x, y, z, w}; }
 inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
+// kernels/kv_layout.cuh's layout struct, a kernel argument kind of its own (see parameter_kind).
+struct KvLayout;
+
 namespace kvlab_emu {
 
 // The part of a fiber that kernel code reads.
@@ -130,21 +133,40 @@ inline T atomic_update_float(T* address, T value, int op) {
     }
 }
 
-// Trampoline support: kernel arguments arrive as one 64-bit slot each.
+// Trampoline support: kernel arguments arrive as 64-bit slots (src/backend/cuda/device.rs,
+// `KernelArg::push_slots`): a pointer or scalar in the low bytes of one slot, a struct's bytes
+// over as many consecutive slots as it needs.
 template <class T>
-inline T argument_from_slot(uint64_t slot) {
+constexpr size_t argument_slot_count() {
+    return std::is_pointer<T>::value ? 1 : (sizeof(T) + 7) / 8;
+}
+
+template <class T>
+inline T argument_from_slots(const uint64_t* slots) {
     if constexpr (std::is_pointer<T>::value) {
-        return reinterpret_cast<T>(static_cast<uintptr_t>(slot));
+        return reinterpret_cast<T>(static_cast<uintptr_t>(slots[0]));
     } else {
+        static_assert(std::is_trivially_copyable<T>::value, "kernel arguments are plain data");
         T value;
-        std::memcpy(&value, &slot, sizeof(T));
+        std::memcpy(&value, slots, sizeof(T));
         return value;
     }
 }
 
+// Index of the first slot of parameter `index` of a kernel taking P...
+template <class... P>
+constexpr size_t first_argument_slot(size_t index) {
+    constexpr size_t counts[] = {argument_slot_count<P>()..., 0};
+    size_t first = 0;
+    for (size_t i = 0; i < index; ++i) {
+        first += counts[i];
+    }
+    return first;
+}
+
 template <class... P, size_t... I>
 inline void invoke_with_slots(void (*kernel)(P...), const uint64_t* slots, std::index_sequence<I...>) {
-    kernel(argument_from_slot<P>(slots[I])...);
+    kernel(argument_from_slots<P>(slots + first_argument_slot<P...>(I))...);
 }
 
 template <class... P>
@@ -152,7 +174,7 @@ inline void invoke_kernel(void (*kernel)(P...), const uint64_t* slots) {
     invoke_with_slots(kernel, slots, std::index_sequence_for<P...>{});
 }
 
-// 'P' pointer, 'I' int, 'U' unsigned, 'F' float, 'Q' unsigned long long: the kinds build.rs parsed.
+// 'P' pointer, 'I' int, 'U' unsigned, 'F' float, 'L' KvLayout: the kinds build.rs parsed.
 template <class T>
 constexpr char parameter_kind() {
     if constexpr (std::is_pointer<T>::value) {
@@ -163,8 +185,8 @@ constexpr char parameter_kind() {
         return 'U';
     } else if constexpr (std::is_same<T, float>::value) {
         return 'F';
-    } else if constexpr (std::is_same<T, unsigned long long>::value || std::is_same<T, unsigned long>::value) {
-        return sizeof(T) == 8 ? 'Q' : '?';
+    } else if constexpr (std::is_same<T, ::KvLayout>::value) {
+        return 'L';
     } else {
         return '?';
     }

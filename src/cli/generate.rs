@@ -101,6 +101,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         keep_step_logits: args.logits_out.is_some(),
         keep_prompt_logits: false,
         feed_ids: None,
+        conversation: None,
     };
     let tokenizer = loaded.tokenizer.as_ref();
     let stream = !args.json && tokenizer.is_some();

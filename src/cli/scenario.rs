@@ -11,7 +11,6 @@ use kvlab::scenario::protocol::{run_protocol, Observer, ProtocolOptions, TurnRes
 use kvlab::scenario::report::{RunInfo, Summary, TurnFiles};
 use kvlab::scenario::scenarios::{self, Scenario};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// The study's model, used when it is in the local Hugging Face cache and no --model is given.
@@ -23,9 +22,6 @@ const STUDY_NEW_TOKENS: usize = 150;
 const CPU_SUBSET_SCENARIOS: [&str; 1] = ["insurance_claim_auto"];
 const CPU_SUBSET_TURNS: usize = 3;
 const CPU_SUBSET_NEW_TOKENS: usize = 32;
-
-/// Raised by Ctrl-C; the runner stops after the turn in progress.
-static STOP: AtomicBool = AtomicBool::new(false);
 
 #[derive(Args, Debug)]
 pub struct ScenarioArgs {
@@ -155,35 +151,6 @@ fn has_weights(dir: &Path) -> bool {
     dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file()
 }
 
-/// A new results folder: `--out` (which must be absent or empty), else a dated one in results/.
-fn results_dir(out: Option<&Path>) -> Result<PathBuf> {
-    let dir = match out {
-        Some(dir) => {
-            let is_empty = || std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
-            if dir.exists() && !is_empty() {
-                bail!(
-                    "{} exists and is not empty; give a new folder to --out",
-                    dir.display()
-                );
-            }
-            dir.to_path_buf()
-        }
-        None => {
-            let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
-            let base = PathBuf::from("results").join(format!("scenario-{stamp}"));
-            let mut dir = base.clone();
-            let mut n = 2;
-            while dir.exists() {
-                dir = PathBuf::from(format!("{}-{n}", base.display()));
-                n += 1;
-            }
-            dir
-        }
-    };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
-}
-
 pub fn run(args: ScenarioArgs) -> Result<()> {
     let model_args = super::ModelArgs {
         model: model_spec(&args)?,
@@ -216,18 +183,15 @@ pub fn run(args: ScenarioArgs) -> Result<()> {
         date_string: Some(chrono::Local::now().format("%d %b %Y").to_string()),
     };
     let info = RunInfo {
-        model: loaded.label.clone(),
-        synthetic: loaded.synthetic,
-        weights_dtype: loaded.weights_dtype.clone(),
-        backend,
+        engine: loaded.engine_info(backend),
         ordinary_text_only,
         subset: plan.description.clone(),
         scenarios: plan.scenarios.iter().map(|s| s.name.clone()).collect(),
         protocol: protocol.clone(),
     };
-    let dir = results_dir(args.out.as_deref())?;
+    let dir = super::results_dir(args.out.as_deref(), "scenario")?;
 
-    println!("{}", info.headline());
+    println!("{}", info.engine.headline());
     println!("Running {}.", plan.description);
     if loaded.synthetic {
         println!(
@@ -243,13 +207,7 @@ pub fn run(args: ScenarioArgs) -> Result<()> {
         dir.display()
     );
 
-    ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\nStopping after the current turn (Ctrl-C again quits at once).");
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    let stop = super::stop_on_ctrl_c("the current turn")?;
 
     let planned: usize = plan
         .scenarios
@@ -264,7 +222,7 @@ pub fn run(args: ScenarioArgs) -> Result<()> {
         &tokenizer,
         &plan.scenarios,
         &protocol,
-        &STOP,
+        stop,
         &mut progress,
     )?;
     progress.bar.finish_and_clear();
@@ -279,7 +237,7 @@ pub fn run(args: ScenarioArgs) -> Result<()> {
         .filter_map(|(path, caption)| Some((path.file_name()?.to_str()?.to_string(), *caption)))
         .collect();
     let plot_refs: Vec<(&str, &str)> = png_plots.iter().map(|(f, c)| (f.as_str(), *c)).collect();
-    summary.write_report(&dir.join("report.md"), &plot_refs)?;
+    summary.write_report(&dir.join("report.md"), &records, &plot_refs)?;
 
     if outcome.interrupted {
         println!(
@@ -291,6 +249,10 @@ pub fn run(args: ScenarioArgs) -> Result<()> {
     print!("{}", summary.study_table().to_text());
     println!("\nWhat the study's table leaves out:");
     print!("{}", summary.measured_table().to_text());
+    if let Some(table) = Summary::reuse_table(&records) {
+        println!("\nPrefix reuse, turn by turn (means over scenarios):");
+        print!("{}", table.to_text());
+    }
     if !summary.disagreements.is_empty() {
         println!(
             "\n{} turn(s) generated other ids than `{}`: see report.md.",
@@ -345,11 +307,9 @@ impl Progress {
 }
 
 impl Observer for Progress {
-    fn warmup_started(&mut self, scenario: &Scenario, strategy: Strategy) {
-        self.bar.set_message(format!(
-            "{strategy} warm-up, not measured | {}",
-            scenario.name
-        ));
+    fn warmup_started(&mut self, strategy: Strategy) {
+        self.bar
+            .set_message(format!("{strategy} warm-up, not measured"));
     }
 
     fn turn_started(&mut self, scenario: &Scenario, strategy: Strategy, turn: usize) {

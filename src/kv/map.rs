@@ -1,50 +1,63 @@
-//! Where a cache's bytes sit: per chunk and per (layer, K/V, head) block, reserved against
-//! written. Offsets come from [`KvLayout::offset_in_chunk`] and totals from the cache's own
-//! [`KvStats`], so this view cannot drift from what the cache does.
+//! Where a sequence's bytes sit: per block (a chunk of the chunked layout, the whole run of the
+//! contiguous one) and per (layer, K/V, head) row block inside it, reserved against written.
+//! Computed from the layout and the pool's bookkeeping alone, so drawing a cache allocates no
+//! KV memory; offsets come from [`KvLayout::code_offset_in_block`] and
+//! [`KvLayout::scale_offset_in_block`] and totals from the pool's own accounting, so this view
+//! cannot drift from what the pool does.
 
-use super::{KvCache, KvLayout, KvPart, KvStats, Strategy};
-use crate::backend::Backend;
+use super::{ChunkPool, KvLayout, KvPart, LayoutKind, PoolStats, SeqId, SeqStats, Strategy};
+use anyhow::Result;
 
-/// A cache's memory, as laid out after its last step.
+/// A sequence's memory, as laid out after its last step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CacheMap {
     pub strategy: Strategy,
     pub layout: KvLayout,
-    /// Bytes of one K or V element on the cache's backend.
-    pub elem_bytes: usize,
-    /// Positions the cache can hold.
+    /// Positions per block: the chunk (chunked) or the run's capacity (contiguous).
+    pub block_tokens: usize,
+    /// Positions the sequence can hold: its run, or every chunk of the pool.
     pub capacity: usize,
-    pub stats: KvStats,
+    pub seq: SeqStats,
+    pub pool: PoolStats,
+    blocks: Vec<ChunkUse>,
 }
 
-/// One chunk (one allocation) and how many of its slots hold positions.
+/// One block of the sequence (one chunk, or its contiguous run) and how many of its slots hold
+/// positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkUse {
-    /// Index in the chunk table.
+    /// Index in the block table.
     pub index: usize,
+    /// First chunk id in the arena.
+    pub chunk: u32,
     /// Sequence position of slot 0.
     pub first_position: usize,
     pub written_slots: usize,
+    /// Sequences holding it.
+    pub holders: usize,
 }
 
-/// The `[chunk_tokens, head_dim]` rows of one (layer, K or V, head) inside a chunk.
+/// The `[block_tokens, head_dim]` codes of one (layer, K or V, head) inside a block, or (the
+/// quantized types) their `[block_tokens]` f32 scales.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockUse {
     pub layer: usize,
     pub part: KvPart,
     pub head: usize,
-    /// Byte offset of slot 0 inside the chunk.
+    /// The row block's scales rather than its codes.
+    pub scales: bool,
+    /// Byte offset of slot 0 inside the block.
     pub offset_bytes: u64,
     pub reserved_bytes: u64,
     /// Bytes of the written slots, which come first; the rest of the block is its unwritten tail.
     pub written_bytes: u64,
 }
 
-/// One layer's share of the cache, summed over its blocks in every chunk.
+/// One layer's share of the sequence (codes and scales), summed over its blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LayerUse {
     pub layer: usize,
-    /// Byte offsets, inside each chunk, of the layer's first K row and first V row.
+    /// Byte offsets, inside each block, of the codes of the layer's first K row and first V row.
     pub key_offset_bytes: u64,
     pub value_offset_bytes: u64,
     pub reserved_bytes: u64,
@@ -52,60 +65,91 @@ pub struct LayerUse {
 }
 
 impl CacheMap {
-    pub fn of<B: Backend>(cache: &KvCache<B>) -> CacheMap {
-        let layout = cache.layout;
-        CacheMap {
-            strategy: cache.strategy,
+    pub fn of(pool: &ChunkPool, id: SeqId, strategy: Strategy) -> Result<CacheMap> {
+        let layout = *pool.layout();
+        let len = pool.seq_len(id)?;
+        let table = pool.seq_table(id)?;
+        let (block_tokens, capacity, blocks) = match layout.kind() {
+            LayoutKind::Contiguous => {
+                let capacity = pool.seq_capacity(id)?.unwrap_or(0);
+                let block = ChunkUse {
+                    index: 0,
+                    chunk: table[0],
+                    first_position: 0,
+                    written_slots: len,
+                    holders: pool.chunk_refs(table[0]),
+                };
+                (capacity, capacity, vec![block])
+            }
+            LayoutKind::Chunked => {
+                let ct = layout.chunk_tokens();
+                let blocks = table
+                    .iter()
+                    .enumerate()
+                    .map(|(index, &chunk)| ChunkUse {
+                        index,
+                        chunk,
+                        first_position: index * ct,
+                        written_slots: len.saturating_sub(index * ct).min(ct),
+                        holders: pool.chunk_refs(chunk),
+                    })
+                    .collect();
+                (ct, pool.num_chunks() * ct, blocks)
+            }
+        };
+        Ok(CacheMap {
+            strategy,
             layout,
-            elem_bytes: cache.chunk_bytes() as usize / layout.chunk_elems(),
-            capacity: cache.capacity(),
-            stats: cache.stats(),
-        }
+            block_tokens,
+            capacity,
+            seq: pool.seq_stats(id)?,
+            pool: pool.stats(),
+            blocks,
+        })
     }
 
-    pub fn chunk_bytes(&self) -> u64 {
-        (self.layout.chunk_elems() * self.elem_bytes) as u64
+    /// Bytes of one block.
+    pub fn block_bytes(&self) -> u64 {
+        (self.block_tokens * self.layout.bytes_per_token()) as u64
     }
 
     /// Reserved bytes that hold no position.
     pub fn unwritten_bytes(&self) -> u64 {
-        self.stats.reserved_bytes - self.stats.live_bytes
+        self.seq.reserved_bytes - self.seq.live_bytes
     }
 
-    /// Every chunk the cache holds, in table order.
-    pub fn chunks(&self) -> Vec<ChunkUse> {
-        let chunk_tokens = self.layout.chunk_tokens as usize;
-        let (last_chunk, slots_in_last) = self.layout.locate(self.stats.tokens as usize);
-        (0..self.stats.chunks as usize)
-            .map(|index| ChunkUse {
-                index,
-                first_position: index * chunk_tokens,
-                written_slots: match index.cmp(&last_chunk) {
-                    std::cmp::Ordering::Less => chunk_tokens,
-                    std::cmp::Ordering::Equal => slots_in_last,
-                    std::cmp::Ordering::Greater => 0,
-                },
-            })
-            .collect()
+    /// Every block of the sequence, in table order.
+    pub fn chunks(&self) -> &[ChunkUse] {
+        &self.blocks
     }
 
-    /// The blocks of one chunk, in memory order.
+    /// The row blocks of one block (codes, then the quantized types' scales), in memory order.
     pub fn blocks(&self, chunk: &ChunkUse) -> Vec<BlockUse> {
         let layout = &self.layout;
-        let row_bytes = (layout.head_dim as usize * self.elem_bytes) as u64;
+        let (dtype, hd) = (layout.dtype(), layout.head_dim());
         let mut blocks = Vec::new();
         for layer in 0..layout.num_layers as usize {
             for part in [KvPart::Key, KvPart::Value] {
+                let scale_bytes = 4 * dtype.scales_per_row(part, hd) as u64;
                 for head in 0..layout.num_kv_heads as usize {
-                    let offset = layout.offset_in_chunk(layer, part, head, 0);
-                    blocks.push(BlockUse {
-                        layer,
-                        part,
-                        head,
-                        offset_bytes: (offset * self.elem_bytes) as u64,
-                        reserved_bytes: layout.chunk_tokens as u64 * row_bytes,
-                        written_bytes: chunk.written_slots as u64 * row_bytes,
-                    });
+                    let bt = self.block_tokens;
+                    let mut row_block = |scales: bool, offset: usize, row_bytes: u64| {
+                        blocks.push(BlockUse {
+                            layer,
+                            part,
+                            head,
+                            scales,
+                            offset_bytes: offset as u64,
+                            reserved_bytes: bt as u64 * row_bytes,
+                            written_bytes: chunk.written_slots as u64 * row_bytes,
+                        })
+                    };
+                    let codes = layout.code_offset_in_block(layer, part, head, 0, bt);
+                    row_block(false, codes, layout.row_code_bytes() as u64);
+                    if scale_bytes > 0 {
+                        let scales = layout.scale_offset_in_block(layer, part, head, 0, bt);
+                        row_block(true, scales, scale_bytes);
+                    }
                 }
             }
         }
@@ -113,28 +157,26 @@ impl CacheMap {
         blocks
     }
 
-    /// Per layer, summed over every chunk.
+    /// Per layer, summed over every block.
     pub fn layers(&self) -> Vec<LayerUse> {
-        let chunks = self.chunks();
-        (0..self.layout.num_layers as usize)
+        let layout = &self.layout;
+        let pair_bytes = layout.dtype().row_pair_bytes(layout.head_dim()) as u64;
+        let heads = layout.num_kv_heads as u64;
+        let written: u64 = self.blocks.iter().map(|c| c.written_slots as u64).sum();
+        (0..layout.num_layers as usize)
             .map(|layer| {
-                let offset = |part| {
-                    (self.layout.offset_in_chunk(layer, part, 0, 0) * self.elem_bytes) as u64
-                };
-                let mut use_ = LayerUse {
+                let offset =
+                    |part| layout.code_offset_in_block(layer, part, 0, 0, self.block_tokens) as u64;
+                LayerUse {
                     layer,
                     key_offset_bytes: offset(KvPart::Key),
                     value_offset_bytes: offset(KvPart::Value),
-                    reserved_bytes: 0,
-                    written_bytes: 0,
-                };
-                for chunk in &chunks {
-                    for block in self.blocks(chunk).iter().filter(|b| b.layer == layer) {
-                        use_.reserved_bytes += block.reserved_bytes;
-                        use_.written_bytes += block.written_bytes;
-                    }
+                    reserved_bytes: heads
+                        * self.blocks.len() as u64
+                        * self.block_tokens as u64
+                        * pair_bytes,
+                    written_bytes: heads * written * pair_bytes,
                 }
-                use_
             })
             .collect()
     }
@@ -143,98 +185,88 @@ impl CacheMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::CpuBackend;
-    use crate::kv::CacheOptions;
-    use crate::model::config::Config;
+    use crate::kv::KvDtype;
 
-    fn config() -> Config {
-        let hf = serde_json::from_value(serde_json::json!({
-            "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3,
-            "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8,
-            "vocab_size": 50, "rms_norm_eps": 1e-5, "max_position_embeddings": 1000,
-            "rope_theta": 10000.0
-        }))
-        .unwrap();
-        Config::from_hf(&hf).unwrap()
+    /// A sequence of `tokens` written the way generation writes them: a prompt, then single
+    /// tokens.
+    fn filled(kind: LayoutKind, chunk_tokens: usize, capacity: usize, tokens: usize) -> CacheMap {
+        filled_as(KvDtype::F32, kind, chunk_tokens, capacity, tokens)
     }
 
-    fn filled(strategy: Strategy, tokens: usize, opts: CacheOptions) -> CacheMap {
-        let backend = CpuBackend::new();
-        let mut cache = KvCache::new(&backend, strategy, &config(), opts).unwrap();
-        // A prompt, then single tokens, the way generation fills a cache.
+    fn filled_as(
+        dtype: KvDtype,
+        kind: LayoutKind,
+        chunk_tokens: usize,
+        capacity: usize,
+        tokens: usize,
+    ) -> CacheMap {
+        // f32: 3 layers x K,V x 2 heads x 16 dims x 4 bytes = 768 bytes per position.
+        let layout = KvLayout::new(kind, dtype, 3, 2, 16, chunk_tokens).unwrap();
+        let mut pool = ChunkPool::new(layout, 64, false).unwrap();
+        let id = pool.new_sequence(Some(capacity)).unwrap();
         let prompt = tokens.min(7);
         for rows in std::iter::once(prompt).chain(std::iter::repeat_n(1, tokens - prompt)) {
-            cache.begin_step(&backend, rows).unwrap();
-            cache.end_step();
+            pool.reserve(id, rows).unwrap();
+            pool.commit(id, &vec![0; rows]).unwrap();
         }
-        CacheMap::of(&cache)
+        let strategy = match kind {
+            LayoutKind::Contiguous => Strategy::Static,
+            LayoutKind::Chunked => Strategy::Dynamic,
+        };
+        CacheMap::of(&pool, id, strategy).unwrap()
     }
 
     #[test]
-    fn layers_and_chunks_add_up_to_the_cache_accounting() {
-        for (strategy, opts) in [
-            (
-                Strategy::Static,
-                CacheOptions {
-                    max_context: 40,
-                    chunk_tokens: 0,
-                },
-            ),
-            (
-                Strategy::Dynamic,
-                CacheOptions {
-                    max_context: 0,
-                    chunk_tokens: 5,
-                },
-            ),
-        ] {
+    fn layers_and_blocks_add_up_to_the_pool_accounting() {
+        let cases = KvDtype::ALL.into_iter().flat_map(|dtype| {
+            [(LayoutKind::Contiguous, 1), (LayoutKind::Chunked, 5)]
+                .map(|(kind, chunk)| (dtype, kind, chunk))
+        });
+        for (dtype, kind, chunk_tokens) in cases {
             for tokens in [1, 5, 6, 23] {
-                let map = filled(strategy, tokens, opts);
+                let map = filled_as(dtype, kind, chunk_tokens, 40, tokens);
+                let blocks = map.blocks(&map.chunks()[0]);
+                let scale_blocks = blocks.iter().filter(|b| b.scales).count();
+                assert_eq!(scale_blocks, if dtype.is_quantized() { 12 } else { 0 });
                 let layers = map.layers();
                 let reserved: u64 = layers.iter().map(|l| l.reserved_bytes).sum();
                 let written: u64 = layers.iter().map(|l| l.written_bytes).sum();
-                assert_eq!(reserved, map.stats.reserved_bytes, "{strategy} {tokens}");
-                assert_eq!(written, map.stats.live_bytes, "{strategy} {tokens}");
+                assert_eq!(reserved, map.seq.reserved_bytes, "{kind:?} {tokens}");
+                assert_eq!(written, map.seq.live_bytes, "{kind:?} {tokens}");
+                assert_eq!(map.pool.reserved_bytes, map.seq.reserved_bytes);
                 let chunks = map.chunks();
                 assert_eq!(
                     chunks.iter().map(|c| c.written_slots).sum::<usize>(),
                     tokens
                 );
-                for chunk in &chunks {
-                    let blocks = map.blocks(chunk);
-                    // The blocks tile the chunk: each starts where the previous one ends.
+                for chunk in chunks {
+                    // The row blocks tile the block: each starts where the previous one ends.
                     let mut end = 0;
-                    for b in &blocks {
+                    for b in map.blocks(chunk) {
                         assert_eq!(b.offset_bytes, end);
                         end += b.reserved_bytes;
                     }
-                    assert_eq!(end, map.chunk_bytes());
+                    assert_eq!(end, map.block_bytes());
                 }
             }
         }
-        let dynamic = filled(
-            Strategy::Dynamic,
-            23,
-            CacheOptions {
-                max_context: 0,
-                chunk_tokens: 5,
-            },
-        );
-        assert_eq!(dynamic.stats.allocations, 5);
+        let dynamic = filled(LayoutKind::Chunked, 5, 0, 23);
+        assert_eq!(dynamic.pool.allocations, 5);
         assert_eq!(dynamic.chunks()[4].written_slots, 3);
-        let stat = filled(
-            Strategy::Static,
-            23,
-            CacheOptions {
-                max_context: 40,
-                chunk_tokens: 0,
-            },
+        let stat = filled(LayoutKind::Contiguous, 1, 40, 23);
+        assert_eq!(stat.unwritten_bytes(), (40 - 23) * 768);
+        assert_eq!(stat.chunks().len(), 1);
+        // int8: a quarter of f32's bytes plus an f32 scale per row (12 rows a position; a key
+        // row of 16 channels is one group).
+        let int8 = filled_as(KvDtype::Int8, LayoutKind::Contiguous, 1, 40, 23);
+        assert_eq!(
+            int8.seq.reserved_bytes,
+            stat.seq.reserved_bytes / 4 + 40 * 12 * 4
         );
-        // 3 layers x K,V x 2 heads x 8 dims x 4 bytes = 384 bytes per position.
-        assert_eq!(stat.unwritten_bytes(), (40 - 23) * 384);
+        // Layer 1's V rows follow layer 0's K and V and layer 1's K: 3 row blocks of 2 heads.
         assert_eq!(
             stat.layers()[1].value_offset_bytes,
-            (3 * 2 * 40 * 8 * 4) as u64
+            (3 * 2 * 40 * 16 * 4) as u64
         );
     }
 }

@@ -1,31 +1,71 @@
-//! KV cache layouts and their accounting.
+//! KV memory, device-neutral: layouts, the chunk pool every sequence draws from, block tables,
+//! the prefix index and the step view that the backends' `rope`, `kv_append` and `attention`
+//! read. Nothing here knows a backend: a backend allocates the pool's arena
+//! (`Backend::alloc_kv_memory`) and this module decides which chunk of it holds what.
 //!
-//! Both layouts are described by one [`KvLayout`]: memory is a list of chunks, each chunk holds
-//! `chunk_tokens` consecutive positions of every layer's K and V. The **static** cache is one
-//! chunk as large as its capacity (one contiguous preallocated buffer); the **dynamic** cache
-//! takes fixed-size chunks on demand and never moves them, so a chunk table maps a position to
-//! its chunk (the paged layout of vLLM). `kernels/kv_layout.cuh` mirrors this type for the
-//! CUDA kernels, so the CPU code and the kernels compute the same offsets.
+//! - [`KvLayout`]: the geometry of the arena (kind, element type, shape, positions per chunk),
+//!   mirrored field for field by `kernels/kv_layout.cuh`.
+//! - [`ChunkPool`]: chunk ids into the arena, a free list, reference counts, the sequences and
+//!   their block tables, and the accounting (reserved, live, shared, cached but idle).
+//! - [`StepView`]: the rows of one forward step, their positions, slots and sequences, and the
+//!   block tables (and, once they evict, slot maps) of those sequences, in the form the CPU code
+//!   and the kernels read.
+//! - [`EvictionPolicy`]: which positions a sequence keeps under a token budget (StreamingLLM's
+//!   sinks and window, H2O's heavy hitters), applied by the pool after each step.
+//!
+//! The **static** strategy gives a sequence one contiguous run of the arena, reserved up front
+//! for its whole capacity; the **dynamic** strategy takes fixed-size chunks on demand, found
+//! through a block table (vLLM's paged layout); `none` builds a transient contiguous sequence
+//! for each forward pass. The `+reuse` strategies keep a conversation's sequence between calls
+//! and, in the chunked layout, share full chunks between sequences through a prefix index.
 
-mod cache;
+mod layout;
 pub mod map;
-pub use cache::{CacheOptions, KvCache, KvStats};
+mod policy;
+mod pool;
+mod prefix;
+pub mod quant;
+mod step;
+
+pub use layout::{KvDtype, KvLayout, KvPart, LayoutKind};
+pub use policy::EvictionPolicy;
+pub use pool::{ChunkCopy, ChunkPool, PoolExhausted, PoolStats, PrefixMatch, SeqId, SeqStats};
+pub use prefix::ChainKey;
+pub use step::{RowOffsets, SeqStep, StepView, EMPTY_SLOT};
 
 use serde::{Deserialize, Serialize};
 
-/// What the forward pass keeps between tokens.
+/// Bytes in a MiB, for the reports of KV memory.
+pub const MIB: f64 = (1u64 << 20) as f64;
+
+/// What the forward pass keeps between tokens, and whether it keeps it between calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
 pub enum Strategy {
     /// No cache: every new token reruns the forward pass over the whole sequence.
+    #[serde(rename = "none")]
+    #[value(name = "none")]
     None,
     /// One contiguous buffer preallocated to a maximum context.
+    #[serde(rename = "static")]
+    #[value(name = "static")]
     Static,
-    /// Fixed-size chunks allocated on demand, found through a chunk table.
+    /// Fixed-size chunks allocated on demand, found through a block table.
+    #[serde(rename = "dynamic")]
+    #[value(name = "dynamic")]
     Dynamic,
+    /// `dynamic`, with the conversation's cache kept across turns and full chunks shared
+    /// between sequences through the prefix index.
+    #[serde(rename = "dynamic+reuse")]
+    #[value(name = "dynamic+reuse")]
+    DynamicReuse,
+    /// `static`, with the conversation's contiguous buffer kept across turns.
+    #[serde(rename = "static+reuse")]
+    #[value(name = "static+reuse")]
+    StaticReuse,
 }
 
 impl Strategy {
+    /// The study's three.
     pub const ALL: [Strategy; 3] = [Strategy::None, Strategy::Dynamic, Strategy::Static];
 
     pub fn name(self) -> &'static str {
@@ -33,7 +73,22 @@ impl Strategy {
             Strategy::None => "none",
             Strategy::Static => "static",
             Strategy::Dynamic => "dynamic",
+            Strategy::DynamicReuse => "dynamic+reuse",
+            Strategy::StaticReuse => "static+reuse",
         }
+    }
+
+    /// The layout of the strategy's sequences.
+    pub fn layout_kind(self) -> LayoutKind {
+        match self {
+            Strategy::Dynamic | Strategy::DynamicReuse => LayoutKind::Chunked,
+            Strategy::None | Strategy::Static | Strategy::StaticReuse => LayoutKind::Contiguous,
+        }
+    }
+
+    /// Whether a conversation's cache is kept between calls.
+    pub fn reuses(self) -> bool {
+        matches!(self, Strategy::DynamicReuse | Strategy::StaticReuse)
     }
 }
 
@@ -46,99 +101,21 @@ impl std::fmt::Display for Strategy {
 impl std::str::FromStr for Strategy {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> anyhow::Result<Self> {
-        match s.trim() {
-            "none" => Ok(Strategy::None),
-            "static" => Ok(Strategy::Static),
-            "dynamic" => Ok(Strategy::Dynamic),
-            other => {
-                anyhow::bail!("unknown cache strategy {other:?} (expected none, static or dynamic)")
-            }
-        }
-    }
-}
-
-/// Geometry of KV memory, shared by CPU code and kernels (mirrored in `kernels/kv_layout.cuh`).
-///
-/// A chunk is `[num_layers][2 (K, V)][num_kv_heads][chunk_tokens][head_dim]` elements: for one
-/// layer and head, a chunk's positions are contiguous rows of `head_dim`, which is what decode
-/// attention streams.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct KvLayout {
-    pub num_layers: u32,
-    pub num_kv_heads: u32,
-    pub head_dim: u32,
-    /// Positions per chunk. Static cache: its whole capacity.
-    pub chunk_tokens: u32,
-}
-
-/// Which of the pair a cache row belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KvPart {
-    Key = 0,
-    Value = 1,
-}
-
-impl KvLayout {
-    /// Elements in one chunk.
-    pub fn chunk_elems(&self) -> usize {
-        self.num_layers as usize * 2 * self.kv_block_elems()
-    }
-
-    /// Elements of one (layer, K or V) block inside a chunk: `[num_kv_heads][chunk_tokens][head_dim]`.
-    pub fn kv_block_elems(&self) -> usize {
-        self.num_kv_heads as usize * self.chunk_tokens as usize * self.head_dim as usize
-    }
-
-    /// Element offset, inside its chunk, of the `head_dim` row of (layer, part, head, slot).
-    pub fn offset_in_chunk(&self, layer: usize, part: KvPart, head: usize, slot: usize) -> usize {
-        let block = layer * 2 + part as usize;
-        ((block * self.num_kv_heads as usize + head) * self.chunk_tokens as usize + slot)
-            * self.head_dim as usize
-    }
-
-    /// (chunk index in the table, slot inside the chunk) of sequence position `pos`.
-    pub fn locate(&self, pos: usize) -> (usize, usize) {
-        (
-            pos / self.chunk_tokens as usize,
-            pos % self.chunk_tokens as usize,
-        )
-    }
-
-    /// Elements that one position occupies across all layers, K and V.
-    pub fn elems_per_token(&self) -> usize {
-        self.num_layers as usize * 2 * self.num_kv_heads as usize * self.head_dim as usize
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offsets_tile_a_chunk_exactly_once() {
-        let layout = KvLayout {
-            num_layers: 3,
-            num_kv_heads: 2,
-            head_dim: 4,
-            chunk_tokens: 5,
-        };
-        let mut seen = vec![false; layout.chunk_elems()];
-        for layer in 0..3 {
-            for part in [KvPart::Key, KvPart::Value] {
-                for head in 0..2 {
-                    for slot in 0..5 {
-                        let off = layout.offset_in_chunk(layer, part, head, slot);
-                        for d in 0..4 {
-                            assert!(!seen[off + d], "element {} written twice", off + d);
-                            seen[off + d] = true;
-                        }
-                    }
-                }
-            }
-        }
-        assert!(seen.iter().all(|&s| s));
-        assert_eq!(layout.locate(12), (2, 2));
-        assert_eq!(layout.elems_per_token() * 5, layout.chunk_elems());
+        let s = s.trim();
+        [
+            Strategy::None,
+            Strategy::Static,
+            Strategy::Dynamic,
+            Strategy::DynamicReuse,
+            Strategy::StaticReuse,
+        ]
+        .into_iter()
+        .find(|strategy| strategy.name() == s)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown cache strategy {s:?} (expected none, static, dynamic, dynamic+reuse or \
+                 static+reuse)"
+            )
+        })
     }
 }

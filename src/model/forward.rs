@@ -1,24 +1,27 @@
 //! The Llama forward pass, written once against [`Backend`].
 //!
 //! ```text
-//! x = embed(ids)                                   [rows, hidden]
+//! x = embed(ids)                                         [rows, hidden]
 //! for each layer:
 //!     h = rmsnorm(x) · input_layernorm
-//!     q, k, v = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ                 [rows, heads·hd], [rows, kv_heads·hd] ×2
+//!     q, k, v = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ                       [rows, heads·hd], [rows, kv_heads·hd] ×2
 //!     rope(q, k) at the step's positions; append k, v to the cache
 //!     x += attention(q, cache)·Woᵀ
 //!     h = rmsnorm(x) · post_attention_layernorm
 //!     x += (silu(h·Wgateᵀ) * h·Wupᵀ)·Wdownᵀ
-//! logits = (rmsnorm(x) · norm)·lm_headᵀ            [rows or 1, vocab]
+//! logits = (rmsnorm(x) · norm)·lm_headᵀ                  [rows, or the last n, vocab]
 //! ```
-//! The residual add is fused into the next norm (`add_rms_norm`), so `x` is updated lazily.
+//! Each norm is one op with the projections that read it (`rms_norm_matmul_many`: h is never
+//! stored), and each residual add one op with the projection it adds (`matmul_add`,
+//! `swiglu_matmul_add`), and RoPE one op with the append it feeds (`rope_kv_append`), so that a
+//! CUDA decode step needs no launches for norms, adds, copies or RoPE alone.
 
 use super::config::Config;
 use super::gguf::{llama, GgufFile};
 use super::weights::{HostTensor, ModelWeights};
 use super::DType;
 use crate::backend::Backend;
-use crate::kv::KvCache;
+use crate::kv::StepView;
 use anyhow::{bail, Result};
 use std::path::Path;
 
@@ -35,26 +38,35 @@ pub struct Model<B: Backend> {
 /// Which rows of the final hidden state become logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitRows {
-    /// Only the last row (generation).
-    Last,
+    /// The step's last `n` rows (generation: each sequence's last row; a step of several
+    /// sequences puts those at its end, `StepView::last_rows_at_end`).
+    LastRows(usize),
     /// Every row (prompt logits for comparisons).
     All,
 }
 
-/// Activation buffers for steps of up to `capacity` rows, allocated once and reused.
+impl LogitRows {
+    /// Rows of logits for a step of `rows` rows.
+    pub fn count(self, rows: usize) -> usize {
+        match self {
+            LogitRows::LastRows(n) => n,
+            LogitRows::All => rows,
+        }
+    }
+}
+
+/// Activation buffers for steps of up to `capacity` rows and `logit_rows` rows of logits,
+/// allocated once and reused.
 pub struct Activations<B: Backend> {
     capacity: usize,
     logit_rows: usize,
     x: B::Tensor,          // residual stream [rows, hidden]
-    h: B::Tensor,          // normed input of a sublayer [rows, hidden]
     q: B::Tensor,          // [rows, heads·hd]
     k: B::Tensor,          // [rows, kv_heads·hd]
     v: B::Tensor,          // [rows, kv_heads·hd]
     attn: B::Tensor,       // attention output [rows, heads·hd]
-    delta: B::Tensor,      // sublayer output to add to x [rows, hidden]
-    gate: B::Tensor,       // [rows, intermediate], then silu(gate) * up
+    gate: B::Tensor,       // [rows, intermediate]
     up: B::Tensor,         // [rows, intermediate]
-    last: B::Tensor,       // the last row of h [1, hidden]
     pub logits: B::Tensor, // [logit_rows, vocab]
 }
 
@@ -65,15 +77,12 @@ impl<B: Backend> Activations<B> {
             capacity,
             logit_rows,
             x: b.alloc_precise(capacity, h)?,
-            h: b.alloc(capacity, h)?,
             q: b.alloc(capacity, cfg.q_dim())?,
             k: b.alloc(capacity, cfg.kv_dim())?,
             v: b.alloc(capacity, cfg.kv_dim())?,
             attn: b.alloc(capacity, cfg.q_dim())?,
-            delta: b.alloc_precise(capacity, h)?,
             gate: b.alloc(capacity, ff)?,
             up: b.alloc(capacity, ff)?,
-            last: b.alloc(1, h)?,
             logits: b.alloc_precise(logit_rows, cfg.vocab_size)?,
         })
     }
@@ -82,8 +91,13 @@ impl<B: Backend> Activations<B> {
         self.capacity
     }
 
+    /// Rows of logits it holds.
+    pub fn logit_capacity(&self) -> usize {
+        self.logit_rows
+    }
+
     pub fn fits(&self, rows: usize, logits: LogitRows) -> bool {
-        rows <= self.capacity && (logits == LogitRows::Last || rows <= self.logit_rows)
+        rows <= self.capacity && logits.count(rows) <= self.logit_rows
     }
 }
 
@@ -118,81 +132,94 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// Runs `ids` (positions `cache.len()..`) through the model, appending their K/V to `cache`.
-    /// Logits land in `act.logits`: one row per input row, or only the last.
+    /// Runs `ids` through the model, one row each, at the rows, positions and sequences of
+    /// `step` (which the KV pool reserved), writing their K/V into `kv`. The caller commits the
+    /// step to the pool afterwards. Logits land in `act.logits`: one row per input row, or for
+    /// the last `n`.
     pub fn forward(
         &self,
         b: &B,
-        cache: &mut KvCache<B>,
+        kv: &mut B::KvMemory,
+        step: &StepView,
         ids: &[u32],
         act: &mut Activations<B>,
         logit_rows: LogitRows,
     ) -> Result<()> {
-        let cfg = &self.config;
         let rows = ids.len();
         if rows == 0 {
             bail!("forward pass over zero tokens");
         }
-        if !act.fits(rows, logit_rows) {
+        if rows != step.rows() {
+            bail!("{rows} token ids for a step of {} rows", step.rows());
+        }
+        if !act.fits(rows, logit_rows) || logit_rows.count(rows) > rows {
             bail!(
-                "a step of {rows} rows does not fit activations sized for {}",
-                act.capacity
+                "a step of {rows} rows and {} rows of logits does not fit activations sized for \
+                 {} and {}",
+                logit_rows.count(rows),
+                act.capacity,
+                act.logit_rows
             );
         }
-        cache.begin_step(b, rows)?;
-        let w = &self.weights;
-        b.embed(&w.embed_tokens, ids, &mut act.x)?;
+        b.set_kv_step(kv, step)?;
+        b.embed(&self.weights.embed_tokens, ids, &mut act.x)?;
+        self.layers_and_logits(b, kv, step, act, logit_rows)
+    }
+
+    /// One decode step of a run whose tokens stay on the backend: the input of the one row of
+    /// the step's one sequence is the id the backend chose last (`embed_chosen`), and `step` is
+    /// the view the backend holds (set by the caller with `set_kv_step` before the run's first
+    /// step, then advanced by `argmax_advance` after each). The logits land in `act.logits`.
+    pub fn forward_chosen(
+        &self,
+        b: &B,
+        kv: &mut B::KvMemory,
+        step: &StepView,
+        act: &mut Activations<B>,
+    ) -> Result<()> {
+        if step.rows() != 1 || step.seqs.len() != 1 {
+            bail!(
+                "a decode step on chosen ids takes one row of one sequence, not {} rows of {}",
+                step.rows(),
+                step.seqs.len()
+            );
+        }
+        b.embed_chosen(&self.weights.embed_tokens, &mut act.x)?;
+        self.layers_and_logits(b, kv, step, act, LogitRows::LastRows(1))
+    }
+
+    /// The layers over the embedded rows of `step` in `act.x`, then the logits.
+    fn layers_and_logits(
+        &self,
+        b: &B,
+        kv: &mut B::KvMemory,
+        step: &StepView,
+        act: &mut Activations<B>,
+        logit_rows: LogitRows,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let rows = step.rows();
+        let (w, eps) = (&self.weights, cfg.rms_norm_eps);
         for (layer, lw) in w.layers.iter().enumerate() {
-            // The previous layer's MLP output joins the residual here.
-            let delta = (layer > 0).then_some(&act.delta);
-            b.add_rms_norm(
-                &mut act.x,
-                delta,
-                &lw.input_layernorm,
-                cfg.rms_norm_eps,
-                rows,
-                &mut act.h,
-            )?;
             let qkv = &mut [
                 (&lw.q_proj, &mut act.q),
                 (&lw.k_proj, &mut act.k),
                 (&lw.v_proj, &mut act.v),
             ];
-            b.matmul_many(&act.h, qkv, rows)?;
-            b.rope(&mut act.q, &mut act.k, &self.inv_freq, cache)?;
-            b.kv_append(cache, layer, &act.k, &act.v)?;
-            b.attention(&act.q, cache, layer, cfg.num_heads, &mut act.attn)?;
-            b.matmul(&act.attn, &lw.o_proj, rows, &mut act.delta)?;
+            b.rms_norm_matmul_many(&act.x, 0..rows, &lw.input_layernorm, eps, qkv)?;
+            b.rope_kv_append(&mut act.q, &act.k, &act.v, &self.inv_freq, kv, step, layer)?;
+            b.attention(&act.q, kv, step, layer, cfg.num_heads, &mut act.attn)?;
+            b.matmul_add(&act.attn, &lw.o_proj, rows, &mut act.x)?;
 
-            b.add_rms_norm(
-                &mut act.x,
-                Some(&act.delta),
-                &lw.post_attention_layernorm,
-                cfg.rms_norm_eps,
-                rows,
-                &mut act.h,
-            )?;
             let gate_up = &mut [(&lw.gate_proj, &mut act.gate), (&lw.up_proj, &mut act.up)];
-            b.matmul_many(&act.h, gate_up, rows)?;
-            b.swiglu(&mut act.gate, &act.up, rows)?;
-            b.matmul(&act.gate, &lw.down_proj, rows, &mut act.delta)?;
+            b.rms_norm_matmul_many(&act.x, 0..rows, &lw.post_attention_layernorm, eps, gate_up)?;
+            b.swiglu_matmul_add(&act.gate, &act.up, &lw.down_proj, rows, &mut act.x)?;
         }
-        cache.end_step();
-        b.add_rms_norm(
-            &mut act.x,
-            Some(&act.delta),
-            &w.norm,
-            cfg.rms_norm_eps,
-            rows,
-            &mut act.h,
-        )?;
-        let head = w.output_projection();
-        match logit_rows {
-            LogitRows::All => b.matmul(&act.h, head, rows, &mut act.logits),
-            LogitRows::Last => {
-                b.copy_rows(&act.h, rows - 1, &mut act.last, 0, 1)?;
-                b.matmul(&act.last, head, 1, &mut act.logits)
-            }
-        }
+        let logit_rows = match logit_rows {
+            LogitRows::All => 0..rows,
+            LogitRows::LastRows(n) => rows - n..rows,
+        };
+        let head = &mut [(w.output_projection(), &mut act.logits)];
+        b.rms_norm_matmul_many(&act.x, logit_rows, &w.norm, eps, head)
     }
 }

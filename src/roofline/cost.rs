@@ -5,6 +5,7 @@
 //! Bytes count each operand once at its stored size (a lower bound: what a perfect cache would
 //! still have to stream); FLOPs count a multiply-add as 2.
 
+use crate::kv::KvDtype;
 use crate::model::config::Config;
 
 /// What one call of an op costs at least.
@@ -54,13 +55,13 @@ pub fn matmul(m: usize, n: usize, k: usize, weight_elem_bytes: usize) -> OpCost 
     }
 }
 
-/// residual += delta; out = rmsnorm(residual) · weight over `[rows, dim]`: read residual and
-/// delta, write residual and out, read the weight; per element an add, a square-add, two muls.
-pub fn add_rms_norm(rows: usize, dim: usize) -> OpCost {
+/// out = rmsnorm(x) · weight over `[rows, dim]`: read x, write out, read the weight; per element
+/// a square-add and two muls.
+pub fn rms_norm(rows: usize, dim: usize) -> OpCost {
     let (rows, dim) = (rows as f64, dim as f64);
     OpCost {
-        bytes: 4.0 * rows * dim * F32 + dim * F32,
-        flops: 5.0 * rows * dim,
+        bytes: 2.0 * rows * dim * F32 + dim * F32,
+        flops: 4.0 * rows * dim,
     }
 }
 
@@ -75,10 +76,10 @@ pub fn rope(rows: usize, q_dim: usize, kv_dim: usize) -> OpCost {
 }
 
 /// Copy of the step's k and v `[rows, kv_dim]` into the cache (`kv_elem_bytes` per entry).
-pub fn kv_append(rows: usize, kv_dim: usize, kv_elem_bytes: usize) -> OpCost {
-    let elems = (2 * rows * kv_dim) as f64;
+pub fn kv_append(cfg: &Config, rows: usize, kv: KvDtype) -> OpCost {
+    let heads = (rows * cfg.num_kv_heads) as f64;
     OpCost {
-        bytes: elems * (F32 + kv_elem_bytes as f64),
+        bytes: heads * (2.0 * cfg.head_dim as f64 * F32 + kv.row_pair_bytes(cfg.head_dim) as f64),
         flops: 0.0,
     }
 }
@@ -94,15 +95,16 @@ pub fn swiglu(rows: usize, intermediate: usize) -> OpCost {
 }
 
 /// Causal attention of `rows` queries at positions `start..start + rows` over one layer of the
-/// cache: every visible K and V row once (`kv_elem_bytes` per entry), q and out once; per
-/// (query head, visible position) a dot product and an axpy of `head_dim` (4·head_dim FLOPs).
-pub fn attention(cfg: &Config, start: usize, rows: usize, kv_elem_bytes: usize) -> OpCost {
+/// cache: every visible K and V row once (its codes and, quantized, its scale), q and out once;
+/// per (query head, visible position) a dot product and an axpy of `head_dim` (4·head_dim
+/// FLOPs).
+pub fn attention(cfg: &Config, start: usize, rows: usize, kv: KvDtype) -> OpCost {
     let hd = cfg.head_dim as f64;
     let visible = (start + rows) as f64;
     // Σ over rows of the positions each one sees: (start + 1) + ... + (start + rows).
     let pairs = rows as f64 * start as f64 + (rows * (rows + 1) / 2) as f64;
     OpCost {
-        bytes: 2.0 * visible * cfg.num_kv_heads as f64 * hd * kv_elem_bytes as f64
+        bytes: visible * cfg.num_kv_heads as f64 * kv.row_pair_bytes(cfg.head_dim) as f64
             + 2.0 * rows as f64 * cfg.q_dim() as f64 * F32,
         flops: 4.0 * cfg.num_heads as f64 * hd * pairs,
     }
@@ -111,13 +113,8 @@ pub fn attention(cfg: &Config, start: usize, rows: usize, kv_elem_bytes: usize) 
 /// One decode step (one token at position `context - 1`): every weight the step reads
 /// (`weight_bytes`, from `ModelWeights::bytes_read_per_token`) and every cached K/V row; FLOPs of
 /// the matmuls (2 per parameter) and the attention. Norms, RoPE and the rest are noise beside.
-pub fn decode_step(
-    cfg: &Config,
-    weight_bytes: usize,
-    context: usize,
-    kv_elem_bytes: usize,
-) -> OpCost {
-    let attention = attention(cfg, context.max(1) - 1, 1, kv_elem_bytes) * cfg.num_layers as f64;
+pub fn decode_step(cfg: &Config, weight_bytes: usize, context: usize, kv: KvDtype) -> OpCost {
+    let attention = attention(cfg, context.max(1) - 1, 1, kv) * cfg.num_layers as f64;
     let embedding = cfg.vocab_size * cfg.hidden_size;
     // Every parameter but the embedding table is a matmul weight; a tied lm_head is the table.
     let matmul_params = cfg.num_parameters() - embedding
@@ -142,11 +139,15 @@ mod tests {
         let cfg = llama_3_2_1b().unwrap();
         for (start, rows) in [(0, 1), (0, 7), (300, 1), (300, 37)] {
             let pairs: usize = (0..rows).map(|r| start + r + 1).sum();
-            let c = attention(&cfg, start, rows, 2);
+            let c = attention(&cfg, start, rows, KvDtype::Bf16);
             assert_eq!(c.flops, (4 * 32 * 64 * pairs) as f64);
             // K and V of every visible position, 8 heads of 64 bf16 values; q and out in f32.
             let kv = 2 * (start + rows) * 8 * 64 * 2;
             assert_eq!(c.bytes, (kv + 2 * rows * 2048 * 4) as f64);
+            // int8: a byte a value, 4 f32 scales a key row and 1 a value row.
+            let int8 = attention(&cfg, start, rows, KvDtype::Int8);
+            let kv = (start + rows) * 8 * (64 + 16 + 64 + 4);
+            assert_eq!(int8.bytes, (kv + 2 * rows * 2048 * 4) as f64);
         }
     }
 
@@ -154,7 +155,7 @@ mod tests {
     fn decode_step_of_llama_3_2_1b_reads_its_weights_and_cache() {
         let cfg = llama_3_2_1b().unwrap();
         // 1.236 B parameters with the tied embedding counted once, as the lm_head.
-        let c = decode_step(&cfg, 2_471_000_000, 2048, 4);
+        let c = decode_step(&cfg, 2_471_000_000, 2048, KvDtype::F32);
         let kv = 2048.0 * 16.0 * 2.0 * 512.0 * 4.0;
         assert_eq!(c.bytes, 2_471_000_000.0 + kv + 16.0 * 2.0 * 2048.0 * 4.0);
         let matmul_flops = c.flops - 16.0 * 4.0 * 32.0 * 64.0 * 2048.0;

@@ -2,8 +2,8 @@
 //! context, and a decode step held at a fixed context. Used by `benches/ops.rs` and by
 //! `kvlab roofline`, so both time the same thing.
 
-use crate::backend::Backend;
-use crate::kv::{CacheOptions, KvCache, Strategy};
+use crate::backend::{Backend, KvStore};
+use crate::kv::{KvDtype, LayoutKind, SeqId, StepView};
 use crate::model::config::{Config, HfConfig};
 use crate::model::forward::{Activations, LogitRows, Model};
 use crate::model::synth::{config_json, Preset};
@@ -33,16 +33,16 @@ pub enum KvShape {
 }
 
 impl KvShape {
-    pub fn strategy(self) -> Strategy {
+    pub fn kind(self) -> LayoutKind {
         match self {
-            KvShape::Contiguous => Strategy::Static,
-            KvShape::Chunked(_) => Strategy::Dynamic,
+            KvShape::Contiguous => LayoutKind::Contiguous,
+            KvShape::Chunked(_) => LayoutKind::Chunked,
         }
     }
 
     fn chunk_tokens(self) -> usize {
         match self {
-            KvShape::Contiguous => 0,
+            KvShape::Contiguous => 1,
             KvShape::Chunked(n) => n,
         }
     }
@@ -57,40 +57,83 @@ impl std::fmt::Display for KvShape {
     }
 }
 
-/// A cache holding `len` written positions (zeros: no op's cost depends on the values) with
-/// room for `spare` more.
+/// A KV pool holding one sequence.
+pub struct FilledCache<B: Backend> {
+    pub store: KvStore<B>,
+    pub seq: SeqId,
+}
+
+impl<B: Backend> FilledCache<B> {
+    /// Positions written.
+    pub fn len(&self) -> usize {
+        self.store.pool.seq_len(self.seq).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs one step of `rows` positions with `f` (which writes their K/V through the view) and
+    /// commits them.
+    pub fn step(
+        &mut self,
+        backend: &B,
+        rows: usize,
+        f: impl FnOnce(&mut B::KvMemory, &StepView) -> Result<()>,
+    ) -> Result<()> {
+        let view = self.store.prepare_step(backend, &[(self.seq, rows)])?;
+        backend.set_kv_step(&mut self.store.memory, &view)?;
+        f(&mut self.store.memory, &view)?;
+        // Any ids: what the positions hold does not change an op's cost.
+        self.store.pool.commit(self.seq, &vec![0; rows])
+    }
+}
+
+/// A pool sized for one sequence of `len` written positions (zeros: no op's cost depends on the
+/// values) with room for `spare` more, in `shape` and `dtype`.
 pub fn filled_cache<B: Backend>(
     backend: &B,
     cfg: &Config,
     shape: KvShape,
+    dtype: KvDtype,
     len: usize,
     spare: usize,
-) -> Result<KvCache<B>> {
-    let opts = CacheOptions {
-        max_context: len + spare,
-        chunk_tokens: shape.chunk_tokens(),
-    };
-    let mut cache = KvCache::new(backend, shape.strategy(), cfg, opts)?;
+) -> Result<FilledCache<B>> {
+    let positions = (len + spare).max(1);
+    let layout = crate::kv::KvLayout::new(
+        shape.kind(),
+        dtype,
+        cfg.num_layers,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        shape.chunk_tokens(),
+    )?;
+    let mut store = KvStore::new(
+        backend,
+        layout,
+        positions.div_ceil(shape.chunk_tokens()),
+        false,
+    )?;
+    let seq = store.pool.new_sequence(Some(positions))?;
+    let mut cache = FilledCache { store, seq };
     let block = len.clamp(1, FILL_ROWS);
     let k = backend.alloc(block, cfg.kv_dim())?;
     let v = backend.alloc(block, cfg.kv_dim())?;
-    let mut written = 0;
-    while written < len {
-        cache.begin_step(backend, block.min(len - written))?;
-        for layer in 0..cfg.num_layers {
-            backend.kv_append(&mut cache, layer, &k, &v)?;
-        }
-        written += cache.step().1;
-        cache.end_step();
+    while cache.len() < len {
+        let rows = block.min(len - cache.len());
+        cache.step(backend, rows, |memory, view| {
+            (0..cfg.num_layers).try_for_each(|layer| backend.kv_append(memory, view, layer, &k, &v))
+        })?;
     }
     backend.synchronize()?;
     Ok(cache)
 }
 
-/// Caches whose step is `rows` rows at positions `context - rows..context`, visited layer by
-/// layer and cache by cache, enough of them to span `span_bytes` (see [`ROTATION_BYTES`]).
+/// Sequences whose step is `rows` rows at positions `context - rows..context` (reserved and
+/// never committed, so every visit sees the same step), visited layer by layer and pool by
+/// pool, enough of them to span `span_bytes` (see [`ROTATION_BYTES`]).
 pub struct KvRotation<B: Backend> {
-    caches: Vec<KvCache<B>>,
+    caches: Vec<(KvStore<B>, StepView)>,
     num_layers: usize,
     next: usize,
 }
@@ -100,6 +143,7 @@ impl<B: Backend> KvRotation<B> {
         backend: &B,
         cfg: &Config,
         shape: KvShape,
+        dtype: KvDtype,
         context: usize,
         rows: usize,
         span_bytes: usize,
@@ -107,13 +151,15 @@ impl<B: Backend> KvRotation<B> {
         let start = context.checked_sub(rows).with_context(|| {
             format!("a step of {rows} rows does not fit a context of {context}")
         })?;
-        let cache_bytes = context * cfg.num_layers * 2 * cfg.kv_dim() * backend.kv_elem_bytes();
+        let cache_bytes =
+            context * cfg.num_layers * cfg.num_kv_heads * dtype.row_pair_bytes(cfg.head_dim);
         let count = span_bytes.div_ceil(cache_bytes.max(1)).max(1);
         let caches = (0..count)
             .map(|_| {
-                let mut cache = filled_cache(backend, cfg, shape, start, rows)?;
-                cache.begin_step(backend, rows)?;
-                Ok(cache)
+                let mut cache = filled_cache(backend, cfg, shape, dtype, start, rows)?;
+                let view = cache.store.prepare_step(backend, &[(cache.seq, rows)])?;
+                backend.set_kv_step(&mut cache.store.memory, &view)?;
+                Ok((cache.store, view))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(KvRotation {
@@ -123,11 +169,12 @@ impl<B: Backend> KvRotation<B> {
         })
     }
 
-    /// The next (cache, layer) in the rotation.
-    pub fn next_layer(&mut self) -> (&mut KvCache<B>, usize) {
+    /// The next (arena, its step, layer) in the rotation.
+    pub fn next_layer(&mut self) -> (&mut B::KvMemory, &StepView, usize) {
         let at = self.next;
         self.next = (at + 1) % (self.caches.len() * self.num_layers);
-        (&mut self.caches[at / self.num_layers], at % self.num_layers)
+        let (store, view) = &mut self.caches[at / self.num_layers];
+        (&mut store.memory, &*view, at % self.num_layers)
     }
 }
 
@@ -143,7 +190,7 @@ pub struct DecodeStep<'m, B: Backend> {
     shape: KvShape,
     context: usize,
     drift: usize,
-    cache: KvCache<B>,
+    cache: FilledCache<B>,
     act: Activations<B>,
 }
 
@@ -162,14 +209,44 @@ impl<'m, B: Backend> DecodeStep<'m, B> {
         drift: usize,
     ) -> Result<Self> {
         let cfg = &model.config;
+        let act = Activations::new(backend, cfg, 1, 1)?;
+        // A first choice, for `run_on_device`'s first step to embed.
+        backend.argmax(&act.logits, 0, None)?;
         Ok(DecodeStep {
             model,
             shape,
             context,
             drift,
-            cache: filled_cache(backend, cfg, shape, context.max(1) - 1, drift + 1)?,
-            act: Activations::new(backend, cfg, 1, 1)?,
+            cache: filled_cache(
+                backend,
+                cfg,
+                shape,
+                backend.kv_dtypes()[0],
+                context.max(1) - 1,
+                drift + 1,
+            )?,
+            act,
         })
+    }
+
+    /// `steps` decode steps in one run on the backend's own ids, as generation runs the steps
+    /// between two reads of the chosen ids (`Backend::decode_window`): the view set once and
+    /// advanced by the backend, each step's input the previous step's choice, the ids read once
+    /// at the end.
+    pub fn run_on_device(&mut self, backend: &B, steps: usize) -> Result<()> {
+        let (model, cache, act) = (self.model, &mut self.cache, &mut self.act);
+        let mut view = cache.store.prepare_decode(backend, &[cache.seq], steps)?;
+        let memory = &mut cache.store.memory;
+        backend.set_kv_step(memory, &view)?;
+        for _ in 0..steps {
+            backend.run_step(&mut || {
+                model.forward_chosen(backend, memory, &view, act)?;
+                backend.argmax_advance(&act.logits, 0, None, memory, &mut view)
+            })?;
+        }
+        // The pool's ids are placeholders, as `run`'s are: the cost does not depend on them.
+        let chosen = backend.read_chosen(steps)?;
+        cache.store.pool.commit_first(cache.seq, &chosen)
     }
 
     /// Refills the cache when the context has drifted by `drift`; call it outside the timing.
@@ -179,6 +256,7 @@ impl<'m, B: Backend> DecodeStep<'m, B> {
                 backend,
                 &self.model.config,
                 self.shape,
+                backend.kv_dtypes()[0],
                 self.context.max(1) - 1,
                 self.drift + 1,
             )?;
@@ -191,8 +269,20 @@ impl<'m, B: Backend> DecodeStep<'m, B> {
         // Any id of the vocabulary: the step's cost does not depend on it.
         let token = (self.model.config.vocab_size / 2) as u32;
         let (model, cache, act) = (self.model, &mut self.cache, &mut self.act);
+        let view = cache.store.prepare_step(backend, &[(cache.seq, 1)])?;
+        let memory = &mut cache.store.memory;
         // As generation runs a step: through run_step, which may replay a CUDA graph.
-        backend.run_step(&mut || model.forward(backend, cache, &[token], act, LogitRows::Last))
+        backend.run_step(&mut || {
+            model.forward(
+                backend,
+                memory,
+                &view,
+                &[token],
+                act,
+                LogitRows::LastRows(1),
+            )
+        })?;
+        cache.store.pool.commit(cache.seq, &[token])
     }
 }
 
@@ -211,9 +301,17 @@ mod tests {
         let (b, cfg) = (CpuBackend::new(), tiny());
         for shape in [KvShape::Contiguous, KvShape::Chunked(5)] {
             for len in [0, 1, 7, 1100] {
-                let cache = filled_cache(&b, &cfg, shape, len, 3).unwrap();
-                assert_eq!((cache.len(), cache.strategy), (len, shape.strategy()));
-                assert!(cache.capacity() >= len + 3, "{shape} {len}");
+                let mut cache = filled_cache(&b, &cfg, shape, KvDtype::F32, len, 3).unwrap();
+                assert_eq!(cache.len(), len);
+                assert_eq!(cache.store.pool.layout().kind(), shape.kind());
+                // Room for the spare positions, and not one more (the pool is sized to them).
+                cache.store.pool.reserve(cache.seq, 3).unwrap();
+                cache.store.pool.commit(cache.seq, &[0; 3]).unwrap();
+                assert!(cache
+                    .store
+                    .pool
+                    .reserve(cache.seq, 5.max(shape.chunk_tokens() + 1))
+                    .is_err());
             }
         }
     }
@@ -222,17 +320,27 @@ mod tests {
     fn a_rotation_visits_every_layer_of_every_cache_at_the_step() {
         let (b, cfg) = (CpuBackend::new(), tiny());
         // The tiny model's cache of 100 positions is 50 KiB: a rotation over 1 MiB needs 21.
-        let mut rotation =
-            KvRotation::new(&b, &cfg, KvShape::Chunked(16), 100, 3, 1 << 20).unwrap();
+        let mut rotation = KvRotation::new(
+            &b,
+            &cfg,
+            KvShape::Chunked(16),
+            KvDtype::F32,
+            100,
+            3,
+            1 << 20,
+        )
+        .unwrap();
         let visits = rotation.caches.len() * cfg.num_layers;
         assert_eq!(rotation.caches.len(), 21);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..visits {
-            let (cache, layer) = rotation.next_layer();
-            assert_eq!(cache.step(), (97, 3));
-            seen.insert((cache as *const KvCache<CpuBackend>, layer));
+            let (memory, view, layer) = rotation.next_layer();
+            assert_eq!((view.seqs[0].start, view.seqs[0].rows), (97, 3));
+            seen.insert((memory as *const _, layer));
         }
         assert_eq!(seen.len(), visits);
-        assert!(KvRotation::new(&b, &cfg, KvShape::Contiguous, 2, 3, 1 << 20).is_err());
+        assert!(
+            KvRotation::new(&b, &cfg, KvShape::Contiguous, KvDtype::F32, 2, 3, 1 << 20).is_err()
+        );
     }
 }

@@ -63,7 +63,7 @@ impl HostBounds {
 /// One op timed at one shape.
 #[derive(Clone, Debug, Serialize)]
 pub struct OpTiming {
-    /// Op family: matvec, matmul, add_rms_norm, rope, kv_append, swiglu, attention, decode_step.
+    /// Op family: matvec, matmul, rms_norm, rope, kv_append, swiglu, attention, decode_step.
     pub op: String,
     /// The shape in words: `q_proj 2048x2048, m=1`, `context 8192, chunk16`.
     pub shape: String,
@@ -280,41 +280,35 @@ fn time_elementwise(
     let all_rows: &[usize] = if quick { &[1] } else { &[1, 512] };
     for &rows in all_rows {
         let h = cfg.hidden_size;
-        // Zeros: the in-place residual add stays put however often it runs.
-        let mut residual = backend.alloc(rows, h)?;
-        let delta = backend.alloc(rows, h)?;
+        let x = tensor(rows, h);
         let mut normed = backend.alloc(rows, h)?;
         let weight = backend.upload_vector(&vec![1.0; h])?;
-        let seconds = timing.measure(|| {
-            backend.add_rms_norm(
-                &mut residual,
-                Some(&delta),
-                &weight,
-                cfg.rms_norm_eps,
-                rows,
-                &mut normed,
-            )
-        })?;
+        let seconds = timing
+            .measure(|| backend.rms_norm(&x, &weight, cfg.rms_norm_eps, rows, &mut normed))?;
         ops.push(OpTiming {
-            op: "add_rms_norm".into(),
+            op: "rms_norm".into(),
             shape: format!("rows {rows} x {h}"),
-            cost: cost::add_rms_norm(rows, h),
+            cost: cost::rms_norm(rows, h),
             seconds,
         });
 
         let mut q = tensor(rows, cfg.q_dim());
         let mut k = tensor(rows, cfg.kv_dim());
         let inv_freq = backend.upload_vector(&cfg.rope_inv_freq())?;
+        let kv_dtype = backend.kv_dtypes()[0];
         let mut rotation = KvRotation::new(
             backend,
             cfg,
             KvShape::Contiguous,
+            kv_dtype,
             1024,
             rows,
             rotation_bytes(quick),
         )?;
-        let seconds =
-            timing.measure(|| backend.rope(&mut q, &mut k, &inv_freq, rotation.next_layer().0))?;
+        let seconds = timing.measure(|| {
+            let (memory, view, _) = rotation.next_layer();
+            backend.rope(&mut q, &mut k, &inv_freq, memory, view)
+        })?;
         ops.push(OpTiming {
             op: "rope".into(),
             shape: format!("rows {rows}, q {} + k {}", cfg.q_dim(), cfg.kv_dim()),
@@ -324,13 +318,13 @@ fn time_elementwise(
 
         let v = tensor(rows, cfg.kv_dim());
         let seconds = timing.measure(|| {
-            let (cache, layer) = rotation.next_layer();
-            backend.kv_append(cache, layer, &k, &v)
+            let (memory, view, layer) = rotation.next_layer();
+            backend.kv_append(memory, view, layer, &k, &v)
         })?;
         ops.push(OpTiming {
             op: "kv_append".into(),
             shape: format!("rows {rows} x {}, contiguous", cfg.kv_dim()),
-            cost: cost::kv_append(rows, cfg.kv_dim(), backend.kv_elem_bytes()),
+            cost: cost::kv_append(cfg, rows, kv_dtype),
             seconds,
         });
 
@@ -388,17 +382,25 @@ fn time_attention(
     for (context, rows, shape) in cases {
         let q = tensor(rows, cfg.q_dim());
         let mut out = backend.alloc(rows, cfg.q_dim())?;
-        let mut rotation =
-            KvRotation::new(backend, cfg, shape, context, rows, rotation_bytes(quick))?;
+        let kv_dtype = backend.kv_dtypes()[0];
+        let mut rotation = KvRotation::new(
+            backend,
+            cfg,
+            shape,
+            kv_dtype,
+            context,
+            rows,
+            rotation_bytes(quick),
+        )?;
         let seconds = timing.measure(|| {
-            let (cache, layer) = rotation.next_layer();
-            backend.attention(&q, cache, layer, cfg.num_heads, &mut out)
+            let (memory, view, layer) = rotation.next_layer();
+            backend.attention(&q, memory, view, layer, cfg.num_heads, &mut out)
         })?;
         let what = if rows == 1 { "decode" } else { "prefill" };
         ops.push(OpTiming {
             op: "attention".into(),
             shape: format!("{what}, rows {rows}, context {context}, {shape}"),
-            cost: cost::attention(cfg, context - rows, rows, backend.kv_elem_bytes()),
+            cost: cost::attention(cfg, context - rows, rows, kv_dtype),
             seconds,
         });
     }
@@ -464,7 +466,7 @@ fn time_decode_steps(
                 &model.config,
                 model.weight_bytes_per_token,
                 context,
-                backend.kv_elem_bytes(),
+                backend.kv_dtypes()[0],
             ),
             seconds: Spread::of(&samples),
         });

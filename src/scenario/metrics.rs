@@ -1,5 +1,6 @@
 //! What one turn measures, how the process's memory is read, and the statistics of a column.
 
+use crate::generate::ReuseStats;
 use crate::kv::Strategy;
 use serde::{Deserialize, Serialize};
 
@@ -34,8 +35,17 @@ pub struct TurnRecord {
     pub kv_reserved_bytes: u64,
     /// KV bytes holding written positions when the call ended (0 for `none`, which keeps nothing).
     pub kv_live_bytes: u64,
-    /// KV buffer allocations made during the call.
+    /// Of `kv_live_bytes`' sequence, chunks other sequences held too when the call ended.
+    pub kv_shared_bytes: u64,
+    /// KV chunk allocations made during the call (a static run counts one).
     pub kv_allocations: u64,
+    /// The KV pool when the call ended: its arena, the chunks sequences hold, and the cached
+    /// chunks no sequence holds (kept for reuse).
+    pub kv_pool_capacity_bytes: u64,
+    pub kv_pool_reserved_bytes: u64,
+    pub kv_pool_cached_idle_bytes: u64,
+    /// `+reuse` strategies: what of the prompt was reused, and why the rest was not.
+    pub reuse: Option<ReuseStats>,
     /// Peak resident memory of the process during the call (Linux VmHWM, reset before the call).
     pub process_peak_bytes: Option<u64>,
     /// Peak memory of the accelerator during the call, when the backend reports one.
@@ -67,7 +77,12 @@ impl TurnRecord {
             tokens_per_second: 0.0,
             kv_reserved_bytes: 0,
             kv_live_bytes: 0,
+            kv_shared_bytes: 0,
             kv_allocations: 0,
+            kv_pool_capacity_bytes: 0,
+            kv_pool_reserved_bytes: 0,
+            kv_pool_cached_idle_bytes: 0,
+            reuse: None,
             process_peak_bytes: None,
             device_peak_bytes: None,
             study_memory_delta_bytes: None,
@@ -107,6 +122,13 @@ pub mod process_memory {
     }
 }
 
+/// Nearest-rank percentile of ascending `sorted` values (not empty): the smallest value with at
+/// least a fraction `q` of the values at or below it.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
 /// Mean, median and 95th percentile of a column.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Distribution {
@@ -133,12 +155,12 @@ impl Distribution {
         } else {
             (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
         };
-        let p95_rank = (0.95 * n as f64).ceil() as usize;
+
         Some(Distribution {
             count: n,
             mean: sorted.iter().sum::<f64>() / n as f64,
             median,
-            p95: sorted[p95_rank.max(1) - 1],
+            p95: percentile(&sorted, 0.95),
             min: sorted[0],
             max: sorted[n - 1],
         })

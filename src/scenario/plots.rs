@@ -1,7 +1,8 @@
-//! The study's plots, and the cache-map picture, as PNG and SVG (plotters, with the embedded
-//! DejaVu Sans so that text renders the same everywhere).
+//! The study's plots, the cache-map picture and `kvlab kv-eval`'s quality against bytes, as PNG
+//! and SVG (plotters, with the embedded DejaVu Sans so that text renders the same everywhere).
 
 use super::metrics::TurnRecord;
+use crate::eval::report::{ConfigSummary, EvalSummary};
 use crate::kv::map::CacheMap;
 use crate::kv::{KvPart, Strategy};
 use anyhow::{anyhow, Context, Result};
@@ -13,16 +14,16 @@ use plotters::style::FontStyle;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-const FONT: &str = "sans-serif";
-const MIB: f64 = (1u64 << 20) as f64;
-const CHART_SIZE: (u32, u32) = (1100, 680);
+pub(crate) const FONT: &str = "sans-serif";
+use crate::kv::MIB;
+pub(crate) const CHART_SIZE: (u32, u32) = (1100, 680);
 /// Linear y axes reach this multiple of the largest value, leaving the top for the legend.
-const LEGEND_HEADROOM: f64 = 1.5;
+pub(crate) const LEGEND_HEADROOM: f64 = 1.5;
 
-type Drawn<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+pub(crate) type Drawn<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
 /// A picture that can be drawn on any plotters backend.
-trait Figure {
+pub(crate) trait Figure {
     fn size(&self) -> (u32, u32) {
         CHART_SIZE
     }
@@ -48,7 +49,7 @@ fn register_font() -> Result<()> {
 }
 
 /// Writes `stem.png` and `stem.svg`; returns their paths.
-fn save(figure: &impl Figure, stem: &Path) -> Result<[PathBuf; 2]> {
+pub(crate) fn save(figure: &impl Figure, stem: &Path) -> Result<[PathBuf; 2]> {
     register_font()?;
     if let Some(parent) = stem.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
@@ -80,16 +81,18 @@ fn save(figure: &impl Figure, stem: &Path) -> Result<[PathBuf; 2]> {
     Ok([png, svg])
 }
 
-fn strategy_color(strategy: Strategy) -> RGBColor {
+pub(crate) fn strategy_color(strategy: Strategy) -> RGBColor {
     match strategy {
         Strategy::None => RGBColor(214, 39, 40),
         Strategy::Dynamic => RGBColor(31, 119, 180),
         Strategy::Static => RGBColor(44, 160, 44),
+        Strategy::DynamicReuse => RGBColor(148, 103, 189),
+        Strategy::StaticReuse => RGBColor(255, 127, 14),
     }
 }
 
 /// `(lo, hi)` padded by `pad` of the span (or of `hi` when the span is 0).
-fn padded(lo: f64, hi: f64, pad: f64) -> (f64, f64) {
+pub(crate) fn padded(lo: f64, hi: f64, pad: f64) -> (f64, f64) {
     let span = if hi > lo { hi - lo } else { hi.abs().max(1.0) };
     (lo - span * pad, hi + span * pad)
 }
@@ -139,6 +142,18 @@ pub fn draw_run_plots(
         )?,
         "KV cache bytes reserved and live against context length",
     );
+    if records.iter().any(|r| r.reuse.is_some()) {
+        add(
+            save(
+                &PrefixReuse {
+                    records,
+                    strategies,
+                },
+                &dir.join("prefix_reuse"),
+            )?,
+            "Time to first token per turn, and the prompt tokens reused and prefilled",
+        );
+    }
     Ok(files)
 }
 
@@ -236,6 +251,126 @@ impl Figure for TimePerTurn<'_> {
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperRight)
+            .label_font((FONT, 15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+    }
+}
+
+struct PrefixReuse<'a> {
+    records: &'a [&'a TurnRecord],
+    strategies: &'a [Strategy],
+}
+
+impl Figure for PrefixReuse<'_> {
+    /// Left: TTFT per turn (mean over scenarios) of every strategy, on a linear scale, so that
+    /// a flat line reads as flat. Right: for each `+reuse` strategy, each turn's prompt as a bar
+    /// of reused tokens (solid) under prefilled ones (light).
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
+        let last_turn = self.records.iter().map(|r| r.turn).max().unwrap_or(1) as f64;
+        let (left, right) = root.split_horizontally(root.dim_in_pixel().0 / 2);
+        let ttft_hi = self
+            .records
+            .iter()
+            .map(|r| r.prefill_seconds)
+            .fold(0.0, f64::max);
+        let mut chart = ChartBuilder::on(&left)
+            .caption("Time to first token per turn", (FONT, 24))
+            .margin(18)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(
+                0.5..last_turn + 0.5,
+                0.0..(ttft_hi * LEGEND_HEADROOM).max(1e-3),
+            )?;
+        chart
+            .configure_mesh()
+            .x_desc("turn (the history grows every turn)")
+            .y_desc("seconds (prefill of the call)")
+            .x_labels(last_turn as usize + 1)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .label_style((FONT, 15))
+            .axis_desc_style((FONT, 17))
+            .draw()?;
+        for &strategy in self.strategies {
+            let color = strategy_color(strategy);
+            let ttft = mean_per_turn(self.records, strategy, |r| r.prefill_seconds);
+            chart
+                .draw_series(LineSeries::new(ttft.clone(), color.stroke_width(3)))?
+                .label(strategy.to_string())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3))
+                });
+            chart.draw_series(ttft.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font((FONT, 15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+
+        let reusing: Vec<Strategy> = self
+            .strategies
+            .iter()
+            .copied()
+            .filter(|s| s.reuses())
+            .collect();
+        let tokens_hi = self
+            .records
+            .iter()
+            .map(|r| r.input_tokens as f64)
+            .fold(0.0, f64::max);
+        let mut chart = ChartBuilder::on(&right)
+            .caption("Prompt tokens: reused (solid) and prefilled", (FONT, 24))
+            .margin(18)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(
+                0.5..last_turn + 0.5,
+                0.0..(tokens_hi * LEGEND_HEADROOM).max(1.0),
+            )?;
+        chart
+            .configure_mesh()
+            .x_desc("turn")
+            .y_desc("prompt tokens (mean over scenarios)")
+            .x_labels(last_turn as usize + 1)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .label_style((FONT, 15))
+            .axis_desc_style((FONT, 17))
+            .draw()?;
+        let width = 0.8 / reusing.len().max(1) as f64;
+        for (i, &strategy) in reusing.iter().enumerate() {
+            let color = strategy_color(strategy);
+            let reused = mean_per_turn(self.records, strategy, |r| {
+                r.reuse.map_or(0.0, |u| u.reused_tokens as f64)
+            });
+            let prompt = mean_per_turn(self.records, strategy, |r| r.input_tokens as f64);
+            let left_edge = |turn: f64| turn - 0.4 + i as f64 * width;
+            chart
+                .draw_series(reused.iter().map(|&(turn, n)| {
+                    let x = left_edge(turn);
+                    Rectangle::new([(x, 0.0), (x + width * 0.9, n)], color.filled())
+                }))?
+                .label(format!("{strategy}: reused"))
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled())
+                });
+            chart
+                .draw_series(reused.iter().zip(&prompt).map(|(&(turn, n), &(_, total))| {
+                    let x = left_edge(turn);
+                    Rectangle::new([(x, n), (x + width * 0.9, total)], color.mix(0.3).filled())
+                }))?
+                .label(format!("{strategy}: prefilled"))
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.mix(0.3).filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
             .label_font((FONT, 15))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
@@ -413,7 +548,7 @@ impl CacheMapFigure<'_> {
     fn drawn_chunks(&self) -> Vec<crate::kv::map::ChunkUse> {
         let chunks = self.map.chunks();
         if chunks.len() <= MAX_DRAWN_CHUNKS {
-            return chunks;
+            return chunks.to_vec();
         }
         let mut drawn = chunks[..MAX_DRAWN_CHUNKS - 1].to_vec();
         drawn.push(chunks[chunks.len() - 1]);
@@ -432,7 +567,7 @@ impl Figure for CacheMapFigure<'_> {
         let chunks = self.drawn_chunks();
         let rows = chunks.len() as f64;
         let layers = map.layout.num_layers as f64;
-        let chunk_mib = map.chunk_bytes() as f64 / MIB;
+        let chunk_mib = map.block_bytes() as f64 / MIB;
         let (chart_area, legend_area) = root.split_vertically(self.size().1 - 80);
         let mut chart = ChartBuilder::on(&chart_area)
             .caption(self.title, (FONT, 22))
@@ -444,9 +579,12 @@ impl Figure for CacheMapFigure<'_> {
             .configure_mesh()
             .disable_y_mesh()
             .y_labels(0)
-            .x_desc(
-                "byte offset inside the chunk (MiB); order: [layer][K, V][KV head][slot][head_dim]",
-            )
+            .x_desc(if map.layout.dtype().is_quantized() {
+                "byte offset inside the block (MiB); order: [layer][K, V][KV head][slot][head_dim] \
+                 codes, then their scales"
+            } else {
+                "byte offset inside the block (MiB); order: [layer][K, V][KV head][slot][head_dim]"
+            })
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 16))
             .draw()?;
@@ -457,22 +595,25 @@ impl Figure for CacheMapFigure<'_> {
             // y grows upwards: the first chunk is the top row.
             let (bottom, top) = (rows - row as f64 - 0.88, rows - row as f64 - 0.12);
             let (x, y) = chart.backend_coord(&(0.0, (bottom + top) / 2.0));
+            let what = match map.layout.kind() {
+                crate::kv::LayoutKind::Contiguous => "run".to_string(),
+                crate::kv::LayoutKind::Chunked => format!("chunk {}", chunk.chunk),
+            };
             root.draw(&Text::new(
                 format!(
-                    "chunk {} ({}-{})",
-                    chunk.index,
+                    "{what} ({}-{})",
                     chunk.first_position,
-                    chunk.first_position + map.layout.chunk_tokens as usize - 1
+                    chunk.first_position + map.block_tokens - 1
                 ),
                 (x - 8, y),
                 label_style.clone(),
             ))?;
             for block in map.blocks(chunk) {
-                // K rows darker than V rows; the hue walks through the layers.
-                let lightness = if block.part == KvPart::Key {
-                    0.38
-                } else {
-                    0.58
+                // K rows darker than V rows; the hue walks through the layers; scales pale.
+                let lightness = match (block.part, block.scales) {
+                    (_, true) => 0.82,
+                    (KvPart::Key, false) => 0.38,
+                    (KvPart::Value, false) => 0.58,
                 };
                 let color = HSLColor(block.layer as f64 / layers * 0.8, 0.65, lightness);
                 let start = block.offset_bytes as f64 / MIB;
@@ -484,18 +625,21 @@ impl Figure for CacheMapFigure<'_> {
                 ])?;
             }
         }
-        let legend = [
+        let mut legend = vec![
             (
                 "K rows written (hue = layer)",
                 HSLColor(0.0, 0.65, 0.38).to_rgba(),
             ),
             ("V rows written", HSLColor(0.0, 0.65, 0.58).to_rgba()),
-            (
-                "reserved, not written (each block's tail)",
-                unwritten.to_rgba(),
-            ),
         ];
-        let all_chunks = map.stats.chunks as usize;
+        if map.layout.dtype().is_quantized() {
+            legend.push(("their scales", HSLColor(0.0, 0.65, 0.82).to_rgba()));
+        }
+        legend.push((
+            "reserved, not written (each block's tail)",
+            unwritten.to_rgba(),
+        ));
+        let all_chunks = map.chunks().len();
         if all_chunks > chunks.len() {
             legend_area.draw(&Text::new(
                 format!(
@@ -515,4 +659,177 @@ impl Figure for CacheMapFigure<'_> {
         }
         Ok(())
     }
+}
+
+/// `kvlab kv-eval`'s picture: each configuration a point, its live KV bytes against its quality
+/// (teacher-forced mean KL divergence, log scale, and top-1 agreement); writes `stem.png` and
+/// `stem.svg`.
+pub fn draw_quality_vs_bytes(summary: &EvalSummary, stem: &Path) -> Result<[PathBuf; 2]> {
+    save(&QualityVsBytes { summary }, stem)
+}
+
+struct QualityVsBytes<'a> {
+    summary: &'a EvalSummary,
+}
+
+/// KL divergences below this (the f32 cache against itself: 0) are drawn on it.
+const KLD_FLOOR: f64 = 1e-7;
+
+impl QualityVsBytes<'_> {
+    /// (live KV MiB, the configuration) of every configuration with a measured turn.
+    fn points(&self) -> Vec<(f64, &ConfigSummary)> {
+        self.summary
+            .configs
+            .iter()
+            .filter_map(|c| {
+                let live = c
+                    .free_running
+                    .kv_live_bytes
+                    .or(c.teacher_forced.kv_live_bytes)?;
+                Some((live.mean / MIB, c))
+            })
+            .collect()
+    }
+
+    /// The color of a configuration's policy: full, window, sinks or h2o.
+    fn color(config: &ConfigSummary) -> RGBColor {
+        Self::kind_color(config.policy.split(':').next().unwrap_or(""))
+    }
+
+    fn kind_color(kind: &str) -> RGBColor {
+        match kind {
+            "full" => RGBColor(31, 119, 180),
+            "window" => RGBColor(214, 39, 40),
+            "sinks" => RGBColor(44, 160, 44),
+            _ => RGBColor(148, 103, 189),
+        }
+    }
+}
+
+/// Configurations per line of the numbered list under the panels.
+const LEGEND_COLUMNS: usize = 3;
+
+impl Figure for QualityVsBytes<'_> {
+    fn size(&self) -> (u32, u32) {
+        let lines = self.points().len().div_ceil(LEGEND_COLUMNS) as u32;
+        (1500, 740 + 24 * lines)
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
+        let points = self.points();
+        let x_hi = points.iter().map(|p| p.0).fold(0.0, f64::max) * 1.15;
+        let (title_area, rest) = root.split_vertically(50);
+        let (panels, legend_area) = rest.split_vertically(680);
+        // Each point carries its number; the list under the panels names its configuration.
+        for (i, &(_, c)) in points.iter().enumerate() {
+            let (column, line) = ((i % LEGEND_COLUMNS) as i32, (i / LEGEND_COLUMNS) as i32);
+            let (x, y) = (40 + 480 * column, 10 + 24 * line);
+            legend_area.draw(&Circle::new((x, y + 8), 6, Self::color(c).filled()))?;
+            legend_area.draw(&Text::new(
+                format!("{}  {}", i + 1, c.config),
+                (x + 14, y),
+                (FONT, 15),
+            ))?;
+        }
+        // The model's name without its path.
+        let model = self
+            .summary
+            .run
+            .model
+            .split(" (")
+            .next()
+            .unwrap_or_default();
+        title_area.draw(&Text::new(
+            format!(
+                "Quality against KV bytes: {model}, {} configurations against the f32 full \
+                 cache ({} of {} turn records)",
+                points.len(),
+                self.summary.measured_turns,
+                self.summary.planned_turns
+            ),
+            (20, 15),
+            (FONT, 21),
+        ))?;
+        // The legend of the colors, at the right of the title.
+        let mut x = 1060;
+        for (kind, color) in ["full", "window", "sinks", "h2o"]
+            .iter()
+            .map(|&k| (k, Self::kind_color(k)))
+        {
+            title_area.draw(&Circle::new((x, 40), 6, color.filled()))?;
+            title_area.draw(&Text::new(kind, (x + 10, 32), (FONT, 15)))?;
+            x += 20 + 9 * kind.len() as i32 + 20;
+        }
+        let (left, right) = panels.split_horizontally(750);
+        let kld = |c: &ConfigSummary| c.teacher_forced.mean_kl_divergence.max(KLD_FLOOR);
+        let kld_hi = points.iter().map(|p| kld(p.1)).fold(KLD_FLOOR, f64::max) * 10.0;
+        let mut chart = ChartBuilder::on(&left)
+            .caption(
+                "mean KL divergence per answer token (teacher-forced)",
+                (FONT, 18),
+            )
+            .margin(15)
+            .x_label_area_size(50)
+            .y_label_area_size(80)
+            .build_cartesian_2d(0.0..x_hi.max(1e-3), (KLD_FLOOR / 2.0..kld_hi).log_scale())?;
+        chart
+            .configure_mesh()
+            .x_desc("live KV MiB at the end of a turn (mean)")
+            .y_desc("KL(f32 full ‖ config), nats")
+            .y_label_formatter(&|y| format!("{y:.0e}"))
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 16))
+            .draw()?;
+        for (i, &(x, c)) in points.iter().enumerate() {
+            let y = kld(c);
+            let label = if c.teacher_forced.mean_kl_divergence < KLD_FLOOR {
+                format!(
+                    "{} (KLD {:.0e})",
+                    i + 1,
+                    c.teacher_forced.mean_kl_divergence
+                )
+            } else {
+                (i + 1).to_string()
+            };
+            chart.draw_series([EmptyElement::at((x, y))
+                + Circle::new((0, 0), 6, Self::color(c).filled())
+                + point_label(label, i)])?;
+        }
+        let mut chart = ChartBuilder::on(&right)
+            .caption(
+                "top-1 agreement with the f32 full cache (teacher-forced)",
+                (FONT, 18),
+            )
+            .margin(15)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..x_hi.max(1e-3), 0.0..105.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("live KV MiB at the end of a turn (mean)")
+            .y_desc("% of answer positions")
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 16))
+            .draw()?;
+        for (i, &(x, c)) in points.iter().enumerate() {
+            let y = 100.0 * c.teacher_forced.top1_agreement;
+            chart.draw_series([EmptyElement::at((x, y))
+                + Circle::new((0, 0), 6, Self::color(c).filled())
+                + point_label((i + 1).to_string(), i)])?;
+        }
+        Ok(())
+    }
+}
+
+/// A point's number beside it: right of it for even indices, left for odd ones, so that
+/// neighbours in the configuration list (element types of one size sit at the same bytes) keep
+/// apart.
+fn point_label(label: String, index: usize) -> Text<'static, (i32, i32), String> {
+    let (dx, side) = if index.is_multiple_of(2) {
+        (9, HPos::Left)
+    } else {
+        (-9, HPos::Right)
+    };
+    let style = TextStyle::from((FONT, 14).into_font()).pos(Pos::new(side, VPos::Center));
+    Text::new(label, (dx, 0), style)
 }

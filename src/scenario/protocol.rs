@@ -1,14 +1,19 @@
-//! The study's protocol, run per scenario and per strategy:
+//! The study's protocol, run per strategy and per scenario:
 //!
 //! 1. the conversation starts as `[system prompt]`;
 //! 2. each turn appends the user message, re-templates the whole history (the chat template,
-//!    or the study's `role: content` fallback) and generates from it with a fresh cache, so
-//!    every turn re-prefills everything (no cache reuse across turns, as in the study);
+//!    or the study's `role: content` fallback) and generates from it: the study's strategies
+//!    with a fresh cache, so that every turn re-prefills everything (no reuse across turns, as
+//!    in the study); the `+reuse` strategies in the conversation's kept sequence, prefilling
+//!    only what follows its common prefix with the new prompt;
 //! 3. the decoded answer (special tokens skipped) is appended as the assistant message.
 //!
-//! Unlike the study, one short warm-up generation runs before each scenario × strategy and is
-//! left out of the statistics (the first call pays for paging in the weights and sizing
-//! buffers), and each turn records prefill and decode apart and the KV bytes actually held.
+//! Unlike the study, one short warm-up generation runs before each strategy and is left out of
+//! the statistics (the first call pays for paging in the weights and sizing buffers; what it
+//! leaves in the KV cache is cleared), and each turn records prefill and decode apart, the KV
+//! bytes actually held and, with reuse, what of the prompt was reused. Strategies run one after
+//! another over all scenarios, so that a `+reuse` strategy's pool carries what one conversation
+//! cached into the next (the shared system-prompt template, for one).
 
 use super::metrics::{process_memory, TurnRecord};
 use super::scenarios::Scenario;
@@ -34,9 +39,10 @@ pub struct ProtocolOptions {
     pub max_new_tokens: usize,
     pub ignore_eos: bool,
     pub chunk_tokens: usize,
-    /// Static cache capacity; `None` = prompt + max_new_tokens per call, as transformers sizes it.
+    /// Static cache capacity; `None` = prompt + max_new_tokens per call, as transformers sizes
+    /// it (`static+reuse`: [`static_reuse_capacity`] per conversation).
     pub max_context: Option<usize>,
-    /// Runs a [`WARMUP_NEW_TOKENS`] generation before each scenario × strategy.
+    /// Runs a [`WARMUP_NEW_TOKENS`] generation before each strategy.
     pub warmup: bool,
     /// The date a chat template sees, fixed for the whole run so every strategy sees the same prompt.
     pub date_string: Option<String>,
@@ -53,7 +59,7 @@ pub struct TurnResult {
 
 /// Hooks for progress display and incremental output; every method has a do-nothing default.
 pub trait Observer {
-    fn warmup_started(&mut self, _scenario: &Scenario, _strategy: Strategy) {}
+    fn warmup_started(&mut self, _strategy: Strategy) {}
     fn turn_started(&mut self, _scenario: &Scenario, _strategy: Strategy, _turn: usize) {}
     fn token_generated(&mut self) {}
     /// An error here stops the run (e.g. the results file cannot be written).
@@ -89,36 +95,41 @@ pub fn run_protocol(
     // (scenario index, turn) -> the first strategy's ids, None when its turn failed.
     let mut reference_ids: HashMap<(usize, usize), Option<Vec<u32>>> = HashMap::new();
     let mut turns = Vec::new();
-    for (scenario_index, scenario) in scenarios.iter().enumerate() {
-        let turn_count = opts
-            .turns
-            .map_or(scenario.turns.len(), |t| t.min(scenario.turns.len()));
-        for (strategy_index, &strategy) in opts.strategies.iter().enumerate() {
-            let gen_opts = GenerateOptions {
-                max_new_tokens: opts.max_new_tokens,
-                strategy,
-                max_context: opts.max_context,
-                chunk_tokens: opts.chunk_tokens,
-                ignore_eos: opts.ignore_eos,
-                keep_step_logits: false,
-                keep_prompt_logits: false,
-                feed_ids: None,
-            };
-            let mut messages = vec![message("system", &scenario.system_prompt)];
-            if opts.warmup && !stop.load(Ordering::SeqCst) {
-                observer.warmup_started(scenario, strategy);
-                let mut first_turn = messages.clone();
-                first_turn.push(message("user", &scenario.turns[0]));
+    let mut conversation = 0u64;
+    for (strategy_index, &strategy) in opts.strategies.iter().enumerate() {
+        if opts.warmup && !stop.load(Ordering::SeqCst) {
+            if let Some(scenario) = scenarios.first() {
+                observer.warmup_started(strategy);
+                let first_turn = [
+                    message("system", &scenario.system_prompt),
+                    message("user", &scenario.turns[0]),
+                ];
                 let prompt = tokenizer.encode_messages(&first_turn, &chat)?;
                 let warmup_opts = GenerateOptions {
                     max_new_tokens: WARMUP_NEW_TOKENS.min(opts.max_new_tokens),
-                    ..gen_opts.clone()
+                    ..generate_options(opts, strategy, None)
                 };
                 // A warm-up that fails fails the same way in turn 1, which records the error.
                 let _ = generator.generate(&prompt, &warmup_opts, &mut |_| {});
+                // The measured turns find nothing the warm-up cached.
+                generator.clear_kv_cache()?;
             }
+        }
+        for (scenario_index, scenario) in scenarios.iter().enumerate() {
+            let turn_count = opts
+                .turns
+                .map_or(scenario.turns.len(), |t| t.min(scenario.turns.len()));
+            conversation += 1;
+            let mut gen_opts = generate_options(opts, strategy, Some(conversation));
+            if strategy == Strategy::StaticReuse && opts.max_context.is_none() {
+                gen_opts.max_context = Some(static_reuse_capacity(
+                    tokenizer, scenario, turn_count, opts, &chat,
+                )?);
+            }
+            let mut messages = vec![message("system", &scenario.system_prompt)];
             for turn in 1..=turn_count {
                 if stop.load(Ordering::SeqCst) {
+                    generator.end_conversation(conversation)?;
                     return Ok(Outcome {
                         turns,
                         interrupted: true,
@@ -146,6 +157,7 @@ pub fn run_protocol(
                 observer.turn_finished(&result)?;
                 turns.push(result);
             }
+            generator.end_conversation(conversation)?;
         }
     }
     Ok(Outcome {
@@ -154,7 +166,50 @@ pub fn run_protocol(
     })
 }
 
-fn message(role: &str, content: &str) -> Message {
+/// The generate options of `strategy`'s turns; `conversation` is kept by a `+reuse` strategy.
+fn generate_options(
+    opts: &ProtocolOptions,
+    strategy: Strategy,
+    conversation: Option<u64>,
+) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: opts.max_new_tokens,
+        strategy,
+        max_context: opts.max_context,
+        chunk_tokens: opts.chunk_tokens,
+        ignore_eos: opts.ignore_eos,
+        keep_step_logits: false,
+        keep_prompt_logits: false,
+        feed_ids: None,
+        conversation: conversation.filter(|_| strategy.reuses()),
+    }
+}
+
+/// The capacity a `static+reuse` conversation reserves up front when no `--max-context` is
+/// given: its user turns templated with empty answers, plus twice `max_new_tokens` per turn
+/// (an answer re-encodes to about as many tokens as were generated; the factor covers the
+/// difference), rounded up to 256 positions.
+pub fn static_reuse_capacity(
+    tokenizer: &Tokenizer,
+    scenario: &Scenario,
+    turns: usize,
+    opts: &ProtocolOptions,
+    chat: &ChatOptions,
+) -> Result<usize> {
+    let mut messages = vec![message("system", &scenario.system_prompt)];
+    for user in scenario.turns.iter().take(turns) {
+        messages.push(message("user", user));
+        messages.push(message("assistant", ""));
+    }
+    let templated = tokenizer
+        .encode_messages(&messages, chat)
+        .context("templating the conversation to size its static cache")?
+        .len();
+    Ok((templated + 2 * turns * opts.max_new_tokens).next_multiple_of(256))
+}
+
+/// A chat message.
+pub fn message(role: &str, content: &str) -> Message {
     Message {
         role: role.to_string(),
         content: content.to_string(),
@@ -244,7 +299,12 @@ fn generate_measured(
     };
     record.kv_reserved_bytes = generation.kv.peak_reserved_bytes;
     record.kv_live_bytes = generation.kv.live_bytes;
+    record.kv_shared_bytes = generation.kv.shared_bytes;
     record.kv_allocations = generation.kv.allocations;
+    record.kv_pool_capacity_bytes = generation.kv.pool.capacity_bytes;
+    record.kv_pool_reserved_bytes = generation.kv.pool.reserved_bytes;
+    record.kv_pool_cached_idle_bytes = generation.kv.pool.cached_idle_bytes;
+    record.reuse = generation.reuse;
     record.stopped_on_eos = generation.stopped_on_eos;
     Ok((generation.new_ids, answer))
 }

@@ -11,16 +11,16 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-const MIB: f64 = (1u64 << 20) as f64;
+use crate::kv::MIB;
 
-/// One column of `turns.csv`: its header and how a record writes it (documented in
-/// docs/scenario.md, which a test checks against this list).
-pub struct Column {
+/// One column of a CSV file of records `R`: its header and how a record writes it (each
+/// file's columns are documented in docs/, which tests check against their lists).
+pub struct Column<R> {
     pub name: &'static str,
-    value: fn(&TurnRecord) -> String,
+    value: fn(&R) -> String,
 }
 
-const fn column(name: &'static str, value: fn(&TurnRecord) -> String) -> Column {
+pub const fn column<R>(name: &'static str, value: fn(&R) -> String) -> Column<R> {
     Column { name, value }
 }
 
@@ -29,7 +29,7 @@ fn optional<T: ToString>(value: Option<T>) -> String {
 }
 
 /// The columns of `turns.csv`, in order.
-pub const TURN_COLUMNS: &[Column] = &[
+pub const TURN_COLUMNS: &[Column<TurnRecord>] = &[
     column("scenario", |r| r.scenario.clone()),
     column("strategy", |r| r.strategy.to_string()),
     column("turn", |r| r.turn.to_string()),
@@ -51,7 +51,35 @@ pub const TURN_COLUMNS: &[Column] = &[
     }),
     column("kv_reserved_bytes", |r| r.kv_reserved_bytes.to_string()),
     column("kv_live_bytes", |r| r.kv_live_bytes.to_string()),
+    column("kv_shared_bytes", |r| r.kv_shared_bytes.to_string()),
     column("kv_allocations", |r| r.kv_allocations.to_string()),
+    column("kv_pool_capacity_bytes", |r| {
+        r.kv_pool_capacity_bytes.to_string()
+    }),
+    column("kv_pool_reserved_bytes", |r| {
+        r.kv_pool_reserved_bytes.to_string()
+    }),
+    column("kv_pool_cached_idle_bytes", |r| {
+        r.kv_pool_cached_idle_bytes.to_string()
+    }),
+    column("reused_tokens", |r| {
+        optional(r.reuse.map(|u| u.reused_tokens))
+    }),
+    column("prefilled_tokens", |r| {
+        optional(r.reuse.map(|u| u.prefilled_tokens))
+    }),
+    column("reuse_hit_rate", |r| {
+        optional(r.reuse.map(|u| format!("{:.4}", u.hit_rate())))
+    }),
+    column("missed_drift_tokens", |r| {
+        optional(r.reuse.map(|u| u.missed_drift))
+    }),
+    column("missed_granularity_tokens", |r| {
+        optional(r.reuse.map(|u| u.missed_granularity))
+    }),
+    column("missed_evicted_tokens", |r| {
+        optional(r.reuse.map(|u| u.missed_evicted))
+    }),
     column("process_peak_bytes", |r| optional(r.process_peak_bytes)),
     column("device_peak_bytes", |r| optional(r.device_peak_bytes)),
     column("study_memory_delta_bytes", |r| {
@@ -64,7 +92,7 @@ pub const TURN_COLUMNS: &[Column] = &[
 ];
 
 /// A CSV field, quoted when it holds a comma, a quote or a line break (RFC 4180).
-fn csv_field(text: &str) -> String {
+pub fn csv_field(text: &str) -> String {
     if text.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", text.replace('"', "\"\""))
     } else {
@@ -72,45 +100,68 @@ fn csv_field(text: &str) -> String {
     }
 }
 
-/// `turns.csv` and `generations.jsonl`, written a turn at a time (flushed, so that a run that
-/// dies keeps every turn it finished).
+fn create_file(path: &Path) -> Result<BufWriter<File>> {
+    File::create(path)
+        .map(BufWriter::new)
+        .with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// A CSV file written a record at a time (flushed, so that a run that dies keeps every record
+/// it wrote).
+pub struct CsvFile<R: 'static> {
+    file: BufWriter<File>,
+    path: PathBuf,
+    columns: &'static [Column<R>],
+}
+
+impl<R> CsvFile<R> {
+    /// The file with its header line.
+    pub fn create(path: &Path, columns: &'static [Column<R>]) -> Result<CsvFile<R>> {
+        let mut csv = CsvFile {
+            file: create_file(path)?,
+            path: path.to_path_buf(),
+            columns,
+        };
+        let header: Vec<&str> = columns.iter().map(|c| c.name).collect();
+        csv.write_line(&header.join(","))?;
+        Ok(csv)
+    }
+
+    pub fn append(&mut self, record: &R) -> Result<()> {
+        let row: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| csv_field(&(c.value)(record)))
+            .collect();
+        self.write_line(&row.join(","))
+    }
+
+    fn write_line(&mut self, line: &str) -> Result<()> {
+        writeln!(self.file, "{line}")
+            .and_then(|()| self.file.flush())
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+/// `turns.csv` and `generations.jsonl`, written a turn at a time.
 pub struct TurnFiles {
-    csv: BufWriter<File>,
+    csv: CsvFile<TurnRecord>,
     jsonl: BufWriter<File>,
-    csv_path: PathBuf,
     jsonl_path: PathBuf,
 }
 
 impl TurnFiles {
     pub fn create(dir: &Path) -> Result<TurnFiles> {
-        let csv_path = dir.join("turns.csv");
         let jsonl_path = dir.join("generations.jsonl");
-        let open = |path: &Path| {
-            File::create(path)
-                .map(BufWriter::new)
-                .with_context(|| format!("cannot create {}", path.display()))
-        };
-        let mut files = TurnFiles {
-            csv: open(&csv_path)?,
-            jsonl: open(&jsonl_path)?,
-            csv_path,
+        Ok(TurnFiles {
+            csv: CsvFile::create(&dir.join("turns.csv"), TURN_COLUMNS)?,
+            jsonl: create_file(&jsonl_path)?,
             jsonl_path,
-        };
-        let header: Vec<&str> = TURN_COLUMNS.iter().map(|c| c.name).collect();
-        writeln!(files.csv, "{}", header.join(","))
-            .with_context(|| format!("writing {}", files.csv_path.display()))?;
-        files.csv.flush()?;
-        Ok(files)
+        })
     }
 
     pub fn append(&mut self, result: &TurnResult) -> Result<()> {
-        let row: Vec<String> = TURN_COLUMNS
-            .iter()
-            .map(|c| csv_field(&(c.value)(&result.record)))
-            .collect();
-        writeln!(self.csv, "{}", row.join(","))
-            .and_then(|()| self.csv.flush())
-            .with_context(|| format!("writing {}", self.csv_path.display()))?;
+        self.csv.append(&result.record)?;
         let line = serde_json::json!({
             "scenario": result.record.scenario,
             "strategy": result.record.strategy,
@@ -125,24 +176,18 @@ impl TurnFiles {
     }
 }
 
-/// Who ran what, for the first line of output and the top of every report.
+/// The model and backend that ran, for the first line of output and the top of every report.
 #[derive(Clone, Debug, Serialize)]
-pub struct RunInfo {
+pub struct EngineInfo {
     pub model: String,
     /// Random weights written by `kvlab synth`.
     pub synthetic: bool,
     /// Storage dtype of the checkpoint's weights (config.json), when it says.
     pub weights_dtype: Option<String>,
     pub backend: BackendInfo,
-    /// Greedy choices restricted to ordinary-text ids (the synthetic model's default).
-    pub ordinary_text_only: bool,
-    /// Which part of the study this run is ("the full study", or the subset and why).
-    pub subset: String,
-    pub scenarios: Vec<String>,
-    pub protocol: ProtocolOptions,
 }
 
-impl RunInfo {
+impl EngineInfo {
     /// One line: model, backend, device, dtypes, synthetic or not.
     pub fn headline(&self) -> String {
         format!(
@@ -160,6 +205,19 @@ impl RunInfo {
             self.backend.kv_dtype,
         )
     }
+}
+
+/// Who ran what part of the study.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunInfo {
+    #[serde(flatten)]
+    pub engine: EngineInfo,
+    /// Greedy choices restricted to ordinary-text ids (the synthetic model's default).
+    pub ordinary_text_only: bool,
+    /// Which part of the study this run is ("the full study", or the subset and why).
+    pub subset: String,
+    pub scenarios: Vec<String>,
+    pub protocol: ProtocolOptions,
 }
 
 /// Statistics of one strategy over its successful turns.
@@ -325,12 +383,79 @@ impl Summary {
         table
     }
 
+    /// Per `+reuse` strategy and turn (means over scenarios): prompt tokens, what was reused
+    /// and prefilled, why the rest missed, the time to first token, and the KV bytes: the
+    /// pool's arena, what the conversation's sequence held (live, shared), and the pool's
+    /// chunks held by any sequence and cached idle. None when no strategy reuses.
+    pub fn reuse_table(records: &[TurnRecord]) -> Option<Table> {
+        let mut table = Table::new(&[
+            "strategy",
+            "turn",
+            "prompt",
+            "reused",
+            "prefilled",
+            "hit rate",
+            "missed: drift / granularity / evicted",
+            "TTFT (s)",
+            "KV pool / seq reserved / live / shared / pool held / cached idle (MiB)",
+        ]);
+        let mut keys: Vec<(Strategy, usize)> = records
+            .iter()
+            .filter(|r| r.success && r.reuse.is_some())
+            .map(|r| (r.strategy, r.turn))
+            .collect();
+        keys.sort_by_key(|&(s, t)| (s.name(), t));
+        keys.dedup();
+        for (strategy, turn) in keys {
+            let rows: Vec<&TurnRecord> = records
+                .iter()
+                .filter(|r| r.success && r.strategy == strategy && r.turn == turn)
+                .collect();
+            let n = rows.len() as f64;
+            let avg = |f: &dyn Fn(&TurnRecord) -> f64| rows.iter().map(|r| f(r)).sum::<f64>() / n;
+            let reuse = |f: fn(&crate::generate::ReuseStats) -> usize| {
+                avg(&|r: &TurnRecord| r.reuse.map_or(0.0, |u| f(&u) as f64))
+            };
+            let mib = |f: fn(&TurnRecord) -> u64| avg(&|r: &TurnRecord| f(r) as f64 / MIB);
+            table.rows.push(vec![
+                strategy.to_string(),
+                turn.to_string(),
+                format!("{:.0}", avg(&|r| r.input_tokens as f64)),
+                format!("{:.0}", reuse(|u| u.reused_tokens)),
+                format!("{:.0}", reuse(|u| u.prefilled_tokens)),
+                format!("{:.2}", avg(&|r| r.reuse.map_or(0.0, |u| u.hit_rate()))),
+                format!(
+                    "{:.0} / {:.0} / {:.0}",
+                    reuse(|u| u.missed_drift),
+                    reuse(|u| u.missed_granularity),
+                    reuse(|u| u.missed_evicted)
+                ),
+                format!("{:.3}", avg(&|r| r.prefill_seconds)),
+                format!(
+                    "{:.1} / {:.2} / {:.2} / {:.2} / {:.2} / {:.2}",
+                    mib(|r| r.kv_pool_capacity_bytes),
+                    mib(|r| r.kv_reserved_bytes),
+                    mib(|r| r.kv_live_bytes),
+                    mib(|r| r.kv_shared_bytes),
+                    mib(|r| r.kv_pool_reserved_bytes),
+                    mib(|r| r.kv_pool_cached_idle_bytes)
+                ),
+            ]);
+        }
+        (!table.rows.is_empty()).then_some(table)
+    }
+
     /// `report.md`: the run, both tables, the plots, failures and disagreements.
-    pub fn write_report(&self, path: &Path, plots: &[(&str, &str)]) -> Result<()> {
+    pub fn write_report(
+        &self,
+        path: &Path,
+        records: &[TurnRecord],
+        plots: &[(&str, &str)],
+    ) -> Result<()> {
         let run = &self.run;
         let mut md = String::new();
         md.push_str("# kvlab scenario results\n\n");
-        md.push_str(&format!("{}\n\n", run.headline()));
+        md.push_str(&format!("{}\n\n", run.engine.headline()));
         md.push_str(&format!(
             "- Run: {} to {}{}\n- Which: {}\n- Scenarios: {}\n- Strategies: {} (agreement is checked against `{}`)\n",
             self.started_at,
@@ -343,13 +468,16 @@ impl Summary {
         ));
         let p = &run.protocol;
         md.push_str(&format!(
-            "- Protocol: the study's (history re-templated and re-prefilled every turn, a fresh cache per call); turns per scenario: {}; max new tokens: {}; ignore EOS: {}; ordinary-text ids only: {}; dynamic chunk: {} positions; static capacity: {}; warm-up before each scenario x strategy: {}\n",
+            "- Protocol: the study's (history re-templated every turn; the study's strategies re-prefill it in a fresh cache per call, the `+reuse` ones keep the conversation's cache); turns per scenario: {}; max new tokens: {}; ignore EOS: {}; ordinary-text ids only: {}; dynamic chunk: {} positions; static capacity: {}; warm-up before each strategy: {}\n",
             p.turns.map_or("all".into(), |t| t.to_string()),
             p.max_new_tokens,
             p.ignore_eos,
             run.ordinary_text_only,
             p.chunk_tokens,
-            p.max_context.map_or("prompt + max new tokens".into(), |c| c.to_string()),
+            p.max_context.map_or(
+                "prompt + max new tokens (static+reuse: the conversation's templated turns + 2 x max new tokens per turn)".into(),
+                |c| c.to_string()
+            ),
             p.warmup,
         ));
         md.push_str(&format!(
@@ -372,6 +500,21 @@ impl Summary {
              transient cache for every token). Process peak = peak resident memory during the \
              call (weights mapped from disk included).\n\n",
         );
+        if let Some(table) = Self::reuse_table(records) {
+            md.push_str("## Prefix reuse, turn by turn (means over scenarios)\n\n");
+            md.push_str(&table.to_markdown());
+            md.push_str(
+                "\nreused = leading prompt tokens whose K/V the call kept (the conversation's \
+                 sequence up to its common prefix with the new prompt) or shared (full chunks \
+                 another sequence cached, `dynamic+reuse`); prefilled = the rest, computed by \
+                 the call's prefill. Missed: drift = tokens the sequence held past the point \
+                 where the re-templated prompt differs from them; granularity = tokens a cached \
+                 chunk also starts with that end inside a chunk; evicted = cached chunks \
+                 evicted to make room. KV: the pool's arena, the bytes the conversation's \
+                 sequence reserved, live and shared, then the pool's chunks held by any sequence \
+                 and those cached but idle, when the call ended.\n\n",
+            );
+        }
         if !self.disagreements.is_empty() {
             md.push_str(
                 "## Disagreements\n\nThese turns generated other ids than the first strategy:\n\n",

@@ -7,7 +7,8 @@
 //!   bf16/f16 conversions, cp.async groups, shared-memory limits, graph capture;
 //! - [`kernels`]: every kernel of kernels/*.cu against its CPU reference on awkward shapes;
 //! - [`reference`]: the three tiny checkpoints against transformers' outputs, every step
-//!   teacher-forced, for every cache strategy; graphs replaying exactly what launches compute.
+//!   teacher-forced, for every cache strategy; graphs replaying exactly what launches compute;
+//! - [`reuse`]: prefix reuse against re-prefilling, turn after turn.
 //!
 //! The planted-bug kernels are not here: only the emulator can see those bugs, so they stay in
 //! tests/emulator.rs. A check returns a one-line note on success and an error naming what
@@ -18,6 +19,7 @@ pub mod fixtures;
 pub mod kernels;
 pub mod probes;
 pub mod reference;
+pub mod reuse;
 
 use crate::backend::cuda::emu::EmuDevice;
 use crate::backend::cuda::{open_device, BackendKind, CudaBackend, CudaOptions, Device};
@@ -101,6 +103,7 @@ pub fn checks() -> Vec<Check> {
     let mut all = probes::CHECKS.to_vec();
     all.extend_from_slice(kernels::CHECKS);
     all.extend_from_slice(reference::CHECKS);
+    all.extend_from_slice(reuse::CHECKS);
     all
 }
 

@@ -4,14 +4,17 @@
 //! every one of them is compared (within 2e-2: bf16 weights and activations). The chosen id
 //! must be the reference's at every step whose reference top-2 gap exceeds twice that
 //! tolerance (where logits within it cannot pick another). Also: CUDA graphs replay exactly what
-//! kernel-by-kernel launches compute.
+//! kernel-by-kernel launches compute, and sequences batched into the same steps (prefill chunks
+//! beside decode rows) follow the reference each.
 use super::fixtures::{max_abs_diff, RefGeneration, MODELS};
 use super::{Check, Context};
 use crate::backend::cuda::{CudaBackend, CudaOptions};
+use crate::backend::{Backend, KvStore};
 use crate::generate::{Engine, GenerateOptions, Generation, Generator};
-use crate::kv::Strategy;
-use crate::model::forward::Model;
+use crate::kv::{KvLayout, Strategy};
+use crate::model::forward::{Activations, LogitRows, Model};
 use crate::npy::read_f32_array;
+use crate::roofline::fixture::KvShape;
 use anyhow::{ensure, Context as _, Result};
 
 pub const CHECKS: &[Check] = &[
@@ -39,6 +42,16 @@ pub const CHECKS: &[Check] = &[
         group: "reference",
         name: "graphs_replay_launches",
         run: graphs_replay_exactly_what_launches_compute,
+    },
+    Check {
+        group: "reference",
+        name: "batched_sequences",
+        run: batched_sequences_follow_the_reference,
+    },
+    Check {
+        group: "reference",
+        name: "device_token_runs",
+        run: device_token_runs_equal_host_round_trips,
     },
 ];
 
@@ -226,4 +239,328 @@ fn graphs_replay_exactly_what_launches_compute(ctx: &Context) -> Result<String> 
         "the no-cache strategy captured: {stats:?}"
     );
     Ok("static and dynamic (chunks of 7), bit-identical".into())
+}
+
+/// Decode steps in runs on the device's own ids (`CudaOptions::decode_window` of 1, 5 and 16
+/// steps between reads) against one host round trip a token (kept step logits make generate
+/// read every step): the same ids, with and without a stop token inside a run, and the same
+/// sequence in the pool after the call (positions, chunks, and, through a conversation's next
+/// turn, the committed token ids), for the static cache, the dynamic one in chunks of 7 (new
+/// chunks inside runs) and dynamic+reuse (full chunks registered after a run). Every run
+/// replays the graph from the third decode step on.
+fn device_token_runs_equal_host_round_trips(ctx: &Context) -> Result<String> {
+    let reference = RefGeneration::load(&ctx.fixtures.join(MODELS[0]))?;
+    let prompt = &reference.prompt_ids;
+    let mut notes = Vec::new();
+    for (strategy, chunk_tokens) in [
+        (Strategy::Static, 256),
+        (Strategy::Dynamic, 7),
+        (Strategy::DynamicReuse, 7),
+    ] {
+        let base_opts = GenerateOptions {
+            max_new_tokens: reference.max_new_tokens,
+            strategy,
+            chunk_tokens,
+            ignore_eos: true,
+            conversation: strategy.reuses().then_some(1),
+            ..GenerateOptions::default()
+        };
+        // One call, then (reuse) the conversation's next turn: how much of it was found cached.
+        let call = |engine: &mut Engine<CudaBackend>,
+                    opts: &GenerateOptions,
+                    stop: Option<u32>|
+         -> Result<(Generation, Option<usize>)> {
+            engine.clear_kv_cache()?;
+            engine.model.config.stop_token_ids = stop.into_iter().collect();
+            let opts = GenerateOptions {
+                ignore_eos: stop.is_none(),
+                ..opts.clone()
+            };
+            let gen = engine.generate(prompt, &opts, &mut |_| {})?;
+            let reused = match opts.conversation {
+                Some(_) => {
+                    let next: Vec<u32> = prompt.iter().chain(&gen.new_ids).copied().collect();
+                    let turn = GenerateOptions {
+                        max_new_tokens: 1,
+                        ..opts.clone()
+                    };
+                    let again = engine.generate(&next, &turn, &mut |_| {})?;
+                    again.reuse.map(|r| r.reused_tokens)
+                }
+                None => None,
+            };
+            Ok((gen, reused))
+        };
+        let mut host = engine(ctx, MODELS[0], CudaOptions::default())?;
+        let per_token = GenerateOptions {
+            keep_step_logits: true,
+            ..base_opts.clone()
+        };
+        let (full, full_reused) = call(&mut host, &per_token, None)?;
+        // The first id that is not the first one, as a stop token: inside a run of 5 or 16
+        // (the fixture's ids: 12 times 486, then 628).
+        let (stop_at, &stop) = full
+            .new_ids
+            .iter()
+            .enumerate()
+            .find(|&(_, &id)| id != full.new_ids[0])
+            .context("the fixture's generation repeats one id: no stop token to place")?;
+        let (stopped, stopped_reused) = call(&mut host, &per_token, Some(stop))?;
+        ensure!(
+            stopped.stopped_on_eos && stopped.new_ids.len() == stop_at + 1,
+            "{strategy}: the stop token {stop} (id {stop_at}) did not stop the per-token \
+             generation there: {:?}",
+            stopped.new_ids
+        );
+        let same_sequence = |a: &Generation, b: &Generation| {
+            (
+                a.kv.tokens,
+                a.kv.chunks,
+                a.kv.reserved_bytes,
+                a.kv.live_bytes,
+            ) == (
+                b.kv.tokens,
+                b.kv.chunks,
+                b.kv.reserved_bytes,
+                b.kv.live_bytes,
+            )
+        };
+        for window in [1, 5, 16] {
+            let what = format!("{strategy} chunks of {chunk_tokens}, runs of {window}");
+            let mut device = engine(
+                ctx,
+                MODELS[0],
+                CudaOptions {
+                    decode_window: window,
+                    ..CudaOptions::default()
+                },
+            )?;
+            let (gen, reused) = call(&mut device, &base_opts, None)?;
+            ensure!(
+                gen.new_ids == full.new_ids,
+                "{what}: ids {:?}, one round trip a token {:?}",
+                gen.new_ids,
+                full.new_ids
+            );
+            ensure!(
+                same_sequence(&gen, &full) && reused == full_reused,
+                "{what}: the sequence holds {:?} (next turn reused {reused:?}), one round trip a \
+                 token {:?} ({full_reused:?})",
+                gen.kv,
+                full.kv
+            );
+            let decode_steps = gen.new_ids.len() as u64 - 1;
+            let stats = device.backend.graph_stats();
+            ensure!(
+                stats.graphs_replayed >= decode_steps - 2 && stats.capture_failures == 0,
+                "{what}: {stats:?} for {decode_steps} decode steps"
+            );
+            ensure!(
+                gen.device_step_seconds.len() == gen.new_ids.len()
+                    && gen.step_seconds.len() == gen.new_ids.len() - 1,
+                "{what}: {} device and {} host step times for {} ids",
+                gen.device_step_seconds.len(),
+                gen.step_seconds.len(),
+                gen.new_ids.len()
+            );
+            let (gen, reused) = call(&mut device, &base_opts, Some(stop))?;
+            ensure!(
+                gen.new_ids == stopped.new_ids && gen.stopped_on_eos,
+                "{what}, stop token {stop}: ids {:?}, one round trip a token {:?}",
+                gen.new_ids,
+                stopped.new_ids
+            );
+            ensure!(
+                same_sequence(&gen, &stopped) && reused == stopped_reused,
+                "{what}, stop token {stop}: the sequence holds {:?} (next turn reused \
+                 {reused:?}), one round trip a token {:?} ({stopped_reused:?})",
+                gen.kv,
+                stopped.kv
+            );
+        }
+        notes.push(format!(
+            "{strategy}: {} ids, stopped after {}",
+            full.new_ids.len(),
+            stopped.new_ids.len()
+        ));
+    }
+    Ok(notes.join("; "))
+}
+
+/// Steps of each batched sequence of [`batched_sequences_follow_the_reference`]: the step it
+/// joins at, and its first steps' rows before it goes one row at a time: A prefills in chunks
+/// of 20, B its whole prompt at once beside them, C one row per step from the first (its prompt
+/// through the decode kernel).
+const BATCH_SCHEDULE: [(usize, &[usize]); 3] = [(0, &[20, 20, 20]), (1, &[45]), (0, &[])];
+
+/// Three copies of the reference conversation (prompt, then the reference's ids fed back) in
+/// one pool, staggered by [`BATCH_SCHEDULE`] so that steps mix prefill chunks and decode rows
+/// of several sequences, in both layouts: every row's logits must be transformers' at that
+/// position within [`TOLERANCE`], the same with graphs as without, bit for bit, and runs of
+/// steps with the same rows per sequence (decode steps of the same sequences included) must
+/// replay one graph.
+fn batched_sequences_follow_the_reference(ctx: &Context) -> Result<String> {
+    let name = MODELS[0];
+    let dir = ctx.fixtures.join(name);
+    let reference = RefGeneration::load(&dir)?;
+    let (_, prompt_logits) = read_f32_array(&dir.join("ref_prompt_logits.npy"))?;
+    let (_, step_logits) = read_f32_array(&dir.join("ref_step_logits.npy"))?;
+    let prompt_len = reference.prompt_ids.len();
+    let new_ids = reference.ids(Strategy::Dynamic)?;
+    // Position p's logits: the prompt's for p < prompt_len, then each step's (step 0 is the
+    // last prompt position).
+    let ids: Vec<u32> = reference
+        .prompt_ids
+        .iter()
+        .chain(&new_ids[..new_ids.len() - 1])
+        .copied()
+        .collect();
+    let positions = ids.len();
+    let mut notes = Vec::new();
+    for shape in [KvShape::Contiguous, KvShape::Chunked(7)] {
+        let mut runs = Vec::new();
+        for graphs in [true, false] {
+            let backend = ctx.backend(CudaOptions {
+                graphs,
+                ..CudaOptions::default()
+            })?;
+            let model = Model::load(&backend, &dir)?;
+            let vocab = model.config.vocab_size;
+            let (patterns, logits) = run_batch_schedule(&backend, &model, shape, &ids)?;
+            // Every row against transformers at its position.
+            let mut worst = 0.0f32;
+            for (step, (pattern, rows_logits)) in patterns.iter().zip(&logits).enumerate() {
+                for (row, &(seq, pos)) in pattern.iter().enumerate() {
+                    let want = if pos < prompt_len {
+                        &prompt_logits[pos * vocab..(pos + 1) * vocab]
+                    } else {
+                        let at = pos + 1 - prompt_len;
+                        &step_logits[at * vocab..(at + 1) * vocab]
+                    };
+                    let diff = max_abs_diff(&rows_logits[row * vocab..(row + 1) * vocab], want)?;
+                    ensure!(
+                        diff <= TOLERANCE,
+                        "{name} batched {shape}, graphs {graphs}: step {step}, sequence {seq} at \
+                         position {pos}: logits differ from transformers' by {diff} (tolerance \
+                         {TOLERANCE})"
+                    );
+                    worst = worst.max(diff);
+                }
+            }
+            // Consecutive steps with the same rows per sequence launch the same work: the
+            // second is captured, the rest replay (the schedule never returns to an earlier
+            // pattern).
+            let rows_of = |p: &Vec<(usize, usize)>| -> Vec<(usize, usize)> {
+                let mut rows: Vec<(usize, usize)> = Vec::new();
+                for &(seq, _) in p {
+                    match rows.last_mut() {
+                        Some((s, n)) if *s == seq => *n += 1,
+                        _ => rows.push((seq, 1)),
+                    }
+                }
+                rows
+            };
+            let shapes: Vec<_> = patterns.iter().map(rows_of).collect();
+            let mut expected_replays = 0u64;
+            for run in shapes.chunk_by(|a, b| a == b) {
+                expected_replays += run.len().saturating_sub(2) as u64;
+            }
+            let stats = backend.graph_stats();
+            let replays = if graphs { expected_replays } else { 0 };
+            ensure!(
+                stats.graphs_replayed == replays && stats.capture_failures == 0,
+                "{name} batched {shape}, graphs {graphs}: {stats:?}, expected {replays} replays"
+            );
+            if graphs {
+                notes.push(format!(
+                    "{shape}: {} steps, {replays} replayed, worst logit difference {worst:.4}",
+                    patterns.len()
+                ));
+            }
+            runs.push(logits);
+        }
+        ensure!(
+            runs[0] == runs[1],
+            "{name} batched {shape}: logits with and without graphs differ"
+        );
+    }
+    Ok(format!(
+        "3 sequences of {positions} positions; {}",
+        notes.join("; ")
+    ))
+}
+
+/// Runs [`BATCH_SCHEDULE`] over `ids` for three sequences in one pool of `shape`: per step, the
+/// (sequence, position) of each row and the logits of every row.
+#[allow(clippy::type_complexity)]
+fn run_batch_schedule(
+    backend: &CudaBackend,
+    model: &Model<CudaBackend>,
+    shape: KvShape,
+    ids: &[u32],
+) -> Result<(Vec<Vec<(usize, usize)>>, Vec<Vec<f32>>)> {
+    let cfg = &model.config;
+    let positions = ids.len();
+    let unit = match shape {
+        KvShape::Contiguous => 8,
+        KvShape::Chunked(n) => n,
+    };
+    let layout = KvLayout::new(
+        shape.kind(),
+        backend.kv_dtypes()[0],
+        cfg.num_layers,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        unit,
+    )?;
+    let mut store = KvStore::new(
+        backend,
+        layout,
+        BATCH_SCHEDULE.len() * positions.div_ceil(unit),
+        false,
+    )?;
+    let seqs = (0..BATCH_SCHEDULE.len())
+        .map(|_| store.pool.new_sequence(Some(positions)))
+        .collect::<Result<Vec<_>>>()?;
+    let max_rows: usize = BATCH_SCHEDULE
+        .iter()
+        .map(|(_, rows)| rows.iter().copied().max().unwrap_or(1))
+        .sum();
+    let mut act = Activations::new(backend, cfg, max_rows, max_rows)?;
+    let mut written = vec![0usize; seqs.len()];
+    let (mut patterns, mut logits) = (Vec::new(), Vec::new());
+    for step in 0usize.. {
+        let (mut members, mut ends) = (Vec::new(), Vec::new());
+        let mut pattern = Vec::new();
+        let mut step_ids = Vec::new();
+        for (i, &(join, first_rows)) in BATCH_SCHEDULE.iter().enumerate() {
+            let Some(k) = step.checked_sub(join) else {
+                continue;
+            };
+            let rows = first_rows.get(k).copied().unwrap_or(1);
+            let rows = rows.min(positions - written[i]);
+            if rows == 0 {
+                continue;
+            }
+            members.push((seqs[i], rows));
+            pattern.extend((written[i]..written[i] + rows).map(|pos| (i, pos)));
+            step_ids.extend_from_slice(&ids[written[i]..written[i] + rows]);
+            written[i] += rows;
+            ends.push(written[i]);
+        }
+        if members.is_empty() {
+            break;
+        }
+        let view = store.prepare_step(backend, &members)?;
+        let memory = &mut store.memory;
+        backend.run_step(&mut || {
+            model.forward(backend, memory, &view, &step_ids, &mut act, LogitRows::All)
+        })?;
+        for (&(seq, rows), &end) in members.iter().zip(&ends) {
+            store.pool.commit(seq, &ids[end - rows..end])?;
+        }
+        logits.push(backend.read_rows(&act.logits, 0, step_ids.len())?);
+        patterns.push(pattern);
+    }
+    Ok((patterns, logits))
 }

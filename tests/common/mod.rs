@@ -63,6 +63,7 @@ pub fn assert_group_is(group: &str, names: &[&str]) {
     assert_eq!(ids, covered);
 }
 
+pub mod cli;
 pub mod gguf;
 
 /// The reference outputs of transformers on SmolLM2-135M-Instruct Q4_1 (tests/fixtures, all but

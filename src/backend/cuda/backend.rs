@@ -3,43 +3,60 @@
 //!
 //! Storage is bf16 (weights, matmul inputs, KV); the residual stream, the sublayer outputs added
 //! to it, the logits, norm weights and RoPE frequencies are f32; every kernel accumulates in f32.
-//! Positions, lengths and chunk tables live in device memory and are written by copies before a
-//! step's launches, which is what lets a decode step run as a CUDA graph (see [`super::graph`]).
+//!
+//! KV memory: a pool's arena is one device buffer (`CudaKvMemory`); the kernels take its
+//! address, its [`KvLayout`] by value (contiguous or chunked, read by the kernels from the
+//! layout itself) and the step view (`StepView::packed`: the step's sequences, each row's
+//! sequence and position, the block tables), which [`Backend::set_kv_step`] checks against the
+//! arena and copies to device memory before the step's first launch. A step may hold rows of
+//! many sequences: rope and kv_append (one launch in the forward pass: `rope_kv_append`) work
+//! per row; attention sends sequences of several rows to
+//! the prefill kernel and sequences of one row to the decode kernel (one launch for all of
+//! them). Because positions, lengths and block tables are read from device memory, a decode
+//! step with the same sequences' count and buffers repeats the previous step's launches exactly,
+//! which is what lets it run as a CUDA graph (see [`super::graph`]).
 
 use super::device::{Device, KernelArg, LaunchConfig};
 use super::graph::{GraphStats, Launch, StepRecorder};
+use super::kernels::constants::DECODE_MAX_SPLITS;
 use super::kernels::{
-    decode_attention_groups, DecodePartials, ARGMAX_PARTIALS, DECODE_MAX_SPLITS, PREFILL_HEAD_DIMS,
+    decode_attention_groups, decode_attention_splits, prefill_attention_kernel,
+    prefill_attention_tiles, DecodePartials, DeviceStep, KvArena, MatmulInput, MatmulOutput,
+    ARGMAX_PARTIALS,
 };
-use super::memory::{ChunkPool, MemoryLedger, MemoryReport, MemoryUse, PooledChunk, TrackedBuffer};
-use crate::backend::{Backend, BackendInfo};
-use crate::kv::{KvCache, KvLayout};
+use super::memory::{MemoryLedger, MemoryReport, MemoryUse, TrackedBuffer};
+use crate::backend::{Backend, BackendInfo, CHOSEN_IDS_KEPT};
+use crate::kv::{ChunkCopy, KvDtype, KvLayout, StepView};
 use crate::model::weights::HostTensor;
 use crate::model::DType;
 use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
-
-// kernels/kv_layout.cuh mirrors KvLayout field for field and asserts the same size.
-const _: () = assert!(std::mem::size_of::<KvLayout>() == 16);
 
 /// Knobs of the CUDA backend.
 #[derive(Clone, Copy, Debug)]
 pub struct CudaOptions {
     /// Run repeated decode steps as CUDA graphs (`--no-graphs` measures what they buy).
     pub graphs: bool,
-    /// Ranges the sequence is cut into by decode attention (flash-decoding). A split covers at
-    /// least 32 positions, so short sequences use fewer.
-    pub decode_splits: usize,
+    /// Most ranges decode attention cuts a sequence into (flash-decoding: the launch's grid);
+    /// None chooses them from the step's longest context (`decode_attention_splits`). A split
+    /// covers at least 32 positions, so short sequences use fewer.
+    pub decode_splits: Option<usize>,
+    /// Decode steps a generation runs before it reads their ids ([`Backend::decode_window`]):
+    /// between reads the tokens stay on the device, and a recorded step replays with no copy.
+    pub decode_window: usize,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
         CudaOptions {
             graphs: true,
-            decode_splits: 32,
+            decode_splits: None,
+            decode_window: 16,
         }
     }
 }
@@ -149,16 +166,55 @@ impl CudaWeight {
     }
 }
 
-/// A cache's chunk table and step positions in device memory.
-pub struct CudaKvTable {
-    /// `[capacity]` u64: base address of each chunk.
-    chunk_table: TrackedBuffer,
-    /// `[2]` i32: the step's first position and row count.
-    step: TrackedBuffer,
-    /// What the device table holds, to copy only new entries.
-    uploaded: Vec<u64>,
-    capacity: usize,
+/// A KV pool's arena on the device, and the step view its kernels read.
+pub struct CudaKvMemory {
+    layout: KvLayout,
+    /// `[chunks, chunk_bytes]`: the pool's arena.
+    arena: TrackedBuffer,
+    /// The step's packed view (`StepView::packed`), as the kernels read it. Grown geometrically
+    /// and otherwise kept: recorded launches carry its address, so a decode step replays the
+    /// previous step's graph as long as the address stays (a growth prevents one replay).
+    step_words: TrackedBuffer,
+    /// The view last set ([`Backend::set_kv_step`]) or advanced ([`Backend::argmax_advance`]):
+    /// what `step_words` holds once the queued work is done. The ops' launches are sized from it.
+    step: StepView,
+    /// Why `step` does not fit the arena, once an advance took it past its block tables: no op
+    /// may read it then (the kernels index the view without checks).
+    unfit: Option<String>,
 }
+
+impl CudaKvMemory {
+    fn arena(&self) -> KvArena {
+        KvArena {
+            address: self.arena.ptr(),
+            layout: self.layout,
+        }
+    }
+
+    /// The view set for this step as the kernels take it; `step` must be that view.
+    fn device_step(&self, step: &StepView, what: &str) -> Result<DeviceStep> {
+        if let Some(why) = &self.unfit {
+            bail!("{what}: the step view, advanced on the device, no longer fits its arena: {why}");
+        }
+        ensure!(
+            *step == self.step,
+            "{what}: the step view differs from the one set by set_kv_step ({} rows of {} \
+             sequences set, {} rows of {} passed)",
+            self.step.rows(),
+            self.step.seqs.len(),
+            step.rows(),
+            step.seqs.len()
+        );
+        Ok(DeviceStep {
+            address: self.step_words.ptr(),
+            num_seqs: step.seqs.len(),
+            rows: step.rows(),
+        })
+    }
+}
+
+/// Words of a fresh step-view buffer: a step of a few sequences of some hundred chunks each.
+const STEP_WORDS_INITIAL: usize = 1024;
 
 /// Buffers reused by every step, grown on demand.
 #[derive(Default)]
@@ -169,12 +225,17 @@ struct Scratch {
     decode_acc: Option<TrackedBuffer>,
     decode_max_sum: Option<TrackedBuffer>,
     decode_counters: Option<TrackedBuffer>,
-    /// A matmul input read twice `[rows, 2 * k]`, for weights stored as bf16 pairs.
+    /// The input of a many-row matmul computed first, `[rows, k]` bf16: rmsnorm(x) * weight or
+    /// silu(gate) * up (one row is computed inside the matvec instead).
+    staged_input: Option<TrackedBuffer>,
+    /// A many-row matmul input read twice `[rows, 2 * k]`, for weights stored as bf16 pairs.
     pair_input: Option<TrackedBuffer>,
-    /// Argmax partials `[ARGMAX_PARTIALS]` f32 + u32, and the chosen id.
+    /// Argmax partials `[ARGMAX_PARTIALS]` f32 + u32, its zeroed u32 block counter, and the
+    /// chosen ids `[1 + CHOSEN_IDS_KEPT]` u32 (how many were chosen, then a ring of the latest).
     argmax_values: Option<TrackedBuffer>,
     argmax_indices: Option<TrackedBuffer>,
-    argmax_id: Option<TrackedBuffer>,
+    argmax_blocks_done: Option<TrackedBuffer>,
+    chosen_ids: Option<TrackedBuffer>,
     /// Buffers replaced while a step records: its recorded launches may use them, so they live
     /// until the step's work is issued.
     retired: Vec<TrackedBuffer>,
@@ -185,9 +246,10 @@ pub struct CudaBackend {
     name: String,
     options: RefCell<CudaOptions>,
     ledger: Arc<MemoryLedger>,
-    chunk_pool: Arc<ChunkPool>,
     scratch: RefCell<Scratch>,
     recorder: RefCell<StepRecorder>,
+    /// Blocks resident at once on the device per (kernel, threads, dynamic shared bytes).
+    resident_blocks: RefCell<HashMap<(&'static str, u32, u32), usize>>,
     /// (start, end) events of each forward pass since the last `take_step_device_seconds`.
     step_events: RefCell<Vec<(super::device::Event, super::device::Event)>>,
 }
@@ -195,15 +257,22 @@ pub struct CudaBackend {
 impl CudaBackend {
     /// A backend over `device`; `name` is what reports call it ("cuda" or "emu").
     pub fn new(device: Arc<dyn Device>, name: &str, options: CudaOptions) -> Result<Self> {
-        check_decode_splits(options.decode_splits)?;
+        if let Some(splits) = options.decode_splits {
+            check_decode_splits(splits)?;
+        }
+        ensure!(
+            (1..=CHOSEN_IDS_KEPT).contains(&options.decode_window),
+            "a decode window of 1 to {CHOSEN_IDS_KEPT} steps, not {}",
+            options.decode_window
+        );
         Ok(CudaBackend {
             device,
             name: name.to_string(),
             options: RefCell::new(options),
             ledger: Arc::new(MemoryLedger::default()),
-            chunk_pool: Arc::new(ChunkPool::default()),
             scratch: RefCell::new(Scratch::default()),
             recorder: RefCell::new(StepRecorder::default()),
+            resident_blocks: RefCell::new(HashMap::new()),
             step_events: RefCell::new(Vec::new()),
         })
     }
@@ -231,12 +300,6 @@ impl CudaBackend {
         }
     }
 
-    pub fn set_decode_splits(&self, splits: usize) -> Result<()> {
-        check_decode_splits(splits)?;
-        self.options.borrow_mut().decode_splits = splits;
-        Ok(())
-    }
-
     /// How steps ran: launched kernel by kernel, captured, replayed.
     pub fn graph_stats(&self) -> GraphStats {
         self.recorder.borrow().stats
@@ -255,17 +318,11 @@ impl CudaBackend {
             weights_bytes: l.bytes(MemoryUse::Weights),
             activation_bytes: l.bytes(MemoryUse::Activations),
             kv_cache_bytes: l.bytes(MemoryUse::KvCache),
-            kv_pool_bytes: l.bytes(MemoryUse::KvPool),
             scratch_bytes: l.bytes(MemoryUse::Scratch),
             allocated_bytes: device.allocated_by_kvlab,
             device_free_bytes: device.device_free,
             device_total_bytes: device.device_total,
         })
-    }
-
-    /// Frees the KV chunks kept for reuse.
-    pub fn release_kv_pool(&self) {
-        self.chunk_pool.release();
     }
 
     /// An activation buffer holding `values` `[rows, cols]` rounded to bf16 (tests, benches).
@@ -310,6 +367,22 @@ impl CudaBackend {
         })
     }
 
+    /// The arena of a KV pool as bf16 bits `[chunks, chunk elements]` (tests: what kv_append
+    /// wrote where).
+    pub fn read_kv_arena(&self, memory: &CudaKvMemory) -> Result<Vec<u16>> {
+        let mut bits = vec![0u16; memory.arena.len() / 2];
+        self.copy_dtoh(&memory.arena, 0, bytemuck::cast_slice_mut(&mut bits))?;
+        Ok(bits)
+    }
+
+    /// The step view of a KV pool as the kernels read it now (`StepView::packed`'s words; tests:
+    /// what an advance on the device made of it).
+    pub fn read_kv_step(&self, memory: &CudaKvMemory) -> Result<Vec<u32>> {
+        let mut words = vec![0u32; memory.step.packed().len()];
+        self.copy_dtoh(&memory.step_words, 0, bytemuck::cast_slice_mut(&mut words))?;
+        Ok(words)
+    }
+
     /// An f32 buffer (as from `alloc_precise`) holding `values` `[rows, cols]` (tests, benches).
     pub fn upload_precise(&self, rows: usize, cols: usize, values: &[f32]) -> Result<CudaTensor> {
         ensure!(
@@ -320,6 +393,37 @@ impl CudaBackend {
         let tensor = self.alloc_precise(rows, cols)?;
         self.copy_htod(&tensor.buffer, 0, bytemuck::cast_slice(values))?;
         Ok(tensor)
+    }
+
+    /// The launches of the latest step that recorded to its end, in order (also when it
+    /// replayed a graph): how many kernels a token costs, and their grids.
+    pub fn last_step_launches(&self) -> Vec<(&'static str, LaunchConfig)> {
+        self.recorder.borrow().last_step().to_vec()
+    }
+
+    /// How many blocks of `kernel` (`threads` threads, `shared` bytes of dynamic shared
+    /// memory) the device holds at once: its occupancy times its SM count, asked once.
+    pub(super) fn resident_blocks(
+        &self,
+        kernel: &'static str,
+        threads: u32,
+        shared: u32,
+    ) -> Result<usize> {
+        let key = (kernel, threads, shared);
+        if let Some(&blocks) = self.resident_blocks.borrow().get(&key) {
+            return Ok(blocks);
+        }
+        let per_multiprocessor = self
+            .device
+            .max_active_blocks_per_multiprocessor(kernel, threads, shared)?;
+        ensure!(
+            per_multiprocessor > 0,
+            "kernel `{kernel}`: not one block of {threads} threads with {shared} bytes of dynamic \
+             shared memory fits on a multiprocessor"
+        );
+        let blocks = per_multiprocessor as usize * self.device.multiprocessors() as usize;
+        self.resident_blocks.borrow_mut().insert(key, blocks);
+        Ok(blocks)
     }
 
     /// Issues a launch, or records it while a step records.
@@ -400,6 +504,167 @@ impl CudaBackend {
             .with_context(|| format!("uploading {name}"))?;
         Ok(buffer)
     }
+
+    /// The argmax of row `row` of `logits` (+ bias), appended to the chosen ids; with `advance`,
+    /// the kernel then moves that step view on.
+    fn queue_argmax(
+        &self,
+        logits: &CudaTensor,
+        row: usize,
+        bias: Option<&CudaWeight>,
+        advance: Option<DeviceStep>,
+    ) -> Result<()> {
+        logits.check_f32("argmax")?;
+        logits.check_rows(row + 1, "argmax")?;
+        if let Some(b) = bias {
+            let len = b.vector()?;
+            ensure!(
+                len == logits.cols,
+                "logit mask of {len} entries for {} logits",
+                logits.cols
+            );
+        }
+        let partials = (
+            self.scratch_buffer(|s| &mut s.argmax_values, ARGMAX_PARTIALS * 4)?,
+            self.scratch_buffer(|s| &mut s.argmax_indices, ARGMAX_PARTIALS * 4)?,
+            self.scratch_buffer_init(|s| &mut s.argmax_blocks_done, 4, true)?,
+        );
+        let chosen =
+            self.scratch_buffer_init(|s| &mut s.chosen_ids, (1 + CHOSEN_IDS_KEPT) * 4, true)?;
+        self.launch_argmax(
+            logits.row_ptr(row),
+            bias.map(|b| b.buffer.ptr()),
+            partials,
+            chosen,
+            CHOSEN_IDS_KEPT,
+            advance,
+            logits.cols,
+        )
+    }
+
+    /// Launches `projections` of `rows` rows of `input` (`[rows, k]`). One row: matvecs that
+    /// compute the input while they stage it, three bf16 outputs per launch. Many rows: the
+    /// input is computed into scratch first, then one tensor-core matmul per weight.
+    fn launch_projections(
+        &self,
+        input: MatmulInput,
+        k: usize,
+        rows: usize,
+        projections: &[Projection],
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let many_rows_input = if rows > 1 {
+            Some(self.stage_rows(input, k, rows)?)
+        } else {
+            None
+        };
+        // Weights stored differently do not share one staged input.
+        for pair in [false, true] {
+            let alike: Vec<&Projection> = projections.iter().filter(|p| p.pair == pair).collect();
+            if alike.is_empty() {
+                continue;
+            }
+            let Some(x) = many_rows_input else {
+                let (bf16_outs, others): (Vec<&Projection>, Vec<&Projection>) = alike
+                    .into_iter()
+                    .partition(|p| p.output == MatmulOutput::Bf16);
+                for group in bf16_outs.chunks(3) {
+                    let targets: Vec<_> = group.iter().map(|p| (p.weight, p.out, p.n)).collect();
+                    self.launch_matvec(input, &targets, k, pair, MatmulOutput::Bf16)?;
+                }
+                for p in others {
+                    self.launch_matvec(input, &[(p.weight, p.out, p.n)], k, pair, p.output)?;
+                }
+                continue;
+            };
+            let (x, weight_cols) = if pair {
+                let doubled = self.scratch_buffer(|s| &mut s.pair_input, rows * 2 * k * 2)?;
+                self.launch_duplicate_columns(x, doubled, rows, k)?;
+                (doubled, 2 * k)
+            } else {
+                (x, k)
+            };
+            for p in alike {
+                self.launch_matmul_mma(x, p.weight, p.out, rows, p.n, weight_cols, p.output)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `rows` rows of `input` as a bf16 `[rows, k]` buffer: x itself, or the norm or the SwiGLU
+    /// computed into scratch.
+    fn stage_rows(&self, input: MatmulInput, k: usize, rows: usize) -> Result<u64> {
+        let staged = |this: &Self| this.scratch_buffer(|s| &mut s.staged_input, rows * k * 2);
+        match input {
+            MatmulInput::Bf16 { x } => Ok(x),
+            MatmulInput::RmsNorm {
+                residual,
+                weight,
+                eps,
+            } => {
+                let out = staged(self)?;
+                self.launch_rms_norm(residual, weight, out, rows, k, eps)?;
+                Ok(out)
+            }
+            MatmulInput::Swiglu { gate, up } => {
+                let out = staged(self)?;
+                self.launch_swiglu(gate, up, out, rows * k)?;
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// One weight of a matmul and where its products go.
+struct Projection {
+    weight: u64,
+    out: u64,
+    /// The weight's rows (output features).
+    n: usize,
+    /// Stored as bf16 pairs `[n, 2k]`.
+    pair: bool,
+    output: MatmulOutput,
+}
+
+/// (weight, output) pairs checked as projections of an input of `rows` rows and `k` columns;
+/// `add`: the outputs are f32 buffers that the products are added to.
+fn projections(
+    outputs: &[(&CudaWeight, &mut CudaTensor)],
+    rows: usize,
+    k: usize,
+    add: bool,
+) -> Result<Vec<Projection>> {
+    outputs
+        .iter()
+        .map(|(w, out)| {
+            let (n, cols, pair) = w.matrix()?;
+            out.check_rows(rows, "matmul output")?;
+            ensure!(
+                cols == k && out.cols == n,
+                "matmul shape mismatch: the input has {k} columns, weight {} is [{n}, {cols}], \
+                 the output has {} columns",
+                w.name,
+                out.cols
+            );
+            let output = match (out.dtype, add) {
+                (ActivationType::Bf16, false) => MatmulOutput::Bf16,
+                (ActivationType::F32, false) => MatmulOutput::F32,
+                (ActivationType::F32, true) => MatmulOutput::AddF32,
+                (ActivationType::Bf16, true) => {
+                    bail!("a projection is added to an f32 buffer (from alloc_precise), not bf16")
+                }
+            };
+            Ok(Projection {
+                weight: w.buffer.ptr(),
+                out: out.ptr(),
+                n,
+                pair,
+                output,
+            })
+        })
+        .collect()
 }
 
 fn check_decode_splits(splits: usize) -> Result<()> {
@@ -448,15 +713,14 @@ fn matrix_to_bf16(tensor: &HostTensor, cols: usize) -> Vec<u16> {
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
-    type KvChunk = PooledChunk;
-    type KvTable = CudaKvTable;
+    type KvMemory = CudaKvMemory;
 
     fn info(&self) -> BackendInfo {
         BackendInfo {
             name: self.name.clone(),
             device: self.device.describe(),
             activation_dtype: "bf16".into(),
-            kv_dtype: "bf16".into(),
+            kv_dtype: self.kv_dtypes()[0].name().into(),
         }
     }
 
@@ -526,65 +790,85 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn kv_elem_bytes(&self) -> usize {
-        2
+    fn kv_dtypes(&self) -> &'static [KvDtype] {
+        &[KvDtype::Bf16]
     }
 
-    fn alloc_kv_chunk(&self, layout: &KvLayout) -> Result<PooledChunk> {
-        let bytes = layout.chunk_elems() * 2;
-        let chunk = self
-            .chunk_pool
-            .take(self.device.as_ref(), &self.ledger, bytes)
-            .with_context(|| format!("allocating a KV chunk of {} MiB", bytes >> 20))?;
-        Ok(PooledChunk::new(chunk, self.chunk_pool.clone()))
-    }
-
-    fn new_kv_table(&self, layout: &KvLayout, max_chunks: usize) -> Result<CudaKvTable> {
-        let head_dim = layout.head_dim as usize;
+    fn alloc_kv_memory(&self, layout: &KvLayout, chunks: usize) -> Result<CudaKvMemory> {
+        prefill_attention_kernel(layout.head_dim as usize)?;
         ensure!(
-            PREFILL_HEAD_DIMS.contains(&head_dim),
-            "the CUDA attention kernels support head_dim {PREFILL_HEAD_DIMS:?}, not {head_dim}"
+            layout.dtype() == KvDtype::Bf16,
+            "the CUDA kernels store KV as bf16, not {}",
+            layout.dtype()
         );
-        Ok(CudaKvTable {
-            chunk_table: self.tracked(MemoryUse::KvCache, max_chunks * 8)?,
-            step: self.tracked(MemoryUse::KvCache, 8)?,
-            uploaded: Vec::new(),
-            capacity: max_chunks,
+        let bytes = chunks
+            .checked_mul(layout.chunk_bytes())
+            .filter(|&b| b > 0)
+            .with_context(|| format!("a KV arena of {chunks} chunks has no valid size"))?;
+        Ok(CudaKvMemory {
+            layout: *layout,
+            arena: self.tracked(MemoryUse::KvCache, bytes)?,
+            step_words: self.tracked(MemoryUse::KvCache, STEP_WORDS_INITIAL * 4)?,
+            step: StepView {
+                layout: *layout,
+                seqs: Vec::new(),
+                row_seq: Vec::new(),
+                row_pos: Vec::new(),
+                row_slot: Vec::new(),
+                block_table: Vec::new(),
+                slot_positions: Vec::new(),
+                track_mass: Vec::new(),
+            },
+            unfit: None,
         })
     }
 
-    fn update_kv_table(
-        &self,
-        table: &mut CudaKvTable,
-        chunks: &[PooledChunk],
-        start_pos: usize,
-        rows: usize,
-    ) -> Result<()> {
-        ensure!(
-            chunks.len() <= table.capacity,
-            "{} KV chunks exceed the chunk table's {} entries",
-            chunks.len(),
-            table.capacity
-        );
-        let addresses: Vec<u64> = chunks.iter().map(PooledChunk::ptr).collect();
-        let first_new = addresses
-            .iter()
-            .zip(&table.uploaded)
-            .position(|(a, b)| a != b)
-            .unwrap_or(table.uploaded.len().min(addresses.len()));
-        if first_new < addresses.len() {
-            self.copy_htod(
-                &table.chunk_table,
-                first_new * 8,
-                bytemuck::cast_slice(&addresses[first_new..]),
+    fn copy_kv_chunks(&self, memory: &mut CudaKvMemory, copies: &[ChunkCopy]) -> Result<()> {
+        let chunk_bytes = memory.layout.chunk_bytes();
+        let chunks = memory.arena.len() / chunk_bytes;
+        for copy in copies {
+            let (src, dst) = (copy.src as usize, copy.dst as usize);
+            ensure!(
+                src < chunks && dst < chunks,
+                "KV chunk copy {src} -> {dst} outside an arena of {chunks} chunks"
+            );
+            // Ordered after the launches recorded so far, as every copy.
+            self.recorder
+                .borrow_mut()
+                .flush_recording(self.device.as_ref())?;
+            self.device.copy_dtod(
+                memory.arena.buffer(),
+                src * chunk_bytes,
+                memory.arena.buffer(),
+                dst * chunk_bytes,
+                chunk_bytes,
             )?;
         }
-        table.uploaded = addresses;
-        let step = [
-            i32::try_from(start_pos).context("position beyond i32")?,
-            i32::try_from(rows).context("step rows beyond i32")?,
-        ];
-        self.copy_htod(&table.step, 0, bytemuck::cast_slice(&step))
+        Ok(())
+    }
+
+    fn set_kv_step(&self, memory: &mut CudaKvMemory, step: &StepView) -> Result<()> {
+        step.check_fits(
+            &memory.layout,
+            memory.arena.len() / memory.layout.chunk_bytes(),
+        )?;
+        let words = step.packed();
+        let bytes: &[u8] = bytemuck::cast_slice(&words);
+        if bytes.len() > memory.step_words.len() {
+            // The new buffer is written (which issues the launches recorded so far) before
+            // the old one is freed.
+            let grown = self.tracked(
+                MemoryUse::KvCache,
+                bytes.len().max(2 * memory.step_words.len()),
+            )?;
+            self.copy_htod(&grown, 0, bytes)?;
+            memory.step_words = grown;
+        } else {
+            self.copy_htod(&memory.step_words, 0, bytes)?;
+        }
+        memory.step.clone_from(step);
+        memory.unfit = None;
+        Ok(())
     }
 
     fn embed(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaTensor) -> Result<()> {
@@ -616,25 +900,44 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn add_rms_norm(
+    fn embed_chosen(&self, table: &CudaWeight, out: &mut CudaTensor) -> Result<()> {
+        let (_, hidden, pair) = table.matrix()?;
+        out.check_f32("embed_chosen output")?;
+        out.check_rows(1, "embed_chosen")?;
+        ensure!(
+            out.cols == hidden,
+            "embed_chosen: table rows of {hidden}, output of {} columns",
+            out.cols
+        );
+        let chosen = self
+            .scratch
+            .borrow()
+            .chosen_ids
+            .as_ref()
+            .map(TrackedBuffer::ptr)
+            .context("embed_chosen before any argmax chose an id")?;
+        let table_cols = if pair { 2 * hidden } else { hidden };
+        self.launch_embedding_gather_chosen(
+            table.buffer.ptr(),
+            chosen,
+            out.ptr(),
+            (hidden, table_cols),
+            CHOSEN_IDS_KEPT,
+        )
+    }
+
+    fn rms_norm(
         &self,
-        residual: &mut CudaTensor,
-        delta: Option<&CudaTensor>,
+        x: &CudaTensor,
         weight: &CudaWeight,
         eps: f32,
         rows: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
         let dim = weight.vector()?;
-        residual.check_f32("residual")?;
-        out.check_bf16("norm output")?;
-        if let Some(d) = delta {
-            d.check_f32("residual delta")?;
-        }
-        for (t, what) in [(&*residual, "residual"), (&*out, "norm output")]
-            .into_iter()
-            .chain(delta.map(|d| (d, "residual delta")))
-        {
+        x.check_f32("rms_norm input")?;
+        out.check_bf16("rms_norm output")?;
+        for (t, what) in [(x, "rms_norm input"), (&*out, "rms_norm output")] {
             t.check_rows(rows, what)?;
             ensure!(
                 t.cols == dim,
@@ -642,15 +945,7 @@ impl Backend for CudaBackend {
                 t.cols
             );
         }
-        self.launch_add_rms_norm(
-            residual.ptr(),
-            delta.map(CudaTensor::ptr),
-            weight.buffer.ptr(),
-            out.ptr(),
-            rows,
-            dim,
-            eps,
-        )
+        self.launch_rms_norm(x.ptr(), weight.buffer.ptr(), out.ptr(), rows, dim, eps)
     }
 
     fn matmul(
@@ -673,57 +968,8 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         x.check_bf16("matmul input")?;
         x.check_rows(rows, "matmul input")?;
-        let mut pairs = Vec::with_capacity(outputs.len());
-        for (w, out) in outputs.iter() {
-            let (n, k, pair) = w.matrix()?;
-            out.check_rows(rows, "matmul output")?;
-            ensure!(
-                x.cols == k && out.cols == n,
-                "matmul shape mismatch: x has {} columns, weight {} is [{n}, {k}], out has {} \
-                 columns",
-                x.cols,
-                w.name,
-                out.cols
-            );
-            pairs.push(pair);
-        }
-        let Some(&pair) = pairs.first() else {
-            return Ok(());
-        };
-        if pairs.iter().any(|&p| p != pair) {
-            // Weights stored differently do not share one input: one at a time.
-            for (w, out) in outputs.iter_mut() {
-                self.matmul_many(x, &mut [(*w, &mut **out)], rows)?;
-            }
-            return Ok(());
-        }
-        let (input, k) = if pair {
-            let doubled = self.scratch_buffer(|s| &mut s.pair_input, rows * 2 * x.cols * 2)?;
-            self.launch_duplicate_columns(x.ptr(), doubled, rows, x.cols)?;
-            (doubled, 2 * x.cols)
-        } else {
-            (x.ptr(), x.cols)
-        };
-        let all_bf16 = outputs.iter().all(|(_, o)| o.dtype == ActivationType::Bf16);
-        if rows == 1 && all_bf16 {
-            for group in outputs.chunks(3) {
-                let targets: Vec<(u64, u64, usize)> = group
-                    .iter()
-                    .map(|(w, o)| (w.buffer.ptr(), o.ptr(), o.cols))
-                    .collect();
-                self.launch_matvec(input, &targets, k, false)?;
-            }
-            return Ok(());
-        }
-        for (w, out) in outputs.iter() {
-            let (n, f32_out) = (out.cols, out.dtype == ActivationType::F32);
-            if rows == 1 {
-                self.launch_matvec(input, &[(w.buffer.ptr(), out.ptr(), n)], k, f32_out)?;
-            } else {
-                self.launch_matmul_mma(input, w.buffer.ptr(), out.ptr(), rows, n, k, f32_out)?;
-            }
-        }
-        Ok(())
+        let projections = projections(outputs, rows, x.cols, false)?;
+        self.launch_projections(MatmulInput::Bf16 { x: x.ptr() }, x.cols, rows, &projections)
     }
 
     fn rope(
@@ -731,11 +977,12 @@ impl Backend for CudaBackend {
         q: &mut CudaTensor,
         k: &mut CudaTensor,
         inv_freq: &CudaWeight,
-        cache: &KvCache<Self>,
+        memory: &CudaKvMemory,
+        step: &StepView,
     ) -> Result<()> {
         let half = inv_freq.vector()?;
         let head_dim = 2 * half;
-        let (_, rows) = cache.step();
+        let rows = step.rows();
         q.check_bf16("rope q")?;
         k.check_bf16("rope k")?;
         q.check_rows(rows, "rope q")?;
@@ -750,23 +997,21 @@ impl Backend for CudaBackend {
             q.ptr(),
             k.ptr(),
             inv_freq.buffer.ptr(),
-            cache.table().step.ptr(),
-            rows,
-            q.cols / head_dim,
-            k.cols / head_dim,
-            head_dim,
+            memory.device_step(step, "rope")?,
+            (q.cols / head_dim, k.cols / head_dim, head_dim),
         )
     }
 
     fn kv_append(
         &self,
-        cache: &mut KvCache<Self>,
+        memory: &mut CudaKvMemory,
+        step: &StepView,
         layer: usize,
         k: &CudaTensor,
         v: &CudaTensor,
     ) -> Result<()> {
-        let layout = cache.layout;
-        let (_, rows) = cache.step();
+        let layout = memory.layout;
+        let rows = step.rows();
         let kv_dim = (layout.num_kv_heads * layout.head_dim) as usize;
         for (t, what) in [(k, "k"), (v, "v")] {
             t.check_bf16(what)?;
@@ -782,33 +1027,83 @@ impl Backend for CudaBackend {
             "kv_append: layer {layer} of {}",
             layout.num_layers
         );
-        let table = cache.table();
         self.launch_kv_append(
             k.ptr(),
             v.ptr(),
-            table.chunk_table.ptr(),
-            table.step.ptr(),
-            rows,
+            memory.arena(),
+            memory.device_step(step, "kv_append")?,
             layer,
-            &layout,
+        )
+    }
+
+    fn rope_kv_append(
+        &self,
+        q: &mut CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        inv_freq: &CudaWeight,
+        memory: &mut CudaKvMemory,
+        step: &StepView,
+        layer: usize,
+    ) -> Result<()> {
+        let layout = memory.layout;
+        let rows = step.rows();
+        let head_dim = layout.head_dim as usize;
+        let kv_dim = layout.num_kv_heads as usize * head_dim;
+        ensure!(
+            2 * inv_freq.vector()? == head_dim,
+            "rope_kv_append: {} RoPE frequencies for heads of {head_dim}",
+            inv_freq.vector()?
+        );
+        q.check_bf16("rope_kv_append q")?;
+        q.check_rows(rows, "rope_kv_append q")?;
+        ensure!(
+            q.cols.is_multiple_of(head_dim),
+            "rope_kv_append: q has {} columns, not whole heads of {head_dim}",
+            q.cols
+        );
+        for (t, what) in [(k, "k"), (v, "v")] {
+            t.check_bf16(what)?;
+            t.check_rows(rows, what)?;
+            ensure!(
+                t.cols == kv_dim,
+                "rope_kv_append: {what} has {} columns, the cache {kv_dim}",
+                t.cols
+            );
+        }
+        ensure!(
+            layer < layout.num_layers as usize,
+            "rope_kv_append: layer {layer} of {}",
+            layout.num_layers
+        );
+        self.launch_rope_kv_append(
+            q.ptr(),
+            k.ptr(),
+            v.ptr(),
+            inv_freq.buffer.ptr(),
+            memory.arena(),
+            memory.device_step(step, "rope_kv_append")?,
+            q.cols / head_dim,
+            layer,
         )
     }
 
     fn attention(
         &self,
         q: &CudaTensor,
-        cache: &KvCache<Self>,
+        memory: &CudaKvMemory,
+        step: &StepView,
         layer: usize,
         num_heads: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        let layout = cache.layout;
-        let (_, rows) = cache.step();
+        let layout = memory.layout;
+        let rows = step.rows();
         let head_dim = layout.head_dim as usize;
         let kv_heads = layout.num_kv_heads as usize;
         ensure!(
-            num_heads.is_multiple_of(kv_heads),
-            "{num_heads} query heads do not share {kv_heads} KV heads evenly"
+            num_heads > 0 && num_heads.is_multiple_of(kv_heads),
+            "attention: {num_heads} query heads do not share {kv_heads} KV heads evenly"
         );
         for (t, what) in [(q, "attention q"), (&*out, "attention output")] {
             t.check_bf16(what)?;
@@ -819,51 +1114,65 @@ impl Backend for CudaBackend {
                 t.cols
             );
         }
-        let table = cache.table();
-        if rows > 1 {
-            return self.launch_attention_prefill(
+        let device_step = memory.device_step(step, "attention")?;
+        // Sequences of several rows (prefill chunks) go to the prefill kernel and sequences of
+        // one row (decode) to the decode kernel, both in the same step when it mixes them: in
+        // the prefill kernel a decode row would fill 1/16 to 1/64 of its tile's tensor-core
+        // rows and stream its whole context through one block per KV head, where the decode
+        // kernel splits the context over many blocks (flash-decoding). Each kernel skips the
+        // other's sequences; their output rows are disjoint.
+        let tiles = prefill_attention_tiles(step, num_heads / kv_heads);
+        if tiles > 0 {
+            self.launch_attention_prefill(
                 q.ptr(),
-                table.chunk_table.ptr(),
-                table.step.ptr(),
+                memory.arena(),
+                device_step,
                 out.ptr(),
-                rows,
+                tiles,
                 num_heads,
                 layer,
-                &layout,
-            );
+            )?;
         }
-        let splits = self.options.borrow().decode_splits;
-        let partials = DecodePartials {
-            acc: self.scratch_buffer(|s| &mut s.decode_acc, num_heads * splits * head_dim * 4)?,
-            max_sum: self.scratch_buffer(|s| &mut s.decode_max_sum, num_heads * splits * 2 * 4)?,
-            split_counters: self.scratch_buffer_init(
-                |s| &mut s.decode_counters,
-                decode_attention_groups(num_heads, &layout) * 4,
-                true,
-            )?,
-        };
-        // A table of one chunk is the static layout: read the chunk directly.
-        let (kv, chunked) = if table.capacity == 1 {
-            let chunk = cache
-                .chunks()
-                .first()
-                .context("decode attention over a cache without memory")?;
-            (chunk.ptr(), false)
-        } else {
-            (table.chunk_table.ptr(), true)
-        };
-        self.launch_attention_decode(
-            q.ptr(),
-            kv,
-            chunked,
-            table.step.ptr(),
-            partials,
-            out.ptr(),
-            num_heads,
-            layer,
-            &layout,
-            splits,
-        )
+        let longest_decode = step
+            .seqs
+            .iter()
+            .filter(|seq| seq.rows == 1)
+            .map(|seq| seq.end())
+            .max();
+        if let Some(longest) = longest_decode {
+            let num_seqs = step.seqs.len();
+            let splits = self
+                .options
+                .borrow()
+                .decode_splits
+                .unwrap_or_else(|| decode_attention_splits(longest));
+            let partials = DecodePartials {
+                acc: self.scratch_buffer(
+                    |s| &mut s.decode_acc,
+                    num_seqs * num_heads * splits * head_dim * 4,
+                )?,
+                max_sum: self.scratch_buffer(
+                    |s| &mut s.decode_max_sum,
+                    num_seqs * num_heads * splits * 2 * 4,
+                )?,
+                split_counters: self.scratch_buffer_init(
+                    |s| &mut s.decode_counters,
+                    num_seqs * decode_attention_groups(num_heads, &layout) * 4,
+                    true,
+                )?,
+            };
+            self.launch_attention_decode(
+                q.ptr(),
+                memory.arena(),
+                device_step,
+                partials,
+                out.ptr(),
+                num_heads,
+                layer,
+                splits,
+            )?;
+        }
+        Ok(())
     }
 
     fn swiglu(&self, gate: &mut CudaTensor, up: &CudaTensor, rows: usize) -> Result<()> {
@@ -877,28 +1186,79 @@ impl Backend for CudaBackend {
             gate.cols,
             up.cols
         );
-        self.launch_swiglu(gate.ptr(), up.ptr(), rows * gate.cols)
+        self.launch_swiglu(gate.ptr(), up.ptr(), gate.ptr(), rows * gate.cols)
     }
 
-    fn copy_rows(
+    /// One row: a matvec that normalises x while it stages it (no norm launch).
+    fn rms_norm_matmul_many(
         &self,
-        src: &CudaTensor,
-        src_row: usize,
-        dst: &mut CudaTensor,
-        dst_row: usize,
-        rows: usize,
+        x: &CudaTensor,
+        x_rows: Range<usize>,
+        norm: &CudaWeight,
+        eps: f32,
+        outputs: &mut [(&CudaWeight, &mut CudaTensor)],
     ) -> Result<()> {
-        src.check_bf16("copy_rows source")?;
-        dst.check_bf16("copy_rows destination")?;
-        src.check_rows(src_row + rows, "copy_rows source")?;
-        dst.check_rows(dst_row + rows, "copy_rows destination")?;
+        let dim = norm.vector()?;
+        x.check_f32("rms_norm_matmul_many input")?;
+        x.check_rows(x_rows.end, "rms_norm_matmul_many input")?;
         ensure!(
-            src.cols == dst.cols,
-            "copy_rows between tensors of {} and {} columns",
-            src.cols,
-            dst.cols
+            x.cols == dim,
+            "rms_norm_matmul_many: the input has {} columns, norm weight {dim}",
+            x.cols
         );
-        self.launch_copy(src.row_ptr(src_row), dst.row_ptr(dst_row), rows * src.cols)
+        let rows = x_rows.len();
+        let projections = projections(outputs, rows, dim, false)?;
+        let input = MatmulInput::RmsNorm {
+            residual: x.row_ptr(x_rows.start),
+            weight: norm.buffer.ptr(),
+            eps,
+        };
+        self.launch_projections(input, dim, rows, &projections)
+    }
+
+    /// One row: the matvec adds each product to the residual as it stores it.
+    fn matmul_add(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        rows: usize,
+        residual: &mut CudaTensor,
+    ) -> Result<()> {
+        x.check_bf16("matmul_add input")?;
+        x.check_rows(rows, "matmul_add input")?;
+        let projections = projections(&[(w, residual)], rows, x.cols, true)?;
+        self.launch_projections(MatmulInput::Bf16 { x: x.ptr() }, x.cols, rows, &projections)
+    }
+
+    /// One row: a matvec that applies the SwiGLU while it stages its input and adds each
+    /// product to the residual (no SwiGLU launch).
+    fn swiglu_matmul_add(
+        &self,
+        gate: &CudaTensor,
+        up: &CudaTensor,
+        w: &CudaWeight,
+        rows: usize,
+        residual: &mut CudaTensor,
+    ) -> Result<()> {
+        for (t, what) in [
+            (gate, "swiglu_matmul_add gate"),
+            (up, "swiglu_matmul_add up"),
+        ] {
+            t.check_bf16(what)?;
+            t.check_rows(rows, what)?;
+        }
+        ensure!(
+            gate.cols == up.cols,
+            "swiglu_matmul_add: gate has {} columns, up {}",
+            gate.cols,
+            up.cols
+        );
+        let projections = projections(&[(w, residual)], rows, gate.cols, true)?;
+        let input = MatmulInput::Swiglu {
+            gate: gate.ptr(),
+            up: up.ptr(),
+        };
+        self.launch_projections(input, gate.cols, rows, &projections)
     }
 
     fn read_rows(&self, x: &CudaTensor, first: usize, rows: usize) -> Result<Vec<f32>> {
@@ -919,33 +1279,52 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn argmax(&self, logits: &CudaTensor, row: usize, bias: Option<&CudaWeight>) -> Result<u32> {
-        logits.check_f32("argmax")?;
-        logits.check_rows(row + 1, "argmax")?;
-        if let Some(b) = bias {
-            let len = b.vector()?;
-            ensure!(
-                len == logits.cols,
-                "logit mask of {len} entries for {} logits",
-                logits.cols
-            );
-        }
-        let values = self.scratch_buffer(|s| &mut s.argmax_values, ARGMAX_PARTIALS * 4)?;
-        let indices = self.scratch_buffer(|s| &mut s.argmax_indices, ARGMAX_PARTIALS * 4)?;
-        let id = self.scratch_buffer(|s| &mut s.argmax_id, 4)?;
-        self.launch_argmax(
-            logits.row_ptr(row),
-            bias.map(|b| b.buffer.ptr()),
-            values,
-            indices,
-            id,
-            logits.cols,
-        )?;
-        let mut out = [0u32; 1];
+    fn argmax(&self, logits: &CudaTensor, row: usize, bias: Option<&CudaWeight>) -> Result<()> {
+        self.queue_argmax(logits, row, bias, None)
+    }
+
+    fn argmax_advance(
+        &self,
+        logits: &CudaTensor,
+        row: usize,
+        bias: Option<&CudaWeight>,
+        memory: &mut CudaKvMemory,
+        step: &mut StepView,
+    ) -> Result<()> {
+        let device_step = memory.device_step(step, "argmax_advance")?;
+        self.queue_argmax(logits, row, bias, Some(device_step))?;
+        step.advance();
+        memory.step.advance();
+        let chunks = memory.arena.len() / memory.layout.chunk_bytes();
+        memory.unfit = memory
+            .step
+            .check_fits(&memory.layout, chunks)
+            .err()
+            .map(|e| format!("{e:#}"));
+        Ok(())
+    }
+
+    fn read_chosen(&self, n: usize) -> Result<Vec<u32>> {
         let scratch = self.scratch.borrow();
-        let buffer = scratch.argmax_id.as_ref().expect("allocated above");
-        self.copy_dtoh(buffer, 0, bytemuck::cast_slice_mut(&mut out))?;
-        Ok(out[0])
+        let buffer = scratch
+            .chosen_ids
+            .as_ref()
+            .context("read_chosen before any argmax chose an id")?;
+        let mut words = vec![0u32; 1 + CHOSEN_IDS_KEPT];
+        self.copy_dtoh(buffer, 0, bytemuck::cast_slice_mut(&mut words))?;
+        let count = words[0] as usize;
+        ensure!(
+            n >= 1 && n <= count.min(CHOSEN_IDS_KEPT),
+            "{n} chosen ids asked for; argmax has chosen {count} (the latest {CHOSEN_IDS_KEPT} \
+             are kept)"
+        );
+        Ok((count - n..count)
+            .map(|i| words[1 + i % CHOSEN_IDS_KEPT])
+            .collect())
+    }
+
+    fn decode_window(&self) -> usize {
+        self.options.borrow().decode_window
     }
 
     fn synchronize(&self) -> Result<()> {

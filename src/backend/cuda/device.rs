@@ -12,6 +12,8 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::kv::KvLayout;
+
 /// What a kernel parameter is, as parsed from `extern "C" __global__ void name(...)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParamKind {
@@ -23,8 +25,20 @@ pub enum ParamKind {
     U32,
     /// `float`.
     F32,
-    /// `unsigned long long`.
-    U64,
+    /// `KvLayout` by value (kernels/kv_layout.cuh, the mirror of [`crate::kv::KvLayout`]).
+    KvLayout,
+}
+
+impl ParamKind {
+    /// 64-bit argument slots the parameter takes in the emulator's trampolines: one for a
+    /// pointer or a scalar (its value in the low bytes), a struct's bytes rounded up to whole
+    /// slots.
+    pub fn slots(self) -> usize {
+        match self {
+            ParamKind::KvLayout => std::mem::size_of::<KvLayout>().div_ceil(8),
+            ParamKind::Ptr | ParamKind::I32 | ParamKind::U32 | ParamKind::F32 => 1,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -77,7 +91,8 @@ pub enum KernelArg {
     I32(i32),
     U32(u32),
     F32(f32),
-    U64(u64),
+    /// The geometry of a KV arena, passed by value as one argument.
+    KvLayout(KvLayout),
 }
 
 impl KernelArg {
@@ -87,20 +102,37 @@ impl KernelArg {
             KernelArg::I32(_) => ParamKind::I32,
             KernelArg::U32(_) => ParamKind::U32,
             KernelArg::F32(_) => ParamKind::F32,
-            KernelArg::U64(_) => ParamKind::U64,
+            KernelArg::KvLayout(_) => ParamKind::KvLayout,
         }
     }
 
-    /// The argument in a 64-bit slot, value in the low bytes (little endian), as both the
-    /// emulator's trampolines and cuLaunchKernel's parameter pointers read it.
-    pub fn slot(&self) -> u64 {
+    /// Appends the argument's [`ParamKind::slots`] 64-bit slots, little endian: a pointer or
+    /// scalar in the low bytes of one slot, a struct's `#[repr(C)]` bytes (zero-padded to whole
+    /// slots). The emulator's trampolines read arguments from these slots, and cuLaunchKernel
+    /// reads a scalar's value through a pointer to its slot.
+    pub fn push_slots(&self, slots: &mut Vec<u64>) {
         match *self {
-            KernelArg::Ptr(address) | KernelArg::U64(address) => address,
-            KernelArg::I32(value) => value as u32 as u64,
-            KernelArg::U32(value) => value as u64,
-            KernelArg::F32(value) => value.to_bits() as u64,
+            KernelArg::Ptr(address) => slots.push(address),
+            KernelArg::I32(value) => slots.push(value as u32 as u64),
+            KernelArg::U32(value) => slots.push(value as u64),
+            KernelArg::F32(value) => slots.push(value.to_bits() as u64),
+            KernelArg::KvLayout(layout) => {
+                let mut words = [0u64; std::mem::size_of::<KvLayout>().div_ceil(8)];
+                bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..std::mem::size_of::<KvLayout>()]
+                    .copy_from_slice(bytemuck::bytes_of(&layout));
+                slots.extend_from_slice(&words);
+            }
         }
     }
+}
+
+/// The argument slots of a launch, in parameter order (see [`KernelArg::push_slots`]).
+pub fn argument_slots(args: &[KernelArg]) -> Vec<u64> {
+    let mut slots = Vec::with_capacity(args.len());
+    for arg in args {
+        arg.push_slots(&mut slots);
+    }
+    slots
 }
 
 /// Checks count and kinds of `args` against the kernel's parameters.
@@ -352,6 +384,21 @@ pub trait Device: Send + Sync {
 
     /// Opts the kernel into `bytes` of dynamic shared memory above the default 48 KiB.
     fn set_max_dynamic_shared(&self, kernel: &str, bytes: u32) -> Result<()>;
+
+    /// Streaming multiprocessors of the device (the emulator: of the GPU it models, see
+    /// [`super::emu::emulated_sm`]).
+    fn multiprocessors(&self) -> u32;
+
+    /// How many blocks of `kernel` with `threads_per_block` threads and `dynamic_shared_bytes`
+    /// one multiprocessor holds at once (`cuOccupancyMaxActiveBlocksPerMultiprocessor`); 0 when
+    /// not even one fits. Times [`Device::multiprocessors`], the largest grid that is resident
+    /// all at once.
+    fn max_active_blocks_per_multiprocessor(
+        &self,
+        kernel: &str,
+        threads_per_block: u32,
+        dynamic_shared_bytes: u32,
+    ) -> Result<u32>;
 
     /// Waits for all issued work; reports errors of asynchronous work.
     fn synchronize(&self) -> Result<()>;

@@ -33,10 +33,34 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use super::device::{
-    check_kernel_args, check_launch_limits, check_max_dynamic_shared, kernel_signature, Device,
-    DeviceBuffer, DeviceMemory, Event, Graph, KernelArg, LaunchConfig, ParamKind, StreamKind,
-    KERNELS, WORK_STREAM,
+    argument_slots, check_kernel_args, check_launch_limits, check_max_dynamic_shared,
+    kernel_signature, Device, DeviceBuffer, DeviceMemory, Event, Graph, KernelArg, LaunchConfig,
+    ParamKind, StreamKind, KERNELS, WORK_STREAM,
 };
+
+/// The GPU the emulator answers occupancy queries for: an H100 SXM's 132 SMs with compute
+/// capability 9.0's per-SM limits on threads, blocks and shared memory. Registers are not
+/// modelled (the emulator has none to count), so the answer is an upper bound: on a GPU a kernel
+/// whose registers run out first fits fewer blocks (`kvlab kernel-report` lists each kernel's
+/// registers; at 48 a thread, 65536 registers hold 5 blocks of 256 threads where this model
+/// says 8). Grids sized from it cover the same rows either way: the kernels stride.
+pub mod emulated_sm {
+    pub const MULTIPROCESSORS: u32 = 132;
+    pub const MAX_THREADS: u32 = 2048;
+    pub const MAX_BLOCKS: u32 = 32;
+    /// Shared memory of one SM, of which the driver reserves 1 KiB for each resident block.
+    pub const SHARED_BYTES: u32 = 228 * 1024;
+    pub const RESERVED_SHARED_PER_BLOCK: u32 = 1024;
+
+    /// Blocks of `threads` threads (whole warps) and `shared_bytes` (static + dynamic) that one
+    /// SM holds; 0 when one does not fit.
+    pub fn max_active_blocks(threads: u32, shared_bytes: u32) -> u32 {
+        let warps = threads.div_ceil(32).max(1);
+        let by_threads = MAX_THREADS / (warps * 32);
+        let by_shared = SHARED_BYTES / (shared_bytes + RESERVED_SHARED_PER_BLOCK);
+        by_threads.min(by_shared).min(MAX_BLOCKS)
+    }
+}
 
 /// Guard bytes before each buffer (also keeps buffers 256-byte aligned, as cudaMalloc does).
 pub const GUARD_BEFORE: usize = 256;
@@ -255,7 +279,11 @@ impl EmuDevice {
         let signature = &KERNELS[kernel];
         let state = self.state();
         let mut buffers = Vec::new();
-        for (index, (param, &address)) in signature.params.iter().zip(slots).enumerate() {
+        let mut slot = 0;
+        for (index, param) in signature.params.iter().enumerate() {
+            let first_slot = slot;
+            slot += param.kind.slots();
+            let address = slots[first_slot];
             if param.kind != ParamKind::Ptr || address == 0 {
                 continue;
             }
@@ -534,7 +562,7 @@ impl Device for EmuDevice {
         let launch = RecordedLaunch {
             kernel: index,
             config,
-            slots: args.iter().map(KernelArg::slot).collect(),
+            slots: argument_slots(args),
         };
         let buffers = self.argument_buffers(index, &launch.slots)?;
         if let Some(capture) = self.state().capture.as_mut() {
@@ -550,6 +578,23 @@ impl Device for EmuDevice {
         check_max_dynamic_shared(signature, bytes)?;
         self.state().max_dynamic_shared.insert(index, bytes);
         Ok(())
+    }
+
+    fn multiprocessors(&self) -> u32 {
+        emulated_sm::MULTIPROCESSORS
+    }
+
+    fn max_active_blocks_per_multiprocessor(
+        &self,
+        kernel: &str,
+        threads_per_block: u32,
+        dynamic_shared_bytes: u32,
+    ) -> Result<u32> {
+        let (_, signature) = kernel_signature(kernel)?;
+        Ok(emulated_sm::max_active_blocks(
+            threads_per_block,
+            signature.static_shared_bytes + dynamic_shared_bytes,
+        ))
     }
 
     fn synchronize(&self) -> Result<()> {

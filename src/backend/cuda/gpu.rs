@@ -16,9 +16,9 @@ use cudarc::driver::{
 };
 
 use super::device::{
-    check_kernel_args, check_launch_limits, check_max_dynamic_shared, kernel_signature, Device,
-    DeviceBuffer, DeviceMemory, Event, Graph, KernelArg, LaunchConfig, StreamKind, KERNELS,
-    WORK_STREAM,
+    argument_slots, check_kernel_args, check_launch_limits, check_max_dynamic_shared,
+    kernel_signature, Device, DeviceBuffer, DeviceMemory, Event, Graph, KernelArg, LaunchConfig,
+    StreamKind, KERNELS, WORK_STREAM,
 };
 use super::nvrtc::{kernel_source, CudaVersion, Nvrtc, Output};
 
@@ -96,6 +96,10 @@ pub struct GpuDevice {
     /// emulator (see emu.rs).
     capture_refused: Mutex<Option<String>>,
 }
+
+// SAFETY: `KvLayout` is `#[repr(C)]` plain data (six u32), laid out as kernels/kv_layout.cuh's
+// struct, which both sides check (static_asserts there, a const assert in src/kv/layout.rs).
+unsafe impl cudarc::driver::DeviceRepr for crate::kv::KvLayout {}
 
 impl GpuDevice {
     /// Opens device `ordinal`. Errors (no driver, no device, compute capability below 8.0, no
@@ -347,12 +351,20 @@ impl Device for GpuDevice {
         let max_dynamic_shared = self.max_dynamic_shared.lock().unwrap().get(&index).copied();
         check_launch_limits(signature, &config, max_dynamic_shared)?;
         let function = self.function(index)?;
-        // cuLaunchKernel reads each parameter's size from the kernel; the value sits in the
-        // low bytes of its slot.
-        let slots: Vec<u64> = args.iter().map(KernelArg::slot).collect();
+        // cuLaunchKernel takes a pointer to each parameter's value and reads as many bytes as
+        // the kernel's parameter has: a scalar's value sits in the low bytes of a 64-bit slot, a
+        // layout is read from the `#[repr(C)]` struct itself (the bytes of kv_layout.cuh's).
+        let slots = argument_slots(args);
         let mut builder = self.stream.launch_builder(&function);
-        for slot in &slots {
-            builder.arg(slot);
+        let mut first_slot = 0;
+        for arg in args {
+            match arg {
+                KernelArg::KvLayout(layout) => builder.arg(layout),
+                KernelArg::Ptr(_) | KernelArg::I32(_) | KernelArg::U32(_) | KernelArg::F32(_) => {
+                    builder.arg(&slots[first_slot])
+                }
+            };
+            first_slot += arg.kind().slots();
         }
         let launch_config = cudarc::driver::LaunchConfig {
             grid_dim: (config.grid[0], config.grid[1], config.grid[2]),
@@ -385,6 +397,33 @@ impl Device for GpuDevice {
             })?;
         self.max_dynamic_shared.lock().unwrap().insert(index, bytes);
         Ok(())
+    }
+
+    fn multiprocessors(&self) -> u32 {
+        self.multiprocessors as u32
+    }
+
+    fn max_active_blocks_per_multiprocessor(
+        &self,
+        kernel: &str,
+        threads_per_block: u32,
+        dynamic_shared_bytes: u32,
+    ) -> Result<u32> {
+        let (index, _) = kernel_signature(kernel)?;
+        let function = self.function(index)?;
+        self.ctx.bind_to_thread()?;
+        function
+            .occupancy_max_active_blocks_per_multiprocessor(
+                threads_per_block,
+                dynamic_shared_bytes as usize,
+                None,
+            )
+            .with_context(|| {
+                format!(
+                    "cuOccupancyMaxActiveBlocksPerMultiprocessor of `{kernel}` ({threads_per_block} \
+                     threads, {dynamic_shared_bytes} bytes of dynamic shared memory)"
+                )
+            })
     }
 
     fn synchronize(&self) -> Result<()> {

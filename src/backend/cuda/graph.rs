@@ -6,10 +6,11 @@
 //! buffers) means the graph replays exactly the work this step asked for, and it is launched;
 //! a list equal to the previous step's is captured into a new graph first; anything else is
 //! launched one kernel at a time. Decode steps of the static and the dynamic cache repeat their
-//! list exactly, because every kernel reads positions, lengths and the chunk table from device
-//! memory, which the host updates with copies before the step's launches. A step whose buffers
-//! changed (a new cache, larger activations, the no-cache strategy's growing recompute) simply
-//! does not match, so a stale graph can never run.
+//! list exactly, because every kernel reads the step view (positions, lengths, block tables)
+//! from device memory, which the host updates with copies before the step's launches; so does
+//! any step with the same rows per sequence as the previous one, over the same sequences' count.
+//! A step whose buffers changed (a new cache, larger activations, a step-view buffer grown, the
+//! no-cache strategy's growing recompute) simply does not match, so a stale graph can never run.
 //!
 //! Copies run when they are issued. A copy issued after a launch was recorded would run before
 //! it, so the step gives up recording: the launches recorded so far are issued, then the copy,
@@ -67,6 +68,8 @@ pub struct StepRecorder {
     captured: Option<(Vec<Launch>, Graph)>,
     /// Why the capture failed; no capture is tried again.
     capture_error: Option<String>,
+    /// Kernels and launch configurations of the latest step that recorded to its end.
+    last_step: Vec<(&'static str, LaunchConfig)>,
     pub stats: GraphStats,
 }
 
@@ -85,6 +88,12 @@ impl StepRecorder {
     /// Why graph capture failed, if it did (steps then run launch by launch).
     pub fn capture_error(&self) -> Option<&str> {
         self.capture_error.as_deref()
+    }
+
+    /// The launches of the latest step that recorded to its end (kernel, grid and block), in
+    /// order, whether they were replayed, captured or launched (empty before the first).
+    pub fn last_step(&self) -> &[(&'static str, LaunchConfig)] {
+        &self.last_step
     }
 
     /// Records `launch` if a step is recording, else issues it.
@@ -134,6 +143,7 @@ impl StepRecorder {
             self.stats.steps_launched += 1;
             return Ok(self.step_start.take());
         };
+        self.last_step = list.iter().map(|l| (l.kernel, l.config)).collect();
         let graphs = self.graphs && self.capture_error.is_none();
         if let (true, Some((launches, graph))) = (graphs, &self.captured) {
             if *launches == list {
@@ -249,6 +259,12 @@ mod tests {
             Ok(())
         }
         fn set_max_dynamic_shared(&self, _: &str, _: u32) -> Result<()> {
+            unimplemented!()
+        }
+        fn multiprocessors(&self) -> u32 {
+            unimplemented!()
+        }
+        fn max_active_blocks_per_multiprocessor(&self, _: &str, _: u32, _: u32) -> Result<u32> {
             unimplemented!()
         }
         fn synchronize(&self) -> Result<()> {

@@ -164,6 +164,107 @@ unsafe fn dot_rows<E: Avx2Elem, const R: usize>(
     sums
 }
 
+/// Decode kernel for several rows of x (one step of several sequences): out[i, r] =
+/// W[r, ..] · x[i, ..] for every r in `rows` and i < m, x in its natural order. Each weight row
+/// is read from memory once for all rows of x: three weight rows at a time (from the three
+/// thirds of the range, far apart in memory as in [`matvec_rows`]) against groups of up to
+/// four rows of x, the weight rows staying in L1 from one group to the next.
+///
+/// # Safety
+/// AVX2, FMA and F16C are present; `w` is consistent, x.len() == m * w.cols, `rows` lies
+/// inside w's rows, `out` is [m, w.rows] and no other thread writes the columns `rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn matvec_rows_multi<E: Avx2Elem>(
+    x: &[f32],
+    m: usize,
+    w: MatRef,
+    rows: Range<usize>,
+    out: SharedOut,
+) {
+    debug_assert!(x.len() == m * w.cols && rows.end <= w.rows);
+    let third = rows.len() / 3;
+    for i in 0..third {
+        let triple = [0, 1, 2].map(|t| rows.start + t * third + i);
+        for_x_groups::<E, 3>(x, m, w, triple, out);
+    }
+    for row in rows.start + 3 * third..rows.end {
+        for_x_groups::<E, 1>(x, m, w, [row], out);
+    }
+}
+
+/// out[i, rows[j]] = W[rows[j], ..] · x[i, ..] for every i < m, in groups of up to four rows of x.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn for_x_groups<E: Avx2Elem, const R: usize>(
+    x: &[f32],
+    m: usize,
+    w: MatRef,
+    rows: [usize; R],
+    out: SharedOut,
+) {
+    let store = |first: usize, sums: &[[f32; R]]| {
+        for (i, row_sums) in sums.iter().enumerate() {
+            for (&row, &sum) in rows.iter().zip(row_sums) {
+                *out.ptr.add((first + i) * w.rows + row) = sum;
+            }
+        }
+    };
+    let cols = w.cols;
+    for first in (0..m).step_by(4) {
+        let group = &x[first * cols..];
+        match m - first {
+            1 => store(first, &dot_rows_multi::<E, R, 1>(group, w, rows)),
+            2 => store(first, &dot_rows_multi::<E, R, 2>(group, w, rows)),
+            3 => store(first, &dot_rows_multi::<E, R, 3>(group, w, rows)),
+            _ => store(first, &dot_rows_multi::<E, R, 4>(group, w, rows)),
+        }
+    }
+}
+
+/// W[rows[j], ..] · x[i, ..] for each of the R weight rows and the first M rows of `x` (rows of
+/// w.cols), eight columns at a time: R x M independent accumulators (12 at R = 3, M = 4: with
+/// the 3 weight vectors and one x vector, the 16 ymm registers), one FMA each per step.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_rows_multi<E: Avx2Elem, const R: usize, const M: usize>(
+    x: &[f32],
+    w: MatRef,
+    rows: [usize; R],
+) -> [[f32; R]; M] {
+    let cols = w.cols;
+    let row_bytes = cols * E::BYTES;
+    // Each row is [cols] of E; in bounds because every row < w.rows (caller).
+    let starts = rows.map(|r| w.data.as_ptr().add(r * row_bytes));
+    // x holds at least M rows of cols (caller).
+    let x_rows: [*const f32; M] = std::array::from_fn(|i| x.as_ptr().add(i * cols));
+    let mut acc = [[_mm256_setzero_ps(); R]; M];
+    let mut c = 0;
+    while c + 8 <= cols {
+        let ws = starts.map(|start| E::load8(start.add(c * E::BYTES)));
+        for (x_row, acc_i) in x_rows.iter().zip(acc.iter_mut()) {
+            let xv = _mm256_loadu_ps(x_row.add(c));
+            for (wv, acc_ir) in ws.iter().zip(acc_i.iter_mut()) {
+                *acc_ir = _mm256_fmadd_ps(*wv, xv, *acc_ir);
+            }
+        }
+        c += 8;
+    }
+    let mut sums = [[0.0; R]; M];
+    for (i, sums_i) in sums.iter_mut().enumerate() {
+        let x_tail = &x[i * cols + c..(i + 1) * cols];
+        for ((sum, acc_ir), &row) in sums_i.iter_mut().zip(&acc[i]).zip(&rows) {
+            *sum = horizontal_sum(*acc_ir);
+            for (&xv, wb) in x_tail
+                .iter()
+                .zip(w.row(row)[c * E::BYTES..].chunks_exact(E::BYTES))
+            {
+                *sum += xv * E::to_f32(wb);
+            }
+        }
+    }
+    sums
+}
+
 /// Prefill kernel for the output columns of `panels` (see [`super::for_each_tile`]).
 ///
 /// # Safety

@@ -10,9 +10,10 @@ use super::*;
 /// what bounds f32 rounding in a sum; |result| alone can be tiny through cancellation).
 const REL_TOL: f64 = 1e-5;
 
-/// Decode, tiles of every height 1..=6, one x block (MC = 144) and two (151: 25 tiles, the last
-/// one of a single row).
-const M_VALUES: [usize; 7] = [1, 2, 3, 7, 33, 130, 151];
+/// Decode of one row and of several (up to SMALL_M = 32: groups of 4 rows of x and a partial
+/// one), tiles of every height 1..=6 (33 and up), one x block (MC = 144) and two (151: 25
+/// tiles, the last one of a single row).
+const M_VALUES: [usize; 9] = [1, 2, 3, 7, 16, 32, 33, 130, 151];
 /// Partial panels (1, 5, 17, 777), a single full panel (16), several parallel tasks (777).
 const ROW_VALUES: [usize; 5] = [1, 5, 16, 17, 777];
 /// Shorter than a vector, odd, multiples of 8 and 16 but not of 64, and past KC = 256 (513 = two
