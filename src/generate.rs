@@ -476,26 +476,19 @@ impl<B: Backend> Engine<B> {
         backend.read_argmax()
     }
 
-    /// `steps` decode steps of `seq` whose tokens stay on the backend: the first step's input
-    /// is the id the backend chose last, each step's choice is the next one's input, the
-    /// positions advance on the backend (a CUDA graph replays every step with no copy), and the
-    /// host reads the `steps` chosen ids once, at the end. Their positions are reserved, not
-    /// committed: the caller commits the steps it keeps (`ChunkPool::commit_first`).
+    /// `steps` decode steps of `seq` on the backend's own ids ([`Model::decode_run`]).
     fn decode_run(&mut self, seq: SeqId, steps: usize) -> Result<Vec<u32>> {
         self.sized_activations(1, LogitRows::LastRows(1))?;
         let act = self.activations.as_mut().expect("allocated above");
-        let (backend, model, bias) = (&self.backend, &self.model, self.logit_bias.as_ref());
         let store = &mut self.kv.as_mut().context("no KV pool")?.1;
-        let mut view = store.prepare_decode(backend, &[seq], steps)?;
-        let memory = &mut store.memory;
-        backend.set_kv_step(memory, &view)?;
-        for _ in 0..steps {
-            backend.run_step(&mut || {
-                model.forward_chosen(backend, memory, &view, act)?;
-                backend.argmax_advance(&act.logits, 0, bias, memory, &mut view)
-            })?;
-        }
-        backend.read_chosen(steps)
+        self.model.decode_run(
+            &self.backend,
+            store,
+            seq,
+            steps,
+            act,
+            self.logit_bias.as_ref(),
+        )
     }
 
     /// The decode steps of `seq` after the prompt chose `first` (handed out already), in runs

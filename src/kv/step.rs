@@ -82,6 +82,20 @@ pub struct StepView {
 }
 
 impl StepView {
+    /// A step of no rows over `layout`.
+    pub fn empty(layout: KvLayout) -> StepView {
+        StepView {
+            layout,
+            seqs: Vec::new(),
+            row_seq: Vec::new(),
+            row_pos: Vec::new(),
+            row_slot: Vec::new(),
+            block_table: Vec::new(),
+            slot_positions: Vec::new(),
+            track_mass: Vec::new(),
+        }
+    }
+
     pub fn rows(&self) -> usize {
         self.row_pos.len()
     }

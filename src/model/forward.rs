@@ -20,8 +20,8 @@ use super::config::Config;
 use super::gguf::{llama, GgufFile};
 use super::weights::{HostTensor, ModelWeights};
 use super::DType;
-use crate::backend::Backend;
-use crate::kv::StepView;
+use crate::backend::{Backend, KvStore};
+use crate::kv::{SeqId, StepView};
 use anyhow::{bail, Result};
 use std::path::Path;
 
@@ -186,6 +186,33 @@ impl<B: Backend> Model<B> {
         }
         b.embed_chosen(&self.weights.embed_tokens, &mut act.x)?;
         self.layers_and_logits(b, kv, step, act, LogitRows::LastRows(1))
+    }
+
+    /// `steps` decode steps of `seq` whose tokens stay on the backend: the first step's input
+    /// is the id the backend chose last, each step's greedy choice (with the additive logit
+    /// `bias`) is the next one's input, the view advances on the backend (a CUDA graph replays
+    /// every step with no copy), and the host reads the `steps` chosen ids once, at the end.
+    /// Their positions are reserved, not committed: the caller commits the steps it keeps
+    /// (`ChunkPool::commit_first`). Generation and the decode benchmark both run this.
+    pub fn decode_run(
+        &self,
+        b: &B,
+        store: &mut KvStore<B>,
+        seq: SeqId,
+        steps: usize,
+        act: &mut Activations<B>,
+        bias: Option<&B::Weight>,
+    ) -> Result<Vec<u32>> {
+        let mut view = store.prepare_decode(b, &[seq], steps)?;
+        let memory = &mut store.memory;
+        b.set_kv_step(memory, &view)?;
+        for _ in 0..steps {
+            b.run_step(&mut || {
+                self.forward_chosen(b, memory, &view, act)?;
+                b.argmax_advance(&act.logits, 0, bias, memory, &mut view)
+            })?;
+        }
+        b.read_chosen(steps)
     }
 
     /// The layers over the embedded rows of `step` in `act.x`, then the logits.

@@ -234,18 +234,16 @@ impl<'m, B: Backend> DecodeStep<'m, B> {
     /// advanced by the backend, each step's input the previous step's choice, the ids read once
     /// at the end.
     pub fn run_on_device(&mut self, backend: &B, steps: usize) -> Result<()> {
-        let (model, cache, act) = (self.model, &mut self.cache, &mut self.act);
-        let mut view = cache.store.prepare_decode(backend, &[cache.seq], steps)?;
-        let memory = &mut cache.store.memory;
-        backend.set_kv_step(memory, &view)?;
-        for _ in 0..steps {
-            backend.run_step(&mut || {
-                model.forward_chosen(backend, memory, &view, act)?;
-                backend.argmax_advance(&act.logits, 0, None, memory, &mut view)
-            })?;
-        }
+        let cache = &mut self.cache;
+        let chosen = self.model.decode_run(
+            backend,
+            &mut cache.store,
+            cache.seq,
+            steps,
+            &mut self.act,
+            None,
+        )?;
         // The pool's ids are placeholders, as `run`'s are: the cost does not depend on them.
-        let chosen = backend.read_chosen(steps)?;
         cache.store.pool.commit_first(cache.seq, &chosen)
     }
 

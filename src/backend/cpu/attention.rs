@@ -892,16 +892,7 @@ mod tests {
             })
             .collect();
         let total: usize = plans.iter().map(|p| p.0).sum();
-        let mut view = StepView {
-            layout,
-            seqs: Vec::new(),
-            row_seq: Vec::new(),
-            row_pos: Vec::new(),
-            row_slot: Vec::new(),
-            block_table: Vec::new(),
-            slot_positions: Vec::new(),
-            track_mass: Vec::new(),
-        };
+        let mut view = StepView::empty(layout);
         let mut next = total;
         for (index, (s, &(chunks, block_tokens))) in seqs.iter().zip(&plans).enumerate() {
             next -= chunks;

@@ -809,16 +809,7 @@ impl Backend for CudaBackend {
             layout: *layout,
             arena: self.tracked(MemoryUse::KvCache, bytes)?,
             step_words: self.tracked(MemoryUse::KvCache, STEP_WORDS_INITIAL * 4)?,
-            step: StepView {
-                layout: *layout,
-                seqs: Vec::new(),
-                row_seq: Vec::new(),
-                row_pos: Vec::new(),
-                row_slot: Vec::new(),
-                block_table: Vec::new(),
-                slot_positions: Vec::new(),
-                track_mass: Vec::new(),
-            },
+            step: StepView::empty(*layout),
             unfit: None,
         })
     }
