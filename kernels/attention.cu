@@ -22,6 +22,7 @@
 // Softmax runs in base 2: scores are scaled by log2(e) / sqrt(head_dim) once, then exp2.
 #include "common.cuh"
 #include "kv_layout.cuh"
+#include "kv_quant.cuh"
 #include "mma_tile.cuh"
 
 #define LOG2_E 1.4426950408889634f
@@ -72,8 +73,35 @@ __device__ __forceinline__ PrefillTile prefill_tile(const KvStepView& view, int 
     return found;  // not reached: the grid has one block per tile
 }
 
+// Eight codes of an int8 or fp8 row (dimensions 8 * chunk ..) dequantized to bf16 into a tile's
+// 16-byte chunk, or zeros. Plain loads: the tile is ready at the barrier after the copies' wait.
+// Four bytes at a time: a chunk of a quantized arena starts on a 4-byte boundary only.
+__device__ __forceinline__ void prefill_dequantize_chunk(bf16* dst, const uint8_t* arena, const KvRowOffsets& at,
+                                                         const KvLayout& layout, unsigned part, int chunk,
+                                                         bool in_bounds) {
+    uint4 out = make_uint4(0u, 0u, 0u, 0u);
+    if (in_bounds) {
+        const uint32_t* codes = reinterpret_cast<const uint32_t*>(arena + at.codes) + 2 * chunk;
+        const float* scales = reinterpret_cast<const float*>(arena + at.scale);
+        const float scale = scales[kv_scales_per_row(layout, part) > 1u ? chunk * 8 / KV_INT8_KEY_GROUP : 0];
+        const uint32_t words[2] = {codes[0], codes[1]};
+        float value[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            value[i] = (layout.dtype == KV_DTYPE_INT8 ? kv_code_value<KV_DTYPE_INT8>(words[i / 4], i % 4)
+                                                      : kv_code_value<KV_DTYPE_FP8_E4M3>(words[i / 4], i % 4)) *
+                       scale;
+        }
+        out = make_uint4(pack_f32_to_bf16x2(value[0], value[1]), pack_f32_to_bf16x2(value[2], value[3]),
+                         pack_f32_to_bf16x2(value[4], value[5]), pack_f32_to_bf16x2(value[6], value[7]));
+    }
+    *reinterpret_cast<uint4*>(dst) = out;
+}
+
+// One K/V tile of kv_rows positions from first_pos into shared memory as bf16: copied from a bf16
+// arena (cp.async), dequantized from an int8 or fp8 one.
 template <int HEAD_DIM, unsigned KIND>
-__device__ __forceinline__ void prefill_load_kv_tile(bf16* k_tile, bf16* v_tile, const bf16* arena,
+__device__ __forceinline__ void prefill_load_kv_tile(bf16* k_tile, bf16* v_tile, const uint8_t* arena,
                                                      const KvLayout& layout, const uint32_t* block_table,
                                                      const KvSeqStep& seq, unsigned layer, unsigned kv_head,
                                                      int first_pos, int kv_end) {
@@ -84,20 +112,22 @@ __device__ __forceinline__ void prefill_load_kv_tile(bf16* k_tile, bf16* v_tile,
         const int pos = first_pos + row;
         const bool in_bounds = pos < kv_end;
         const unsigned safe_pos = in_bounds ? (unsigned)pos : 0u;
-        cp_async_16_or_zero(
-            tile_chunk<Shape::chunks_per_row>(k_tile, row, chunk),
-            arena + kv_row_offset<KIND>(layout, block_table, seq, layer, KV_PART_KEY, kv_head, safe_pos) + chunk * 8,
-            in_bounds);
-        cp_async_16_or_zero(
-            tile_chunk<Shape::chunks_per_row>(v_tile, row, chunk),
-            arena + kv_row_offset<KIND>(layout, block_table, seq, layer, KV_PART_VALUE, kv_head, safe_pos) + chunk * 8,
-            in_bounds);
+#pragma unroll
+        for (unsigned part = KV_PART_KEY; part <= KV_PART_VALUE; ++part) {
+            const KvRowOffsets at = kv_row_offsets<KIND>(layout, block_table, seq, layer, part, kv_head, safe_pos);
+            bf16* dst = tile_chunk<Shape::chunks_per_row>(part == KV_PART_KEY ? k_tile : v_tile, row, chunk);
+            if (layout.dtype == KV_DTYPE_BF16) {
+                cp_async_16_or_zero(dst, reinterpret_cast<const bf16*>(arena + at.codes) + chunk * 8, in_bounds);
+            } else {
+                prefill_dequantize_chunk(dst, arena, at, layout, part, chunk, in_bounds);
+            }
+        }
     }
 }
 
 // `shared`: PrefillShape<HEAD_DIM>::shared_elems, 16-byte aligned (declared by the entry point).
 template <int HEAD_DIM, unsigned KIND>
-__device__ __forceinline__ void attention_prefill(bf16* shared, const bf16* q, const bf16* arena,
+__device__ __forceinline__ void attention_prefill(bf16* shared, const bf16* q, const uint8_t* arena,
                                                   const KvLayout& layout, const uint32_t* step, bf16* out,
                                                   int num_seqs, int rows, int num_heads, unsigned layer) {
     typedef PrefillShape<HEAD_DIM> Shape;
@@ -297,7 +327,7 @@ __device__ __forceinline__ void attention_prefill(bf16* shared, const bf16* q, c
 
 // One entry point per head_dim: the block's static shared memory, then the layout's kind.
 template <int HEAD_DIM>
-__device__ __forceinline__ void attention_prefill_entry(const bf16* q, const bf16* arena, const KvLayout& layout,
+__device__ __forceinline__ void attention_prefill_entry(const bf16* q, const uint8_t* arena, const KvLayout& layout,
                                                         const uint32_t* step, bf16* out, int num_seqs, int rows,
                                                         int num_heads, unsigned layer, bf16* shared) {
     if (layout.kind == KV_LAYOUT_CHUNKED) {
@@ -314,7 +344,7 @@ __device__ __forceinline__ void attention_prefill_entry(const bf16* q, const bf1
 // the sum of ceil(rows * group / PREFILL_QUERY_ROWS) over sequences of more than one row,
 // num_kv_heads), block PREFILL_THREADS, static shared memory only (48 KiB at head_dim 128).
 extern "C" __global__ void attention_prefill_hd16_bf16(const bf16* q,         // [rows, num_heads, 16]
-                                                       const bf16* arena,     // [chunks, chunk elements] of layout
+                                                       const uint8_t* arena,  // [chunks, chunk bytes] of layout
                                                        KvLayout layout,       // by value; head_dim 16
                                                        const uint32_t* step,  // packed step view
                                                        bf16* out,             // [rows, num_heads, 16]
@@ -324,7 +354,7 @@ extern "C" __global__ void attention_prefill_hd16_bf16(const bf16* q,         //
 }
 
 extern "C" __global__ void attention_prefill_hd32_bf16(const bf16* q,         // [rows, num_heads, 32]
-                                                       const bf16* arena,     // [chunks, chunk elements] of layout
+                                                       const uint8_t* arena,  // [chunks, chunk bytes] of layout
                                                        KvLayout layout,       // by value; head_dim 32
                                                        const uint32_t* step,  // packed step view
                                                        bf16* out,             // [rows, num_heads, 32]
@@ -334,7 +364,7 @@ extern "C" __global__ void attention_prefill_hd32_bf16(const bf16* q,         //
 }
 
 extern "C" __global__ void attention_prefill_hd64_bf16(const bf16* q,         // [rows, num_heads, 64]
-                                                       const bf16* arena,     // [chunks, chunk elements] of layout
+                                                       const uint8_t* arena,  // [chunks, chunk bytes] of layout
                                                        KvLayout layout,       // by value; head_dim 64
                                                        const uint32_t* step,  // packed step view
                                                        bf16* out,             // [rows, num_heads, 64]
@@ -344,7 +374,7 @@ extern "C" __global__ void attention_prefill_hd64_bf16(const bf16* q,         //
 }
 
 extern "C" __global__ void attention_prefill_hd128_bf16(const bf16* q,         // [rows, num_heads, 128]
-                                                        const bf16* arena,     // [chunks, chunk elements] of layout
+                                                        const uint8_t* arena,  // [chunks, chunk bytes] of layout
                                                         KvLayout layout,       // by value; head_dim 128
                                                         const uint32_t* step,  // packed step view
                                                         bf16* out,             // [rows, num_heads, 128]
@@ -416,13 +446,33 @@ __device__ __forceinline__ void decode_merge_state(float& max, float& sum, float
     }
 }
 
+// The 8 values of a lane's dimensions in a K or V row it loaded (a 16-byte vector of bf16, or 8
+// codes in x and y), without the row's scale.
+template <unsigned DTYPE>
+__device__ __forceinline__ void decode_unpack(const uint4& loaded, float values[8]) {
+    if constexpr (DTYPE == KV_DTYPE_BF16) {
+        const uint32_t words[4] = {loaded.x, loaded.y, loaded.z, loaded.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            values[2 * i] = bf16x2_lo_to_f32(words[i]);
+            values[2 * i + 1] = bf16x2_hi_to_f32(words[i]);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            values[i] = kv_code_value<DTYPE>(loaded.x, i);
+            values[4 + i] = kv_code_value<DTYPE>(loaded.y, i);
+        }
+    }
+}
+
 // Shared memory of a decode block, declared once by the entry point (every addressing's code
 // uses it).
 struct DecodeShared {
     float warp_acc[DECODE_WARPS][DECODE_HEADS_PER_BLOCK][DECODE_MAX_HEAD_DIM];
     float warp_max[DECODE_WARPS][DECODE_HEADS_PER_BLOCK];
     float warp_sum[DECODE_WARPS][DECODE_HEADS_PER_BLOCK];
-    // Entry offset of the K row of slot 0 of (layer, KV head) in each chunk of the window.
+    // Byte offset of the K row of slot 0 of (layer, KV head) in each chunk of the window.
     uint64_t chunk_base[DECODE_TABLE_WINDOW];
     float reduce[DECODE_WARPS][DECODE_HEADS_PER_BLOCK];
     float split_weight[DECODE_HEADS_PER_BLOCK][DECODE_MAX_SPLITS];
@@ -456,12 +506,16 @@ __device__ __forceinline__ void decode_block_reduce(DecodeShared& shared, float 
 
 // One block: split blockIdx.x of the one-row sequence blockIdx.z, for the head tile blockIdx.y
 // (a KV head's query heads in tiles of DECODE_HEADS_PER_BLOCK). Each row of head_dim is read by
-// `lanes_per_row` = head_dim / 8 lanes, one 16-byte vector each, so a warp covers
-// `rows_per_warp` = 32 / lanes_per_row positions per load, and every lane issues the loads of
+// `lanes_per_row` = head_dim / 8 lanes, 8 dimensions each (a 16-byte vector of bf16, or 8 bytes
+// of int8 or fp8 codes and the row's scale for them), so a warp covers `rows_per_warp` =
+// 32 / lanes_per_row positions per load, and every lane issues the loads of
 // DECODE_ROWS_IN_FLIGHT positions (rows_per_warp apart) before it uses one: a warp keeps
-// DECODE_ROWS_IN_FLIGHT x 1 KiB of K and V in flight. head_dim is a power of two in [16, 256].
-template <int ADDRESSING>
-__device__ __forceinline__ void attention_decode_split(DecodeShared& shared, const bf16* q, const bf16* arena,
+// DECODE_ROWS_IN_FLIGHT x 1 KiB of bf16 K and V in flight (half of it for int8 and fp8).
+// Quantized codes are dequantized in registers: a lane's K dot product is scaled once by its
+// key group's scale, a position's weight by its V row's scale. head_dim is a power of two in
+// [16, 256]; DTYPE is the layout's `dtype` (bf16, int8 or fp8 e4m3).
+template <int ADDRESSING, unsigned DTYPE>
+__device__ __forceinline__ void attention_decode_split(DecodeShared& shared, const bf16* q, const uint8_t* arena,
                                                        const KvLayout& layout, const uint32_t* step,
                                                        float* partial_acc, float* partial_max_sum,
                                                        unsigned* split_counters, bf16* out, int num_seqs, int rows,
@@ -504,10 +558,20 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
     const int block_span = DECODE_WARPS * warp_span;
 
     // Inside a block (a chunk, or the contiguous run) the K rows of (layer, kv_head) follow one
-    // another head_dim apart from `head_offset`; each V row sits `value_offset` after its K row.
-    const uint64_t head_offset = kv_offset_in_block(layout, layer, KV_PART_KEY, kv_head, 0, seq.block_tokens);
+    // another `row_bytes` apart from `head_offset`; each V row sits `value_offset` after its K
+    // row. The scales of slot 0 sit `key_scale_offset` and `value_scale_offset` after the K row
+    // of slot 0, those of the next slots `key_scale_bytes` and 4 bytes apart (int8 and fp8).
+    const uint64_t row_bytes = kv_row_code_bytes(layout);
+    const uint64_t head_offset = kv_code_offset_in_block(layout, layer, KV_PART_KEY, kv_head, 0, seq.block_tokens);
     const uint64_t value_offset =
-        kv_offset_in_block(layout, layer, KV_PART_VALUE, kv_head, 0, seq.block_tokens) - head_offset;
+        kv_code_offset_in_block(layout, layer, KV_PART_VALUE, kv_head, 0, seq.block_tokens) - head_offset;
+    const uint64_t key_scale_offset =
+        kv_scale_offset_in_block(layout, layer, KV_PART_KEY, kv_head, 0, seq.block_tokens) - head_offset;
+    const uint64_t value_scale_offset =
+        kv_scale_offset_in_block(layout, layer, KV_PART_VALUE, kv_head, 0, seq.block_tokens) - head_offset;
+    const uint64_t key_scale_bytes = 4u * kv_scales_per_row(layout, KV_PART_KEY);
+    // This lane's key scale among its row's: its key group's (int8), the row's one (fp8).
+    const int key_scale_index = kv_scales_per_row(layout, KV_PART_KEY) > 1u ? vector * 8 / KV_INT8_KEY_GROUP : 0;
     const uint32_t* table = view.block_table + seq.table_start;
     const unsigned chunk_tokens = layout.chunk_tokens;
     const unsigned chunk_shift = (unsigned)(__ffs((int)chunk_tokens) - 1);
@@ -540,10 +604,10 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
     // update.
     for (int window = begin; window < end;) {
         int window_end = end;
-        uint64_t run_base = 0;  // contiguous: the K row of position 0
+        uint64_t run_base = 0;  // contiguous: the K row of slot 0
         int first_entry = 0;
         if constexpr (ADDRESSING == DECODE_CONTIGUOUS) {
-            run_base = table[0] * kv_chunk_elems(layout) + head_offset;
+            run_base = table[0] * kv_chunk_bytes(layout) + head_offset;
         } else {
             first_entry = ADDRESSING == DECODE_CHUNKS_BY_SHIFT ? window >> chunk_shift : window / (int)chunk_tokens;
             const int last_entry = ADDRESSING == DECODE_CHUNKS_BY_SHIFT ? (end - 1) >> chunk_shift
@@ -552,43 +616,67 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
             window_end = min(end, (first_entry + entries) * (int)chunk_tokens);
             __syncthreads();  // every warp is done with the previous window's bases
             for (int e = threadIdx.x; e < entries; e += DECODE_THREADS) {
-                shared.chunk_base[e] = table[first_entry + e] * kv_chunk_elems(layout) + head_offset;
+                shared.chunk_base[e] = table[first_entry + e] * kv_chunk_bytes(layout) + head_offset;
             }
             __syncthreads();
         }
         for (int tile = window + warp * warp_span; tile < window_end; tile += block_span) {
+            // bf16: a 16-byte vector of each row; int8 and fp8: 8 bytes (x, y) of codes, read as
+            // two words (a quantized arena's chunks start on 4-byte boundaries only).
             uint4 k_vec[DECODE_ROWS_IN_FLIGHT], v_vec[DECODE_ROWS_IN_FLIGHT];
+            float k_scale[DECODE_ROWS_IN_FLIGHT], v_scale[DECODE_ROWS_IN_FLIGHT];
 #pragma unroll
             for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
                 const int pos = tile + r * rows_per_warp + row_in_warp;
                 k_vec[r] = make_uint4(0u, 0u, 0u, 0u);
                 v_vec[r] = make_uint4(0u, 0u, 0u, 0u);
+                k_scale[r] = 0.0f;
+                v_scale[r] = 0.0f;
                 if (pos < window_end) {
-                    uint64_t row;
+                    uint64_t block;  // the K row of slot 0 of the position's block
+                    unsigned slot;
                     if constexpr (ADDRESSING == DECODE_CONTIGUOUS) {
-                        row = run_base + (uint64_t)pos * head_dim;
+                        block = run_base;
+                        slot = (unsigned)pos;
                     } else if constexpr (ADDRESSING == DECODE_CHUNKS_BY_SHIFT) {
-                        row = shared.chunk_base[(pos >> chunk_shift) - first_entry] +
-                              (uint64_t)(pos & (chunk_tokens - 1)) * head_dim;
+                        block = shared.chunk_base[(pos >> chunk_shift) - first_entry];
+                        slot = (unsigned)pos & (chunk_tokens - 1);
                     } else {
-                        row = shared.chunk_base[pos / (int)chunk_tokens - first_entry] +
-                              (uint64_t)(pos % (int)chunk_tokens) * head_dim;
+                        block = shared.chunk_base[pos / (int)chunk_tokens - first_entry];
+                        slot = (unsigned)pos % chunk_tokens;
                     }
-                    k_vec[r] = reinterpret_cast<const uint4*>(arena + row)[vector];
-                    v_vec[r] = reinterpret_cast<const uint4*>(arena + row + value_offset)[vector];
+                    const uint8_t* row = arena + block + slot * row_bytes;
+                    if constexpr (DTYPE == KV_DTYPE_BF16) {
+                        k_vec[r] = reinterpret_cast<const uint4*>(row)[vector];
+                        v_vec[r] = reinterpret_cast<const uint4*>(row + value_offset)[vector];
+                    } else {
+                        const uint32_t* k_codes = reinterpret_cast<const uint32_t*>(row) + 2 * vector;
+                        const uint32_t* v_codes = reinterpret_cast<const uint32_t*>(row + value_offset) + 2 * vector;
+                        k_vec[r].x = k_codes[0];
+                        k_vec[r].y = k_codes[1];
+                        v_vec[r].x = v_codes[0];
+                        v_vec[r].y = v_codes[1];
+                        const uint8_t* scales = arena + block;
+                        k_scale[r] = reinterpret_cast<const float*>(scales + key_scale_offset +
+                                                                    slot * key_scale_bytes)[key_scale_index];
+                        v_scale[r] = reinterpret_cast<const float*>(scales + value_scale_offset)[slot];
+                    }
                 }
             }
             float score[DECODE_ROWS_IN_FLIGHT][DECODE_HEADS_PER_BLOCK];
 #pragma unroll
             for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
-                const uint32_t k_words[4] = {k_vec[r].x, k_vec[r].y, k_vec[r].z, k_vec[r].w};
+                float k_values[8];
+                decode_unpack<DTYPE>(k_vec[r], k_values);
 #pragma unroll
                 for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
                     float dot = 0.0f;
 #pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        dot = fmaf(q_reg[h][2 * i], bf16x2_lo_to_f32(k_words[i]), dot);
-                        dot = fmaf(q_reg[h][2 * i + 1], bf16x2_hi_to_f32(k_words[i]), dot);
+                    for (int d = 0; d < 8; ++d) {
+                        dot = fmaf(q_reg[h][d], k_values[d], dot);
+                    }
+                    if constexpr (DTYPE != KV_DTYPE_BF16) {
+                        dot *= k_scale[r];
                     }
                     for (int offset = lanes_per_row / 2; offset > 0; offset >>= 1) {
                         dot += __shfl_xor_sync(FULL_WARP_MASK, dot, offset);
@@ -622,11 +710,12 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
                     if (tile + r * rows_per_warp + row_in_warp < window_end) {
                         const float p = exp2f(score[r][h] - new_max);
                         sum[h] += p;
-                        const uint32_t v_words[4] = {v_vec[r].x, v_vec[r].y, v_vec[r].z, v_vec[r].w};
+                        const float weight = DTYPE == KV_DTYPE_BF16 ? p : p * v_scale[r];
+                        float v_values[8];
+                        decode_unpack<DTYPE>(v_vec[r], v_values);
 #pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            acc[h][2 * i] = fmaf(p, bf16x2_lo_to_f32(v_words[i]), acc[h][2 * i]);
-                            acc[h][2 * i + 1] = fmaf(p, bf16x2_hi_to_f32(v_words[i]), acc[h][2 * i + 1]);
+                        for (int d = 0; d < 8; ++d) {
+                            acc[h][d] = fmaf(weight, v_values[d], acc[h][d]);
                         }
                     }
                 }
@@ -760,14 +849,37 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
     }
 }
 
+// The layout's addressing for one element type.
+template <unsigned DTYPE>
+__device__ __forceinline__ void attention_decode_dtype(DecodeShared& shared, const bf16* q, const uint8_t* arena,
+                                                       const KvLayout& layout, const uint32_t* step,
+                                                       float* partial_acc, float* partial_max_sum,
+                                                       unsigned* split_counters, bf16* out, int num_seqs, int rows,
+                                                       int num_heads, unsigned layer) {
+    if (layout.kind != KV_LAYOUT_CHUNKED) {
+        attention_decode_split<DECODE_CONTIGUOUS, DTYPE>(shared, q, arena, layout, step, partial_acc,
+                                                         partial_max_sum, split_counters, out, num_seqs, rows,
+                                                         num_heads, layer);
+    } else if ((layout.chunk_tokens & (layout.chunk_tokens - 1)) == 0) {
+        attention_decode_split<DECODE_CHUNKS_BY_SHIFT, DTYPE>(shared, q, arena, layout, step, partial_acc,
+                                                              partial_max_sum, split_counters, out, num_seqs, rows,
+                                                              num_heads, layer);
+    } else {
+        attention_decode_split<DECODE_CHUNKS_BY_DIVISION, DTYPE>(shared, q, arena, layout, step, partial_acc,
+                                                                 partial_max_sum, split_counters, out, num_seqs,
+                                                                 rows, num_heads, layer);
+    }
+}
+
 // Decode attention of every sequence of the step with one row, in one launch; sequences of
 // several rows are left alone (attention_prefill_hd* computes them). Grid (max_splits,
 // num_kv_heads * ceil(group / DECODE_HEADS_PER_BLOCK), num_seqs), block DECODE_THREADS,
 // max_splits <= DECODE_MAX_SPLITS: each sequence is cut into splits of decode_split_len
 // positions, as many as needed up to gridDim.x. split_counters start at zero and are left at
-// zero.
+// zero. One entry point per KV element type (a bf16 arena here), so that each is compiled with
+// the registers its own type needs.
 extern "C" __global__ void attention_decode_bf16(const bf16* q,            // [rows, num_heads, head_dim]
-                                                 const bf16* arena,        // [chunks, chunk elements] of layout
+                                                 const uint8_t* arena,     // [chunks, chunk bytes] of layout
                                                  KvLayout layout,          // the arena's geometry, by value
                                                  const uint32_t* step,     // packed step view [5 num_seqs + 2 rows + table]
                                                  float* partial_acc,       // [num_seqs, num_heads, gridDim.x, head_dim]
@@ -776,15 +888,36 @@ extern "C" __global__ void attention_decode_bf16(const bf16* q,            // [r
                                                  bf16* out,                // [rows, num_heads, head_dim]
                                                  int num_seqs, int rows, int num_heads, unsigned layer) {
     __shared__ DecodeShared shared;
-    if (layout.kind != KV_LAYOUT_CHUNKED) {
-        attention_decode_split<DECODE_CONTIGUOUS>(shared, q, arena, layout, step, partial_acc, partial_max_sum,
-                                                  split_counters, out, num_seqs, rows, num_heads, layer);
-    } else if ((layout.chunk_tokens & (layout.chunk_tokens - 1)) == 0) {
-        attention_decode_split<DECODE_CHUNKS_BY_SHIFT>(shared, q, arena, layout, step, partial_acc, partial_max_sum,
-                                                       split_counters, out, num_seqs, rows, num_heads, layer);
-    } else {
-        attention_decode_split<DECODE_CHUNKS_BY_DIVISION>(shared, q, arena, layout, step, partial_acc,
-                                                          partial_max_sum, split_counters, out, num_seqs, rows,
-                                                          num_heads, layer);
-    }
+    attention_decode_dtype<KV_DTYPE_BF16>(shared, q, arena, layout, step, partial_acc, partial_max_sum, split_counters, out,
+                                          num_seqs, rows, num_heads, layer);
+}
+
+// attention_decode_bf16 over an int8 arena.
+extern "C" __global__ void attention_decode_int8_kv_bf16(const bf16* q,            // [rows, num_heads, head_dim]
+                                                         const uint8_t* arena,     // [chunks, chunk bytes] of layout
+                                                         KvLayout layout,          // the arena's geometry, by value
+                                                         const uint32_t* step,     // packed step view [5 num_seqs + 2 rows + table]
+                                                         float* partial_acc,       // [num_seqs, num_heads, gridDim.x, head_dim]
+                                                         float* partial_max_sum,   // [num_seqs, num_heads, gridDim.x, 2]
+                                                         unsigned* split_counters, // [num_seqs, gridDim.y]
+                                                         bf16* out,                // [rows, num_heads, head_dim]
+                                                         int num_seqs, int rows, int num_heads, unsigned layer) {
+    __shared__ DecodeShared shared;
+    attention_decode_dtype<KV_DTYPE_INT8>(shared, q, arena, layout, step, partial_acc, partial_max_sum, split_counters, out,
+                                          num_seqs, rows, num_heads, layer);
+}
+
+// attention_decode_bf16 over an fp8 e4m3 arena.
+extern "C" __global__ void attention_decode_fp8_kv_bf16(const bf16* q,            // [rows, num_heads, head_dim]
+                                                        const uint8_t* arena,     // [chunks, chunk bytes] of layout
+                                                        KvLayout layout,          // the arena's geometry, by value
+                                                        const uint32_t* step,     // packed step view [5 num_seqs + 2 rows + table]
+                                                        float* partial_acc,       // [num_seqs, num_heads, gridDim.x, head_dim]
+                                                        float* partial_max_sum,   // [num_seqs, num_heads, gridDim.x, 2]
+                                                        unsigned* split_counters, // [num_seqs, gridDim.y]
+                                                        bf16* out,                // [rows, num_heads, head_dim]
+                                                        int num_seqs, int rows, int num_heads, unsigned layer) {
+    __shared__ DecodeShared shared;
+    attention_decode_dtype<KV_DTYPE_FP8_E4M3>(shared, q, arena, layout, step, partial_acc, partial_max_sum, split_counters, out,
+                                              num_seqs, rows, num_heads, layer);
 }

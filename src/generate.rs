@@ -636,7 +636,7 @@ impl<B: Backend> Generator for Engine<B> {
                     "--kv-dtype {dtype}: the {} backend stores KV as {}; the CPU backend stores \
                      every type (--backend cpu)",
                     self.backend.info().name,
-                    names.join(" or ")
+                    names.join(", ")
                 );
             }
         }

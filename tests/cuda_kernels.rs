@@ -17,7 +17,7 @@ fn kernel_check(name: &str) {
 }
 
 /// The kernel checks this file runs, one test each (below).
-const KERNEL_CHECKS: [&str; 26] = [
+const KERNEL_CHECKS: [&str; 30] = [
     "embedding_gather",
     "rms_norm",
     "matvec",
@@ -41,6 +41,10 @@ const KERNEL_CHECKS: [&str; 26] = [
     "batch_attention_gqa8_hd64",
     "batch_attention_gqa9_hd128",
     "decode_attention_long",
+    "quantized_kv_append",
+    "attention_int8",
+    "attention_fp8",
+    "batch_attention_quantized",
     "swiglu",
     "argmax",
     "chosen_ids",
@@ -164,6 +168,26 @@ fn batch_attention_gqa9_head_dim_128() {
 #[test]
 fn decode_attention_at_long_contexts() {
     kernel_check("decode_attention_long");
+}
+
+#[test]
+fn quantized_kv_append_matches_the_cpu() {
+    kernel_check("quantized_kv_append");
+}
+
+#[test]
+fn attention_over_int8_caches() {
+    kernel_check("attention_int8");
+}
+
+#[test]
+fn attention_over_fp8_caches() {
+    kernel_check("attention_fp8");
+}
+
+#[test]
+fn batch_attention_over_quantized_caches() {
+    kernel_check("batch_attention_quantized");
 }
 
 #[test]

@@ -37,6 +37,7 @@ fn every_reference_check_of_the_selftest_has_a_test() {
         "graphs_replay_launches",
         "batched_sequences",
         "device_token_runs",
+        "quantized_caches",
         "prefix_reuse",
     ]);
     common::assert_group_is("reference", &names);
@@ -80,6 +81,11 @@ fn prefix_reuse_equals_re_prefilling() {
 #[test]
 fn decode_runs_on_device_ids_equal_one_round_trip_a_token() {
     reference_check("device_token_runs");
+}
+
+#[test]
+fn int8_and_fp8_caches_on_the_device_follow_the_reference() {
+    reference_check("quantized_caches");
 }
 
 #[test]

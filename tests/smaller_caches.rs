@@ -13,6 +13,7 @@ use kvlab::backend::cpu::CpuBackend;
 use kvlab::generate::{Engine, GenerateOptions, Generation, Generator, KvOptions};
 use kvlab::kv::{EvictionPolicy, KvDtype, Strategy};
 use kvlab::model::forward::Model;
+use kvlab::selftest::reference::kv_dtype_tolerance;
 
 fn engine(name: &str) -> Engine<CpuBackend> {
     let backend = CpuBackend::new();
@@ -52,19 +53,6 @@ fn dtype(dtype: KvDtype) -> KvOptions {
     }
 }
 
-/// Largest logit difference from the f32 cache allowed per element type on these models:
-/// about twice the worst measured (bf16 7.5e-3, int8 1.9e-2, fp8 e4m3 0.11, 2026-12-03). They
-/// follow each type's step: bf16 rounds every value to 2^-9 of itself, int8 a row to 1/254 of
-/// its largest value, e4m3 every value to 2^-4 of itself.
-fn tolerance(dtype: KvDtype) -> f32 {
-    match dtype {
-        KvDtype::F32 => 0.0,
-        KvDtype::Bf16 => 0.015,
-        KvDtype::Int8 => 0.04,
-        KvDtype::Fp8E4m3 => 0.2,
-    }
-}
-
 #[test]
 fn quantized_caches_stay_close_to_the_f32_cache_in_both_layouts() {
     for name in MODELS {
@@ -81,7 +69,10 @@ fn quantized_caches_stay_close_to_the_f32_cache_in_both_layouts() {
             let contiguous = logits(&run(&mut e, name, dtype(kv_dtype), Strategy::Static, 1));
             let diff = max_abs_diff(&chunked, &exact);
             eprintln!("{name} {kv_dtype}: logits within {diff:.2e} of the f32 cache");
-            assert!(diff <= tolerance(kv_dtype), "{name} {kv_dtype}: {diff}");
+            assert!(
+                diff <= kv_dtype_tolerance(kv_dtype),
+                "{name} {kv_dtype}: {diff}"
+            );
             // The layouts differ in summation order only, but a difference in the last bit of
             // an activation can flip the rounding of a K or V entry of a later layer (measured:
             // 1.8e-4 in bf16, 2e-6 otherwise).
@@ -240,13 +231,17 @@ fn the_cuda_backend_refuses_what_its_kernels_do_not_store() {
     let backend = CudaBackend::open(BackendKind::Emu, CudaOptions::default()).unwrap();
     let model = Model::load(&backend, &fixture(MODELS[0])).unwrap();
     let mut e = Engine::new(backend, model);
-    for quantized in [KvDtype::Int8, KvDtype::Fp8E4m3] {
-        let err = e.set_kv_options(dtype(quantized)).unwrap_err().to_string();
-        assert!(
-            err.contains(&format!("--kv-dtype {quantized}")) && err.contains("stores KV as bf16"),
-            "{err}"
-        );
+    for stored in [KvDtype::Bf16, KvDtype::Int8, KvDtype::Fp8E4m3] {
+        e.set_kv_options(dtype(stored)).unwrap();
     }
+    let err = e
+        .set_kv_options(dtype(KvDtype::F32))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--kv-dtype f32") && err.contains("stores KV as bf16, int8, fp8-e4m3"),
+        "{err}"
+    );
     let err = e
         .set_kv_options(policy("h2o:heavy=8,recent=8"))
         .unwrap_err()

@@ -264,7 +264,7 @@ impl<B: Backend> KvStore<B> {
             anyhow::bail!(
                 "the {} backend stores KV as {}, not {}",
                 backend.info().name,
-                names.join(" or "),
+                names.join(", "),
                 layout.dtype()
             );
         }

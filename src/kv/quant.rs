@@ -35,7 +35,7 @@ pub const INT8_MAX_CODE: f32 = 127.0;
 /// Largest finite e4m3 value.
 pub const E4M3_MAX: f32 = 448.0;
 /// The e4m3 code of +448 (`0.1111.110`).
-const E4M3_MAX_CODE: u8 = 0x7e;
+pub const E4M3_MAX_CODE: u8 = 0x7e;
 /// The e4m3 NaN code (`S.1111.111`); the sign bit may be set too.
 pub const E4M3_NAN_CODE: u8 = 0x7f;
 /// f32's exponent bias minus e4m3's (127 - 7): an e4m3 code's exponent and mantissa bits, placed

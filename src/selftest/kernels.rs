@@ -8,7 +8,8 @@ use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::Backend;
 use crate::backend::{KvStore, CHOSEN_IDS_KEPT};
-use crate::kv::{KvDtype, KvLayout, KvPart, LayoutKind, SeqId, SeqStep, StepView};
+use crate::kv::quant::e4m3_decode;
+use crate::kv::{KvDtype, KvLayout, KvPart, LayoutKind, RowOffsets, SeqId, SeqStep, StepView};
 use crate::model::config::Config;
 use crate::model::weights::{Checkpoint, HostTensor};
 use crate::roofline::fixture::{filled_cache, KvShape};
@@ -138,6 +139,26 @@ pub const CHECKS: &[Check] = &[
     },
     Check {
         group: "kernels",
+        name: "quantized_kv_append",
+        run: quantized_kv_append_matches_the_cpu,
+    },
+    Check {
+        group: "kernels",
+        name: "attention_int8",
+        run: attention_over_int8_caches,
+    },
+    Check {
+        group: "kernels",
+        name: "attention_fp8",
+        run: attention_over_fp8_caches,
+    },
+    Check {
+        group: "kernels",
+        name: "batch_attention_quantized",
+        run: batch_attention_over_quantized_caches,
+    },
+    Check {
+        group: "kernels",
         name: "swiglu",
         run: swiglu_in_place,
     },
@@ -157,6 +178,18 @@ pub const CHECKS: &[Check] = &[
 const RTOL_BF16_OUTPUT: f32 = 1.0 / 128.0;
 /// Two roundings in sequence (attention: probabilities rounded to bf16 for p.v, then the output).
 const RTOL_TWO_ROUNDINGS: f32 = 1.0 / 64.0;
+
+/// Absolute tolerance of attention over unit-scale K/V: the bf16 probabilities of p.v in the
+/// prefill kernel; int8 and fp8 caches add the rounding to bf16 of every dequantized K and V
+/// entry in its tiles (2^-9 of each: about 2e-3 on the scores of 64 products of unit values
+/// and on the outputs), where the CPU (and the decode kernel) multiply the scales in f32.
+fn attention_atol(dtype: KvDtype) -> f32 {
+    if dtype.is_quantized() {
+        8e-3
+    } else {
+        4e-3
+    }
+}
 
 fn round_bf16(values: Vec<f32>) -> Vec<f32> {
     values
@@ -822,6 +855,8 @@ struct AttentionCase<'a> {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// The element type of both caches.
+    dtype: KvDtype,
     shape: KvShape,
     steps: &'a [usize],
     /// The grid's splits; None: chosen from the context.
@@ -835,6 +870,7 @@ fn check_attention(ctx: &Context, case: AttentionCase) -> Result<()> {
         num_heads,
         num_kv_heads,
         head_dim,
+        dtype,
         shape,
         steps,
         decode_splits,
@@ -847,9 +883,10 @@ fn check_attention(ctx: &Context, case: AttentionCase) -> Result<()> {
         decode_splits,
         ..CudaOptions::default()
     })?;
-    // The CPU reads the same bf16 entries the kernels store.
-    let mut cpu_cache = filled_cache(&cpu, &cfg, shape, KvDtype::Bf16, 0, total + 3)?;
-    let mut gpu_cache = filled_cache(&cuda, &cfg, shape, KvDtype::Bf16, 0, total + 3)?;
+    // The CPU reads the same entries the kernels store: bf16 values, or the same int8 or fp8
+    // codes and scales (both quantize the same bf16 inputs alike: kernels/quantized_kv_append).
+    let mut cpu_cache = filled_cache(&cpu, &cfg, shape, dtype, 0, total + 3)?;
+    let mut gpu_cache = filled_cache(&cuda, &cfg, shape, dtype, 0, total + 3)?;
     let layer = 1;
     for &rows in steps {
         let start = cpu_cache.len();
@@ -874,17 +911,18 @@ fn check_attention(ctx: &Context, case: AttentionCase) -> Result<()> {
             cuda.kv_append(memory, view, layer, &gk, &gv)?;
             cuda.attention(&gq, memory, view, layer, num_heads, &mut go)
         })?;
-        // Probabilities enter p.v as bf16 in the prefill kernel: a relative 2^-8 per weight.
+        // Probabilities enter p.v as bf16 in the prefill kernel: a relative 2^-8 per weight;
+        // its K/V tiles hold int8 and fp8 entries dequantized to bf16: 2^-9 of each.
         check_close(
             &format!(
-                "attention heads {num_heads}/{num_kv_heads} head_dim {head_dim} {shape} \
+                "attention heads {num_heads}/{num_kv_heads} head_dim {head_dim} {dtype} {shape} \
                  splits {}: positions {start}..{}",
                 splits_text(decode_splits),
                 start + rows
             ),
             &cuda.read_rows(&go, 0, rows)?,
             &co.data,
-            4e-3,
+            attention_atol(dtype),
             RTOL_TWO_ROUNDINGS,
         )?;
     }
@@ -908,6 +946,7 @@ fn attention_cases(
                 num_heads,
                 num_kv_heads,
                 head_dim,
+                dtype: KvDtype::Bf16,
                 shape,
                 steps,
                 decode_splits,
@@ -915,6 +954,51 @@ fn attention_cases(
         )?;
     }
     Ok("contiguous and chunked".into())
+}
+
+/// Attention over int8 or fp8 caches, the codes written by each backend's own append: GQA 1, 3,
+/// 4 and 9, head_dim 16 (an int8 key row is one group) to 128 (eight), both layouts, chunks of
+/// 7 (a quantized chunk that starts on a 4-byte boundary only) and 16, prefill steps of more
+/// than a K/V tile, decode over several splits and over more positions than a block loads.
+fn quantized_attention_cases(ctx: &Context, dtype: KvDtype) -> Result<String> {
+    let case = |(num_heads, num_kv_heads, head_dim): (usize, usize, usize),
+                shape: KvShape,
+                steps: &'static [usize],
+                decode_splits: Option<usize>| AttentionCase {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        dtype,
+        shape,
+        steps,
+        decode_splits,
+    };
+    for case in [
+        case((4, 4, 16), KvShape::Contiguous, &[45, 11, 1, 1], Some(4)),
+        case(
+            (6, 2, 32),
+            KvShape::Chunked(7),
+            &[1, 44, 140, 1, 1],
+            Some(1),
+        ),
+        case((8, 2, 64), KvShape::Chunked(16), &[45, 11, 1], Some(3)),
+        case((8, 2, 64), KvShape::Chunked(7), &[290, 1, 1], Some(8)),
+        case((9, 1, 128), KvShape::Contiguous, &[20, 30, 1], Some(1)),
+        case((9, 1, 128), KvShape::Chunked(7), &[20, 1, 1], Some(3)),
+    ] {
+        check_attention(ctx, case)?;
+    }
+    Ok(format!(
+        "{dtype}: GQA 1, 3, 4, 9; head_dim 16 to 128; contiguous, chunks of 7 and 16"
+    ))
+}
+
+fn attention_over_int8_caches(ctx: &Context) -> Result<String> {
+    quantized_attention_cases(ctx, KvDtype::Int8)
+}
+
+fn attention_over_fp8_caches(ctx: &Context) -> Result<String> {
+    quantized_attention_cases(ctx, KvDtype::Fp8E4m3)
 }
 
 fn attention_gqa1_head_dim_16(ctx: &Context) -> Result<String> {
@@ -971,6 +1055,14 @@ fn decode_attention_splits_a_long_sequence(ctx: &Context) -> Result<String> {
             (KvShape::Chunked(7), &[290, 1], Some(8)),
         ],
     )
+}
+
+/// `n` bf16 entries (their bits) of a device arena from byte `at`.
+fn arena_bf16(arena: &[u8], at: usize, n: usize) -> Vec<u16> {
+    arena[at..at + 2 * n]
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect()
 }
 
 /// Step views over one arena for rope and kv_append, built by hand: three sequences whose block
@@ -1085,16 +1177,15 @@ fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
             let pos = view.row_pos[row] as usize;
             for (part, values) in [(KvPart::Key, &k), (KvPart::Value, &v)] {
                 for head in 0..cfg.num_kv_heads {
-                    // A bf16 entry's index: its byte offset over 2.
-                    let at = view.row_offsets(seq, layer, part, head, pos).codes / 2;
+                    let at = view.row_offsets(seq, layer, part, head, pos).codes;
                     let want = &values[(row * cfg.num_kv_heads + head) * head_dim..][..head_dim];
-                    let got = &arena[at..at + head_dim];
+                    let got = arena_bf16(&arena, at, head_dim);
                     ensure!(
                         got.iter()
                             .zip(want)
                             .all(|(&g, &w)| g == bf16::from_f32(w).to_bits()),
                         "{kind:?} kv_append: row {row} ({part:?}, head {head}, position {pos}) is \
-                         not at arena entry {at}"
+                         not at arena byte {at}"
                     );
                 }
             }
@@ -1248,11 +1339,11 @@ fn rope_and_kv_append_in_one_pass(ctx: &Context) -> Result<String> {
                 for head in 0..cfg.num_kv_heads {
                     // Byte offsets: 2 bytes an entry on the device, 4 in the CPU's f32 arena.
                     let slot = view.row_slot[row] as usize;
-                    let at = view.row_offsets(seq, layer, part, head, slot).codes / 2;
+                    let at = view.row_offsets(seq, layer, part, head, slot).codes;
                     let cpu_at = cpu_view.row_offsets(seq, layer, part, head, slot).codes / 4;
-                    let got: Vec<f32> = arena[at..at + head_dim]
-                        .iter()
-                        .map(|&b| bf16::from_bits(b).to_f32())
+                    let got: Vec<f32> = arena_bf16(&arena, at, head_dim)
+                        .into_iter()
+                        .map(|b| bf16::from_bits(b).to_f32())
                         .collect();
                     check_close(
                         &format!("{what}: row {row} ({part:?}, head {head}, position {pos})"),
@@ -1271,6 +1362,210 @@ fn rope_and_kv_append_in_one_pass(ctx: &Context) -> Result<String> {
     )
 }
 
+/// A quantized row of an arena (`codes` and `scale` from `StepView::row_offsets`): each
+/// element's value and the scale it was quantized with.
+fn dequantized_row(
+    arena: &[u8],
+    layout: &KvLayout,
+    part: KvPart,
+    at: RowOffsets,
+) -> (Vec<f32>, Vec<f32>) {
+    let (dtype, head_dim) = (layout.dtype(), layout.head_dim());
+    let scales: Vec<f32> = arena[at.scale..]
+        .chunks_exact(4)
+        .take(dtype.scales_per_row(part, head_dim))
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let group = head_dim / scales.len();
+    arena[at.codes..at.codes + head_dim]
+        .iter()
+        .enumerate()
+        .map(|(i, &code)| {
+            let scale = scales[i / group];
+            let value = match dtype {
+                KvDtype::Int8 => code as i8 as f32,
+                _ => e4m3_decode(code),
+            };
+            (value * scale, scale)
+        })
+        .unzip()
+}
+
+/// The rows of `layer` the step `view` wrote, equal byte for byte in two arenas of its layout
+/// (codes and scales), or an error naming the first row and byte that differ.
+fn same_rows(what: &str, view: &StepView, layer: usize, got: &[u8], want: &[u8]) -> Result<()> {
+    let (layout, head_dim) = (view.layout, view.layout.head_dim());
+    let dtype = layout.dtype();
+    for row in 0..view.rows() {
+        let seq = &view.seqs[view.row_seq[row] as usize];
+        let pos = view.row_pos[row] as usize;
+        for part in [KvPart::Key, KvPart::Value] {
+            for head in 0..layout.num_kv_heads as usize {
+                let at = view.row_offsets(seq, layer, part, head, pos);
+                let codes = at.codes..at.codes + head_dim * dtype.code_bytes();
+                let scales = at.scale..at.scale + 4 * dtype.scales_per_row(part, head_dim);
+                for (name, bytes) in [("codes", codes), ("scales", scales)] {
+                    if let Some(i) = got[bytes.clone()]
+                        .iter()
+                        .zip(&want[bytes.clone()])
+                        .position(|(g, w)| g != w)
+                    {
+                        bail!(
+                            "{what}: row {row} ({part:?}, head {head}, position {pos}): byte {i} \
+                             of its {name} (arena byte {}) is {:#04x}, not {:#04x}",
+                            bytes.start + i,
+                            got[bytes.start + i],
+                            want[bytes.start + i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// int8 and fp8 e4m3 K/V quantized by the device's append (one warp a row, kv_quant.cuh)
+/// exactly as the CPU's append quantizes the same bf16 values: over the hand-built views of
+/// several sequences (shuffled tables, far runs, rows crossing chunk boundaries) in chunks of 7
+/// (whose quantized chunks start on 4-byte boundaries only), 16 and 256 and in contiguous runs,
+/// head_dim 16 (an int8 key row is one group of 16) to 128, with a row of zeros (scale 0), rows
+/// with an outlier and a row of tiny values (fp8 subnormal codes), the two arenas must be equal
+/// byte for byte: codes and scales where the layout puts them. The fused rope_kv_append must
+/// leave the bits of rope then kv_append on the device (the whole arena), and its rows must dequantize to the
+/// CPU's f32 rotation within half a quantization step plus a bf16 rounding (the device
+/// quantizes the rotated k rounded to bf16, as the unfused path stores it).
+fn quantized_kv_append_matches_the_cpu(ctx: &Context) -> Result<String> {
+    let mut rng = StdRng::seed_from_u64(13);
+    let (cpu, cuda) = (CpuBackend::new(), ctx.backend(CudaOptions::default())?);
+    let layer = 1;
+    let mut rows_checked = 0;
+    for dtype in [KvDtype::Int8, KvDtype::Fp8E4m3] {
+        for (kind, chunk_tokens, head_dim) in [
+            (LayoutKind::Chunked, 7, 32),
+            (LayoutKind::Chunked, 16, 128),
+            (LayoutKind::Contiguous, 256, 16),
+            (LayoutKind::Chunked, 256, 64),
+        ] {
+            let cfg = attention_config(ctx, 6, 2, head_dim)?;
+            let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+            let what = format!("{dtype} {kind:?} in chunks of {chunk_tokens}, head_dim {head_dim}");
+            let layout = KvLayout::new(kind, dtype, 2, cfg.num_kv_heads, head_dim, chunk_tokens)?;
+            let (view, chunks) = hand_built_view(layout, &mut rng);
+            let rows = view.rows();
+            let q = randn(&mut rng, rows * q_dim, 1.0);
+            let mut k = randn(&mut rng, rows * kv_dim, 1.0);
+            let mut v = randn(&mut rng, rows * kv_dim, 1.0);
+            k[..kv_dim].fill(0.0);
+            v[kv_dim..2 * kv_dim].fill(0.0);
+            k[kv_dim + 3] = 300.0;
+            v[2 * kv_dim + head_dim + 5] = -1000.0;
+            let tiny = round_bf16(v[3 * kv_dim..4 * kv_dim].iter().map(|x| x * 1e-6).collect());
+            v[3 * kv_dim..4 * kv_dim].copy_from_slice(&tiny);
+            let (gk, gv) = (
+                cuda.upload_tensor(rows, kv_dim, &k)?,
+                cuda.upload_tensor(rows, kv_dim, &v)?,
+            );
+
+            // The append alone, on both backends.
+            let mut cpu_memory = cpu.alloc_kv_memory(&layout, chunks)?;
+            let mut gpu_memory = cuda.alloc_kv_memory(&layout, chunks)?;
+            cpu.set_kv_step(&mut cpu_memory, &view)?;
+            cuda.set_kv_step(&mut gpu_memory, &view)?;
+            let (ck, cv) = (cpu_tensor(kv_dim, &k), cpu_tensor(kv_dim, &v));
+            cpu.kv_append(&mut cpu_memory, &view, layer, &ck, &cv)?;
+            cuda.kv_append(&mut gpu_memory, &view, layer, &gk, &gv)?;
+            same_rows(
+                &format!("{what}: kv_append, the device's arena against the CPU's"),
+                &view,
+                layer,
+                &cuda.read_kv_arena(&gpu_memory)?,
+                cpu_memory.bytes(),
+            )?;
+
+            // The fused op against rope then kv_append, on the device.
+            let (mut fused, mut unfused) = (
+                cuda.alloc_kv_memory(&layout, chunks)?,
+                cuda.alloc_kv_memory(&layout, chunks)?,
+            );
+            let inv_freq = cfg.rope_inv_freq();
+            let gf = cuda.upload_vector(&inv_freq)?;
+            let mut fused_q = cuda.upload_tensor(rows, q_dim, &q)?;
+            cuda.set_kv_step(&mut fused, &view)?;
+            cuda.rope_kv_append(&mut fused_q, &gk, &gv, &gf, &mut fused, &view, layer)?;
+            let mut unfused_q = cuda.upload_tensor(rows, q_dim, &q)?;
+            let mut rotated_k = cuda.upload_tensor(rows, kv_dim, &k)?;
+            cuda.set_kv_step(&mut unfused, &view)?;
+            cuda.rope(&mut unfused_q, &mut rotated_k, &gf, &unfused, &view)?;
+            cuda.kv_append(&mut unfused, &view, layer, &rotated_k, &gv)?;
+            ensure!(
+                cuda.read_rows(&fused_q, 0, rows)? == cuda.read_rows(&unfused_q, 0, rows)?,
+                "{what}: rope_kv_append's q differs from rope's"
+            );
+            let arena = cuda.read_kv_arena(&fused)?;
+            ensure!(
+                arena == cuda.read_kv_arena(&unfused)?,
+                "{what}: the device's arena differs from rope then kv_append"
+            );
+
+            // The fused op's rows against the CPU's f32 rotation.
+            let cpu_layout = KvLayout {
+                dtype: KvDtype::F32 as u32,
+                ..layout
+            };
+            let cpu_view = StepView {
+                layout: cpu_layout,
+                ..view.clone()
+            };
+            let mut cpu_f32 = cpu.alloc_kv_memory(&cpu_layout, chunks)?;
+            cpu.set_kv_step(&mut cpu_f32, &cpu_view)?;
+            let mut cq = cpu_tensor(q_dim, &q);
+            cpu.rope_kv_append(
+                &mut cq,
+                &ck,
+                &cv,
+                &cpu.upload_vector(&inv_freq)?,
+                &mut cpu_f32,
+                &cpu_view,
+                layer,
+            )?;
+            let cpu_arena: &[f32] = bytemuck::cast_slice(cpu_f32.bytes());
+            for row in 0..rows {
+                let seq = &view.seqs[view.row_seq[row] as usize];
+                let pos = view.row_pos[row] as usize;
+                for part in [KvPart::Key, KvPart::Value] {
+                    for head in 0..cfg.num_kv_heads {
+                        let at = view.row_offsets(seq, layer, part, head, pos);
+                        let (got, scales) = dequantized_row(&arena, &layout, part, at);
+                        let cpu_at = cpu_view.row_offsets(seq, layer, part, head, pos).codes / 4;
+                        let want = &cpu_arena[cpu_at..cpu_at + head_dim];
+                        for (d, ((&g, &w), &scale)) in got.iter().zip(want).zip(&scales).enumerate()
+                        {
+                            // Half a step of the code, and the bf16 rounding of the rotated k.
+                            let step = match dtype {
+                                KvDtype::Int8 => scale,
+                                _ => (w.abs() / 8.0).max(2f32.powi(-9) * scale),
+                            };
+                            let bound = 0.5 * step * 1.001 + w.abs() / 256.0 + 1e-30;
+                            ensure!(
+                                (g - w).abs() <= bound,
+                                "{what}: rope_kv_append row {row} ({part:?}, head {head}, \
+                                 position {pos}), dimension {d}: {g} where the CPU's f32 \
+                                 rotation is {w} (bound {bound:e})"
+                            );
+                        }
+                        rows_checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    Ok(format!(
+        "int8 and fp8-e4m3: arenas equal to the CPU's and to rope + kv_append; {rows_checked} \
+         rotated rows within half a step of the CPU's"
+    ))
+}
+
 /// A step of several sequences: their lengths before it (written by kv_append alone, in ragged
 /// multi-sequence steps that interleave their chunks), then steps giving each sequence's rows
 /// (0: not in that step).
@@ -1278,6 +1573,8 @@ struct BatchCase<'a> {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// The element type of both pools.
+    dtype: KvDtype,
     shape: KvShape,
     lengths: &'a [usize],
     steps: &'a [&'a [usize]],
@@ -1294,6 +1591,7 @@ fn check_batch_attention(ctx: &Context, case: BatchCase) -> Result<()> {
         num_heads,
         num_kv_heads,
         head_dim,
+        dtype,
         shape,
         lengths,
         steps,
@@ -1318,7 +1616,7 @@ fn check_batch_attention(ctx: &Context, case: BatchCase) -> Result<()> {
         .iter()
         .map(|&t| t.max(1).div_ceil(unit))
         .sum::<usize>();
-    let layout = KvLayout::new(shape.kind(), KvDtype::Bf16, 2, num_kv_heads, head_dim, unit)?;
+    let layout = KvLayout::new(shape.kind(), dtype, 2, num_kv_heads, head_dim, unit)?;
     let mut cpu_store = KvStore::new(&cpu, layout, chunks, false)?;
     let mut gpu_store = KvStore::new(&cuda, layout, chunks, false)?;
     let mut seqs = Vec::new();
@@ -1367,15 +1665,15 @@ fn check_batch_attention(ctx: &Context, case: BatchCase) -> Result<()> {
                 let span = seq.first_row as usize * cols..seq.end_row() * cols;
                 check_close(
                     &format!(
-                        "attention heads {num_heads}/{num_kv_heads} head_dim {head_dim} {shape} \
-                         splits {}, step {rows:?}: the sequence at positions {}..{}",
+                        "attention heads {num_heads}/{num_kv_heads} head_dim {head_dim} {dtype} \
+                         {shape} splits {}, step {rows:?}: the sequence at positions {}..{}",
                         splits_text(decode_splits),
                         seq.start,
                         seq.end()
                     ),
                     &got[span.clone()],
                     &co.data[span],
-                    4e-3,
+                    attention_atol(dtype),
                     RTOL_TWO_ROUNDINGS,
                 )?;
             }
@@ -1409,14 +1707,26 @@ fn check_batch_attention(ctx: &Context, case: BatchCase) -> Result<()> {
 /// Rows of a filling step of one sequence, before the per-round variation.
 const FILL_PIECE: usize = 29;
 
-/// Both layouts of one shape: lengths, steps and splits.
+/// Both layouts of one shape: lengths, steps and splits; bf16 caches.
 fn batch_cases(
     ctx: &Context,
-    (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
+    heads: (usize, usize, usize),
     chunk_tokens: usize,
     lengths: &[usize],
     steps: &[&[usize]],
     decode_splits: Option<usize>,
+) -> Result<String> {
+    let batch = (lengths, steps, decode_splits);
+    typed_batch_cases(ctx, heads, KvDtype::Bf16, chunk_tokens, batch)
+}
+
+/// [`batch_cases`] with caches of `dtype`.
+fn typed_batch_cases(
+    ctx: &Context,
+    (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
+    dtype: KvDtype,
+    chunk_tokens: usize,
+    (lengths, steps, decode_splits): (&[usize], &[&[usize]], Option<usize>),
 ) -> Result<String> {
     for shape in [KvShape::Contiguous, KvShape::Chunked(chunk_tokens)] {
         check_batch_attention(
@@ -1425,6 +1735,7 @@ fn batch_cases(
                 num_heads,
                 num_kv_heads,
                 head_dim,
+                dtype,
                 shape,
                 lengths,
                 steps,
@@ -1433,10 +1744,37 @@ fn batch_cases(
         )?;
     }
     Ok(format!(
-        "{} sequences of {lengths:?} positions, {} steps, contiguous and chunks of {chunk_tokens}",
+        "{} sequences of {lengths:?} positions, {} steps, {dtype}, contiguous and chunks of \
+         {chunk_tokens}",
         lengths.len(),
         steps.len()
     ))
+}
+
+/// Several sequences over int8 and fp8 pools: decode rows beside prefill chunks in one step,
+/// interleaved chunks of 7 and contiguous runs, and decode at 8193 positions (128 splits).
+fn batch_attention_over_quantized_caches(ctx: &Context) -> Result<String> {
+    for dtype in [KvDtype::Int8, KvDtype::Fp8E4m3] {
+        typed_batch_cases(
+            ctx,
+            (6, 2, 32),
+            dtype,
+            7,
+            (
+                &[300, 2, 77],
+                &[&[1, 1, 1], &[40, 1, 1], &[1, 50, 2]],
+                Some(8),
+            ),
+        )?;
+        typed_batch_cases(
+            ctx,
+            (8, 2, 64),
+            dtype,
+            256,
+            (&[8192, 1], &[&[1, 1], &[1, 20]], None),
+        )?;
+    }
+    Ok("int8 and fp8-e4m3: 3 sequences in chunks of 7 and runs; 8193 positions".into())
 }
 
 // Each batch has decode-only steps, steps that mix decode rows with prefill chunks (which cross

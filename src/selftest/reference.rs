@@ -10,8 +10,8 @@ use super::fixtures::{max_abs_diff, RefGeneration, MODELS};
 use super::{Check, Context};
 use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::{Backend, KvStore};
-use crate::generate::{Engine, GenerateOptions, Generation, Generator};
-use crate::kv::{KvLayout, Strategy};
+use crate::generate::{Engine, GenerateOptions, Generation, Generator, KvOptions};
+use crate::kv::{KvDtype, KvLayout, Strategy};
 use crate::model::forward::{Activations, LogitRows, Model};
 use crate::npy::read_f32_array;
 use crate::roofline::fixture::KvShape;
@@ -53,10 +53,29 @@ pub const CHECKS: &[Check] = &[
         name: "device_token_runs",
         run: device_token_runs_equal_host_round_trips,
     },
+    Check {
+        group: "reference",
+        name: "quantized_caches",
+        run: quantized_caches_follow_the_reference,
+    },
 ];
 
 /// Largest difference allowed between the device's logits and transformers' float32 ones.
 pub const TOLERANCE: f32 = 2e-2;
+
+/// Largest logit difference a KV element type adds to the full-precision cache's logits on the
+/// tiny references: about twice the worst the CPU backend measured against its f32 cache (bf16
+/// 7.5e-3, int8 1.9e-2, fp8 e4m3 0.11, 2026-12-03; tests/smaller_caches.rs). They follow each
+/// type's step: bf16 rounds every value to 2^-9 of itself, int8 a row to 1/254 of its largest
+/// value, e4m3 every value to 2^-4 of itself.
+pub fn kv_dtype_tolerance(dtype: KvDtype) -> f32 {
+    match dtype {
+        KvDtype::F32 => 0.0,
+        KvDtype::Bf16 => 0.015,
+        KvDtype::Int8 => 0.04,
+        KvDtype::Fp8E4m3 => 0.2,
+    }
+}
 
 /// The fixture `name` loaded on a CUDA backend of the context's device.
 pub fn engine(ctx: &Context, name: &str, options: CudaOptions) -> Result<Engine<CudaBackend>> {
@@ -563,4 +582,55 @@ fn run_batch_schedule(
         patterns.push(pattern);
     }
     Ok((patterns, logits))
+}
+
+/// The three tiny references with int8 and fp8 e4m3 caches on the device (the append quantizes,
+/// attention dequantizes), teacher-forced, in chunks of 7 and in contiguous runs, graphs on:
+/// every logit of the prompt and of every step within [`TOLERANCE`] (the device's bf16) plus
+/// [`kv_dtype_tolerance`] (the cache's type) of transformers' float32 ones.
+fn quantized_caches_follow_the_reference(ctx: &Context) -> Result<String> {
+    let mut notes = Vec::new();
+    for name in MODELS {
+        let dir = ctx.fixtures.join(name);
+        let reference = RefGeneration::load(&dir)?;
+        let (_, prompt_logits) = read_f32_array(&dir.join("ref_prompt_logits.npy"))?;
+        let (_, step_logits) = read_f32_array(&dir.join("ref_step_logits.npy"))?;
+        let mut engine = engine(ctx, name, CudaOptions::default())?;
+        let vocab = engine.model.config.vocab_size;
+        for dtype in [KvDtype::Int8, KvDtype::Fp8E4m3] {
+            engine.set_kv_options(KvOptions {
+                dtype: Some(dtype),
+                ..KvOptions::default()
+            })?;
+            let bound = TOLERANCE + kv_dtype_tolerance(dtype);
+            let mut worst = 0.0f32;
+            for (strategy, chunk_tokens) in [(Strategy::Dynamic, 7), (Strategy::Static, 256)] {
+                let what = format!("{name} {dtype} {strategy} chunk {chunk_tokens}");
+                let gen = generate(&mut engine, &reference, strategy, chunk_tokens, true)?;
+                ensure!(
+                    gen.step_logits.len() * vocab == step_logits.len(),
+                    "{what}: {} steps, the reference has {}",
+                    gen.step_logits.len(),
+                    step_logits.len() / vocab
+                );
+                let prompt = max_abs_diff(&gen.prompt_logits, &prompt_logits)?;
+                ensure!(
+                    prompt <= bound,
+                    "{what}: prompt logits differ from transformers' by {prompt} (bound {bound})"
+                );
+                worst = worst.max(prompt);
+                for (step, got) in gen.step_logits.iter().enumerate() {
+                    let diff = max_abs_diff(got, &step_logits[step * vocab..(step + 1) * vocab])?;
+                    ensure!(
+                        diff <= bound,
+                        "{what}: step {step}'s logits differ from transformers' by {diff} (bound \
+                         {bound})"
+                    );
+                    worst = worst.max(diff);
+                }
+            }
+            notes.push(format!("{name} {dtype}: within {worst:.4}"));
+        }
+    }
+    Ok(notes.join("; "))
 }

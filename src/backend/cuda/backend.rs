@@ -1,7 +1,8 @@
 //! The CUDA backend: kvlab's kernels (kernels/*.cu) behind the [`Backend`] trait, over a
 //! [`Device`] (a real GPU, or the CPU emulator running exactly the same kernels).
 //!
-//! Storage is bf16 (weights, matmul inputs, KV); the residual stream, the sublayer outputs added
+//! Storage is bf16 (weights, matmul inputs, KV by default; KV may also be int8 or fp8 e4m3, with
+//! f32 scales, quantized by the append and dequantized in registers by attention); the residual stream, the sublayer outputs added
 //! to it, the logits, norm weights and RoPE frequencies are f32; every kernel accumulates in f32.
 //!
 //! KV memory: a pool's arena is one device buffer (`CudaKvMemory`); the kernels take its
@@ -367,12 +368,11 @@ impl CudaBackend {
         })
     }
 
-    /// The arena of a KV pool as bf16 bits `[chunks, chunk elements]` (tests: what kv_append
-    /// wrote where).
-    pub fn read_kv_arena(&self, memory: &CudaKvMemory) -> Result<Vec<u16>> {
-        let mut bits = vec![0u16; memory.arena.len() / 2];
-        self.copy_dtoh(&memory.arena, 0, bytemuck::cast_slice_mut(&mut bits))?;
-        Ok(bits)
+    /// The arena of a KV pool, `[chunks, chunk bytes]` (tests: what kv_append wrote where).
+    pub fn read_kv_arena(&self, memory: &CudaKvMemory) -> Result<Vec<u8>> {
+        let mut bytes = vec![0u8; memory.arena.len()];
+        self.copy_dtoh(&memory.arena, 0, &mut bytes)?;
+        Ok(bytes)
     }
 
     /// The step view of a KV pool as the kernels read it now (`StepView::packed`'s words; tests:
@@ -790,15 +790,17 @@ impl Backend for CudaBackend {
         })
     }
 
+    /// bf16 (the default), and int8 and fp8 e4m3 quantized by the append and dequantized in
+    /// registers by attention (kernels/kv_quant.cuh).
     fn kv_dtypes(&self) -> &'static [KvDtype] {
-        &[KvDtype::Bf16]
+        &[KvDtype::Bf16, KvDtype::Int8, KvDtype::Fp8E4m3]
     }
 
     fn alloc_kv_memory(&self, layout: &KvLayout, chunks: usize) -> Result<CudaKvMemory> {
         prefill_attention_kernel(layout.head_dim as usize)?;
         ensure!(
-            layout.dtype() == KvDtype::Bf16,
-            "the CUDA kernels store KV as bf16, not {}",
+            self.kv_dtypes().contains(&layout.dtype()),
+            "the CUDA kernels store KV as bf16, int8 or fp8-e4m3, not {}",
             layout.dtype()
         );
         let bytes = chunks

@@ -7,6 +7,10 @@
 
 use super::backend::CudaBackend;
 use super::device::{KernelArg, LaunchConfig, KERNELS};
+use crate::kv::quant::{
+    E4M3_MAX, E4M3_MAX_CODE, E4M3_NAN_CODE, E4M3_TO_F32_EXPONENT_SHIFT, INT8_KEY_GROUP,
+    INT8_MAX_CODE,
+};
 use crate::kv::{KvDtype, KvLayout, KvPart, LayoutKind, StepView};
 use anyhow::{bail, ensure, Context, Result};
 use constants::*;
@@ -17,13 +21,21 @@ pub mod constants {
     include!(concat!(env!("OUT_DIR"), "/kernel_constants.rs"));
 }
 
-// The kernels test `layout.kind`, `layout.dtype` and parts against these values.
+// The kernels test `layout.kind`, `layout.dtype` and parts against these values, and quantize
+// with kernels/kv_quant.cuh's copies of src/kv/quant.rs's numbers.
 const _: () = {
     assert!(LayoutKind::Contiguous as usize == KV_LAYOUT_CONTIGUOUS);
     assert!(LayoutKind::Chunked as usize == KV_LAYOUT_CHUNKED);
     assert!(KvDtype::F32 as usize == KV_DTYPE_F32);
     assert!(KvDtype::Bf16 as usize == KV_DTYPE_BF16);
+    assert!(KvDtype::Int8 as usize == KV_DTYPE_INT8);
+    assert!(KvDtype::Fp8E4m3 as usize == KV_DTYPE_FP8_E4M3);
     assert!(KvPart::Key as usize == KV_PART_KEY && KvPart::Value as usize == KV_PART_VALUE);
+    assert!(INT8_KEY_GROUP == KV_INT8_KEY_GROUP);
+    assert!(INT8_MAX_CODE == KV_INT8_MAX_CODE as f32 && E4M3_MAX == KV_E4M3_MAX as f32);
+    assert!(E4M3_MAX_CODE as usize == KV_E4M3_MAX_CODE);
+    assert!(E4M3_NAN_CODE as usize == KV_E4M3_NAN_CODE);
+    assert!(E4M3_TO_F32_EXPONENT_SHIFT as usize == KV_E4M3_TO_F32_EXPONENT_SHIFT);
 };
 
 /// A size as a kernel's `int` argument.
@@ -46,6 +58,12 @@ const COPY_THREADS: usize = 256;
 const ELEMENTWISE_THREADS: usize = 256;
 /// Most blocks of argmax: 64 x 256 threads cover a 128k vocabulary in 8 strides.
 pub const ARGMAX_PARTIALS: usize = 64;
+
+/// The launch of a kernel that quantizes `rows` head_dim rows, one warp each (kv_cache.cu).
+fn quantizing_launch(rows: usize, what: &str) -> Result<LaunchConfig> {
+    let grid = blocks(rows.div_ceil(KV_QUANT_WARPS), what)?;
+    Ok(LaunchConfig::linear(grid, KV_QUANT_THREADS as u32, 0))
+}
 
 /// A KV arena as the kernels take it: its address and, by value, its layout.
 #[derive(Clone, Copy)]
@@ -402,7 +420,7 @@ impl CudaBackend {
     }
 
     /// Writes k and v `[rows, num_kv_heads * head_dim]` of `layer` into the arena, each row at
-    /// its sequence's position.
+    /// its sequence's position: copied into a bf16 arena, quantized into an int8 or fp8 one.
     pub(super) fn launch_kv_append(
         &self,
         k: u64,
@@ -412,7 +430,7 @@ impl CudaBackend {
         layer: usize,
     ) -> Result<()> {
         let layout = arena.layout;
-        let vectors = 2 * step.rows * layout.num_kv_heads as usize * layout.head_dim as usize / 8;
+        let rows = 2 * step.rows * layout.num_kv_heads as usize;
         let mut args = vec![
             KernelArg::Ptr(k),
             KernelArg::Ptr(v),
@@ -422,15 +440,18 @@ impl CudaBackend {
         ];
         args.extend(step.args()?);
         args.push(KernelArg::U32(layer as u32));
-        self.launch(
-            "kv_append_bf16",
-            LaunchConfig::linear(
-                blocks(vectors.div_ceil(ELEMENTWISE_THREADS), "kv append")?,
-                ELEMENTWISE_THREADS as u32,
-                0,
-            ),
-            args,
-        )
+        let (kernel, config) = if layout.dtype() == KvDtype::Bf16 {
+            let vectors = rows * layout.head_dim as usize / 8;
+            let grid = blocks(vectors.div_ceil(ELEMENTWISE_THREADS), "kv append")?;
+            let config = LaunchConfig::linear(grid, ELEMENTWISE_THREADS as u32, 0);
+            ("kv_append_bf16", config)
+        } else {
+            (
+                "kv_append_quantize_bf16",
+                quantizing_launch(rows, "kv append")?,
+            )
+        };
+        self.launch(kernel, config, args)
     }
 
     /// Rotates q in place and writes k, rotated, and v `[rows, num_kv_heads * head_dim]` of
@@ -449,8 +470,7 @@ impl CudaBackend {
         layer: usize,
     ) -> Result<()> {
         let layout = arena.layout;
-        let heads = num_heads + 2 * layout.num_kv_heads as usize;
-        let pairs = step.rows * heads * (layout.head_dim as usize / 2);
+        let heads = step.rows * (num_heads + 2 * layout.num_kv_heads as usize);
         let mut args = vec![
             KernelArg::Ptr(q),
             KernelArg::Ptr(k),
@@ -462,15 +482,19 @@ impl CudaBackend {
         ];
         args.extend(step.args()?);
         args.extend([int(num_heads, "num_heads")?, KernelArg::U32(layer as u32)]);
-        self.launch(
-            "rope_kv_append_bf16",
-            LaunchConfig::linear(
-                blocks(pairs.div_ceil(ELEMENTWISE_THREADS), "rope and kv append")?,
-                ELEMENTWISE_THREADS as u32,
-                0,
-            ),
-            args,
-        )
+        let what = "rope and kv append";
+        let (kernel, config) = if layout.dtype() == KvDtype::Bf16 {
+            let pairs = heads * (layout.head_dim as usize / 2);
+            let grid = blocks(pairs.div_ceil(ELEMENTWISE_THREADS), what)?;
+            let config = LaunchConfig::linear(grid, ELEMENTWISE_THREADS as u32, 0);
+            ("rope_kv_append_bf16", config)
+        } else {
+            (
+                "rope_kv_append_quantize_bf16",
+                quantizing_launch(heads, what)?,
+            )
+        };
+        self.launch(kernel, config, args)
     }
 
     /// Flash attention of the step's sequences of more than one row: `tiles` blocks of query
@@ -552,7 +576,12 @@ impl CudaBackend {
         ];
         args.extend(step.args()?);
         args.extend([int(num_heads, "num_heads")?, KernelArg::U32(layer as u32)]);
-        self.launch("attention_decode_bf16", config, args)
+        let kernel = match layout.dtype() {
+            KvDtype::Int8 => "attention_decode_int8_kv_bf16",
+            KvDtype::Fp8E4m3 => "attention_decode_fp8_kv_bf16",
+            KvDtype::Bf16 | KvDtype::F32 => "attention_decode_bf16",
+        };
+        self.launch(kernel, config, args)
     }
 
     /// out = silu(gate) * up for `count` bf16 values (out may be gate).
