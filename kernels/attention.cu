@@ -776,6 +776,8 @@ extern "C" __global__ void attention_decode_bf16(const bf16* q,            // [r
                                                  bf16* out,                // [rows, num_heads, head_dim]
                                                  int num_seqs, int rows, int num_heads, unsigned layer) {
     __shared__ DecodeShared shared;
+    grid_dependency_wait();  // before any access: q, the arena, the view, the counters are other kernels' too
+    grid_dependents_launch();
     if (layout.kind != KV_LAYOUT_CHUNKED) {
         attention_decode_split<DECODE_CONTIGUOUS>(shared, q, arena, layout, step, partial_acc, partial_max_sum,
                                                   split_counters, out, num_seqs, rows, num_heads, layer);
