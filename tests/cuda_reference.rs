@@ -37,6 +37,7 @@ fn every_reference_check_of_the_selftest_has_a_test() {
         "graphs_replay_launches",
         "batched_sequences",
         "device_token_runs",
+        "programmatic_launch",
         "prefix_reuse",
     ]);
     common::assert_group_is("reference", &names);
@@ -80,6 +81,13 @@ fn prefix_reuse_equals_re_prefilling() {
 #[test]
 fn decode_runs_on_device_ids_equal_one_round_trip_a_token() {
     reference_check("device_token_runs");
+}
+
+#[test]
+fn programmatic_launch_gives_the_same_ids_and_logits() {
+    // The emulator runs launches in order: this checks the plumbing and every thread's wait,
+    // not the ordering a GPU relies on (`kvlab selftest` on an sm_90 GPU runs the same check).
+    reference_check("programmatic_launch");
 }
 
 #[test]

@@ -190,12 +190,12 @@ impl LaunchConfig {
     }
 }
 
-/// The kernels of a decode step, which may be launched as programmatic dependents: every thread
-/// of each calls `grid_dependency_wait()` (kernels/common.cuh) before it reads anything another
-/// kernel writes and before it writes anything, on every path (the emulator fails a
-/// programmatic launch in which a thread returns without it). The matvec entries share
-/// `matvec` in kernels/matmul.cu, which waits after its first weight loads; the others wait
-/// first thing.
+/// The kernels of a decode step, which the backend launches as programmatic dependents when
+/// `CudaOptions::programmatic_launch` is on: every thread of each calls
+/// `grid_dependency_wait()` (kernels/common.cuh) before it reads anything another kernel writes
+/// and before it writes anything, on every path (the emulator fails a programmatic launch in
+/// which a thread returns without it). The matvec entries share `matvec` in kernels/matmul.cu,
+/// which waits after its first weight loads; the others wait first thing.
 pub const PROGRAMMATIC_KERNELS: &[&str] = &[
     "embedding_gather_bf16_to_f32",
     "embedding_gather_chosen_bf16_to_f32",
@@ -229,11 +229,6 @@ pub fn check_launch_limits(
     max_dynamic_shared: Option<u32>,
 ) -> Result<()> {
     let name = kernel.name;
-    ensure!(
-        !config.programmatic || PROGRAMMATIC_KERNELS.contains(&name),
-        "kernel `{name}` cannot be launched as a programmatic dependent: it does not wait for the \
-         previous kernel (grid_dependency_wait) and is not one of PROGRAMMATIC_KERNELS"
-    );
     for axis in 0..3 {
         ensure!(
             (1..=limits::MAX_BLOCK[axis]).contains(&config.block[axis]),
