@@ -628,14 +628,15 @@ fn decode_steps(
 ) -> Result<Vec<Value>> {
     let cfg = &model.config;
     println!(
-        "1. decode steps ({} timed after {DECODE_WARMUP}; device time from CUDA events around \
-         each step's device work; graphs on / off: the host's token and step view copied in \
-         before every step; runs{}: that many steps on the device's own ids between two reads)",
-        plan.decode_steps,
-        backend.decode_window()
+        "1. decode steps ({steps} timed after {DECODE_WARMUP}; device time from CUDA events \
+         around each step's device work; graphs on / off: the host's token and step view copied \
+         in before every step; runs{window}: that many steps on the device's own ids between two \
+         reads; runs{window}+pdl: the same with programmatic dependent launch)",
+        steps = plan.decode_steps,
+        window = backend.decode_window()
     );
     println!(
-        "{:>8} {:<12} {:<7} {:>11} {:>15} {:>13} {:>9} {:>8} {:>12}",
+        "{:>8} {:<12} {:<10} {:>11} {:>15} {:>13} {:>9} {:>8} {:>12}",
         "context",
         "layout",
         "graphs",
@@ -663,10 +664,17 @@ fn decode_steps(
         );
         for &shape in &plan.layouts {
             // Graphs on and off with the host's token and view copied in before every step, then
-            // runs of decode_window steps on the device's own ids (as generation decodes).
+            // runs of decode_window steps on the device's own ids (as generation decodes),
+            // without and with programmatic dependent launch.
             let window = backend.decode_window();
-            for (graphs, runs) in [(true, false), (false, false), (true, true)] {
+            for (graphs, runs, pdl) in [
+                (true, false, false),
+                (false, false, false),
+                (true, true, false),
+                (true, true, true),
+            ] {
                 backend.set_graphs(graphs);
+                backend.set_programmatic_launch(pdl);
                 let drift = DECODE_WARMUP + plan.decode_steps;
                 let mut step = DecodeStep::with_drift(backend, model, shape, context, drift)?;
                 if runs {
@@ -701,12 +709,13 @@ fn decode_steps(
                 let replayed = backend.graph_stats().graphs_replayed - before.graphs_replayed;
                 let gbps = cost.bytes / device.median / 1e9;
                 println!(
-                    "{context:>8} {:<12} {:<7} {:>11.0} {:>15.1} {:>13.0} {gbps:>9.0} {:>7.0}% {:>12}",
+                    "{context:>8} {:<12} {:<10} {:>11.0} {:>15.1} {:>13.0} {gbps:>9.0} {:>7.0}% {:>12}",
                     shape.to_string(),
-                    match (graphs, runs) {
-                        (true, true) => format!("runs{window}"),
-                        (true, false) => "on".into(),
-                        (false, _) => "off".into(),
+                    match (graphs, runs, pdl) {
+                        (true, true, false) => format!("runs{window}"),
+                        (true, true, true) => format!("runs{window}+pdl"),
+                        (true, false, _) => "on".into(),
+                        (false, _, _) => "off".into(),
                     },
                     1.0 / wall.median,
                     device.median * 1e6,
@@ -716,7 +725,7 @@ fn decode_steps(
                 );
                 rows.push(json!({
                     "context": context, "layout": shape.to_string(), "graphs": graphs,
-                    "device_token_runs": runs.then_some(window),
+                    "device_token_runs": runs.then_some(window), "programmatic_launch": pdl,
                     "wall_seconds": wall, "device_seconds": device,
                     "wall_tokens_per_second": 1.0 / wall.median,
                     "device_tokens_per_second": 1.0 / device.median,
@@ -727,6 +736,7 @@ fn decode_steps(
         }
     }
     backend.set_graphs(true);
+    backend.set_programmatic_launch(false);
     if let Some(error) = backend.graph_capture_error() {
         println!("graph capture failed (steps ran launch by launch): {error}");
     }

@@ -856,6 +856,8 @@ __device__ __forceinline__ void attention_decode_dtype(DecodeShared& shared, con
                                                        float* partial_acc, float* partial_max_sum,
                                                        unsigned* split_counters, bf16* out, int num_seqs, int rows,
                                                        int num_heads, unsigned layer) {
+    grid_dependency_wait();  // before any access: q, the arena, the view, the counters are other kernels' too
+    grid_dependents_launch();
     if (layout.kind != KV_LAYOUT_CHUNKED) {
         attention_decode_split<DECODE_CONTIGUOUS, DTYPE>(shared, q, arena, layout, step, partial_acc,
                                                          partial_max_sum, split_counters, out, num_seqs, rows,

@@ -176,6 +176,36 @@ __device__ __forceinline__ float load_past_l1(const float* address) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90+; LaunchConfig::programmatic on the Rust side). A kernel
+// launched with it may start while the previous kernel of the stream still runs.
+// grid_dependency_wait() returns once that kernel has completed and its writes are visible; since
+// that kernel waited for its own predecessor, so has every earlier one. Every thread of such a
+// kernel calls it before its first read of anything a kernel writes (activations, the residual
+// stream, the KV arena, the step view, chosen ids, counters) and before its first global write:
+// only reads of weights, which no kernel writes, may come before it. grid_dependents_launch()
+// lets the next kernel start (and issue its own weight loads); called right after the wait, so
+// at most two grids of a step are in flight. Both are no-ops without the launch attribute and
+// below sm_90. The emulator runs launches one after another, so the wait has nothing to wait
+// for there; it checks that every thread of a programmatic launch reaches it.
+#ifdef KVLAB_EMU
+__device__ __forceinline__ void grid_dependency_wait() {
+    kvlab_emu::grid_dependency_wait();
+}
+__device__ __forceinline__ void grid_dependents_launch() {}
+#else
+__device__ __forceinline__ void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependents_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
 // Tensor cores and async copies (sm_80+). All are warp-collective except cp.async.
 //
 // mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32: D[16x8] = A[16x16] * B[16x8] + C[16x8].

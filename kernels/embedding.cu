@@ -31,6 +31,8 @@ extern "C" __global__ void embedding_gather_bf16_to_f32(const bf16* table,    //
                                                         const unsigned* ids,  // [rows]
                                                         float* out,           // [rows, hidden]
                                                         int hidden, int table_cols) {
+    grid_dependency_wait();  // before any access: the previous step's kernels may still read `out`
+    grid_dependents_launch();
     embedding_gather_row(table, ids[blockIdx.x], out + (uint64_t)blockIdx.x * hidden, hidden, table_cols);
 }
 
@@ -42,6 +44,8 @@ extern "C" __global__ void embedding_gather_chosen_bf16_to_f32(const bf16* table
                                                                const unsigned* chosen,  // [1 + ring]
                                                                float* out,              // [1, hidden]
                                                                int hidden, int table_cols, int ring) {
+    grid_dependency_wait();  // before any access: `chosen` is argmax_f32's, `out` other kernels' too
+    grid_dependents_launch();
     const unsigned id = chosen[1 + (chosen[0] - 1u) % (unsigned)ring];
     embedding_gather_row(table, id, out, hidden, table_cols);
 }

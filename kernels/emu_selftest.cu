@@ -316,6 +316,18 @@ extern "C" __global__ void planted_oob_read(const float* x,  // [n]
     }
 }
 
+// Threads past n return before grid_dependency_wait(): in a programmatic launch such a grid
+// could finish before the kernel it depends on and let the next kernel start too early.
+extern "C" __global__ void planted_return_before_wait(float* out,  // [n]
+                                                      int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) {
+        return;
+    }
+    grid_dependency_wait();
+    out[i] = 1.0f;
+}
+
 // Only the lower half of the block reaches the barrier.
 extern "C" __global__ void planted_divergent_barrier(float* out) {  // [blockDim.x]
     __shared__ float staged[1024];

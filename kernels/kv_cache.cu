@@ -93,6 +93,8 @@ extern "C" __global__ void rope_kv_append_bf16(bf16* q,                // [rows,
                                                KvLayout layout,        // the arena's geometry, by value
                                                const uint32_t* step,   // packed step view [5 num_seqs + 2 rows + table]
                                                int num_seqs, int rows, int num_heads, unsigned layer) {
+    grid_dependency_wait();  // before any access: all but inv_freq is other kernels' too
+    grid_dependents_launch();
     const KvStepView view = kv_step_view(step, num_seqs, rows);
     const int head_dim = (int)layout.head_dim;
     const int half = head_dim / 2;
@@ -140,6 +142,8 @@ extern "C" __global__ void rope_kv_append_quantize_bf16(bf16* q,                
                                                         int num_seqs, int rows, int num_heads, unsigned layer) {
     // Each warp's rotated k row, read back in the quantizer's element order.
     __shared__ bf16 rotated[KV_QUANT_WARPS][KV_QUANT_MAX_HEAD_DIM];
+    grid_dependency_wait();  // before any access: all but inv_freq is other kernels' too
+    grid_dependents_launch();
     const KvStepView view = kv_step_view(step, num_seqs, rows);
     const int head_dim = (int)layout.head_dim;
     const int half = head_dim / 2;

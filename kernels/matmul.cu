@@ -131,7 +131,8 @@ __device__ __forceinline__ void matvec_load(uint4 (&w_vec)[MATVEC_UNROLL], const
 // (weight_cols * 2 bytes); warps then stride over the rows, so a grid of the resident blocks
 // only (the launch sizes it by the occupancy API) still covers every row. Each warp requests
 // its first row's weights before the block stages the input, so that the staging (and a norm's
-// reduction) overlaps their trip to memory.
+// reduction) overlaps their trip to memory; in a programmatic launch they are requested before
+// the wait for the previous kernel, so they also overlap its tail.
 template <typename Input, typename Output>
 __device__ __forceinline__ void matvec(Input input, int k, int weight_cols, const bf16* __restrict__ w0, Output out0,
                                        int n0, const bf16* __restrict__ w1, Output out1, int n1,
@@ -146,6 +147,9 @@ __device__ __forceinline__ void matvec(Input input, int k, int weight_cols, cons
     if (row < total_rows) {
         matvec_load(w_vec, matvec_weight_row(row, w0, n0, w1, n1, w2, weight_cols), lane, vectors);
     }
+    // Only weights were read so far: the input and the outputs are other kernels' too.
+    grid_dependency_wait();
+    grid_dependents_launch();
 
     input.prepare(k);
     const int input_vectors = k / 8;

@@ -55,6 +55,8 @@ extern "C" __global__ void argmax_f32(const float* logits,        // [count]
                                       unsigned* chosen,           // [1 + ring]
                                       uint32_t* step,             // packed step view [5 num_seqs + 2 rows + table] or null
                                       int count, int ring, int num_seqs, int rows) {
+    grid_dependency_wait();  // before any access: all but the bias is other kernels' too
+    grid_dependents_launch();
     float value = -INFINITY;
     unsigned index = 0xffffffffu;
     for (int i = blockIdx.x * ARGMAX_THREADS + threadIdx.x; i < count; i += gridDim.x * ARGMAX_THREADS) {

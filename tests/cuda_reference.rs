@@ -38,6 +38,7 @@ fn every_reference_check_of_the_selftest_has_a_test() {
         "batched_sequences",
         "device_token_runs",
         "quantized_caches",
+        "programmatic_launch",
         "prefix_reuse",
     ]);
     common::assert_group_is("reference", &names);
@@ -86,6 +87,13 @@ fn decode_runs_on_device_ids_equal_one_round_trip_a_token() {
 #[test]
 fn int8_and_fp8_caches_on_the_device_follow_the_reference() {
     reference_check("quantized_caches");
+}
+
+#[test]
+fn programmatic_launch_gives_the_same_ids_and_logits() {
+    // The emulator runs launches in order: this checks the plumbing and every thread's wait,
+    // not the ordering a GPU relies on (`kvlab selftest` on an sm_90 GPU runs the same check).
+    reference_check("programmatic_launch");
 }
 
 #[test]

@@ -228,6 +228,7 @@ fn launch_checks_name_the_kernel() {
                 grid: [1, 1, 1],
                 block: [32, 32, 2],
                 shared_mem_bytes: 0,
+                programmatic: false,
             },
             &["2048 threads"],
         ),
@@ -236,6 +237,7 @@ fn launch_checks_name_the_kernel() {
                 grid: [1, 1, 1],
                 block: [1, 1, 65],
                 shared_mem_bytes: 0,
+                programmatic: false,
             },
             &["block dimension 2 is 65"],
         ),
@@ -244,6 +246,7 @@ fn launch_checks_name_the_kernel() {
                 grid: [1, 65536, 1],
                 block: [32, 1, 1],
                 shared_mem_bytes: 0,
+                programmatic: false,
             },
             &["grid dimension 1 is 65536"],
         ),
@@ -372,6 +375,47 @@ fn planted_out_of_bounds_read_is_caught_under_asan() {
             "AddressSanitizer: use-after-poison",
         ],
     );
+}
+
+#[test]
+fn a_programmatic_launch_fails_when_a_thread_returns_before_waiting() {
+    // On a GPU such a grid may finish while the kernel it depends on still runs, and let the
+    // next kernel start too early; the emulator's launches are ordered, so it checks the waits.
+    let device = emulator(2);
+    let out = device.alloc(128 * 4).unwrap();
+    let programmatic = LaunchConfig {
+        programmatic: true,
+        ..LaunchConfig::linear(1, 128, 0)
+    };
+    let error = launch_error(
+        device.as_ref(),
+        "planted_return_before_wait",
+        programmatic,
+        &[ptr(&out), KernelArg::I32(100)],
+    );
+    assert_contains(
+        &error,
+        &[
+            "planted_return_before_wait",
+            "thread (100,0,0)",
+            "without calling grid_dependency_wait() in a programmatic launch",
+        ],
+    );
+    // Every thread waits: the same launch passes; a plain launch needs no wait.
+    device
+        .launch(
+            "planted_return_before_wait",
+            programmatic,
+            &[ptr(&out), KernelArg::I32(128)],
+        )
+        .unwrap();
+    device
+        .launch(
+            "planted_return_before_wait",
+            LaunchConfig::linear(1, 128, 0),
+            &[ptr(&out), KernelArg::I32(100)],
+        )
+        .unwrap();
 }
 
 #[test]

@@ -49,6 +49,8 @@ struct KvlabEmuLaunch {
     uint32_t block[3];
     uint32_t dynamic_shared_bytes;
     uint32_t reverse_order;
+    // Launched as a programmatic dependent: every thread must call grid_dependency_wait().
+    uint32_t programmatic;
     const uint64_t* argument_slots;
 };
 
@@ -159,6 +161,7 @@ struct Fiber : ThreadState {
     uint64_t op_out[2] = {};
     std::vector<AsyncCopy> async_copies;
     uint32_t async_open_group = 0;
+    bool waited_for_grid = false;
 };
 
 struct Block {
@@ -175,6 +178,7 @@ struct Block {
     unsigned warp_waiting[kMaxThreads / 32] = {};
     unsigned warp_exited[kMaxThreads / 32] = {};
     bool reverse = false;
+    bool programmatic = false;
     bool running = false;
     // The previous block failed: its abandoned fibers still hold stacks.
     bool abandoned_stacks = false;
@@ -389,6 +393,10 @@ void thread_exit(Worker& w, Fiber& self) {
     const unsigned warp = self.linear / 32;
     const unsigned lane_bit = 1u << (self.linear % 32);
     block.warp_exited[warp] |= lane_bit;
+    if (block.programmatic && !self.waited_for_grid) {
+        fail("returned without calling grid_dependency_wait() in a programmatic launch: on a GPU it may run "
+             "before the previous kernel has finished");
+    }
     if (block.barrier_arrived > 0) {
         fail(format("exited without reaching the __syncthreads() at %s:%d where %u thread(s) wait; every thread "
                     "of a block must reach every barrier",
@@ -731,6 +739,7 @@ int run_block(Worker& w, const KvlabEmuLaunch& launch, uint64_t linear_block) {
     block.failed = false;
     block.error.clear();
     block.reverse = launch.reverse_order != 0;
+    block.programmatic = launch.programmatic != 0;
     for (unsigned warp = 0; warp < kMaxThreads / 32; ++warp) {
         const unsigned first = warp * 32;
         block.warp_present[warp] =
@@ -761,6 +770,7 @@ int run_block(Worker& w, const KvlabEmuLaunch& launch, uint64_t linear_block) {
         fiber.state = FiberState::NotStarted;
         fiber.async_copies.clear();
         fiber.async_open_group = 0;
+        fiber.waited_for_grid = false;
         if (++index.x == block_x) {
             index.x = 0;
             if (++index.y == block_y) {
@@ -918,6 +928,8 @@ void cp_async_16(void* smem_dst, const void* gmem_src, const char* file, int lin
 }
 
 void cp_async_commit() { ++self_fiber().async_open_group; }
+
+void grid_dependency_wait() { self_fiber().waited_for_grid = true; }
 
 void cp_async_wait_group(int pending_groups_allowed) {
     Fiber& self = self_fiber();

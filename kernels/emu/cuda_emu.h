@@ -101,6 +101,8 @@ void cp_async_16(void* smem_dst, const void* gmem_src, const char* file = __buil
 void cp_async_commit();
 void cp_async_wait_group(int pending_groups_allowed);
 void cp_async_wait_all();
+// griddepcontrol.wait: launches run one after another, so it only notes that this thread waited.
+void grid_dependency_wait();
 
 [[noreturn]] void trap(const char* file, int line);
 

@@ -32,6 +32,11 @@ pub struct ModelArgs {
     /// CUDA backend: run decode steps without CUDA graphs (to measure what graphs buy).
     #[arg(long)]
     pub no_graphs: bool,
+    /// CUDA backend: launch the decode step's kernels as programmatic dependents (sm_90+), so
+    /// that each kernel's first weight loads overlap the previous kernel's tail. Off by default
+    /// until a GPU run has checked it.
+    #[arg(long)]
+    pub pdl: bool,
     /// CPU threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -133,6 +138,7 @@ impl ModelArgs {
         kvlab::runtime::set_threads(self.threads)?;
         let cuda = kvlab::backend::cuda::CudaOptions {
             graphs: !self.no_graphs,
+            programmatic_launch: self.pdl,
             ..Default::default()
         };
         let opts = kvlab::runtime::LoadOptions {

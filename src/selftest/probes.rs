@@ -302,6 +302,7 @@ pub fn mma_matmul(
         grid: [n.div_ceil(32) as u32, m.div_ceil(32) as u32, 1],
         block: [128, 1, 1],
         shared_mem_bytes: 0,
+        programmatic: false,
     };
     let args = [
         ptr(&a_buffer),

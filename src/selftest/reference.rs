@@ -58,6 +58,11 @@ pub const CHECKS: &[Check] = &[
         name: "quantized_caches",
         run: quantized_caches_follow_the_reference,
     },
+    Check {
+        group: "reference",
+        name: "programmatic_launch",
+        run: programmatic_launch_equals_plain_launch,
+    },
 ];
 
 /// Largest difference allowed between the device's logits and transformers' float32 ones.
@@ -406,6 +411,68 @@ fn device_token_runs_equal_host_round_trips(ctx: &Context) -> Result<String> {
     Ok(notes.join("; "))
 }
 
+/// Programmatic dependent launch (`CudaOptions::programmatic_launch`) against plain launches,
+/// for every fixture: the same prompt and step logits and ids, bit for bit, with the step
+/// logits kept (static cache: a round trip a token, graphs replaying) and the same ids in runs
+/// of 16 steps on the device's own ids (chunks of 7); every launch of a decode step is marked
+/// programmatic, and none without the option. On the emulator launches run one after another:
+/// this checks the plumbing and that every thread of those kernels waits. On a GPU (sm_90+)
+/// the kernels overlap, and a kernel that reads or writes an earlier kernel's memory before its
+/// `grid_dependency_wait()` races: that shows here as a difference, if the race is lost.
+fn programmatic_launch_equals_plain_launch(ctx: &Context) -> Result<String> {
+    let programmatic = CudaOptions {
+        programmatic_launch: true,
+        ..CudaOptions::default()
+    };
+    let mut steps = 0;
+    for name in MODELS {
+        let reference = RefGeneration::load(&ctx.fixtures.join(name))?;
+        let kept_logits = reference.options(Strategy::Static, 256);
+        let runs = GenerateOptions {
+            keep_step_logits: false,
+            keep_prompt_logits: false,
+            ..reference.options(Strategy::Dynamic, 7)
+        };
+        for (what, opts) in [("kept logits", kept_logits), ("runs", runs)] {
+            let mut generations = Vec::new();
+            for options in [CudaOptions::default(), programmatic] {
+                let mut engine = engine(ctx, name, options)?;
+                let gen = engine.generate(&reference.prompt_ids, &opts, &mut |_| {})?;
+                let launches = engine.backend.last_step_launches();
+                let marked = launches.iter().filter(|(_, c)| c.programmatic).count();
+                let expected = if options.programmatic_launch {
+                    launches.len()
+                } else {
+                    0
+                };
+                ensure!(
+                    !launches.is_empty() && marked == expected,
+                    "{name} {what}, programmatic launch {}: {marked} of the last step's {} \
+                     launches are programmatic, expected {expected}",
+                    options.programmatic_launch,
+                    launches.len()
+                );
+                generations.push(gen);
+            }
+            let (plain, pdl) = (&generations[0], &generations[1]);
+            ensure!(
+                plain.new_ids == pdl.new_ids,
+                "{name} {what}: ids with programmatic launch {:?}, without {:?}",
+                pdl.new_ids,
+                plain.new_ids
+            );
+            ensure!(
+                plain.step_logits == pdl.step_logits && plain.prompt_logits == pdl.prompt_logits,
+                "{name} {what}: logits with and without programmatic launch differ"
+            );
+            steps += pdl.new_ids.len();
+        }
+    }
+    Ok(format!(
+        "{steps} tokens of the three fixtures, bit-identical with and without"
+    ))
+}
+
 /// Steps of each batched sequence of [`batched_sequences_follow_the_reference`]: the step it
 /// joins at, and its first steps' rows before it goes one row at a time: A prefills in chunks
 /// of 20, B its whole prompt at once beside them, C one row per step from the first (its prompt
@@ -585,9 +652,10 @@ fn run_batch_schedule(
 }
 
 /// The three tiny references with int8 and fp8 e4m3 caches on the device (the append quantizes,
-/// attention dequantizes), teacher-forced, in chunks of 7 and in contiguous runs, graphs on:
-/// every logit of the prompt and of every step within [`TOLERANCE`] (the device's bf16) plus
-/// [`kv_dtype_tolerance`] (the cache's type) of transformers' float32 ones.
+/// attention dequantizes), teacher-forced, in chunks of 7 and in contiguous runs (these as
+/// programmatic dependent launches), graphs on: every logit of the prompt and of every step
+/// within [`TOLERANCE`] (the device's bf16) plus [`kv_dtype_tolerance`] (the cache's type) of
+/// transformers' float32 ones.
 fn quantized_caches_follow_the_reference(ctx: &Context) -> Result<String> {
     let mut notes = Vec::new();
     for name in MODELS {
@@ -605,6 +673,9 @@ fn quantized_caches_follow_the_reference(ctx: &Context) -> Result<String> {
             let bound = TOLERANCE + kv_dtype_tolerance(dtype);
             let mut worst = 0.0f32;
             for (strategy, chunk_tokens) in [(Strategy::Dynamic, 7), (Strategy::Static, 256)] {
+                engine
+                    .backend
+                    .set_programmatic_launch(strategy == Strategy::Static);
                 let what = format!("{name} {dtype} {strategy} chunk {chunk_tokens}");
                 let gen = generate(&mut engine, &reference, strategy, chunk_tokens, true)?;
                 ensure!(

@@ -17,7 +17,7 @@
 //! step with the same sequences' count and buffers repeats the previous step's launches exactly,
 //! which is what lets it run as a CUDA graph (see [`super::graph`]).
 
-use super::device::{Device, KernelArg, LaunchConfig};
+use super::device::{Device, KernelArg, LaunchConfig, PROGRAMMATIC_KERNELS};
 use super::graph::{GraphStats, Launch, StepRecorder};
 use super::kernels::constants::DECODE_MAX_SPLITS;
 use super::kernels::{
@@ -50,6 +50,10 @@ pub struct CudaOptions {
     /// Decode steps a generation runs before it reads their ids ([`Backend::decode_window`]):
     /// between reads the tokens stay on the device, and a recorded step replays with no copy.
     pub decode_window: usize,
+    /// Launch the decode step's kernels as programmatic dependents (`--pdl`; sm_90+), so that
+    /// each kernel's first weight loads overlap the previous kernel's tail. Off by default: no
+    /// GPU has yet checked the ordering it relies on (the emulator runs launches in order).
+    pub programmatic_launch: bool,
 }
 
 impl Default for CudaOptions {
@@ -58,6 +62,7 @@ impl Default for CudaOptions {
             graphs: true,
             decode_splits: None,
             decode_window: 16,
+            programmatic_launch: false,
         }
     }
 }
@@ -301,6 +306,12 @@ impl CudaBackend {
         }
     }
 
+    /// Turns programmatic dependent launch of the decode step's kernels on or off (a step's
+    /// launches then differ from the captured graph's, so the next steps capture anew).
+    pub fn set_programmatic_launch(&self, enabled: bool) {
+        self.options.borrow_mut().programmatic_launch = enabled;
+    }
+
     /// How steps ran: launched kernel by kernel, captured, replayed.
     pub fn graph_stats(&self) -> GraphStats {
         self.recorder.borrow().stats
@@ -430,9 +441,11 @@ impl CudaBackend {
     pub(super) fn launch(
         &self,
         kernel: &'static str,
-        config: LaunchConfig,
+        mut config: LaunchConfig,
         args: Vec<KernelArg>,
     ) -> Result<()> {
+        config.programmatic =
+            self.options.borrow().programmatic_launch && PROGRAMMATIC_KERNELS.contains(&kernel);
         self.recorder.borrow_mut().launch(
             self.device.as_ref(),
             Launch {

@@ -164,6 +164,10 @@ pub struct LaunchConfig {
     pub grid: [u32; 3],
     pub block: [u32; 3],
     pub shared_mem_bytes: u32,
+    /// Programmatic dependent launch: the kernel may start while the previous kernel of the
+    /// stream still runs (`CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`); only for
+    /// the [`PROGRAMMATIC_KERNELS`], whose threads wait for it before touching its output.
+    pub programmatic: bool,
 }
 
 impl LaunchConfig {
@@ -173,6 +177,7 @@ impl LaunchConfig {
             grid: [blocks, 1, 1],
             block: [threads, 1, 1],
             shared_mem_bytes,
+            programmatic: false,
         }
     }
 
@@ -184,6 +189,29 @@ impl LaunchConfig {
         self.block.iter().map(|&d| d as u64).product()
     }
 }
+
+/// The kernels of a decode step, which the backend launches as programmatic dependents when
+/// `CudaOptions::programmatic_launch` is on: every thread of each calls
+/// `grid_dependency_wait()` (kernels/common.cuh) before it reads anything another kernel writes
+/// and before it writes anything, on every path (the emulator fails a programmatic launch in
+/// which a thread returns without it). The matvec entries share `matvec` in kernels/matmul.cu,
+/// which waits after its first weight loads; the others wait first thing.
+pub const PROGRAMMATIC_KERNELS: &[&str] = &[
+    "embedding_gather_bf16_to_f32",
+    "embedding_gather_chosen_bf16_to_f32",
+    "matvec_bf16",
+    "matvec_bf16_out_f32",
+    "matvec_bf16_add_f32",
+    "matvec_rms_norm_bf16",
+    "matvec_rms_norm_bf16_out_f32",
+    "matvec_swiglu_bf16_add_f32",
+    "rope_kv_append_bf16",
+    "rope_kv_append_quantize_bf16",
+    "attention_decode_bf16",
+    "attention_decode_int8_kv_bf16",
+    "attention_decode_fp8_kv_bf16",
+    "argmax_f32",
+];
 
 /// Hardware limits of compute capability 8.0 / 9.0 (the H100's opt-in shared memory).
 pub mod limits {

@@ -11,6 +11,10 @@
 //!
 //! Checks beyond CUDA's own errors:
 //! - every pointer argument must lie inside a live device buffer;
+//! - in a programmatic launch ([`LaunchConfig::programmatic`]) every thread must call
+//!   `grid_dependency_wait()` before it returns. Launches run one after another here, so the
+//!   wait itself has nothing to wait for: where a kernel places it (before its first read of
+//!   another kernel's output) only a GPU can check;
 //! - each buffer has guard bytes before and after it. Without AddressSanitizer they hold a
 //!   pattern that is verified after every launch for the buffers passed to it (catches
 //!   out-of-bounds writes up to [`GUARD_AFTER`] bytes past the end). With the `emu-asan`
@@ -78,6 +82,7 @@ struct EmuLaunch {
     block: [u32; 3],
     dynamic_shared_bytes: u32,
     reverse_order: u32,
+    programmatic: u32,
     argument_slots: *const u64,
 }
 
@@ -341,6 +346,7 @@ impl EmuDevice {
             block: launch.config.block,
             dynamic_shared_bytes: launch.config.shared_mem_bytes,
             reverse_order: reverse as u32,
+            programmatic: launch.config.programmatic as u32,
             argument_slots: launch.slots.as_ptr(),
         };
         let blocks = launch.config.block_count();

@@ -3,16 +3,18 @@
 //! compiled by NVRTC to cubins for the device's own architecture (the driver never JIT-compiles
 //! PTX), one module per kernels/*.cu loaded on the first launch of one of its kernels.
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys::{
     CUdevice_attribute, CUdeviceptr, CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags,
+    CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue, CUlaunchConfig,
     CUstreamCaptureMode,
 };
 use cudarc::driver::{
-    result, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream, PushKernelArg,
+    result, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream, DriverError,
 };
 
 use super::device::{
@@ -21,6 +23,7 @@ use super::device::{
     StreamKind, KERNELS, WORK_STREAM,
 };
 use super::nvrtc::{kernel_source, CudaVersion, Nvrtc, Output};
+use crate::kv::KvLayout;
 
 /// Whether a CUDA driver can be loaded and reports at least one device. Never panics: cudarc
 /// panics on first use when libcuda is missing, so its presence is checked first.
@@ -87,6 +90,10 @@ pub struct GpuDevice {
     driver: CudaVersion,
     multiprocessors: i32,
     l2_cache_bytes: usize,
+    /// Whether launches marked [`LaunchConfig::programmatic`] get the attribute: compute
+    /// capability 9.0 and newer (below it the kernels' waits compile to nothing, and the
+    /// launches are plain ones).
+    programmatic_launch: bool,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<usize, CudaFunction>>,
     max_dynamic_shared: Mutex<HashMap<usize, u32>>,
@@ -96,10 +103,6 @@ pub struct GpuDevice {
     /// emulator (see emu.rs).
     capture_refused: Mutex<Option<String>>,
 }
-
-// SAFETY: `KvLayout` is `#[repr(C)]` plain data (six u32), laid out as kernels/kv_layout.cuh's
-// struct, which both sides check (static_asserts there, a const assert in src/kv/layout.rs).
-unsafe impl cudarc::driver::DeviceRepr for crate::kv::KvLayout {}
 
 impl GpuDevice {
     /// Opens device `ordinal`. Errors (no driver, no device, compute capability below 8.0, no
@@ -147,6 +150,7 @@ impl GpuDevice {
             driver,
             multiprocessors,
             l2_cache_bytes,
+            programmatic_launch: major >= 9,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             max_dynamic_shared: Mutex::new(HashMap::new()),
@@ -231,6 +235,50 @@ impl GpuDevice {
             "{what} during graph capture: only launches and memsets may be issued while capturing \
              (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED; the capture is invalidated)"
         )
+    }
+
+    /// cuLaunchKernelEx with programmatic stream serialization allowed: the kernel may start
+    /// before the previous kernel of the stream has finished (its threads wait for it in
+    /// `grid_dependency_wait()`). Captured into a graph as a programmatic edge (CUDA 12.3+).
+    ///
+    /// # Safety
+    /// As cuLaunchKernel: `params` holds a valid pointer to each of the kernel's parameters.
+    unsafe fn launch_programmatic(
+        &self,
+        function: &CudaFunction,
+        config: &LaunchConfig,
+        params: &mut [*mut c_void],
+    ) -> std::result::Result<(), DriverError> {
+        // SAFETY: all-zero bytes are a valid value of this plain C union.
+        let mut value: CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attribute = CUlaunchAttribute {
+            id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let launch = CUlaunchConfig {
+            gridDimX: config.grid[0],
+            gridDimY: config.grid[1],
+            gridDimZ: config.grid[2],
+            blockDimX: config.block[0],
+            blockDimY: config.block[1],
+            blockDimZ: config.block[2],
+            sharedMemBytes: config.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        // SAFETY: `launch` and `attribute` live through the call; see the function's contract.
+        unsafe {
+            cudarc::driver::sys::cuLaunchKernelEx(
+                &launch,
+                function.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
     }
 
     fn address(buffer: &DeviceBuffer, offset_bytes: usize) -> CUdeviceptr {
@@ -351,32 +399,51 @@ impl Device for GpuDevice {
         let max_dynamic_shared = self.max_dynamic_shared.lock().unwrap().get(&index).copied();
         check_launch_limits(signature, &config, max_dynamic_shared)?;
         let function = self.function(index)?;
-        // cuLaunchKernel takes a pointer to each parameter's value and reads as many bytes as
-        // the kernel's parameter has: a scalar's value sits in the low bytes of a 64-bit slot, a
-        // layout is read from the `#[repr(C)]` struct itself (the bytes of kv_layout.cuh's).
+        // cuLaunchKernel(Ex) takes a pointer to each parameter's value and reads as many bytes
+        // as the kernel's parameter has: a scalar's value sits in the low bytes of a 64-bit
+        // slot, a layout is read from the `#[repr(C)]` struct itself (plain data laid out as
+        // kv_layout.cuh's struct: static_asserts there, a const assert in src/kv/layout.rs).
         let slots = argument_slots(args);
-        let mut builder = self.stream.launch_builder(&function);
+        let mut params: Vec<*mut c_void> = Vec::with_capacity(args.len());
         let mut first_slot = 0;
         for arg in args {
-            match arg {
-                KernelArg::KvLayout(layout) => builder.arg(layout),
+            params.push(match arg {
+                KernelArg::KvLayout(layout) => layout as *const KvLayout as *mut c_void,
                 KernelArg::Ptr(_) | KernelArg::I32(_) | KernelArg::U32(_) | KernelArg::F32(_) => {
-                    builder.arg(&slots[first_slot])
+                    &slots[first_slot] as *const u64 as *mut c_void
                 }
-            };
+            });
             first_slot += arg.kind().slots();
         }
-        let launch_config = cudarc::driver::LaunchConfig {
-            grid_dim: (config.grid[0], config.grid[1], config.grid[2]),
-            block_dim: (config.block[0], config.block[1], config.block[2]),
-            shared_mem_bytes: config.shared_mem_bytes,
+        let programmatic = config.programmatic && self.programmatic_launch;
+        self.ctx.bind_to_thread()?;
+        // SAFETY: arguments were checked against the kernel's parsed signature and `params`
+        // points into `slots` and `args`, which outlive the call; pointer arguments are device
+        // addresses whose validity is the caller's contract, as in CUDA.
+        let launched = unsafe {
+            if programmatic {
+                self.launch_programmatic(&function, &config, &mut params)
+            } else {
+                result::launch_kernel(
+                    function.cu_function(),
+                    (config.grid[0], config.grid[1], config.grid[2]),
+                    (config.block[0], config.block[1], config.block[2]),
+                    config.shared_mem_bytes,
+                    self.stream.cu_stream(),
+                    &mut params,
+                )
+            }
         };
-        // SAFETY: arguments were checked against the kernel's parsed signature; pointer
-        // arguments are device addresses whose validity is the caller's contract, as in CUDA.
-        unsafe { builder.launch(launch_config) }.with_context(|| {
+        launched.with_context(|| {
             format!(
-                "launching `{kernel}` (grid {:?}, block {:?})",
-                config.grid, config.block
+                "launching `{kernel}` (grid {:?}, block {:?}{})",
+                config.grid,
+                config.block,
+                if programmatic {
+                    ", programmatic dependent launch"
+                } else {
+                    ""
+                }
             )
         })?;
         Ok(())

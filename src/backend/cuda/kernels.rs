@@ -367,6 +367,7 @@ impl CudaBackend {
             ],
             block: [MATMUL_THREADS as u32, 1, 1],
             shared_mem_bytes: shared,
+            programmatic: false,
         };
         self.launch(
             match output {
@@ -515,6 +516,7 @@ impl CudaBackend {
             grid: [blocks(tiles, "prefill attention")?, layout.num_kv_heads, 1],
             block: [PREFILL_THREADS as u32, 1, 1],
             shared_mem_bytes: 0,
+            programmatic: false,
         };
         let mut args = vec![
             KernelArg::Ptr(q),
@@ -563,6 +565,7 @@ impl CudaBackend {
             ],
             block: [DECODE_THREADS as u32, 1, 1],
             shared_mem_bytes: 0,
+            programmatic: false,
         };
         let mut args = vec![
             KernelArg::Ptr(q),
