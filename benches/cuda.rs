@@ -16,7 +16,8 @@
 //!    chunks of 16, 64, 256, graphs on and off: wall tokens/s, device time per step (CUDA events
 //!    around the step's device work), share of the copy bandwidth;
 //! 2. attention: decode attention of one layer at 8k and 32k positions, contiguous vs chunks of
-//!    16, 64 and 256, over caches rotating through more than 4x the L2;
+//!    16, 64 and 256, bf16 vs int8 vs fp8 e4m3 KV (a quarter of the bytes plus the scales), over
+//!    caches rotating through more than 4x the L2;
 //! 3. matvec: the decode matvec alone per Llama shape, rotating over copies of each weight that
 //!    together span over 4x the L2 (at least 4 copies), so that every call reads from memory;
 //! 4. matmul: the prefill matmul (tensor cores) per shape, beside cuBLAS (bf16 in, f32 compute)
@@ -551,8 +552,8 @@ fn decode_attention(target: &Target, plan: &Plan, bound_gbps: f64) -> Result<Vec
         plan.rotation_bytes >> 20
     );
     println!(
-        "{:>8} {:<12} {:>10} {:>9} {:>8} {:>14}",
-        "context", "layout", "us", "GB/s", "of copy", "vs contiguous"
+        "{:>8} {:<12} {:<9} {:>10} {:>9} {:>8} {:>14} {:>8}",
+        "context", "layout", "kv", "us", "GB/s", "of copy", "vs contiguous", "vs bf16"
     );
     let device = target.device.as_ref();
     let backend = CudaBackend::new(target.device.clone(), target.name, CudaOptions::default())?;
@@ -564,41 +565,51 @@ fn decode_attention(target: &Target, plan: &Plan, bound_gbps: f64) -> Result<Vec
     let mut out = backend.alloc(1, cfg.q_dim())?;
     let mut rows = Vec::new();
     for &context in &plan.attention_contexts {
-        let mut contiguous = None;
-        for &shape in &plan.layouts {
-            let kv_dtype = backend.kv_dtypes()[0];
-            let mut rotation = KvRotation::new(
-                &backend,
-                &cfg,
-                shape,
-                kv_dtype,
-                context,
-                1,
-                plan.rotation_bytes,
-            )?;
-            let cost = cost::attention(&cfg, context - 1, 1, kv_dtype);
-            let calls = plan
-                .rotation_bytes
-                .div_ceil((cost.bytes as usize).max(1))
-                .max(cfg.num_layers);
-            let seconds = time_calls(device, plan.samples, calls, |_| {
-                let (memory, view, layer) = rotation.next_layer();
-                backend.attention(&q, memory, view, layer, cfg.num_heads, &mut out)
-            })?;
-            let gbps = cost.bytes / seconds.median / 1e9;
-            let base = *contiguous.get_or_insert(seconds.median);
-            println!(
-                "{context:>8} {:<12} {:>10.1} {gbps:>9.0} {:>7.0}% {:>13.2}x",
-                shape.to_string(),
-                seconds.median * 1e6,
-                100.0 * gbps / bound_gbps,
-                seconds.median / base
-            );
-            rows.push(json!({
-                "context": context, "layout": shape.to_string(), "seconds": seconds,
-                "gbps": gbps, "share_of_copy": gbps / bound_gbps,
-                "time_vs_contiguous": seconds.median / base,
-            }));
+        // The first type's (bf16's) time per layout, which the other types are compared with.
+        let mut first_type = Vec::new();
+        for (type_index, &kv_dtype) in backend.kv_dtypes().iter().enumerate() {
+            let mut contiguous = None;
+            for (layout_index, &shape) in plan.layouts.iter().enumerate() {
+                let mut rotation = KvRotation::new(
+                    &backend,
+                    &cfg,
+                    shape,
+                    kv_dtype,
+                    context,
+                    1,
+                    plan.rotation_bytes,
+                )?;
+                let cost = cost::attention(&cfg, context - 1, 1, kv_dtype);
+                let calls = plan
+                    .rotation_bytes
+                    .div_ceil((cost.bytes as usize).max(1))
+                    .max(cfg.num_layers);
+                let seconds = time_calls(device, plan.samples, calls, |_| {
+                    let (memory, view, layer) = rotation.next_layer();
+                    backend.attention(&q, memory, view, layer, cfg.num_heads, &mut out)
+                })?;
+                let gbps = cost.bytes / seconds.median / 1e9;
+                let base = *contiguous.get_or_insert(seconds.median);
+                if type_index == 0 {
+                    first_type.push(seconds.median);
+                }
+                let vs_first = seconds.median / first_type[layout_index];
+                println!(
+                    "{context:>8} {:<12} {:<9} {:>10.1} {gbps:>9.0} {:>7.0}% {:>13.2}x {:>7.2}x",
+                    shape.to_string(),
+                    kv_dtype.name(),
+                    seconds.median * 1e6,
+                    100.0 * gbps / bound_gbps,
+                    seconds.median / base,
+                    vs_first
+                );
+                rows.push(json!({
+                    "context": context, "layout": shape.to_string(), "kv_dtype": kv_dtype.name(),
+                    "seconds": seconds, "gbps": gbps, "share_of_copy": gbps / bound_gbps,
+                    "time_vs_contiguous": seconds.median / base,
+                    "time_vs_bf16": vs_first,
+                }));
+            }
         }
     }
     println!();

@@ -19,6 +19,8 @@
 //   are read from device memory and the grid depends only on the split count (which the host
 //   raises at long contexts) and the number of sequences, so a recorded decode step replays
 //   unchanged as its sequences grow.
+// K/V entries are bf16, or int8 / fp8 e4m3 codes with f32 scales (kv_quant.cuh): the decode
+// kernel dequantizes them in registers, the prefill kernel into its bf16 tiles.
 // Softmax runs in base 2: scores are scaled by log2(e) / sqrt(head_dim) once, then exp2.
 #include "common.cuh"
 #include "kv_layout.cuh"

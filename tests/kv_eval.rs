@@ -74,3 +74,30 @@ fn a_short_run_writes_every_turn_and_a_complete_summary() {
     }
     check_png(&dir.join("quality_vs_bytes.png"));
 }
+
+#[test]
+fn a_backend_without_the_f32_reference_is_refused_before_anything_runs() {
+    let Some(model) = smollm2_file() else { return };
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("run");
+    let run = kvlab(&[
+        "kv-eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--backend",
+        "emu",
+        "--config",
+        "int8/full",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("f32 full cache")
+            && stderr.contains("--kv-dtype f32")
+            && stderr.contains("--backend cpu"),
+        "{stderr}"
+    );
+    assert!(!dir.exists(), "nothing written");
+}

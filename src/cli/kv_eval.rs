@@ -81,6 +81,11 @@ pub fn run(args: KvEvalArgs) -> Result<()> {
         )
     })?;
     let backend = loaded.generator.backend_info();
+    // A backend that cannot hold the reference is refused before anything runs.
+    loaded
+        .generator
+        .set_kv_options(EvalConfig::REFERENCE.kv_options())
+        .context("kv-eval compares every configuration with the f32 full cache")?;
     let subset = backend.name != "cuda" && !args.full;
     let scenario_items = args.scenarios.clone().unwrap_or_else(|| vec!["all".into()]);
     let scenarios = scenarios::select(&scenario_items)?;

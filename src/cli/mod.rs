@@ -41,8 +41,9 @@ pub struct ModelArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Element type of K and V [default: f32 on the CPU (exact against transformers' f32),
-    /// bf16 on CUDA]; bf16 halves the KV bytes; int8 and fp8-e4m3 (CPU) store a byte per value
-    /// and an f32 scale per row of head_dim, a quarter of f32 plus the scales.
+    /// bf16 on CUDA]; bf16 halves the KV bytes; int8 and fp8-e4m3 (CPU and CUDA) store a byte
+    /// per value and f32 scales (int8 keys: one per 16 channels; other rows: one per row of
+    /// head_dim), a quarter of f32 plus the scales. f32: CPU only.
     #[arg(long, value_enum)]
     pub kv_dtype: Option<kvlab::kv::KvDtype>,
     /// Bytes of the KV pool every sequence draws from, e.g. 512MiB, 2GiB, 1.5GB or a plain byte

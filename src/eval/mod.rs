@@ -47,7 +47,8 @@ impl EvalConfig {
         format!("{}/{}", self.dtype, self.policy)
     }
 
-    fn kv_options(&self) -> KvOptions {
+    /// The options that make a generator's cache this configuration.
+    pub fn kv_options(&self) -> KvOptions {
         KvOptions {
             dtype: Some(self.dtype),
             budget_bytes: None,
