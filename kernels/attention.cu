@@ -511,8 +511,9 @@ __device__ __forceinline__ void decode_block_reduce(DecodeShared& shared, float 
 // `lanes_per_row` = head_dim / 8 lanes, 8 dimensions each (a 16-byte vector of bf16, or 8 bytes
 // of int8 or fp8 codes and the row's scale for them), so a warp covers `rows_per_warp` =
 // 32 / lanes_per_row positions per load, and every lane issues the loads of
-// DECODE_ROWS_IN_FLIGHT positions (rows_per_warp apart) before it uses one: a warp keeps
-// DECODE_ROWS_IN_FLIGHT x 1 KiB of bf16 K and V in flight (half of it for int8 and fp8).
+// ROWS_IN_FLIGHT positions (rows_per_warp apart) before it uses one: a warp keeps 4 KiB of K
+// and V in flight (DECODE_ROWS_IN_FLIGHT positions a lane in bf16, twice as many in int8 and
+// fp8, whose rows are half the bytes).
 // Quantized codes are dequantized in registers: a lane's K dot product is scaled once by its
 // key group's scale, a position's weight by its V row's scale. head_dim is a power of two in
 // [16, 256]; DTYPE is the layout's `dtype` (bf16, int8 or fp8 e4m3).
@@ -556,7 +557,8 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
     const int rows_per_warp = WARP_SIZE / lanes_per_row;
     const int row_in_warp = lane / lanes_per_row;
     const int vector = lane % lanes_per_row;  // this lane's 8 dimensions: 8 * vector ..
-    const int warp_span = rows_per_warp * DECODE_ROWS_IN_FLIGHT;  // positions a warp loads at once
+    constexpr int ROWS_IN_FLIGHT = DTYPE == KV_DTYPE_BF16 ? DECODE_ROWS_IN_FLIGHT : 2 * DECODE_ROWS_IN_FLIGHT;
+    const int warp_span = rows_per_warp * ROWS_IN_FLIGHT;  // positions a warp loads at once
     const int block_span = DECODE_WARPS * warp_span;
 
     // Inside a block (a chunk, or the contiguous run) the K rows of (layer, kv_head) follow one
@@ -625,10 +627,10 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
         for (int tile = window + warp * warp_span; tile < window_end; tile += block_span) {
             // bf16: a 16-byte vector of each row; int8 and fp8: 8 bytes (x, y) of codes, read as
             // two words (a quantized arena's chunks start on 4-byte boundaries only).
-            uint4 k_vec[DECODE_ROWS_IN_FLIGHT], v_vec[DECODE_ROWS_IN_FLIGHT];
-            float k_scale[DECODE_ROWS_IN_FLIGHT], v_scale[DECODE_ROWS_IN_FLIGHT];
+            uint4 k_vec[ROWS_IN_FLIGHT], v_vec[ROWS_IN_FLIGHT];
+            float k_scale[ROWS_IN_FLIGHT], v_scale[ROWS_IN_FLIGHT];
 #pragma unroll
-            for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
+            for (int r = 0; r < ROWS_IN_FLIGHT; ++r) {
                 const int pos = tile + r * rows_per_warp + row_in_warp;
                 k_vec[r] = make_uint4(0u, 0u, 0u, 0u);
                 v_vec[r] = make_uint4(0u, 0u, 0u, 0u);
@@ -665,9 +667,9 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
                     }
                 }
             }
-            float score[DECODE_ROWS_IN_FLIGHT][DECODE_HEADS_PER_BLOCK];
+            float score[ROWS_IN_FLIGHT][DECODE_HEADS_PER_BLOCK];
 #pragma unroll
-            for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
+            for (int r = 0; r < ROWS_IN_FLIGHT; ++r) {
                 float k_values[8];
                 decode_unpack<DTYPE>(k_vec[r], k_values);
 #pragma unroll
@@ -691,7 +693,7 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
             for (int h = 0; h < DECODE_HEADS_PER_BLOCK; ++h) {
                 float tile_max = negative_infinity();
 #pragma unroll
-                for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
+                for (int r = 0; r < ROWS_IN_FLIGHT; ++r) {
                     if (tile + r * rows_per_warp + row_in_warp < window_end) {
                         tile_max = fmaxf(tile_max, score[r][h]);
                     }
@@ -708,7 +710,7 @@ __device__ __forceinline__ void attention_decode_split(DecodeShared& shared, con
                     acc[h][d] *= alpha;
                 }
 #pragma unroll
-                for (int r = 0; r < DECODE_ROWS_IN_FLIGHT; ++r) {
+                for (int r = 0; r < ROWS_IN_FLIGHT; ++r) {
                     if (tile + r * rows_per_warp + row_in_warp < window_end) {
                         const float p = exp2f(score[r][h] - new_max);
                         sum[h] += p;

@@ -959,7 +959,8 @@ fn attention_cases(
 /// Attention over int8 or fp8 caches, the codes written by each backend's own append: GQA 1, 3,
 /// 4 and 9, head_dim 16 (an int8 key row is one group) to 128 (eight), both layouts, chunks of
 /// 7 (a quantized chunk that starts on a 4-byte boundary only) and 16, prefill steps of more
-/// than a K/V tile, decode over several splits and over more positions than a block loads.
+/// than a K/V tile, decode over several splits, over more positions than a block loads and over
+/// more chunks than its table window.
 fn quantized_attention_cases(ctx: &Context, dtype: KvDtype) -> Result<String> {
     let case = |(num_heads, num_kv_heads, head_dim): (usize, usize, usize),
                 shape: KvShape,
@@ -985,6 +986,10 @@ fn quantized_attention_cases(ctx: &Context, dtype: KvDtype) -> Result<String> {
         case((8, 2, 64), KvShape::Chunked(7), &[290, 1, 1], Some(8)),
         case((9, 1, 128), KvShape::Contiguous, &[20, 30, 1], Some(1)),
         case((9, 1, 128), KvShape::Chunked(7), &[20, 1, 1], Some(3)),
+        // One split over several of a block's loads (128 positions at head_dim 64, 512 at 16)
+        // and, in chunks of 7, over more chunks than a block's table window.
+        case((8, 2, 64), KvShape::Contiguous, &[600, 1], Some(1)),
+        case((4, 4, 16), KvShape::Chunked(7), &[700, 1, 1], Some(1)),
     ] {
         check_attention(ctx, case)?;
     }
