@@ -13,8 +13,9 @@
 //! Sections, in this order (`KVLAB_BENCH_SECTIONS=decode,attention,matvec,matmul,prefill`,
 //! default all; the copy bandwidth always comes first, the others are shares of it):
 //! 1. decode: whole decode steps of the model at contexts 128, 1k, 8k, 32k, static cache and
-//!    chunks of 16, 64, 256, graphs on and off: wall tokens/s, device time per step (CUDA events
-//!    around the step's device work), share of the copy bandwidth;
+//!    chunks of 16, 64, 256, graphs on and off, runs on the device's ids with and without
+//!    programmatic launch, int8 and fp8 caches in runs: wall tokens/s, device time per step (CUDA
+//!    events around the step's device work), share of the copy bandwidth;
 //! 2. attention: decode attention of one layer at 8k and 32k positions, contiguous vs chunks of
 //!    16, 64 and 256, bf16 vs int8 vs fp8 e4m3 KV (a quarter of the bytes plus the scales), over
 //!    caches rotating through more than 4x the L2;
@@ -40,7 +41,7 @@ use kvlab::backend::cuda::gpu::{cuda_device_present, GpuDevice};
 use kvlab::backend::cuda::{CudaBackend, CudaOptions, Device};
 use kvlab::backend::Backend;
 use kvlab::generate::{Engine, GenerateOptions, Generator};
-use kvlab::kv::Strategy;
+use kvlab::kv::{KvDtype, Strategy};
 use kvlab::model::config::Config;
 use kvlab::model::forward::Model;
 use kvlab::roofline::cost;
@@ -631,6 +632,9 @@ fn load_model(target: &Target, plan: &Plan) -> Result<(CudaBackend, Model<CudaBa
     Ok((backend, model))
 }
 
+/// How a decode row runs: (CUDA graphs, runs on the device's own ids, programmatic launch).
+type DecodeMode = (bool, bool, bool);
+
 fn decode_steps(
     backend: &CudaBackend,
     model: &Model<CudaBackend>,
@@ -642,14 +646,16 @@ fn decode_steps(
         "1. decode steps ({steps} timed after {DECODE_WARMUP}; device time from CUDA events \
          around each step's device work; graphs on / off: the host's token and step view copied \
          in before every step; runs{window}: that many steps on the device's own ids between two \
-         reads; runs{window}+pdl: the same with programmatic dependent launch)",
+         reads; runs{window}+pdl: the same with programmatic dependent launch; kv: the cache's \
+         element type, int8 and fp8 in runs on the first layout)",
         steps = plan.decode_steps,
         window = backend.decode_window()
     );
     println!(
-        "{:>8} {:<12} {:<10} {:>11} {:>15} {:>13} {:>9} {:>8} {:>12}",
+        "{:>8} {:<12} {:<9} {:<10} {:>11} {:>15} {:>13} {:>9} {:>8} {:>12}",
         "context",
         "layout",
+        "kv",
         "graphs",
         "wall tok/s",
         "device us/step",
@@ -667,27 +673,35 @@ fn decode_steps(
             );
             continue;
         }
-        let cost = cost::decode_step(
-            cfg,
-            model.weight_bytes_per_token,
-            context,
-            backend.kv_dtypes()[0],
-        );
-        for &shape in &plan.layouts {
-            // Graphs on and off with the host's token and view copied in before every step, then
-            // runs of decode_window steps on the device's own ids (as generation decodes),
-            // without and with programmatic dependent launch.
+        // Every layout with the default (bf16) cache: graphs on and off with the host's token and
+        // view copied in before every step, then runs of decode_window steps on the device's own
+        // ids (as generation decodes), without and with programmatic dependent launch. Then the
+        // other element types in runs, on the first layout.
+        let (default_type, other_types) =
+            backend.kv_dtypes().split_first().context("no KV type")?;
+        let all_modes = [
+            (true, false, false),
+            (false, false, false),
+            (true, true, false),
+            (true, true, true),
+        ];
+        let mut cases: Vec<(KvShape, KvDtype, &[DecodeMode])> = plan
+            .layouts
+            .iter()
+            .map(|&shape| (shape, *default_type, &all_modes[..]))
+            .collect();
+        for &kv_dtype in other_types {
+            cases.push((plan.layouts[0], kv_dtype, &all_modes[2..3]));
+        }
+        for (shape, kv_dtype, modes) in cases {
+            let cost = cost::decode_step(cfg, model.weight_bytes_per_token, context, kv_dtype);
             let window = backend.decode_window();
-            for (graphs, runs, pdl) in [
-                (true, false, false),
-                (false, false, false),
-                (true, true, false),
-                (true, true, true),
-            ] {
+            for &(graphs, runs, pdl) in modes {
                 backend.set_graphs(graphs);
                 backend.set_programmatic_launch(pdl);
                 let drift = DECODE_WARMUP + plan.decode_steps;
-                let mut step = DecodeStep::with_drift(backend, model, shape, context, drift)?;
+                let mut step =
+                    DecodeStep::with_drift(backend, model, (shape, kv_dtype), context, drift)?;
                 if runs {
                     step.run_on_device(backend, DECODE_WARMUP)?;
                 } else {
@@ -720,8 +734,9 @@ fn decode_steps(
                 let replayed = backend.graph_stats().graphs_replayed - before.graphs_replayed;
                 let gbps = cost.bytes / device.median / 1e9;
                 println!(
-                    "{context:>8} {:<12} {:<10} {:>11.0} {:>15.1} {:>13.0} {gbps:>9.0} {:>7.0}% {:>12}",
+                    "{context:>8} {:<12} {:<9} {:<10} {:>11.0} {:>15.1} {:>13.0} {gbps:>9.0} {:>7.0}% {:>12}",
                     shape.to_string(),
+                    kv_dtype.name(),
                     match (graphs, runs, pdl) {
                         (true, true, false) => format!("runs{window}"),
                         (true, true, true) => format!("runs{window}+pdl"),
@@ -735,7 +750,8 @@ fn decode_steps(
                     format!("{replayed}/{}", plan.decode_steps),
                 );
                 rows.push(json!({
-                    "context": context, "layout": shape.to_string(), "graphs": graphs,
+                    "context": context, "layout": shape.to_string(), "kv_dtype": kv_dtype.name(),
+                    "graphs": graphs,
                     "device_token_runs": runs.then_some(window), "programmatic_launch": pdl,
                     "wall_seconds": wall, "device_seconds": device,
                     "wall_tokens_per_second": 1.0 / wall.median,

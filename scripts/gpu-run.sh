@@ -14,7 +14,7 @@
 #   synth     kvlab synth --preset llama-3.2-1b: the model the bench decodes   -> bench.txt
 #   decode    .gpu-bundle/cuda-bench (benches/cuda.rs), each bench stage after the copy
 #             bandwidth it is a share of: decode steps at 128/1k/8k/32k, static and chunks of
-#             16/64/256, graphs on and off                                -> bench.txt, bench.json
+#             16/64/256, graphs on and off, int8/fp8 KV in runs            -> bench.txt, bench.json
 #   kernels   the bench's decode attention at 8k/32k (contiguous vs chunked, bf16/int8/fp8 KV), decode matvec,
 #             prefill matmul beside cuBLAS                                -> bench.txt, bench.json
 #   prefill   the bench's prefill of 512 and 2048 tokens                 -> bench.txt, bench.json

@@ -188,6 +188,7 @@ const DRIFT: usize = 8;
 pub struct DecodeStep<'m, B: Backend> {
     model: &'m Model<B>,
     shape: KvShape,
+    dtype: KvDtype,
     context: usize,
     drift: usize,
     cache: FilledCache<B>,
@@ -196,15 +197,22 @@ pub struct DecodeStep<'m, B: Backend> {
 
 impl<'m, B: Backend> DecodeStep<'m, B> {
     pub fn new(backend: &B, model: &'m Model<B>, shape: KvShape, context: usize) -> Result<Self> {
-        Self::with_drift(backend, model, shape, context, DRIFT)
+        Self::with_drift(
+            backend,
+            model,
+            (shape, backend.kv_dtypes()[0]),
+            context,
+            DRIFT,
+        )
     }
 
-    /// A fixture whose cache has room for `drift` steps before a refill: a series of that many
-    /// steps runs on one cache (the same buffers, so that CUDA graphs replay throughout).
+    /// A fixture whose cache of `dtype` has room for `drift` steps before a refill: a series of
+    /// that many steps runs on one cache (the same buffers, so that CUDA graphs replay
+    /// throughout).
     pub fn with_drift(
         backend: &B,
         model: &'m Model<B>,
-        shape: KvShape,
+        (shape, dtype): (KvShape, KvDtype),
         context: usize,
         drift: usize,
     ) -> Result<Self> {
@@ -215,16 +223,10 @@ impl<'m, B: Backend> DecodeStep<'m, B> {
         Ok(DecodeStep {
             model,
             shape,
+            dtype,
             context,
             drift,
-            cache: filled_cache(
-                backend,
-                cfg,
-                shape,
-                backend.kv_dtypes()[0],
-                context.max(1) - 1,
-                drift + 1,
-            )?,
+            cache: filled_cache(backend, cfg, shape, dtype, context.max(1) - 1, drift + 1)?,
             act,
         })
     }
@@ -254,7 +256,7 @@ impl<'m, B: Backend> DecodeStep<'m, B> {
                 backend,
                 &self.model.config,
                 self.shape,
-                backend.kv_dtypes()[0],
+                self.dtype,
                 self.context.max(1) - 1,
                 self.drift + 1,
             )?;
