@@ -26,19 +26,24 @@ const BF16_PROMPT_BOUND: f32 = 1.20;
 /// transformers in bf16: its 24 step logits' largest distance from its float32 ones.
 const BF16_STEP_BOUND: f32 = 0.58;
 
-#[test]
-fn smollm2_on_the_emulator_is_as_close_as_transformers_in_bf16() {
-    let Some(path) = smollm2_file() else { return };
-    let reference = common::reference(SMOLLM2);
+/// SmolLM2 in bf16 on the emulator, and its vocabulary size.
+fn emulator_engine(path: &std::path::Path) -> (Engine<CudaBackend>, usize) {
     let backend = CudaBackend::new(
         Arc::new(EmuDevice::new().unwrap()),
         "emu",
         CudaOptions::default(),
     )
     .unwrap();
-    let model = Model::load_gguf(&backend, &GgufFile::open(&path).unwrap(), DType::BF16).unwrap();
+    let model = Model::load_gguf(&backend, &GgufFile::open(path).unwrap(), DType::BF16).unwrap();
     let vocab = model.config.vocab_size;
-    let mut engine = Engine::new(backend, model);
+    (Engine::new(backend, model), vocab)
+}
+
+#[test]
+fn smollm2_on_the_emulator_is_as_close_as_transformers_in_bf16() {
+    let Some(path) = smollm2_file() else { return };
+    let reference = common::reference(SMOLLM2);
+    let (mut engine, vocab) = emulator_engine(&path);
     let Some((_, prompt_logits)) = smollm2_prompt_logits() else {
         return;
     };
@@ -100,15 +105,7 @@ fn int8_and_fp8_caches_on_the_emulator_stay_close_to_its_bf16_cache() {
     use kvlab::kv::KvDtype;
     let Some(path) = smollm2_file() else { return };
     let reference = common::reference(SMOLLM2);
-    let backend = CudaBackend::new(
-        Arc::new(EmuDevice::new().unwrap()),
-        "emu",
-        CudaOptions::default(),
-    )
-    .unwrap();
-    let model = Model::load_gguf(&backend, &GgufFile::open(&path).unwrap(), DType::BF16).unwrap();
-    let vocab = model.config.vocab_size;
-    let mut engine = Engine::new(backend, model);
+    let (mut engine, vocab) = emulator_engine(&path);
     // The prompt (prefill attention over the quantized cache) and four decode steps fed the bf16
     // cache's ids, so that every row follows the same text.
     let opts = GenerateOptions {

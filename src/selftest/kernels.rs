@@ -5,7 +5,7 @@
 //! row, chunk boundaries inside a step, GQA ratios 1, 3, 4 and 9.
 use super::{Check, Context};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
-use crate::backend::cuda::{CudaBackend, CudaOptions};
+use crate::backend::cuda::{CudaBackend, CudaOptions, CudaWeight};
 use crate::backend::Backend;
 use crate::backend::{KvStore, CHOSEN_IDS_KEPT};
 use crate::kv::quant::e4m3_decode;
@@ -1062,6 +1062,37 @@ fn decode_attention_splits_a_long_sequence(ctx: &Context) -> Result<String> {
     )
 }
 
+/// One head_dim row a step writes: its row in the step, its sequence, position and slot, K or V,
+/// and KV head.
+struct WrittenRow<'a> {
+    row: usize,
+    seq: &'a SeqStep,
+    pos: usize,
+    slot: usize,
+    part: KvPart,
+    head: usize,
+}
+
+/// Every head_dim row the step `view` writes in a layer, row by row, K then V, head by head.
+fn written_rows(view: &StepView) -> Vec<WrittenRow<'_>> {
+    let mut rows = Vec::new();
+    for row in 0..view.rows() {
+        for part in [KvPart::Key, KvPart::Value] {
+            for head in 0..view.layout.num_kv_heads as usize {
+                rows.push(WrittenRow {
+                    row,
+                    seq: &view.seqs[view.row_seq[row] as usize],
+                    pos: view.row_pos[row] as usize,
+                    slot: view.row_slot[row] as usize,
+                    part,
+                    head,
+                });
+            }
+        }
+    }
+    rows
+}
+
 /// `n` bf16 entries (their bits) of a device arena from byte `at`.
 fn arena_bf16(arena: &[u8], at: usize, n: usize) -> Vec<u16> {
     arena[at..at + 2 * n]
@@ -1177,23 +1208,26 @@ fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
         let layer = 1;
         cuda.kv_append(&mut gpu_memory, &view, layer, &gk, &gv)?;
         let arena = cuda.read_kv_arena(&gpu_memory)?;
-        for row in 0..rows {
-            let seq = &view.seqs[view.row_seq[row] as usize];
-            let pos = view.row_pos[row] as usize;
-            for (part, values) in [(KvPart::Key, &k), (KvPart::Value, &v)] {
-                for head in 0..cfg.num_kv_heads {
-                    let at = view.row_offsets(seq, layer, part, head, pos).codes;
-                    let want = &values[(row * cfg.num_kv_heads + head) * head_dim..][..head_dim];
-                    let got = arena_bf16(&arena, at, head_dim);
-                    ensure!(
-                        got.iter()
-                            .zip(want)
-                            .all(|(&g, &w)| g == bf16::from_f32(w).to_bits()),
-                        "{kind:?} kv_append: row {row} ({part:?}, head {head}, position {pos}) is \
-                         not at arena byte {at}"
-                    );
-                }
-            }
+        for WrittenRow {
+            row,
+            seq,
+            pos,
+            part,
+            head,
+            ..
+        } in written_rows(&view)
+        {
+            let values = if part == KvPart::Key { &k } else { &v };
+            let at = view.row_offsets(seq, layer, part, head, pos).codes;
+            let want = &values[(row * cfg.num_kv_heads + head) * head_dim..][..head_dim];
+            let got = arena_bf16(&arena, at, head_dim);
+            ensure!(
+                got.iter()
+                    .zip(want)
+                    .all(|(&g, &w)| g == bf16::from_f32(w).to_bits()),
+                "{kind:?} kv_append: row {row} ({part:?}, head {head}, position {pos}) is not at \
+                 arena byte {at}"
+            );
         }
 
         // A view that reaches outside the arena, or whose rows contradict their sequences, is
@@ -1219,6 +1253,47 @@ fn rope_and_kv_append_of_several_sequences(ctx: &Context) -> Result<String> {
         }
     }
     Ok("3 sequences, shuffled tables and far runs, bad views refused".into())
+}
+
+/// `rope_kv_append` on the device against `rope` then `kv_append` of the rotated k, each into a
+/// fresh arena of `chunks` chunks of the view's layout: q and the whole arenas must be
+/// bit-identical. Returns the fused op's q and arena.
+fn fused_against_unfused(
+    cuda: &CudaBackend,
+    what: &str,
+    (view, chunks, layer): (&StepView, usize, usize),
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    inv_freq: &CudaWeight,
+) -> Result<(Vec<f32>, Vec<u8>)> {
+    let rows = view.rows();
+    let (q_dim, kv_dim) = (q.len() / rows, k.len() / rows);
+    let (mut fused, mut unfused) = (
+        cuda.alloc_kv_memory(&view.layout, chunks)?,
+        cuda.alloc_kv_memory(&view.layout, chunks)?,
+    );
+    let (gk, gv) = (
+        cuda.upload_tensor(rows, kv_dim, k)?,
+        cuda.upload_tensor(rows, kv_dim, v)?,
+    );
+    let mut fused_q = cuda.upload_tensor(rows, q_dim, q)?;
+    cuda.set_kv_step(&mut fused, view)?;
+    cuda.rope_kv_append(&mut fused_q, &gk, &gv, inv_freq, &mut fused, view, layer)?;
+    let mut unfused_q = cuda.upload_tensor(rows, q_dim, q)?;
+    let mut rotated_k = cuda.upload_tensor(rows, kv_dim, k)?;
+    cuda.set_kv_step(&mut unfused, view)?;
+    cuda.rope(&mut unfused_q, &mut rotated_k, inv_freq, &unfused, view)?;
+    cuda.kv_append(&mut unfused, view, layer, &rotated_k, &gv)?;
+    let device_q = cuda.read_rows(&fused_q, 0, rows)?;
+    ensure!(
+        device_q == cuda.read_rows(&unfused_q, 0, rows)?,
+        "{what}: rope_kv_append's q differs from rope's"
+    );
+    let arena = cuda.read_kv_arena(&fused)?;
+    ensure!(
+        arena == cuda.read_kv_arena(&unfused)?,
+        "{what}: the device's arena differs from rope then kv_append"
+    );
+    Ok((device_q, arena))
 }
 
 /// RoPE and the append in one op (`rope_kv_append`, the forward pass's) against the two ops it
@@ -1262,32 +1337,8 @@ fn rope_and_kv_append_in_one_pass(ctx: &Context) -> Result<String> {
         let v = randn(&mut rng, rows * kv_dim, 1.0);
 
         // The device: fused and unfused, each into its own arena.
-        let (mut fused, mut unfused) = (
-            cuda.alloc_kv_memory(&view.layout, chunks)?,
-            cuda.alloc_kv_memory(&view.layout, chunks)?,
-        );
-        let mut fused_q = cuda.upload_tensor(rows, q_dim, &q)?;
-        let (gk, gv) = (
-            cuda.upload_tensor(rows, kv_dim, &k)?,
-            cuda.upload_tensor(rows, kv_dim, &v)?,
-        );
-        cuda.set_kv_step(&mut fused, &view)?;
-        cuda.rope_kv_append(&mut fused_q, &gk, &gv, &gf, &mut fused, &view, layer)?;
-        let mut unfused_q = cuda.upload_tensor(rows, q_dim, &q)?;
-        let mut rotated_k = cuda.upload_tensor(rows, kv_dim, &k)?;
-        cuda.set_kv_step(&mut unfused, &view)?;
-        cuda.rope(&mut unfused_q, &mut rotated_k, &gf, &unfused, &view)?;
-        cuda.kv_append(&mut unfused, &view, layer, &rotated_k, &gv)?;
-        let device_q = cuda.read_rows(&fused_q, 0, rows)?;
-        ensure!(
-            device_q == cuda.read_rows(&unfused_q, 0, rows)?,
-            "{what}: the device's q differs from rope's"
-        );
-        let arena = cuda.read_kv_arena(&fused)?;
-        ensure!(
-            arena == cuda.read_kv_arena(&unfused)?,
-            "{what}: the device's arena differs from rope then kv_append"
-        );
+        let (device_q, arena) =
+            fused_against_unfused(&cuda, &what, (&view, chunks, layer), (&q, &k, &v), &gf)?;
 
         // The CPU, f32 entries: fused and unfused, bit for bit.
         let cpu_layout = KvLayout {
@@ -1337,28 +1388,29 @@ fn rope_and_kv_append_in_one_pass(ctx: &Context) -> Result<String> {
             RTOL_BF16_OUTPUT,
         )?;
         let cpu_arena: &[f32] = bytemuck::cast_slice(cpu_fused.bytes());
-        for row in 0..rows {
-            let seq = &view.seqs[view.row_seq[row] as usize];
-            let pos = view.row_pos[row] as usize;
-            for part in [KvPart::Key, KvPart::Value] {
-                for head in 0..cfg.num_kv_heads {
-                    // Byte offsets: 2 bytes an entry on the device, 4 in the CPU's f32 arena.
-                    let slot = view.row_slot[row] as usize;
-                    let at = view.row_offsets(seq, layer, part, head, slot).codes;
-                    let cpu_at = cpu_view.row_offsets(seq, layer, part, head, slot).codes / 4;
-                    let got: Vec<f32> = arena_bf16(&arena, at, head_dim)
-                        .into_iter()
-                        .map(|b| bf16::from_bits(b).to_f32())
-                        .collect();
-                    check_close(
-                        &format!("{what}: row {row} ({part:?}, head {head}, position {pos})"),
-                        &got,
-                        &cpu_arena[cpu_at..cpu_at + head_dim],
-                        1e-3,
-                        RTOL_BF16_OUTPUT,
-                    )?;
-                }
-            }
+        for WrittenRow {
+            row,
+            seq,
+            pos,
+            slot,
+            part,
+            head,
+        } in written_rows(&view)
+        {
+            // Byte offsets: 2 bytes an entry on the device, 4 in the CPU's f32 arena.
+            let at = view.row_offsets(seq, layer, part, head, slot).codes;
+            let cpu_at = cpu_view.row_offsets(seq, layer, part, head, slot).codes / 4;
+            let got: Vec<f32> = arena_bf16(&arena, at, head_dim)
+                .into_iter()
+                .map(|b| bf16::from_bits(b).to_f32())
+                .collect();
+            check_close(
+                &format!("{what}: row {row} ({part:?}, head {head}, position {pos})"),
+                &got,
+                &cpu_arena[cpu_at..cpu_at + head_dim],
+                1e-3,
+                RTOL_BF16_OUTPUT,
+            )?;
         }
     }
     Ok(
@@ -1401,29 +1453,31 @@ fn dequantized_row(
 fn same_rows(what: &str, view: &StepView, layer: usize, got: &[u8], want: &[u8]) -> Result<()> {
     let (layout, head_dim) = (view.layout, view.layout.head_dim());
     let dtype = layout.dtype();
-    for row in 0..view.rows() {
-        let seq = &view.seqs[view.row_seq[row] as usize];
-        let pos = view.row_pos[row] as usize;
-        for part in [KvPart::Key, KvPart::Value] {
-            for head in 0..layout.num_kv_heads as usize {
-                let at = view.row_offsets(seq, layer, part, head, pos);
-                let codes = at.codes..at.codes + head_dim * dtype.code_bytes();
-                let scales = at.scale..at.scale + 4 * dtype.scales_per_row(part, head_dim);
-                for (name, bytes) in [("codes", codes), ("scales", scales)] {
-                    if let Some(i) = got[bytes.clone()]
-                        .iter()
-                        .zip(&want[bytes.clone()])
-                        .position(|(g, w)| g != w)
-                    {
-                        bail!(
-                            "{what}: row {row} ({part:?}, head {head}, position {pos}): byte {i} \
-                             of its {name} (arena byte {}) is {:#04x}, not {:#04x}",
-                            bytes.start + i,
-                            got[bytes.start + i],
-                            want[bytes.start + i]
-                        );
-                    }
-                }
+    for WrittenRow {
+        row,
+        seq,
+        pos,
+        slot,
+        part,
+        head,
+    } in written_rows(view)
+    {
+        let at = view.row_offsets(seq, layer, part, head, slot);
+        let codes = at.codes..at.codes + head_dim * dtype.code_bytes();
+        let scales = at.scale..at.scale + 4 * dtype.scales_per_row(part, head_dim);
+        for (name, bytes) in [("codes", codes), ("scales", scales)] {
+            if let Some(i) = got[bytes.clone()]
+                .iter()
+                .zip(&want[bytes.clone()])
+                .position(|(g, w)| g != w)
+            {
+                bail!(
+                    "{what}: row {row} ({part:?}, head {head}, position {pos}): byte {i} of its \
+                     {name} (arena byte {}) is {:#04x}, not {:#04x}",
+                    bytes.start + i,
+                    got[bytes.start + i],
+                    want[bytes.start + i]
+                );
             }
         }
     }
@@ -1489,29 +1543,10 @@ fn quantized_kv_append_matches_the_cpu(ctx: &Context) -> Result<String> {
             )?;
 
             // The fused op against rope then kv_append, on the device.
-            let (mut fused, mut unfused) = (
-                cuda.alloc_kv_memory(&layout, chunks)?,
-                cuda.alloc_kv_memory(&layout, chunks)?,
-            );
             let inv_freq = cfg.rope_inv_freq();
             let gf = cuda.upload_vector(&inv_freq)?;
-            let mut fused_q = cuda.upload_tensor(rows, q_dim, &q)?;
-            cuda.set_kv_step(&mut fused, &view)?;
-            cuda.rope_kv_append(&mut fused_q, &gk, &gv, &gf, &mut fused, &view, layer)?;
-            let mut unfused_q = cuda.upload_tensor(rows, q_dim, &q)?;
-            let mut rotated_k = cuda.upload_tensor(rows, kv_dim, &k)?;
-            cuda.set_kv_step(&mut unfused, &view)?;
-            cuda.rope(&mut unfused_q, &mut rotated_k, &gf, &unfused, &view)?;
-            cuda.kv_append(&mut unfused, &view, layer, &rotated_k, &gv)?;
-            ensure!(
-                cuda.read_rows(&fused_q, 0, rows)? == cuda.read_rows(&unfused_q, 0, rows)?,
-                "{what}: rope_kv_append's q differs from rope's"
-            );
-            let arena = cuda.read_kv_arena(&fused)?;
-            ensure!(
-                arena == cuda.read_kv_arena(&unfused)?,
-                "{what}: the device's arena differs from rope then kv_append"
-            );
+            let (_, arena) =
+                fused_against_unfused(&cuda, &what, (&view, chunks, layer), (&q, &k, &v), &gf)?;
 
             // The fused op's rows against the CPU's f32 rotation.
             let cpu_layout = KvLayout {
@@ -1535,33 +1570,34 @@ fn quantized_kv_append_matches_the_cpu(ctx: &Context) -> Result<String> {
                 layer,
             )?;
             let cpu_arena: &[f32] = bytemuck::cast_slice(cpu_f32.bytes());
-            for row in 0..rows {
-                let seq = &view.seqs[view.row_seq[row] as usize];
-                let pos = view.row_pos[row] as usize;
-                for part in [KvPart::Key, KvPart::Value] {
-                    for head in 0..cfg.num_kv_heads {
-                        let at = view.row_offsets(seq, layer, part, head, pos);
-                        let (got, scales) = dequantized_row(&arena, &layout, part, at);
-                        let cpu_at = cpu_view.row_offsets(seq, layer, part, head, pos).codes / 4;
-                        let want = &cpu_arena[cpu_at..cpu_at + head_dim];
-                        for (d, ((&g, &w), &scale)) in got.iter().zip(want).zip(&scales).enumerate()
-                        {
-                            // Half a step of the code, and the bf16 rounding of the rotated k.
-                            let step = match dtype {
-                                KvDtype::Int8 => scale,
-                                _ => (w.abs() / 8.0).max(2f32.powi(-9) * scale),
-                            };
-                            let bound = 0.5 * step * 1.001 + w.abs() / 256.0 + 1e-30;
-                            ensure!(
-                                (g - w).abs() <= bound,
-                                "{what}: rope_kv_append row {row} ({part:?}, head {head}, \
-                                 position {pos}), dimension {d}: {g} where the CPU's f32 \
-                                 rotation is {w} (bound {bound:e})"
-                            );
-                        }
-                        rows_checked += 1;
-                    }
+            for WrittenRow {
+                row,
+                seq,
+                pos,
+                slot,
+                part,
+                head,
+            } in written_rows(&view)
+            {
+                let at = view.row_offsets(seq, layer, part, head, slot);
+                let (got, scales) = dequantized_row(&arena, &layout, part, at);
+                let cpu_at = cpu_view.row_offsets(seq, layer, part, head, slot).codes / 4;
+                let want = &cpu_arena[cpu_at..cpu_at + head_dim];
+                for (d, ((&g, &w), &scale)) in got.iter().zip(want).zip(&scales).enumerate() {
+                    // Half a step of the code, and the bf16 rounding of the rotated k.
+                    let step = match dtype {
+                        KvDtype::Int8 => scale,
+                        _ => (w.abs() / 8.0).max(2f32.powi(-9) * scale),
+                    };
+                    let bound = 0.5 * step * 1.001 + w.abs() / 256.0 + 1e-30;
+                    ensure!(
+                        (g - w).abs() <= bound,
+                        "{what}: rope_kv_append row {row} ({part:?}, head {head}, position \
+                         {pos}), dimension {d}: {g} where the CPU's f32 rotation is {w} (bound \
+                         {bound:e})"
+                    );
                 }
+                rows_checked += 1;
             }
         }
     }

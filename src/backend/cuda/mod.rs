@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-pub use backend::{CudaBackend, CudaOptions};
+pub use backend::{CudaBackend, CudaOptions, CudaWeight};
 pub use device::{Device, DeviceBuffer, DeviceMemory, Event, Graph, KernelArg, LaunchConfig};
 pub use gpu::cuda_device_present;
 
