@@ -801,7 +801,9 @@ fn attention_config(
     cfg.num_heads = num_heads;
     cfg.num_kv_heads = num_kv_heads;
     cfg.head_dim = head_dim;
-    cfg.num_layers = 2;
+    // Three layers: with one KV head (GQA 9) an int8 position is then an odd multiple of 4
+    // bytes, so chunks of 7 start on 4-byte boundaries only, where a wider load would fault.
+    cfg.num_layers = 3;
     cfg.max_position_embeddings = 8192;
     Ok(cfg)
 }
