@@ -22,6 +22,22 @@ pub(crate) const LEGEND_HEADROOM: f64 = 1.5;
 
 pub(crate) type Drawn<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
+/// Draws a chart's legend as every plot does: at `position`, `font_size` px text on a
+/// translucent white box with a black border.
+pub(crate) fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+    font_size: u32,
+) -> Drawn<DB> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font((FONT, font_size))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+}
+
 /// A picture that can be drawn on any plotters backend.
 pub(crate) trait Figure {
     fn size(&self) -> (u32, u32) {
@@ -248,13 +264,7 @@ impl Figure for TimePerTurn<'_> {
                     PathElement::new([(x, y), (x + 8, y)], color.stroke_width(2))
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font((FONT, 15))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight, 15)
     }
 }
 
@@ -304,13 +314,7 @@ impl Figure for PrefixReuse<'_> {
                 });
             chart.draw_series(ttft.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font((FONT, 15))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft, 15)?;
 
         let reusing: Vec<Strategy> = self
             .strategies
@@ -368,13 +372,7 @@ impl Figure for PrefixReuse<'_> {
                     Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.mix(0.3).filled())
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font((FONT, 15))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft, 15)
     }
 }
 
@@ -438,13 +436,7 @@ impl Figure for TokensPerSecond<'_> {
                 .label(format!("{strategy}: decode only (after the first token)"))
                 .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 6, color.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font((FONT, 15))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight, 15)
     }
 }
 

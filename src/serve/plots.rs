@@ -5,7 +5,7 @@ use super::runner::{Load, TimelineSample};
 use super::scheduler::Mode;
 use crate::kv::MIB;
 use crate::scenario::plots::{
-    padded, save, strategy_color, Drawn, Figure, CHART_SIZE, FONT, LEGEND_HEADROOM,
+    draw_legend, padded, save, strategy_color, Drawn, Figure, CHART_SIZE, FONT, LEGEND_HEADROOM,
 };
 use anyhow::Result;
 use plotters::coord::combinators::BindKeyPoints;
@@ -142,13 +142,7 @@ impl Figure for Throughput<'_> {
                     .map(|&p| TriangleMarker::new(p, 6, color.stroke_width(2))),
             )?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font((FONT, 15))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft, 15)
     }
 }
 
@@ -266,13 +260,7 @@ impl Figure for MemoryOverTime<'_> {
                         PathElement::new([(x, y), (x + 24, y)], BLACK.stroke_width(1))
                     });
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .label_font((FONT, 14))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()?;
+            draw_legend(&mut chart, SeriesLabelPosition::UpperRight, 14)?;
 
             let mut chart = ChartBuilder::on(&bottom)
                 .margin(12)
@@ -298,13 +286,7 @@ impl Figure for MemoryOverTime<'_> {
                 .draw_series(DashedLineSeries::new(waiting, 6, 4, BLACK.stroke_width(1)))?
                 .label("waiting")
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 24, y)], BLACK.stroke_width(1)));
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .label_font((FONT, 14))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()?;
+            draw_legend(&mut chart, SeriesLabelPosition::UpperRight, 14)?;
         }
         Ok(())
     }
